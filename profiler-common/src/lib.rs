@@ -1,0 +1,159 @@
+//! The types and constants that redis-stallprof's eBPF programs and its userspace share: event
+//! payloads sent through the ring buffer, the iteration histogram's bucket layout, map and
+//! global names, and counter indices.
+//!
+//! Every payload is `#[repr(C)]` with fixed-width fields and explicit padding, and has a size
+//! assertion beside it, because both sides read the same bytes.
+#![no_std]
+
+/// Name of the ring buffer carrying events to userspace.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Name of the `Array<u64>` holding the event-loop iteration histogram (see [`iteration_bucket`]).
+pub const MAP_ITERATION_HISTOGRAM: &str = "ITERATION_HISTOGRAM";
+/// Name of the `Array<u64>` holding the longest iteration seen since userspace last reset it.
+pub const MAP_ITERATION_MAX: &str = "ITERATION_MAX";
+/// Name of the `Array<u64>` of counters indexed by `COUNTER_*`.
+pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
+
+/// Read-only global: thread-group id (pid) of the target.
+pub const GLOBAL_TARGET_PID: &str = "TARGET_PID";
+/// Read-only global: thread id of the target's event-loop thread (the main thread: tid == pid).
+pub const GLOBAL_TARGET_TID: &str = "TARGET_TID";
+/// Read-only global: an iteration at least this long (ns) is sent to userspace as a stall.
+pub const GLOBAL_THRESHOLD_NS: &str = "THRESHOLD_NS";
+
+/// A `u32` pid/tid that no task has; the programs then match nothing (used by `doctor`).
+pub const NO_TARGET: u32 = u32::MAX;
+
+/// Counter index: stall events dropped because the ring buffer was full.
+pub const COUNTER_STALL_EVENTS_LOST: u32 = 0;
+/// Counter index: poll entries seen without a poll return before them (attach mid-iteration,
+/// or a return the kernel did not report). Such an iteration is not measured.
+pub const COUNTER_UNPAIRED_POLL_ENTRIES: u32 = 1;
+/// Number of counter slots.
+pub const COUNTERS: u32 = 4;
+
+/// Event kind: an event-loop iteration at or above the threshold ([`StallEvent`]).
+pub const EVENT_KIND_STALL: u32 = 1;
+
+/// One event-loop iteration at or above the threshold: from a poll's return (`start_ns`) to the
+/// next poll's entry (`end_ns`), both `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StallEvent {
+    /// Always [`EVENT_KIND_STALL`]; first field of every event so userspace can dispatch.
+    pub kind: u32,
+    /// Thread id of the event loop that stalled.
+    pub tid: u32,
+    /// When the poll that began the iteration returned.
+    pub start_ns: u64,
+    /// When the next poll was entered.
+    pub end_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<StallEvent>() == 24);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for StallEvent {}
+
+/// Sub-buckets per power of two in the iteration histogram: each bucket is at most 1/16
+/// (6.25%) of its lower bound wide.
+pub const HISTOGRAM_SUB_BUCKET_BITS: u32 = 4;
+const SUB_BUCKETS: u64 = 1 << HISTOGRAM_SUB_BUCKET_BITS;
+/// Largest power of two with its own buckets: 2^40 ns is about 18 minutes; longer iterations
+/// land in the last bucket.
+const MAX_EXPONENT: u32 = 40;
+/// Number of buckets in the iteration histogram.
+pub const ITERATION_BUCKETS: u32 =
+    ((MAX_EXPONENT - HISTOGRAM_SUB_BUCKET_BITS + 2) as u64 * SUB_BUCKETS) as u32;
+
+/// Index of the bit above which `value` has no set bit (floor(log2(value))), for `value > 0`.
+/// Written as a fixed binary search so the eBPF verifier sees straight-line code.
+#[inline(always)]
+fn log2(mut value: u64) -> u32 {
+    let mut exponent = 0;
+    if value >= 1 << 32 {
+        value >>= 32;
+        exponent += 32;
+    }
+    if value >= 1 << 16 {
+        value >>= 16;
+        exponent += 16;
+    }
+    if value >= 1 << 8 {
+        value >>= 8;
+        exponent += 8;
+    }
+    if value >= 1 << 4 {
+        value >>= 4;
+        exponent += 4;
+    }
+    if value >= 1 << 2 {
+        value >>= 2;
+        exponent += 2;
+    }
+    if value >= 1 << 1 {
+        exponent += 1;
+    }
+    exponent
+}
+
+/// Histogram bucket of an iteration lasting `duration_ns` (log-linear: exact below 16 ns, then
+/// 16 buckets per power of two).
+#[inline(always)]
+pub fn iteration_bucket(duration_ns: u64) -> u32 {
+    if duration_ns < SUB_BUCKETS {
+        return duration_ns as u32;
+    }
+    let exponent = log2(duration_ns);
+    if exponent > MAX_EXPONENT {
+        return ITERATION_BUCKETS - 1;
+    }
+    let sub_bucket = (duration_ns >> (exponent - HISTOGRAM_SUB_BUCKET_BITS)) & (SUB_BUCKETS - 1);
+    (exponent - HISTOGRAM_SUB_BUCKET_BITS + 1) * SUB_BUCKETS as u32 + sub_bucket as u32
+}
+
+/// The range `[low, high)` of durations (ns) that land in `bucket`.
+pub fn iteration_bucket_range_ns(bucket: u32) -> (u64, u64) {
+    let bucket = u64::from(bucket);
+    if bucket < SUB_BUCKETS {
+        return (bucket, bucket + 1);
+    }
+    let shift = bucket / SUB_BUCKETS - 1;
+    let sub_bucket = bucket % SUB_BUCKETS;
+    let low = (SUB_BUCKETS + sub_bucket) << shift;
+    (low, low + (1 << shift))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_lands_in_the_bucket_whose_range_holds_it() {
+        let mut value = 0u64;
+        while value < 1 << 41 {
+            let bucket = iteration_bucket(value);
+            assert!(bucket < ITERATION_BUCKETS, "{value} -> {bucket}");
+            let (low, high) = iteration_bucket_range_ns(bucket);
+            assert!(low <= value && value < high, "{value} -> {bucket} [{low}, {high})");
+            value = value * 9 / 8 + 1;
+        }
+    }
+
+    #[test]
+    fn buckets_are_contiguous_and_at_most_one_sixteenth_wide() {
+        for bucket in 1..ITERATION_BUCKETS {
+            let (previous_low, previous_high) = iteration_bucket_range_ns(bucket - 1);
+            let (low, high) = iteration_bucket_range_ns(bucket);
+            assert_eq!(previous_high, low, "gap before bucket {bucket}");
+            assert!(previous_low < low);
+            assert!((high - low) * 16 <= low.max(16), "bucket {bucket} too wide");
+        }
+    }
+
+    #[test]
+    fn huge_values_land_in_the_last_bucket() {
+        assert_eq!(iteration_bucket(u64::MAX), ITERATION_BUCKETS - 1);
+        assert_eq!(iteration_bucket(1 << 41), ITERATION_BUCKETS - 1);
+    }
+}

@@ -1,0 +1,98 @@
+//! `redis-stallprof doctor`: one line per check of what `attach` needs, with what a failure
+//! means for the user; the checks load and attach the real programs (aimed at no process).
+use std::path::Path;
+
+use profiler_common::NO_TARGET;
+
+use crate::{
+    kernel::{self, PollTracepoint},
+    probes::{ProbeSettings, Probes},
+};
+
+/// Outcome of one check.
+enum Verdict {
+    Ok(String),
+    /// Attach still works, with less.
+    Warn(String),
+    /// Attach cannot work.
+    Fail(String),
+}
+
+fn print(check: &str, verdict: &Verdict) {
+    let (tag, detail) = match verdict {
+        Verdict::Ok(detail) => ("ok  ", detail),
+        Verdict::Warn(detail) => ("warn", detail),
+        Verdict::Fail(detail) => ("FAIL", detail),
+    };
+    println!("{tag}  {check}: {detail}");
+}
+
+/// Runs every check and prints a line each; true when `attach` can work.
+pub fn run_doctor() -> bool {
+    let mut verdicts = Vec::new();
+    let mut check = |name: &str, verdict: Verdict| {
+        print(name, &verdict);
+        verdicts.push(verdict);
+    };
+
+    check("privileges", match kernel::effective_capabilities().and_then(kernel::check_privileges) {
+        Ok(()) => Verdict::Ok("CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are effective".into()),
+        Err(error) => Verdict::Fail(error.to_string()),
+    });
+    check("kernel BTF", match kernel::check_btf(Path::new(kernel::VMLINUX_BTF)) {
+        Ok(()) => Verdict::Ok(format!("`{}` is present", kernel::VMLINUX_BTF)),
+        Err(error) => Verdict::Fail(error.to_string()),
+    });
+    let tracepoints = match kernel::find_tracefs(&kernel::TRACEFS_MOUNTS) {
+        Ok(tracefs) => {
+            check("tracefs", Verdict::Ok(format!("mounted at `{}`", tracefs.display())));
+            check_tracepoints(&tracefs, &mut check)
+        }
+        Err(error) => {
+            check("tracefs", Verdict::Fail(error.to_string()));
+            None
+        }
+    };
+    if let Some(tracepoints) = tracepoints {
+        check_programs(&tracepoints, &mut check);
+    }
+    !verdicts.iter().any(|verdict| matches!(verdict, Verdict::Fail(_)))
+}
+
+fn check_tracepoints(tracefs: &Path, check: &mut impl FnMut(&str, Verdict)) -> Option<Vec<PollTracepoint>> {
+    let mut all_present = true;
+    for (syscall, required) in kernel::POLL_SYSCALLS {
+        for prefix in ["sys_enter_", "sys_exit_"] {
+            let name = format!("syscalls:{prefix}{syscall}");
+            let present = tracefs.join("events/syscalls").join(format!("{prefix}{syscall}")).exists();
+            let verdict = match (present, required) {
+                (true, _) => Verdict::Ok("present (times event-loop iterations)".into()),
+                (false, true) => Verdict::Fail("absent: iterations cannot be timed".into()),
+                (false, false) => Verdict::Warn("absent; optional, Redis does not call it".into()),
+            };
+            all_present &= present || !required;
+            check(&format!("tracepoint {name}"), verdict);
+        }
+    }
+    all_present.then(|| kernel::poll_tracepoints(tracefs).ok()).flatten()
+}
+
+fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, Verdict)) {
+    let settings = ProbeSettings { pid: NO_TARGET, tid: NO_TARGET, threshold_ns: u64::MAX };
+    let mut probes = match Probes::load(settings) {
+        Ok(probes) => probes,
+        Err(error) => return check("eBPF programs", Verdict::Fail(error.to_string())),
+    };
+    check("eBPF programs", match probes.attach_poll_tracepoints(tracepoints) {
+        Ok(()) => Verdict::Ok("loaded, and attached to every poll tracepoint (aimed at no process)".into()),
+        Err(error) => Verdict::Fail(error.to_string()),
+    });
+    // A uprobe on a libc function in this process stands in for the one on Redis's
+    // processEventsWhileBlocked; the program filters on a pid that matches no process.
+    check("uprobes", match probes.attach_nested_poll_markers("getpid", Path::new("libc"), std::process::id()) {
+        Ok(()) => Verdict::Ok("attach (used to recognise polls made inside long scripts and loads)".into()),
+        Err(error) => Verdict::Warn(format!(
+            "{error}; a long script or a load will read as many short iterations"
+        )),
+    });
+}

@@ -1,0 +1,35 @@
+//! redis-stallprof: an eBPF latency profiler for a live Redis. It times every iteration of the
+//! event loop in the kernel and reports the ones longer than a threshold (stalls).
+//!
+//! Pipeline: [`cli`] flags -> [`kernel`] checks and [`target`] -> [`probes`] attached ->
+//! ring-buffer bytes decoded by [`events`] -> [`stall`]s and the [`histogram`] -> [`output`]
+//! sinks; [`session`] drives an `attach` run and [`doctor`] checks a machine.
+pub mod cli;
+pub mod clock;
+pub mod doctor;
+pub mod events;
+pub mod histogram;
+pub mod kernel;
+pub mod output;
+pub mod probes;
+pub mod session;
+pub mod stall;
+pub mod target;
+
+use std::process::ExitCode;
+
+use cli::{Cli, Command};
+
+/// Exit code when the run could not do its job (usage errors exit with 2, from clap).
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Runs the command the user gave.
+pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Attach(args) => {
+            session::run_attach(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor => Ok(if doctor::run_doctor() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILURE) }),
+    }
+}

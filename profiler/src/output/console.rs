@@ -1,0 +1,76 @@
+//! Human lines on stderr: one per stall, one per interval, the summary at exit.
+use std::io::{self, Write};
+
+use super::{Attached, IntervalReport, Sink, StopReason, Summary, human_duration_ns};
+use crate::{clock::rfc3339_micros, stall::Stall};
+
+/// Writes human-readable lines to stderr.
+#[derive(Default)]
+pub struct ConsoleSink;
+
+impl Sink for ConsoleSink {
+    fn attached(&mut self, attached: &Attached) -> io::Result<()> {
+        let ports: Vec<String> = attached.ports.iter().map(u16::to_string).collect();
+        let ports = if ports.is_empty() { "no TCP port".to_owned() } else { format!("port {}", ports.join(", ")) };
+        writeln!(
+            io::stderr(),
+            "redis-stallprof: attached to {} pid {} ({ports}); stall threshold {}",
+            attached.name,
+            attached.pid,
+            human_duration_ns(attached.threshold_us * 1_000),
+        )
+    }
+
+    fn stall(&mut self, stall: &Stall) -> io::Result<()> {
+        writeln!(
+            io::stderr(),
+            "{} STALL {} (threshold {}) pid {} tid {}",
+            rfc3339_micros(stall.start),
+            human_duration_ns(stall.duration_us * 1_000),
+            human_duration_ns(stall.threshold_us * 1_000),
+            stall.pid,
+            stall.tid,
+        )
+    }
+
+    fn interval(&mut self, report: &IntervalReport) -> io::Result<()> {
+        let stats = &report.stats;
+        writeln!(
+            io::stderr(),
+            "{} iterations/s {:.0}  p50 {}  p99 {}  p99.9 {}  max {}  stalls {}  lost {}",
+            rfc3339_micros(std::time::SystemTime::now()),
+            stats.iterations as f64 / report.seconds.max(1e-9),
+            human_duration_ns(stats.p50_ns),
+            human_duration_ns(stats.p99_ns),
+            human_duration_ns(stats.p999_ns),
+            human_duration_ns(stats.max_ns),
+            report.stalls,
+            report.lost_events,
+        )
+    }
+
+    fn summary(&mut self, summary: &Summary) -> io::Result<()> {
+        let stopped = match summary.stopped {
+            StopReason::Duration => "duration elapsed",
+            StopReason::Signal => "interrupted",
+            StopReason::TargetExited => "target exited",
+            StopReason::Error => "stopped by an error",
+        };
+        writeln!(
+            io::stderr(),
+            "summary ({stopped}): {} iterations in {:.1}s, {} stalls; p50 {} p99 {} p99.9 {} max {}; lost events {}",
+            summary.iterations,
+            summary.duration_s,
+            summary.stalls,
+            human_duration_ns(summary.p50_us * 1_000),
+            human_duration_ns(summary.p99_us * 1_000),
+            human_duration_ns(summary.p999_us * 1_000),
+            human_duration_ns(summary.max_us * 1_000),
+            summary.lost_events,
+        )
+    }
+
+    fn describe(&self) -> String {
+        "stderr".to_owned()
+    }
+}

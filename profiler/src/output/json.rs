@@ -1,0 +1,64 @@
+//! JSON lines: one object per record with a `"type"` field (schema in the README). Each line is
+//! flushed as it is written, so a reader sees `attached` as soon as the probes are live.
+use std::{
+    fs::File,
+    io::{self, BufWriter, Write},
+};
+
+use serde::Serialize;
+
+use super::{Attached, IntervalReport, Sink, Summary};
+use crate::{cli::OutputPath, stall::Stall};
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Record<'a> {
+    Attached(&'a Attached),
+    Stall(&'a Stall),
+    Summary(&'a Summary),
+}
+
+/// Writes JSON lines to a file or stdout.
+pub struct JsonSink {
+    path: OutputPath,
+    writer: BufWriter<Box<dyn Write>>,
+}
+
+impl JsonSink {
+    /// Creates (truncates) the file now, so an unwritable path fails before attaching.
+    pub fn create(path: &OutputPath) -> io::Result<Self> {
+        let writer: Box<dyn Write> = match path {
+            OutputPath::Stdout => Box::new(io::stdout()),
+            OutputPath::File(file) => Box::new(File::create(file)?),
+        };
+        Ok(Self { path: path.clone(), writer: BufWriter::new(writer) })
+    }
+
+    fn write(&mut self, record: &Record<'_>) -> io::Result<()> {
+        serde_json::to_writer(&mut self.writer, record)?;
+        self.writer.write_all(b"\n")?;
+        self.writer.flush()
+    }
+}
+
+impl Sink for JsonSink {
+    fn attached(&mut self, attached: &Attached) -> io::Result<()> {
+        self.write(&Record::Attached(attached))
+    }
+
+    fn stall(&mut self, stall: &Stall) -> io::Result<()> {
+        self.write(&Record::Stall(stall))
+    }
+
+    fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn summary(&mut self, summary: &Summary) -> io::Result<()> {
+        self.write(&Record::Summary(summary))
+    }
+
+    fn describe(&self) -> String {
+        format!("the JSON output {}", self.path)
+    }
+}

@@ -1,0 +1,164 @@
+//! Outputs: the records a run produces and the sinks that write them (console lines on stderr,
+//! JSON lines to a file or stdout). Every sink sees every record, in order.
+use std::{io, time::SystemTime};
+
+use serde::Serialize;
+
+use crate::{clock::serialize_rfc3339, histogram::IterationStats, stall::Stall};
+
+mod console;
+mod json;
+
+pub use console::ConsoleSink;
+pub use json::JsonSink;
+
+/// Sent once every probe is live.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attached {
+    #[serde(serialize_with = "serialize_rfc3339")]
+    pub time: SystemTime,
+    pub pid: u32,
+    pub tid: u32,
+    pub threshold_us: u64,
+    /// `comm` of the target.
+    pub name: String,
+    /// TCP ports the target listens on.
+    pub ports: Vec<u16>,
+    /// Whether polls from inside long commands (`processEventsWhileBlocked`) are recognised.
+    pub nested_poll_tracking: bool,
+}
+
+/// One `--interval` period.
+#[derive(Debug, Clone)]
+pub struct IntervalReport {
+    pub seconds: f64,
+    pub stats: IterationStats,
+    pub stalls: u64,
+    pub lost_events: u64,
+}
+
+/// Why the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// `--duration` elapsed.
+    Duration,
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// The target process exited.
+    TargetExited,
+    /// An error ended the run (the error is printed).
+    Error,
+}
+
+/// The whole run, at exit.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub iterations: u64,
+    pub stalls: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    /// Events the kernel could not send plus records userspace could not decode.
+    pub lost_events: u64,
+    pub duration_s: f64,
+    pub stopped: StopReason,
+}
+
+impl Summary {
+    pub fn new(stats: &IterationStats, stalls: u64, lost_events: u64, duration_s: f64, stopped: StopReason) -> Self {
+        Self {
+            iterations: stats.iterations,
+            stalls,
+            p50_us: stats.p50_ns / 1_000,
+            p99_us: stats.p99_ns / 1_000,
+            p999_us: stats.p999_ns / 1_000,
+            max_us: stats.max_ns / 1_000,
+            lost_events,
+            duration_s,
+            stopped,
+        }
+    }
+}
+
+/// A destination for a run's records.
+pub trait Sink {
+    fn attached(&mut self, attached: &Attached) -> io::Result<()>;
+    fn stall(&mut self, stall: &Stall) -> io::Result<()>;
+    fn interval(&mut self, report: &IntervalReport) -> io::Result<()>;
+    fn summary(&mut self, summary: &Summary) -> io::Result<()>;
+    /// What to call this sink in an error message.
+    fn describe(&self) -> String;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to {output}: {source}")]
+pub struct OutputError {
+    pub output: String,
+    pub source: io::Error,
+}
+
+/// Every sink of the run.
+pub struct Outputs {
+    sinks: Vec<Box<dyn Sink>>,
+}
+
+impl Outputs {
+    pub fn new(sinks: Vec<Box<dyn Sink>>) -> Self {
+        Self { sinks }
+    }
+
+    fn each(&mut self, mut write: impl FnMut(&mut dyn Sink) -> io::Result<()>) -> Result<(), OutputError> {
+        for sink in &mut self.sinks {
+            write(sink.as_mut()).map_err(|source| OutputError { output: sink.describe(), source })?;
+        }
+        Ok(())
+    }
+
+    pub fn attached(&mut self, attached: &Attached) -> Result<(), OutputError> {
+        self.each(|sink| sink.attached(attached))
+    }
+
+    pub fn stall(&mut self, stall: &Stall) -> Result<(), OutputError> {
+        self.each(|sink| sink.stall(stall))
+    }
+
+    pub fn interval(&mut self, report: &IntervalReport) -> Result<(), OutputError> {
+        self.each(|sink| sink.interval(report))
+    }
+
+    /// Writes the summary to every sink that still works; reports the first failure.
+    pub fn summary(&mut self, summary: &Summary) -> Result<(), OutputError> {
+        let mut first_error = None;
+        for sink in &mut self.sinks {
+            if let Err(source) = sink.summary(summary) {
+                first_error.get_or_insert(OutputError { output: sink.describe(), source });
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// `812us`, `12.3ms`, `1.43s`: a duration for people.
+pub fn human_duration_ns(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns}ns"),
+        1_000..1_000_000 => format!("{}us", ns / 1_000),
+        1_000_000..1_000_000_000 => format!("{:.1}ms", ns as f64 / 1e6),
+        _ => format!("{:.2}s", ns as f64 / 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration_ns(812_400), "812us");
+        assert_eq!(human_duration_ns(12_345_678), "12.3ms");
+        assert_eq!(human_duration_ns(1_430_000_000), "1.43s");
+        assert_eq!(human_duration_ns(999), "999ns");
+    }
+}

@@ -1,0 +1,179 @@
+//! Loading the embedded eBPF object with the run's settings, attaching its programs to the
+//! target, and handing out the maps userspace reads.
+use std::{num::NonZeroU32, path::Path};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, MapData, MapError, RingBuf},
+    programs::{ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
+};
+use profiler_common::{
+    GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS, ITERATION_BUCKETS, MAP_COUNTERS,
+    MAP_EVENTS, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX,
+};
+
+use crate::kernel::PollTracepoint;
+
+/// The eBPF object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
+
+/// The Redis function that polls from inside a long command (a busy script, loading); the
+/// polls it makes belong to the iteration that called it.
+pub const NESTED_POLL_FUNCTION: &str = "processEventsWhileBlocked";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot load the eBPF programs: {source}")]
+    Load { source: EbpfError },
+    #[error("the eBPF object has no program `{name}`")]
+    MissingProgram { name: &'static str },
+    #[error("cannot load program `{name}` into the kernel: {source}")]
+    LoadProgram { name: &'static str, source: ProgramError },
+    #[error("cannot attach `{program}` to tracepoint `syscalls:{tracepoint}`: {source}")]
+    AttachTracepoint { program: &'static str, tracepoint: String, source: ProgramError },
+    #[error("cannot attach a uprobe to `{function}` in `{exe}`: {source}")]
+    AttachUprobe { function: &'static str, exe: String, source: ProgramError },
+    #[error("the eBPF object has no map `{name}`")]
+    MissingMap { name: &'static str },
+    #[error("cannot use map `{name}`: {source}")]
+    Map { name: &'static str, source: MapError },
+}
+
+/// What the kernel programs need to know about the run.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSettings {
+    pub pid: u32,
+    pub tid: u32,
+    pub threshold_ns: u64,
+}
+
+/// The loaded programs; dropping this detaches them all.
+pub struct Probes {
+    ebpf: Ebpf,
+}
+
+impl Probes {
+    /// Loads the object with `settings` frozen into its read-only globals and loads every
+    /// program into the kernel (nothing is attached yet).
+    pub fn load(settings: ProbeSettings) -> Result<Self, ProbeError> {
+        raise_memlock_limit();
+        let ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_TARGET_PID, &settings.pid, true)
+            .override_global(GLOBAL_TARGET_TID, &settings.tid, true)
+            .override_global(GLOBAL_THRESHOLD_NS, &settings.threshold_ns, true)
+            .load(EBPF_OBJECT)
+            .map_err(|source| ProbeError::Load { source })?;
+        let mut probes = Self { ebpf };
+        for name in ["poll_entry", "poll_return"] {
+            probes.tracepoint(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
+        }
+        for name in ["nested_poll_begin", "nested_poll_end"] {
+            probes.uprobe(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
+        }
+        Ok(probes)
+    }
+
+    fn tracepoint(&mut self, name: &'static str) -> Result<&mut TracePoint, ProbeError> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(ProbeError::MissingProgram { name })
+    }
+
+    fn uprobe(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(ProbeError::MissingProgram { name })
+    }
+
+    /// Attaches the iteration timers to the entry and return of every poll system call given.
+    pub fn attach_poll_tracepoints(&mut self, tracepoints: &[PollTracepoint]) -> Result<(), ProbeError> {
+        for tracepoint in tracepoints {
+            let program = if tracepoint.entry { "poll_entry" } else { "poll_return" };
+            self.tracepoint(program)?.attach("syscalls", &tracepoint.name).map_err(|source| {
+                ProbeError::AttachTracepoint { program, tracepoint: tracepoint.name.clone(), source }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the nested-poll markers to `function` (for Redis: [`NESTED_POLL_FUNCTION`]) in
+    /// the executable or library `exe`, for process `pid` only.
+    pub fn attach_nested_poll_markers(&mut self, function: &'static str, exe: &Path, pid: u32) -> Result<(), ProbeError> {
+        let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        for name in ["nested_poll_begin", "nested_poll_end"] {
+            self.uprobe(name)?.attach(function, exe, scope).map_err(|source| {
+                ProbeError::AttachUprobe {
+                    function,
+                    exe: exe.display().to_string(),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Takes the ring buffer of events out of the object (call once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        RingBuf::try_from(self.take_map(MAP_EVENTS)?).map_err(|source| ProbeError::Map { name: MAP_EVENTS, source })
+    }
+
+    /// Takes the maps userspace reads out of the object (call once).
+    pub fn take_maps(&mut self) -> Result<KernelMaps, ProbeError> {
+        Ok(KernelMaps {
+            histogram: self.take_array(MAP_ITERATION_HISTOGRAM)?,
+            iteration_max: self.take_array(MAP_ITERATION_MAX)?,
+            counters: self.take_array(MAP_COUNTERS)?,
+        })
+    }
+
+    fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, ProbeError> {
+        self.ebpf.take_map(name).ok_or(ProbeError::MissingMap { name })
+    }
+
+    fn take_array(&mut self, name: &'static str) -> Result<Array<MapData, u64>, ProbeError> {
+        Array::try_from(self.take_map(name)?).map_err(|source| ProbeError::Map { name, source })
+    }
+}
+
+/// Kernel 6.x accounts BPF memory to the memory cgroup, so a failure here (no
+/// CAP_SYS_RESOURCE) is harmless on those kernels; older kernels then fail to load with EPERM.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!("cannot raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// The maps the kernel programs fill and userspace reads (the ring buffer aside).
+pub struct KernelMaps {
+    histogram: Array<MapData, u64>,
+    iteration_max: Array<MapData, u64>,
+    counters: Array<MapData, u64>,
+}
+
+impl KernelMaps {
+    /// The iteration histogram's cumulative bucket counts (see `profiler_common::iteration_bucket`).
+    pub fn histogram(&self) -> Result<Vec<u64>, ProbeError> {
+        (0..ITERATION_BUCKETS)
+            .map(|bucket| self.histogram.get(&bucket, 0))
+            .collect::<Result<_, _>>()
+            .map_err(|source| ProbeError::Map { name: MAP_ITERATION_HISTOGRAM, source })
+    }
+
+    /// The longest iteration since the previous call (ns), and starts a new period. An
+    /// iteration that ends between the read and the reset is missed from the maximum only.
+    pub fn take_iteration_max_ns(&mut self) -> Result<u64, ProbeError> {
+        let map_error = |source| ProbeError::Map { name: MAP_ITERATION_MAX, source };
+        let max_ns = self.iteration_max.get(&0, 0).map_err(map_error)?;
+        self.iteration_max.set(0, 0, 0).map_err(map_error)?;
+        Ok(max_ns)
+    }
+
+    /// A kernel-side counter (`profiler_common::COUNTER_*`).
+    pub fn counter(&self, index: u32) -> Result<u64, ProbeError> {
+        self.counters.get(&index, 0).map_err(|source| ProbeError::Map { name: MAP_COUNTERS, source })
+    }
+}

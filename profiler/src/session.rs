@@ -1,0 +1,223 @@
+//! An `attach` run: checked flags -> target found -> outputs opened -> probes attached -> events
+//! and histogram drained until a stop condition -> summary.
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use profiler_common::COUNTER_STALL_EVENTS_LOST;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    time::{Instant, interval_at},
+};
+
+use crate::{
+    cli::AttachArgs,
+    clock::WallClock,
+    events::{self, Event},
+    histogram::IterationHistogram,
+    kernel,
+    output::{Attached, ConsoleSink, IntervalReport, JsonSink, Outputs, Sink, StopReason, Summary},
+    probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeSettings, Probes},
+    stall::Stall,
+    target::{Target, TargetSelector},
+};
+
+/// How often we check that the target still runs.
+const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
+
+/// Runs `attach` until `--duration`, a signal or the target's exit.
+pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
+    let tracepoints = kernel::preflight()?;
+    let selector = match (args.pid, args.port) {
+        (Some(pid), _) => TargetSelector::Pid(pid),
+        (None, Some(port)) => TargetSelector::Port(port),
+        (None, None) => TargetSelector::Only,
+    };
+    let target = Target::find(selector, args.force)?;
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(ConsoleSink)];
+    if let Some(path) = &args.json {
+        let sink = JsonSink::create(path).with_context(|| format!("cannot write the JSON output {path}"))?;
+        sinks.push(Box::new(sink));
+    }
+
+    let threshold_ns = u64::try_from(args.threshold.as_nanos()).unwrap_or(u64::MAX);
+    let mut probes = Probes::load(ProbeSettings { pid: target.pid, tid: target.main_tid, threshold_ns })?;
+    probes.attach_poll_tracepoints(&tracepoints)?;
+    let nested_poll_tracking = match probes.attach_nested_poll_markers(NESTED_POLL_FUNCTION, &target.exe, target.pid) {
+        Ok(()) => true,
+        Err(error) => {
+            log::warn!("{error}; polls made during a long script or a load will end iterations early");
+            false
+        }
+    };
+    let events = probes.take_events()?;
+    let maps = probes.take_maps()?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut monitor = Monitor {
+        target,
+        threshold: args.threshold,
+        maps,
+        outputs: Outputs::new(sinks),
+        histogram: IterationHistogram::default(),
+        clock: WallClock::new(),
+        stalls: 0,
+        interval_stalls: 0,
+        decode_errors: 0,
+        reported_lost: 0,
+        started: Instant::now(),
+    };
+    let attached = Attached {
+        time: std::time::SystemTime::now(),
+        pid: monitor.target.pid,
+        tid: monitor.target.main_tid,
+        threshold_us: args.threshold.as_micros() as u64,
+        name: monitor.target.name.clone(),
+        ports: monitor.target.ports.clone(),
+        nested_poll_tracking,
+    };
+    let result = runtime.block_on(async {
+        monitor.outputs.attached(&attached)?;
+        monitor.watch(events, args.interval, args.duration).await
+    });
+    // `probes` stays alive (attached) until the last events are drained.
+    drop(probes);
+    result
+}
+
+/// The state of a run while it watches the target.
+struct Monitor {
+    target: Target,
+    threshold: Duration,
+    maps: KernelMaps,
+    outputs: Outputs,
+    histogram: IterationHistogram,
+    clock: WallClock,
+    stalls: u64,
+    interval_stalls: u64,
+    decode_errors: u64,
+    /// Lost events already shown in an interval line.
+    reported_lost: u64,
+    started: Instant,
+}
+
+impl Monitor {
+    async fn watch(
+        &mut self,
+        events: RingBuf<MapData>,
+        interval: Duration,
+        duration: Option<Duration>,
+    ) -> anyhow::Result<StopReason> {
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
+        let mut events = unsafe { AsyncFd::register(events) }
+            .map_err(|error| error.into_parts().1)
+            .context("cannot poll the events ring buffer")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut report = interval_at(self.started + interval, interval);
+        let mut liveness = interval_at(self.started + LIVENESS_PERIOD, LIVENESS_PERIOD);
+        let deadline = async {
+            match duration {
+                Some(duration) => tokio::time::sleep(duration).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+
+        let stopped = loop {
+            let step: anyhow::Result<()> = tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard.context("cannot poll the events ring buffer")?;
+                    let drained = self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                    drained
+                }
+                _ = report.tick() => self.report_interval(interval),
+                _ = liveness.tick() => {
+                    if !self.target.is_alive() {
+                        break StopReason::TargetExited;
+                    }
+                    Ok(())
+                }
+                () = &mut deadline => break StopReason::Duration,
+                _ = sigint.recv() => break StopReason::Signal,
+                _ = sigterm.recv() => break StopReason::Signal,
+            };
+            if let Err(error) = step {
+                self.finish(StopReason::Error, &mut ConsoleSink);
+                return Err(error);
+            }
+        };
+        self.drain(events.get_mut())?;
+        self.update_histogram()?;
+        let summary = self.summary(stopped)?;
+        self.outputs.summary(&summary)?;
+        Ok(stopped)
+    }
+
+    /// Handles every event waiting in the ring buffer.
+    fn drain(&mut self, events: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        while let Some(record) = events.next() {
+            match events::decode(&record) {
+                Ok(Event::Stall(event)) => {
+                    let stall = Stall::from_event(&event, self.target.pid, self.threshold, &self.clock);
+                    self.stalls += 1;
+                    self.interval_stalls += 1;
+                    self.outputs.stall(&stall)?;
+                }
+                Err(error) => {
+                    self.decode_errors += 1;
+                    log::warn!("dropped a malformed event: {error}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn update_histogram(&mut self) -> anyhow::Result<()> {
+        let buckets = self.maps.histogram()?;
+        let max_ns = self.maps.take_iteration_max_ns()?;
+        self.histogram.update(&buckets, max_ns);
+        Ok(())
+    }
+
+    fn lost_events(&self) -> anyhow::Result<u64> {
+        Ok(self.maps.counter(COUNTER_STALL_EVENTS_LOST)? + self.decode_errors)
+    }
+
+    fn report_interval(&mut self, interval: Duration) -> anyhow::Result<()> {
+        self.update_histogram()?;
+        let lost = self.lost_events()?;
+        let report = IntervalReport {
+            seconds: interval.as_secs_f64(),
+            stats: self.histogram.take_interval(),
+            stalls: std::mem::take(&mut self.interval_stalls),
+            lost_events: lost - self.reported_lost,
+        };
+        self.reported_lost = lost;
+        self.outputs.interval(&report)?;
+        Ok(())
+    }
+
+    fn summary(&self, stopped: StopReason) -> anyhow::Result<Summary> {
+        Ok(Summary::new(
+            &self.histogram.total(),
+            self.stalls,
+            self.lost_events()?,
+            self.started.elapsed().as_secs_f64(),
+            stopped,
+        ))
+    }
+
+    /// Best effort after a failure: the summary on `sink` alone.
+    fn finish(&mut self, stopped: StopReason, sink: &mut dyn Sink) {
+        let _ = self.update_histogram();
+        if let Ok(summary) = self.summary(stopped) {
+            let _ = sink.summary(&summary);
+        }
+    }
+}
