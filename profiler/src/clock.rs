@@ -53,7 +53,7 @@ mod tests {
 
     #[test]
     fn times_print_with_microseconds() {
-        let time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_500_000_123_456);
+        let time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_500_000_000_123_456);
         assert_eq!(rfc3339_micros(time), "2017-07-14T02:40:00.123456Z");
     }
 }
