@@ -1,1 +1,230 @@
+//! The kit shared by the integration tests and `cargo xtask demo`: a real `redis-server` on a
+//! free port (stopped when dropped), and `redis-stallprof attach` run as a child process whose
+//! JSON lines are parsed.
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+/// How long a server or the profiler may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The profiler binary: `$REDIS_STALLPROF_BIN`, else the workspace's release build.
+pub fn profiler_bin() -> PathBuf {
+    std::env::var_os("REDIS_STALLPROF_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/redis-stallprof")
+    })
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("bind a free port").port()
+}
+
+/// A throwaway `redis-server` (Debian's), started with the DEBUG command enabled.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port with `extra` configuration arguments (`--name value`).
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_with(Command::new("redis-server"), extra)
+    }
+
+    /// Starts a server through `launcher` (e.g. `ip netns exec NS redis-server`).
+    pub fn start_with(mut launcher: Command, extra: &[&str]) -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let child = launcher
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--enable-debug-command", "yes", "--dir"])
+            .arg(dir.path())
+            .args(["--logfile", "redis.log"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is the redis-server package installed?)");
+        let server = Self { port, child, dir };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while server.try_cli(&["PING"]).map(|reply| reply.trim() != "PONG").unwrap_or(true) {
+            assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING; log: {}", server.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's log file.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// A client connection (the `redis` crate).
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .and_then(|client| client.get_connection())
+            .expect("connect to redis-server")
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let output = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().ok()?;
+        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs `redis-cli` against the server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args).unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+    }
+
+    /// Waits until the server process has exited (after SHUTDOWN).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        self.child.wait().expect("wait for redis-server")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A finished profiler run.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub records: Vec<Value>,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The JSON records of one `"type"`.
+    pub fn of_type(&self, kind: &str) -> Vec<&Value> {
+        self.records.iter().filter(|record| record["type"] == kind).collect()
+    }
+
+    /// The one `summary` record.
+    pub fn summary(&self) -> &Value {
+        let summaries = self.of_type("summary");
+        assert_eq!(summaries.len(), 1, "one summary expected; stderr:\n{}", self.stderr);
+        summaries[0]
+    }
+}
+
+/// A running `redis-stallprof attach`, writing JSON lines to a file.
+pub struct Profiler {
+    child: Child,
+    json: PathBuf,
+    /// Keeps a temporary JSON file until the run is collected.
+    _temporary: Option<tempfile::NamedTempFile>,
+    /// Collects stderr, unless it goes to our own stderr.
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Profiler {
+    /// Starts `redis-stallprof attach ARGS --json TEMPFILE` and waits for its `attached` record.
+    pub fn attach(args: &[&str]) -> Self {
+        let temporary = tempfile::NamedTempFile::new().expect("temporary file");
+        let json = temporary.path().to_owned();
+        Self::spawn(args, json, Some(temporary), false)
+    }
+
+    /// Starts `redis-stallprof attach ARGS --json JSON` with its console lines on our stderr,
+    /// and waits for its `attached` record.
+    pub fn attach_showing_console(args: &[&str], json: &Path) -> Self {
+        Self::spawn(args, json.to_owned(), None, true)
+    }
+
+    fn spawn(args: &[&str], json: PathBuf, temporary: Option<tempfile::NamedTempFile>, show_console: bool) -> Self {
+        let mut child = Command::new(profiler_bin())
+            .arg("attach")
+            .args(args)
+            .arg("--json")
+            .arg(&json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if show_console { Stdio::inherit() } else { Stdio::piped() })
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {}: {error}", profiler_bin().display()));
+        let stderr = child.stderr.take().map(|stderr| {
+            thread::spawn(move || {
+                let mut text = String::new();
+                let _ = BufReader::new(stderr).read_to_string(&mut text);
+                text
+            })
+        });
+        let profiler = Self { child, json, _temporary: temporary, stderr };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !profiler.records().iter().any(|record| record["type"] == "attached") {
+            if Instant::now() > deadline || profiler.has_exited() {
+                let run = profiler.stop();
+                panic!("the profiler did not attach: {:?}\n{}", run.status, run.stderr);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        profiler
+    }
+
+    fn has_exited(&self) -> bool {
+        // SAFETY: waitpid with WNOHANG|WNOWAIT only peeks at our own child's state.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        unsafe { libc::waitid(libc::P_PID, self.child.id(), &mut info, flags) == 0 && info.si_pid() != 0 }
+    }
+
+    /// The JSON records written so far.
+    pub fn records(&self) -> Vec<Value> {
+        let Ok(file) = fs::File::open(&self.json) else {
+            return Vec::new();
+        };
+        BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|line| line.ends_with('}'))
+            .map(|line| serde_json::from_str(&line).unwrap_or_else(|error| panic!("bad JSON line {line:?}: {error}")))
+            .collect()
+    }
+
+    /// Sends SIGINT (as Ctrl-C would) and collects the finished run.
+    pub fn stop(self) -> Run {
+        self.signal(libc::SIGINT)
+    }
+
+    /// Sends SIGTERM and collects the finished run.
+    pub fn terminate(self) -> Run {
+        self.signal(libc::SIGTERM)
+    }
+
+    fn signal(self, signal: i32) -> Run {
+        // SAFETY: signals our own child, the profiler.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.wait()
+    }
+
+    /// Waits for the profiler to end by itself (`--duration`, target exit) and collects the run.
+    pub fn wait(mut self) -> Run {
+        let status = self.child.wait().expect("wait for the profiler");
+        let records = self.records();
+        let stderr = self.stderr.take().map(|reader| reader.join().unwrap_or_default()).unwrap_or_default();
+        Run { status, records, stderr }
+    }
+}
+
+/// Runs the profiler with `args` to completion (for bad-input checks).
+pub fn run_profiler(args: &[&str]) -> Output {
+    Command::new(profiler_bin()).args(args).stdin(Stdio::null()).output().expect("run the profiler")
+}

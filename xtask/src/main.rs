@@ -1,1 +1,117 @@
-fn main(){}
+//! `cargo xtask setup | demo | test`: everything a fresh machine needs, done by the project.
+//! Every step checks first and skips what is already there, so a second run is quick.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+mod demo;
+
+/// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
+/// network namespaces, util-linux for unshare/setpriv.
+const APT_PACKAGES: [&str; 8] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "redis-server",
+    "redis-tools",
+    "iproute2",
+    "util-linux",
+];
+/// The bpf-linker release that builds against LLVM 22 (see PLATFORM.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> anyhow::Result<()> {
+    let task = std::env::args().nth(1).unwrap_or_default();
+    match task.as_str() {
+        "setup" => setup(),
+        "demo" => {
+            setup()?;
+            build()?;
+            demo::run(&workspace_root().join("stallprof-demo"))
+        }
+        "test" => {
+            setup()?;
+            build()?;
+            test()
+        }
+        _ => bail!("usage: cargo xtask setup | demo | test"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+/// Runs `command`, failing with its description unless it succeeds.
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+
+fn stdout_of(command: &mut Command) -> String {
+    command.output().map(|output| String::from_utf8_lossy(&output.stdout).into_owned()).unwrap_or_default()
+}
+
+/// Installs what is missing: Debian packages, nightly `rust-src`, bpf-linker; mounts tracefs.
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .into_iter()
+        .filter(|package| {
+            !stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package])).contains("install ok installed")
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    let installed = stdout_of(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
+    if !installed.lines().any(|component| component.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    if !stdout_of(Command::new("bpf-linker").arg("--version")).contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)");
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("PATH", path))?;
+    }
+
+    let tracefs = Path::new("/sys/kernel/tracing");
+    if std::fs::read_dir(tracefs).map(|mut entries| entries.next().is_none()).unwrap_or(true) {
+        eprintln!("xtask: mounting tracefs at {}", tracefs.display());
+        run(Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(tracefs))?;
+    }
+    Ok(())
+}
+
+/// `cargo build --release` at the root: the eBPF object and the profiler.
+fn build() -> anyhow::Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "--quiet"]).current_dir(workspace_root()))
+}
+
+/// Every test: unit tests, then the integration tests against real redis-servers.
+fn test() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let binary = root.join("target/release/redis-stallprof");
+    run(Command::new("cargo")
+        .args(["test", "--release", "-p", "profiler-common", "-p", "redis-stallprof", "-p", "integration-tests"])
+        .current_dir(&root)
+        .env("REDIS_STALLPROF_BIN", binary))
+}
