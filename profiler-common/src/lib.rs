@@ -21,6 +21,13 @@ pub const GLOBAL_TARGET_PID: &str = "TARGET_PID";
 pub const GLOBAL_TARGET_TID: &str = "TARGET_TID";
 /// Read-only global: an iteration at least this long (ns) is sent to userspace as a stall.
 pub const GLOBAL_THRESHOLD_NS: &str = "THRESHOLD_NS";
+/// Read-only global: stacks are captured only in an iteration at least this old (ns), so a
+/// healthy loop sends none.
+pub const GLOBAL_GATE_NS: &str = "GATE_NS";
+/// Read-only global: time off the CPU (ns) below which a block is only counted.
+pub const GLOBAL_MIN_BLOCK_NS: &str = "MIN_BLOCK_NS";
+/// Read-only global: at most this many bytes of user stack are copied (<= [`USER_STACK_BYTES`]).
+pub const GLOBAL_USER_STACK_LIMIT: &str = "USER_STACK_LIMIT";
 
 /// A `u32` pid/tid that no task has; the programs then match nothing (used by `doctor`).
 pub const NO_TARGET: u32 = u32::MAX;
@@ -30,11 +37,33 @@ pub const COUNTER_STALL_EVENTS_LOST: u32 = 0;
 /// Counter index: poll entries seen without a poll return before them (attach mid-iteration,
 /// or a return the kernel did not report). Such an iteration is not measured.
 pub const COUNTER_UNPAIRED_POLL_ENTRIES: u32 = 1;
+/// Counter index: stack events (on- or off-CPU) dropped because the ring buffer was full.
+pub const COUNTER_STACK_EVENTS_LOST: u32 = 2;
+/// Counter index: times off the CPU during an iteration shorter than `--min-block`.
+pub const COUNTER_SHORT_BLOCKS: u32 = 3;
+/// Counter index: times off the CPU of at least `--min-block` in an iteration younger than
+/// the gate when the thread ran again (not sent: such an iteration is not a stall yet).
+pub const COUNTER_BLOCKS_BEFORE_GATE: u32 = 4;
 /// Number of counter slots.
-pub const COUNTERS: u32 = 4;
+pub const COUNTERS: u32 = 8;
 
 /// Event kind: an event-loop iteration at or above the threshold ([`StallEvent`]).
 pub const EVENT_KIND_STALL: u32 = 1;
+/// Event kind: an on-CPU stack sample of the event-loop thread ([`StackEvent`]).
+pub const EVENT_KIND_ON_CPU: u32 = 2;
+/// Event kind: a time off the CPU of the event-loop thread, with its stacks ([`StackEvent`]).
+pub const EVENT_KIND_OFF_CPU: u32 = 3;
+
+/// Kernel frames kept per stack (`bpf_get_stack`).
+pub const KERNEL_STACK_DEPTH: usize = 64;
+/// Largest user-stack copy: 16 KiB holds Redis's deepest paths from `main` (a few KiB).
+pub const USER_STACK_BYTES: usize = 16 * 1024;
+/// Page size used to split the user-stack copy: a chunk never crosses a page, so an unmapped
+/// or non-resident page ends the copy without losing what came before.
+pub const PAGE_BYTES: usize = 4096;
+/// One page of slack after the copy area: lets the verifier bound a page-sized copy at any
+/// offset below [`USER_STACK_BYTES`].
+const USER_STACK_BUFFER_BYTES: usize = USER_STACK_BYTES + PAGE_BYTES;
 
 /// One event-loop iteration at or above the threshold: from a poll's return (`start_ns`) to the
 /// next poll's entry (`end_ns`), both `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
@@ -54,6 +83,42 @@ const _: () = assert!(core::mem::size_of::<StallEvent>() == 24);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for StallEvent {}
+
+/// A stack sample of the event-loop thread: on the CPU (a perf-event tick) or off it (sent when
+/// it runs again, with how long it was blocked and how long it then waited for a CPU).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackEvent {
+    /// [`EVENT_KIND_ON_CPU`] or [`EVENT_KIND_OFF_CPU`].
+    pub kind: u32,
+    pub tid: u32,
+    /// When the sample was taken (on-CPU) or the thread ran again (off-CPU).
+    pub time_ns: u64,
+    /// `start_ns` of the iteration it belongs to (matches [`StallEvent::start_ns`]).
+    pub iteration_start_ns: u64,
+    /// Off-CPU: time blocked (0 when preempted).
+    pub off_cpu_ns: u64,
+    /// Off-CPU: time runnable, waiting for a CPU, before it ran again.
+    pub runqueue_ns: u64,
+    /// Off-CPU: 1 when it was preempted rather than blocked.
+    pub preempted: u32,
+    /// Valid entries in `kernel_stack`.
+    pub kernel_frames: u32,
+    /// User registers: instruction pointer, stack pointer, frame pointer.
+    pub user_ip: u64,
+    pub user_sp: u64,
+    pub user_bp: u64,
+    /// Valid bytes of `user_stack`, copied from `user_sp` upwards.
+    pub user_stack_len: u32,
+    pub _padding: u32,
+    /// Kernel instruction pointers, leaf first.
+    pub kernel_stack: [u64; KERNEL_STACK_DEPTH],
+    pub user_stack: [u8; USER_STACK_BUFFER_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<StackEvent>() == 80 + 8 * KERNEL_STACK_DEPTH + USER_STACK_BUFFER_BYTES);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for StackEvent {}
 
 /// Sub-buckets per power of two in the iteration histogram: each bucket is at most 1/16
 /// (6.25%) of its lower bound wide.

@@ -1,34 +1,64 @@
-//! redis-stallprof's kernel programs: they time every event-loop iteration of the target's main
-//! thread (from a poll's return to the next poll's entry), count each into a histogram kept in a
-//! map, and send only iterations at or above the threshold to userspace as stall events.
+//! redis-stallprof's kernel programs. They
+//! - time every event-loop iteration of the target's main thread (from a poll's return to the
+//!   next poll's entry), count each into a histogram, and send only iterations at or above the
+//!   threshold to userspace as stall events;
+//! - once an iteration is older than a gate, send on-CPU stack samples (perf event) and, when
+//!   the thread ran again after leaving the CPU, its off-CPU and run-queue time with the stacks
+//!   it left with (sched_switch / sched_wakeup).
 //!
-//! Bounds: every map has a fixed size; a full ring buffer increments a drop counter.
+//! Stacks are raw: user registers, user-stack bytes and kernel instruction pointers; userspace
+//! unwinds and symbolizes them. Bounds: every map has a fixed size, the stack copy a fixed
+//! number of page-sized chunks; a full ring buffer increments a drop counter.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-        macros::{map, tracepoint, uprobe, uretprobe},
+        EbpfContext,
+        bindings::pt_regs,
+        helpers::{
+            bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+            generated::{
+                bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_kernel,
+                bpf_probe_read_user, bpf_task_pt_regs,
+            },
+        },
+        macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
         maps::{Array, RingBuf},
-        programs::{ProbeContext, RetProbeContext, TracePointContext},
+        programs::{
+            BtfTracePointContext, PerfEventContext, ProbeContext, RetProbeContext,
+            TracePointContext,
+        },
     };
     use profiler_common::{
-        COUNTER_STALL_EVENTS_LOST, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_STALL,
-        ITERATION_BUCKETS, NO_TARGET, StallEvent, iteration_bucket,
+        COUNTER_BLOCKS_BEFORE_GATE, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
+        COUNTER_STALL_EVENTS_LOST, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_OFF_CPU,
+        EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, NO_TARGET,
+        PAGE_BYTES, StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
     };
 
-    /// Set by userspace before load (read-only globals).
+    /// GPL-compatible: the stack and memory-read helpers are GPL-only.
+    #[unsafe(no_mangle)]
+    #[unsafe(link_section = "license")]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+    // Read-only globals, set by userspace before load.
     #[unsafe(no_mangle)]
     static TARGET_PID: u32 = NO_TARGET;
     #[unsafe(no_mangle)]
     static TARGET_TID: u32 = NO_TARGET;
     #[unsafe(no_mangle)]
     static THRESHOLD_NS: u64 = 10_000_000;
+    #[unsafe(no_mangle)]
+    static GATE_NS: u64 = 5_000_000;
+    #[unsafe(no_mangle)]
+    static MIN_BLOCK_NS: u64 = 1_000_000;
+    #[unsafe(no_mangle)]
+    static USER_STACK_LIMIT: u32 = USER_STACK_BYTES as u32;
 
-    /// 256 KiB: about 10,000 stall events, far more than a loop that stalls for at least the
-    /// threshold each time can produce between two reads by userspace.
-    const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Default ring-buffer size (userspace may change it before load): 16 MiB holds about 780
+    /// stack events, most of a second of samples at 999 Hz with userspace stalled.
+    const EVENTS_BYTES: u32 = 16 * 1024 * 1024;
 
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -38,53 +68,78 @@ mod programs {
     static ITERATION_MAX: Array<u64> = Array::with_max_entries(1, 0);
     #[map]
     static COUNTERS_MAP: Array<u64> = Array::with_max_entries(COUNTERS, 0);
-
-    /// Slot of [`LOOP_STATE`]: when the event loop's last poll returned (0: inside a poll, or
-    /// not seen yet).
-    const STATE_POLL_RETURN_NS: u32 = 0;
-    /// Slot of [`LOOP_STATE`]: depth of `processEventsWhileBlocked` calls in progress; polls made
-    /// from inside them (during a long script or while loading) are not iteration boundaries.
-    const STATE_NESTED_DEPTH: u32 = 1;
+    /// The event-loop thread's state (one entry: only that thread is followed).
     #[map]
-    static LOOP_STATE: Array<u64> = Array::with_max_entries(2, 0);
+    static LOOP_STATE: Array<LoopState> = Array::with_max_entries(1, 0);
+    /// The stacks the thread left the CPU with, kept until it runs again.
+    #[map]
+    static OFF_CPU_STACKS: Array<StackEvent> = Array::with_max_entries(1, 0);
 
-    #[inline(always)]
-    fn is_event_loop_thread() -> bool {
-        // SAFETY: read-only globals, written by the loader before the program runs.
-        let (pid, tid) = unsafe {
-            (core::ptr::read_volatile(&TARGET_PID), core::ptr::read_volatile(&TARGET_TID))
+    #[repr(C)]
+    struct LoopState {
+        /// When the last poll returned; 0 while inside a poll (or before the first one).
+        poll_return_ns: u64,
+        /// Depth of `processEventsWhileBlocked` calls in progress: polls made there (during a
+        /// long script or a load) are not iteration boundaries.
+        nested_depth: u64,
+        /// The thread's `task_struct` address, to recognise it as `next` in sched_switch.
+        task: u64,
+        /// When it left the CPU during an iteration; 0 when it is not off the CPU.
+        switch_out_ns: u64,
+        /// When it was woken after that; 0 until then.
+        wakeup_ns: u64,
+        /// 1 when it left the CPU preempted rather than blocked.
+        preempted: u64,
+    }
+
+    /// Reads a read-only global.
+    macro_rules! global {
+        ($name:ident) => {
+            // SAFETY: a read-only global, written by the loader before any program runs.
+            unsafe { core::ptr::read_volatile(&$name) }
         };
-        bpf_get_current_pid_tgid() == (u64::from(pid) << 32 | u64::from(tid))
     }
 
     #[inline(always)]
-    fn slot(map: &Array<u64>, index: u32) -> Option<&mut u64> {
-        // SAFETY: the map holds plain u64s and only the event-loop thread writes them, so no
-        // two programs update a slot at the same time.
+    fn now_ns() -> u64 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    }
+
+    #[inline(always)]
+    fn is_event_loop_thread() -> bool {
+        let (pid, tid) = (global!(TARGET_PID), global!(TARGET_TID));
+        bpf_get_current_pid_tgid() == (u64::from(pid) << 32 | u64::from(tid))
+    }
+
+    /// A map entry as a mutable reference.
+    #[inline(always)]
+    fn entry<T>(map: &Array<T>, index: u32) -> Option<&mut T> {
+        // SAFETY: array entries are plain data. LOOP_STATE and OFF_CPU_STACKS are written only
+        // on behalf of the one event-loop thread, whose events the kernel serialises.
         map.get_ptr_mut(index).map(|pointer| unsafe { &mut *pointer })
     }
 
     #[inline(always)]
     fn count(counter: u32) {
-        if let Some(value) = slot(&COUNTERS_MAP, counter) {
+        if let Some(value) = entry(&COUNTERS_MAP, counter) {
             *value += 1;
         }
     }
 
     #[inline(always)]
-    fn nested() -> bool {
-        slot(&LOOP_STATE, STATE_NESTED_DEPTH).is_some_and(|depth| *depth > 0)
+    fn loop_state() -> Option<&'static mut LoopState> {
+        entry(&LOOP_STATE, 0)
     }
 
     /// `sys_exit_epoll_wait`, `_epoll_pwait`, `_epoll_pwait2`: an iteration begins.
     #[tracepoint]
     pub fn poll_return(_ctx: TracePointContext) -> u32 {
         if is_event_loop_thread()
-            && !nested()
-            && let Some(poll_return_ns) = slot(&LOOP_STATE, STATE_POLL_RETURN_NS)
+            && let Some(state) = loop_state()
+            && state.nested_depth == 0
         {
-            // SAFETY: a helper without arguments.
-            *poll_return_ns = unsafe { bpf_ktime_get_ns() };
+            state.poll_return_ns = now_ns();
         }
         0
     }
@@ -92,30 +147,29 @@ mod programs {
     /// `sys_enter_epoll_wait`, `_epoll_pwait`, `_epoll_pwait2`: the iteration ends.
     #[tracepoint]
     pub fn poll_entry(_ctx: TracePointContext) -> u32 {
-        if !is_event_loop_thread() || nested() {
+        if !is_event_loop_thread() {
             return 0;
         }
-        // SAFETY: a helper without arguments.
-        let now_ns = unsafe { bpf_ktime_get_ns() };
-        let Some(poll_return_ns) = slot(&LOOP_STATE, STATE_POLL_RETURN_NS) else {
+        let Some(state) = loop_state() else { return 0 };
+        if state.nested_depth > 0 {
             return 0;
-        };
-        let start_ns = core::mem::replace(poll_return_ns, 0);
+        }
+        let now_ns = now_ns();
+        let start_ns = core::mem::replace(&mut state.poll_return_ns, 0);
         if start_ns == 0 {
             count(COUNTER_UNPAIRED_POLL_ENTRIES);
             return 0;
         }
         let duration_ns = now_ns.saturating_sub(start_ns);
-        if let Some(bucket) = slot(&ITERATION_HISTOGRAM, iteration_bucket(duration_ns)) {
+        if let Some(bucket) = entry(&ITERATION_HISTOGRAM, iteration_bucket(duration_ns)) {
             *bucket += 1;
         }
-        if let Some(max_ns) = slot(&ITERATION_MAX, 0)
+        if let Some(max_ns) = entry(&ITERATION_MAX, 0)
             && duration_ns > *max_ns
         {
             *max_ns = duration_ns;
         }
-        // SAFETY: read-only global, written by the loader.
-        if duration_ns >= unsafe { core::ptr::read_volatile(&THRESHOLD_NS) } {
+        if duration_ns >= global!(THRESHOLD_NS) {
             let event = StallEvent {
                 kind: EVENT_KIND_STALL,
                 tid: bpf_get_current_pid_tgid() as u32,
@@ -133,9 +187,9 @@ mod programs {
     #[uprobe]
     pub fn nested_poll_begin(_ctx: ProbeContext) -> u32 {
         if is_event_loop_thread()
-            && let Some(depth) = slot(&LOOP_STATE, STATE_NESTED_DEPTH)
+            && let Some(state) = loop_state()
         {
-            *depth += 1;
+            state.nested_depth += 1;
         }
         0
     }
@@ -144,9 +198,209 @@ mod programs {
     #[uretprobe]
     pub fn nested_poll_end(_ctx: RetProbeContext) -> u32 {
         if is_event_loop_thread()
-            && let Some(depth) = slot(&LOOP_STATE, STATE_NESTED_DEPTH)
+            && let Some(state) = loop_state()
         {
-            *depth = depth.saturating_sub(1);
+            state.nested_depth = state.nested_depth.saturating_sub(1);
+        }
+        0
+    }
+
+    /// Fills the stack fields of `event`: kernel instruction pointers from the program's
+    /// context, user registers from `user_regs`, and the user stack above the stack pointer.
+    #[inline(always)]
+    fn capture_stacks(ctx: *mut core::ffi::c_void, event: &mut StackEvent, user_regs: &pt_regs) {
+        // SAFETY: the buffer is the event's own kernel_stack array and the size is its size.
+        let kernel_bytes = unsafe {
+            bpf_get_stack(ctx, event.kernel_stack.as_mut_ptr().cast(), (KERNEL_STACK_DEPTH * 8) as u32, 0)
+        };
+        event.kernel_frames = if kernel_bytes > 0 { (kernel_bytes / 8) as u32 } else { 0 };
+        event.user_ip = user_regs.rip;
+        event.user_sp = user_regs.rsp;
+        event.user_bp = user_regs.rbp;
+        event.user_stack_len = copy_user_stack(event, user_regs.rsp);
+    }
+
+    /// Copies the user stack from `sp` upwards in chunks that never cross a page: the first up
+    /// to the end of `sp`'s page, then whole pages, until the limit or the first chunk that
+    /// cannot be read. Returns the bytes copied.
+    #[inline(always)]
+    fn copy_user_stack(event: &mut StackEvent, sp: u64) -> u32 {
+        const PAGE: u64 = PAGE_BYTES as u64;
+        const MAX_CHUNKS: usize = USER_STACK_BYTES / PAGE_BYTES + 1;
+        let limit = global!(USER_STACK_LIMIT) as usize;
+        let mut copied = 0usize;
+        let mut chunk_bytes = (PAGE - (sp & (PAGE - 1))) as usize;
+        for _ in 0..MAX_CHUNKS {
+            // `copied <= USER_STACK_BYTES` and a chunk is at most a page: within the buffer.
+            if copied >= limit || copied > USER_STACK_BYTES || chunk_bytes == 0 || chunk_bytes > PAGE_BYTES {
+                break;
+            }
+            // SAFETY: destination bounded as above; the source is user memory read by a helper
+            // that fails instead of faulting.
+            let result = unsafe {
+                bpf_probe_read_user(
+                    event.user_stack.as_mut_ptr().add(copied).cast(),
+                    chunk_bytes as u32,
+                    (sp + copied as u64) as *const core::ffi::c_void,
+                )
+            };
+            if result != 0 {
+                break;
+            }
+            copied += chunk_bytes;
+            chunk_bytes = PAGE_BYTES;
+        }
+        copied.min(limit) as u32
+    }
+
+    /// The current task's user registers as saved on kernel entry.
+    #[inline(always)]
+    fn current_user_regs() -> Option<pt_regs> {
+        // SAFETY: helpers on the current task; the registers are read with a checked helper.
+        unsafe {
+            let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+            let mut copy: pt_regs = core::mem::zeroed();
+            (bpf_probe_read_kernel((&mut copy as *mut pt_regs).cast(), size_of::<pt_regs>() as u32, regs.cast()) == 0)
+                .then_some(copy)
+        }
+    }
+
+    /// CPU-clock perf event on the event-loop thread: a stack sample once the iteration is
+    /// older than the gate.
+    #[perf_event]
+    pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
+        if !is_event_loop_thread() {
+            return 0;
+        }
+        let Some(state) = loop_state() else { return 0 };
+        let iteration_start_ns = state.poll_return_ns;
+        let now_ns = now_ns();
+        if iteration_start_ns == 0 || now_ns.saturating_sub(iteration_start_ns) < global!(GATE_NS) {
+            return 0;
+        }
+        // A sample in user mode has the user registers in its context; one in the kernel has
+        // them where the kernel saved them on entry.
+        // SAFETY: the context of a perf_event program is a bpf_perf_event_data.
+        let sampled_regs = unsafe { (*ctx.ctx).regs };
+        let user_regs = if sampled_regs.cs & 3 == 3 {
+            sampled_regs
+        } else {
+            match current_user_regs() {
+                Some(regs) => regs,
+                None => return 0,
+            }
+        };
+        let Some(mut reserved) = EVENTS.reserve::<StackEvent>(0) else {
+            count(COUNTER_STACK_EVENTS_LOST);
+            return 0;
+        };
+        // SAFETY: the reservation is a StackEvent-sized record; every field read by userspace
+        // is written below (stack arrays up to their recorded lengths).
+        let event = unsafe { &mut *reserved.as_mut_ptr() };
+        event.kind = EVENT_KIND_ON_CPU;
+        event.tid = bpf_get_current_pid_tgid() as u32;
+        event.time_ns = now_ns;
+        event.iteration_start_ns = iteration_start_ns;
+        event.off_cpu_ns = 0;
+        event.runqueue_ns = 0;
+        event.preempted = 0;
+        event._padding = 0;
+        capture_stacks(ctx.as_ptr(), event, &user_regs);
+        reserved.submit(0);
+        0
+    }
+
+    /// `sched_switch(preempt, prev, next, ...)`: the event-loop thread leaves or regains a CPU.
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
+        let preempt: u64 = ctx.arg(0);
+        let next: u64 = ctx.arg(2);
+        let Some(state) = loop_state() else { return 0 };
+        if is_event_loop_thread() {
+            switched_out(&ctx, state, preempt & 1 != 0);
+        } else if state.switch_out_ns != 0 && next == state.task {
+            switched_in(state);
+        }
+        0
+    }
+
+    /// Remembers when and with which stacks the thread left the CPU inside an iteration (a
+    /// block inside the poll is the loop idling, not a stall).
+    #[inline(always)]
+    fn switched_out(ctx: &BtfTracePointContext, state: &mut LoopState, preempted: bool) {
+        // SAFETY: a helper without arguments.
+        state.task = unsafe { bpf_get_current_task() };
+        if state.poll_return_ns == 0 {
+            return;
+        }
+        let (Some(stacks), Some(user_regs)) = (entry(&OFF_CPU_STACKS, 0), current_user_regs()) else {
+            return;
+        };
+        capture_stacks(ctx.as_ptr(), stacks, &user_regs);
+        state.switch_out_ns = now_ns();
+        state.wakeup_ns = 0;
+        state.preempted = u64::from(preempted);
+    }
+
+    /// The thread runs again: send its off-CPU and run-queue time with the stacks it left with,
+    /// if the time is worth a record and the iteration is old enough to become a stall.
+    #[inline(always)]
+    fn switched_in(state: &mut LoopState) {
+        let now_ns = now_ns();
+        let out_ns = core::mem::replace(&mut state.switch_out_ns, 0);
+        let (off_cpu_ns, runqueue_ns) = match (state.preempted != 0, state.wakeup_ns) {
+            (true, _) => (0, now_ns.saturating_sub(out_ns)),
+            // No wake-up seen: count it all as blocked.
+            (false, 0) => (now_ns.saturating_sub(out_ns), 0),
+            (false, woken_ns) => (woken_ns.saturating_sub(out_ns), now_ns.saturating_sub(woken_ns)),
+        };
+        if off_cpu_ns + runqueue_ns < global!(MIN_BLOCK_NS) {
+            count(COUNTER_SHORT_BLOCKS);
+            return;
+        }
+        if now_ns.saturating_sub(state.poll_return_ns) < global!(GATE_NS) {
+            count(COUNTER_BLOCKS_BEFORE_GATE);
+            return;
+        }
+        let Some(stacks) = entry(&OFF_CPU_STACKS, 0) else { return };
+        let Some(mut reserved) = EVENTS.reserve::<StackEvent>(0) else {
+            count(COUNTER_STACK_EVENTS_LOST);
+            return;
+        };
+        // SAFETY: copies one StackEvent from the map entry into a StackEvent-sized reservation.
+        let copied = unsafe {
+            bpf_probe_read_kernel(
+                reserved.as_mut_ptr().cast(),
+                size_of::<StackEvent>() as u32,
+                (stacks as *const StackEvent).cast(),
+            )
+        };
+        if copied != 0 {
+            reserved.discard(0);
+            return;
+        }
+        // SAFETY: the reservation now holds an initialised StackEvent.
+        let event = unsafe { &mut *reserved.as_mut_ptr() };
+        event.kind = EVENT_KIND_OFF_CPU;
+        event.tid = global!(TARGET_TID);
+        event.time_ns = now_ns;
+        event.iteration_start_ns = state.poll_return_ns;
+        event.off_cpu_ns = off_cpu_ns;
+        event.runqueue_ns = runqueue_ns;
+        event.preempted = state.preempted as u32;
+        reserved.submit(0);
+    }
+
+    /// `sched_wakeup(p)`: note when the event-loop thread, blocked inside an iteration, is woken.
+    #[btf_tracepoint(function = "sched_wakeup")]
+    pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
+        let task: u64 = ctx.arg(0);
+        if let Some(state) = loop_state()
+            && state.switch_out_ns != 0
+            && state.wakeup_ns == 0
+            && task == state.task
+        {
+            state.wakeup_ns = now_ns();
         }
         0
     }

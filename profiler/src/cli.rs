@@ -21,6 +21,21 @@ pub enum Command {
     Attach(AttachArgs),
     /// Check that this machine and these privileges let `attach` work.
     Doctor,
+    /// Render a recorded JSON-lines file again: stalls, summary, folded stacks, flamegraph.
+    Report(ReportArgs),
+}
+
+/// Flags of `redis-stallprof report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A file written by `attach --json`.
+    pub file: PathBuf,
+    /// Write the folded stacks to PATH (default: stdout).
+    #[arg(long, value_name = "PATH")]
+    pub folded: Option<PathBuf>,
+    /// Write a flamegraph SVG to PATH.
+    #[arg(long, value_name = "PATH")]
+    pub flamegraph: Option<PathBuf>,
 }
 
 /// Flags of `redis-stallprof attach`.
@@ -47,6 +62,36 @@ pub struct AttachArgs {
     /// Write JSON lines (one object per event) to PATH; `-` writes them to stdout.
     #[arg(long, value_name = "PATH")]
     pub json: Option<OutputPath>,
+    /// Write the stalls' stacks as folded lines (flamegraph input, weights in us) at exit.
+    #[arg(long, value_name = "PATH")]
+    pub folded: Option<PathBuf>,
+    /// Write the stalls' stacks as a flamegraph SVG at exit.
+    #[arg(long, value_name = "PATH")]
+    pub flamegraph: Option<PathBuf>,
+    /// On-CPU sampling frequency of the event-loop thread, in Hz.
+    #[arg(long, default_value_t = 999, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub freq: u64,
+    /// Capture stacks only once the current iteration is this old (default: half the threshold).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub gate: Option<Duration>,
+    /// Times off the CPU shorter than this are only counted, not recorded with their stacks.
+    #[arg(long, default_value = "1ms", value_parser = parse_positive_duration)]
+    pub min_block: Duration,
+    /// Bytes of user stack copied per sample (the unwinder walks only what was copied).
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(512..=16384))]
+    pub stack_bytes: u32,
+    /// Size of the kernel-to-userspace ring buffer in KiB (a power of two).
+    #[arg(long, default_value_t = 16384, value_parser = parse_ring_buffer_kib)]
+    pub ring_buffer_kib: u32,
+}
+
+/// A power of two from 4 KiB (one page) to 1 GiB.
+fn parse_ring_buffer_kib(value: &str) -> Result<u32, String> {
+    let kib: u32 = value.parse().map_err(|_| format!("`{value}` is not a whole number of KiB"))?;
+    if !kib.is_power_of_two() || !(4..=1024 * 1024).contains(&kib) {
+        return Err(format!("`{value}` must be a power of two from 4 to 1048576"));
+    }
+    Ok(kib)
 }
 
 /// Where an output goes.
@@ -103,6 +148,14 @@ mod tests {
         assert!(parse_positive_duration("0ms").unwrap_err().contains("longer than zero"));
         assert!(parse_positive_duration("fast").unwrap_err().contains("not a duration"));
         assert!(parse_positive_duration("10").is_err());
+    }
+
+    #[test]
+    fn ring_buffer_sizes_are_powers_of_two_of_at_least_a_page() {
+        assert_eq!(parse_ring_buffer_kib("64"), Ok(64));
+        assert!(parse_ring_buffer_kib("3").is_err());
+        assert!(parse_ring_buffer_kib("100").is_err());
+        assert!(parse_ring_buffer_kib("many").is_err());
     }
 
     #[test]

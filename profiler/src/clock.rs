@@ -62,3 +62,9 @@ mod tests {
 pub fn serialize_rfc3339<S: serde::Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&rfc3339_micros(*time))
 }
+
+/// Parses a time written by [`serialize_rfc3339`] (for `#[serde(deserialize_with)]`).
+pub fn deserialize_rfc3339<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
+    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
+    humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+}

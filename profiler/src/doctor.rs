@@ -78,13 +78,29 @@ fn check_tracepoints(tracefs: &Path, check: &mut impl FnMut(&str, Verdict)) -> O
 }
 
 fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, Verdict)) {
-    let settings = ProbeSettings { pid: NO_TARGET, tid: NO_TARGET, threshold_ns: u64::MAX };
+    let settings = ProbeSettings {
+        pid: NO_TARGET,
+        tid: NO_TARGET,
+        threshold_ns: u64::MAX,
+        gate_ns: u64::MAX,
+        min_block_ns: u64::MAX,
+        user_stack_bytes: 0,
+        ring_buffer_bytes: 4096,
+    };
     let mut probes = match Probes::load(settings) {
         Ok(probes) => probes,
         Err(error) => return check("eBPF programs", Verdict::Fail(error.to_string())),
     };
     check("eBPF programs", match probes.attach_poll_tracepoints(tracepoints) {
         Ok(()) => Verdict::Ok("loaded, and attached to every poll tracepoint (aimed at no process)".into()),
+        Err(error) => Verdict::Fail(error.to_string()),
+    });
+    check("off-CPU probes", match probes.attach_scheduler() {
+        Ok(()) => Verdict::Ok("tp_btf/sched_switch and tp_btf/sched_wakeup attach".into()),
+        Err(error) => Verdict::Fail(error.to_string()),
+    });
+    check("on-CPU sampler", match probes.attach_sampler(std::process::id(), 1) {
+        Ok(()) => Verdict::Ok("a CPU-clock perf event per thread attaches".into()),
         Err(error) => Verdict::Fail(error.to_string()),
     });
     // A uprobe on a libc function in this process stands in for the one on Redis's

@@ -1,11 +1,13 @@
 //! Ring-buffer bytes -> typed events. Malformed records become a [`DecodeError`] (counted as
 //! lost by the caller), never a panic.
-use profiler_common::{EVENT_KIND_STALL, StallEvent};
+use profiler_common::{EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, StackEvent, StallEvent};
 
 /// An event sent by the kernel programs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
+#[derive(Clone, Copy)]
+pub enum Event<'a> {
     Stall(StallEvent),
+    /// On- or off-CPU stack sample, borrowed from the ring buffer.
+    Stack(&'a StackEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -14,15 +16,44 @@ pub enum DecodeError {
     TooShort { len: usize, needed: usize },
     #[error("unknown event kind {kind}")]
     UnknownKind { kind: u32 },
+    #[error("stack event is misaligned")]
+    Misaligned,
+    #[error("stack event claims {claimed} {what}, more than its {capacity}")]
+    BadLength { what: &'static str, claimed: usize, capacity: usize },
 }
 
 /// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     let kind = read::<u32>(bytes)?;
     match kind {
         EVENT_KIND_STALL => Ok(Event::Stall(read::<StallEvent>(bytes)?)),
+        EVENT_KIND_ON_CPU | EVENT_KIND_OFF_CPU => Ok(Event::Stack(stack_event(bytes)?)),
         kind => Err(DecodeError::UnknownKind { kind }),
     }
+}
+
+/// Views a stack event in place (it is 20 KiB: no copy), checking its lengths.
+fn stack_event(bytes: &[u8]) -> Result<&StackEvent, DecodeError> {
+    let needed = size_of::<StackEvent>();
+    if bytes.len() < needed {
+        return Err(DecodeError::TooShort { len: bytes.len(), needed });
+    }
+    if bytes.as_ptr().align_offset(align_of::<StackEvent>()) != 0 {
+        return Err(DecodeError::Misaligned);
+    }
+    // SAFETY: long enough and aligned (ring-buffer records are 8-byte aligned), and StackEvent
+    // is Pod: any bytes are a valid value.
+    let event = unsafe { &*bytes.as_ptr().cast::<StackEvent>() };
+    let checks = [
+        ("kernel frames", event.kernel_frames as usize, event.kernel_stack.len()),
+        ("user-stack bytes", event.user_stack_len as usize, event.user_stack.len()),
+    ];
+    for (what, claimed, capacity) in checks {
+        if claimed > capacity {
+            return Err(DecodeError::BadLength { what, claimed, capacity });
+        }
+    }
+    Ok(event)
 }
 
 /// Reads a plain `#[repr(C)]` value from the start of `bytes`.
@@ -49,19 +80,53 @@ mod tests {
         bytes
     }
 
+    fn error_of(bytes: &[u8]) -> DecodeError {
+        decode(bytes).err().expect("an error")
+    }
+
     #[test]
     fn a_stall_event_round_trips() {
         let event = StallEvent { kind: EVENT_KIND_STALL, tid: 7, start_ns: 100, end_ns: 250_000_100 };
-        assert_eq!(decode(&bytes_of(&event)), Ok(Event::Stall(event)));
+        assert!(matches!(decode(&bytes_of(&event)), Ok(Event::Stall(decoded)) if decoded == event));
     }
 
     #[test]
     fn short_and_unknown_records_are_errors() {
         let event = StallEvent { kind: EVENT_KIND_STALL, tid: 7, start_ns: 1, end_ns: 2 };
         let bytes = bytes_of(&event);
-        assert_eq!(decode(&bytes[..20]), Err(DecodeError::TooShort { len: 20, needed: 24 }));
-        assert_eq!(decode(&bytes[..2]), Err(DecodeError::TooShort { len: 2, needed: 4 }));
-        assert_eq!(decode(&99u32.to_ne_bytes()), Err(DecodeError::UnknownKind { kind: 99 }));
-        assert_eq!(decode(&[]), Err(DecodeError::TooShort { len: 0, needed: 4 }));
+        assert_eq!(error_of(&bytes[..20]), DecodeError::TooShort { len: 20, needed: 24 });
+        assert_eq!(error_of(&bytes[..2]), DecodeError::TooShort { len: 2, needed: 4 });
+        assert_eq!(error_of(&99u32.to_ne_bytes()), DecodeError::UnknownKind { kind: 99 });
+        assert_eq!(error_of(&[]), DecodeError::TooShort { len: 0, needed: 4 });
+        assert!(matches!(error_of(&EVENT_KIND_ON_CPU.to_ne_bytes()), DecodeError::TooShort { .. }));
+    }
+
+    /// An 8-byte-aligned buffer holding a stack event with the given lengths.
+    fn stack_bytes(kernel_frames: u32, user_stack_len: u32) -> Vec<u64> {
+        let words = size_of::<StackEvent>() / 8;
+        let mut buffer = vec![0u64; words];
+        // SAFETY: the buffer is large enough and aligned for a StackEvent.
+        let event = unsafe { &mut *buffer.as_mut_ptr().cast::<StackEvent>() };
+        event.kind = EVENT_KIND_ON_CPU;
+        event.kernel_frames = kernel_frames;
+        event.user_stack_len = user_stack_len;
+        buffer
+    }
+
+    fn as_bytes(words: &[u64]) -> &[u8] {
+        // SAFETY: u64s viewed as bytes.
+        unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 8) }
+    }
+
+    #[test]
+    fn a_stack_event_is_viewed_in_place_and_its_lengths_are_checked() {
+        let good = stack_bytes(3, 4096);
+        assert!(matches!(decode(as_bytes(&good)), Ok(Event::Stack(event)) if event.kernel_frames == 3));
+        let too_many_frames = stack_bytes(65, 0);
+        assert!(matches!(error_of(as_bytes(&too_many_frames)), DecodeError::BadLength { what: "kernel frames", .. }));
+        let too_many_bytes = stack_bytes(0, 1 << 20);
+        assert!(matches!(error_of(as_bytes(&too_many_bytes)), DecodeError::BadLength { what: "user-stack bytes", .. }));
+        let bytes = as_bytes(&good);
+        assert!(matches!(error_of(&bytes[..bytes.len() - 1]), DecodeError::TooShort { .. }));
     }
 }

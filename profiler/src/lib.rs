@@ -3,18 +3,24 @@
 //!
 //! Pipeline: [`cli`] flags -> [`kernel`] checks and [`target`] -> [`probes`] attached ->
 //! ring-buffer bytes decoded by [`events`] -> [`stall`]s and the [`histogram`] -> [`output`]
-//! sinks; [`session`] drives an `attach` run and [`doctor`] checks a machine.
+//! sinks, with stack events turned into stacks by [`unwind`] (over [`memory_map`]) and
+//! [`symbolize`]; [`session`] drives an `attach` run, [`doctor`] checks a machine and
+//! [`report`] renders a recorded run again.
 pub mod cli;
 pub mod clock;
 pub mod doctor;
 pub mod events;
 pub mod histogram;
 pub mod kernel;
+pub mod memory_map;
 pub mod output;
 pub mod probes;
+pub mod report;
 pub mod session;
 pub mod stall;
+pub mod symbolize;
 pub mod target;
+pub mod unwind;
 
 use std::process::ExitCode;
 
@@ -31,5 +37,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor => Ok(if doctor::run_doctor() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILURE) }),
+        Command::Report(args) => {
+            report::run_report(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

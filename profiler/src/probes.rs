@@ -4,12 +4,18 @@ use std::{num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
+    Btf,
     maps::{Array, MapData, MapError, RingBuf},
-    programs::{ProgramError, TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        BtfTracePoint, PerfEvent, ProgramError, TracePoint, UProbe,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        uprobe::UProbeScope,
+    },
 };
 use profiler_common::{
-    GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS, ITERATION_BUCKETS, MAP_COUNTERS,
-    MAP_EVENTS, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX,
+    GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS,
+    GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, MAP_COUNTERS, MAP_EVENTS, MAP_ITERATION_HISTOGRAM,
+    MAP_ITERATION_MAX,
 };
 
 use crate::kernel::PollTracepoint;
@@ -33,6 +39,10 @@ pub enum ProbeError {
     AttachTracepoint { program: &'static str, tracepoint: String, source: ProgramError },
     #[error("cannot attach a uprobe to `{function}` in `{exe}`: {source}")]
     AttachUprobe { function: &'static str, exe: String, source: ProgramError },
+    #[error("cannot read the kernel's BTF: {source}")]
+    Btf { source: aya::BtfError },
+    #[error("cannot attach `{program}` to `{what}`: {source}")]
+    Attach { program: &'static str, what: String, source: ProgramError },
     #[error("the eBPF object has no map `{name}`")]
     MissingMap { name: &'static str },
     #[error("cannot use map `{name}`: {source}")]
@@ -45,7 +55,22 @@ pub struct ProbeSettings {
     pub pid: u32,
     pub tid: u32,
     pub threshold_ns: u64,
+    /// Stacks are captured only in iterations at least this old.
+    pub gate_ns: u64,
+    /// Off-CPU times shorter than this are only counted.
+    pub min_block_ns: u64,
+    /// User-stack bytes copied per sample.
+    pub user_stack_bytes: u32,
+    /// Size of the events ring buffer (a power of two, at least a page).
+    pub ring_buffer_bytes: u32,
 }
+
+/// Programs loaded with [`Probes::load`], by name and kind.
+const TRACEPOINT_PROGRAMS: [&str; 2] = ["poll_entry", "poll_return"];
+const UPROBE_PROGRAMS: [&str; 2] = ["nested_poll_begin", "nested_poll_end"];
+/// `(program, kernel tracepoint)` of the scheduler programs.
+const SCHEDULER_PROGRAMS: [(&str, &str); 2] = [("sched_switch", "sched_switch"), ("sched_wakeup", "sched_wakeup")];
+const SAMPLE_PROGRAM: &str = "on_cpu_sample";
 
 /// The loaded programs; dropping this detaches them all.
 pub struct Probes {
@@ -57,41 +82,76 @@ impl Probes {
     /// program into the kernel (nothing is attached yet).
     pub fn load(settings: ProbeSettings) -> Result<Self, ProbeError> {
         raise_memlock_limit();
+        let btf = Btf::from_sys_fs().map_err(|source| ProbeError::Btf { source })?;
         let ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
             .override_global(GLOBAL_TARGET_PID, &settings.pid, true)
             .override_global(GLOBAL_TARGET_TID, &settings.tid, true)
             .override_global(GLOBAL_THRESHOLD_NS, &settings.threshold_ns, true)
+            .override_global(GLOBAL_GATE_NS, &settings.gate_ns, true)
+            .override_global(GLOBAL_MIN_BLOCK_NS, &settings.min_block_ns, true)
+            .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
+            .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .map_err(|source| ProbeError::Load { source })?;
         let mut probes = Self { ebpf };
-        for name in ["poll_entry", "poll_return"] {
-            probes.tracepoint(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
+        for name in TRACEPOINT_PROGRAMS {
+            probes.program::<TracePoint>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
         }
-        for name in ["nested_poll_begin", "nested_poll_end"] {
-            probes.uprobe(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
+        for name in UPROBE_PROGRAMS {
+            probes.program::<UProbe>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
         }
+        for (name, tracepoint) in SCHEDULER_PROGRAMS {
+            probes
+                .program::<BtfTracePoint>(name)?
+                .load(tracepoint, &btf)
+                .map_err(|source| ProbeError::LoadProgram { name, source })?;
+        }
+        let name = SAMPLE_PROGRAM;
+        probes.program::<PerfEvent>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
         Ok(probes)
     }
 
-    fn tracepoint(&mut self, name: &'static str) -> Result<&mut TracePoint, ProbeError> {
+    fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, ProbeError>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+    {
         self.ebpf
             .program_mut(name)
             .and_then(|program| program.try_into().ok())
             .ok_or(ProbeError::MissingProgram { name })
     }
 
-    fn uprobe(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {
-        self.ebpf
-            .program_mut(name)
-            .and_then(|program| program.try_into().ok())
-            .ok_or(ProbeError::MissingProgram { name })
+    /// Attaches the off-CPU programs to the scheduler's `sched_switch` and `sched_wakeup`.
+    pub fn attach_scheduler(&mut self) -> Result<(), ProbeError> {
+        for (program, tracepoint) in SCHEDULER_PROGRAMS {
+            self.program::<BtfTracePoint>(program)?
+                .attach()
+                .map_err(|source| ProbeError::Attach { program, what: format!("tp_btf/{tracepoint}"), source })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the on-CPU sampler: a CPU-clock perf event at `frequency_hz` that follows
+    /// thread `tid` on any CPU.
+    pub fn attach_sampler(&mut self, tid: u32, frequency_hz: u64) -> Result<(), ProbeError> {
+        let program = SAMPLE_PROGRAM;
+        self.program::<PerfEvent>(program)?
+            .attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::OneProcess { pid: tid, cpu: None },
+                SamplePolicy::Frequency(frequency_hz),
+                false,
+            )
+            .map_err(|source| ProbeError::Attach { program, what: format!("the CPU clock of thread {tid}"), source })?;
+        Ok(())
     }
 
     /// Attaches the iteration timers to the entry and return of every poll system call given.
     pub fn attach_poll_tracepoints(&mut self, tracepoints: &[PollTracepoint]) -> Result<(), ProbeError> {
         for tracepoint in tracepoints {
             let program = if tracepoint.entry { "poll_entry" } else { "poll_return" };
-            self.tracepoint(program)?.attach("syscalls", &tracepoint.name).map_err(|source| {
+            self.program::<TracePoint>(program)?.attach("syscalls", &tracepoint.name).map_err(|source| {
                 ProbeError::AttachTracepoint { program, tracepoint: tracepoint.name.clone(), source }
             })?;
         }
@@ -103,7 +163,7 @@ impl Probes {
     pub fn attach_nested_poll_markers(&mut self, function: &'static str, exe: &Path, pid: u32) -> Result<(), ProbeError> {
         let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
         for name in ["nested_poll_begin", "nested_poll_end"] {
-            self.uprobe(name)?.attach(function, exe, scope).map_err(|source| {
+            self.program::<UProbe>(name)?.attach(function, exe, scope).map_err(|source| {
                 ProbeError::AttachUprobe {
                     function,
                     exe: exe.display().to_string(),

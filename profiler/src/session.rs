@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::COUNTER_STALL_EVENTS_LOST;
+use profiler_common::{COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -17,10 +17,15 @@ use crate::{
     events::{self, Event},
     histogram::IterationHistogram,
     kernel,
-    output::{Attached, ConsoleSink, IntervalReport, JsonSink, Outputs, Sink, StopReason, Summary},
+    output::{
+        Attached, ConsoleSink, IntervalReport, JsonSink, Outputs, Sink, StackFilesSink, StopReason, Summary,
+        flamegraph_title,
+    },
     probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeSettings, Probes},
-    stall::Stall,
+    stall::StallAssembler,
+    symbolize::{BlazeSymbols, Symbolizer},
     target::{Target, TargetSelector},
+    unwind::Unwinder,
 };
 
 /// How often we check that the target still runs.
@@ -40,10 +45,26 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         let sink = JsonSink::create(path).with_context(|| format!("cannot write the JSON output {path}"))?;
         sinks.push(Box::new(sink));
     }
+    if args.folded.is_some() || args.flamegraph.is_some() {
+        let title = flamegraph_title(&target.name, target.pid);
+        let sink = StackFilesSink::create(args.folded.as_deref(), args.flamegraph.as_deref(), title)
+            .context("cannot write the stack files")?;
+        sinks.push(Box::new(sink));
+    }
 
-    let threshold_ns = u64::try_from(args.threshold.as_nanos()).unwrap_or(u64::MAX);
-    let mut probes = Probes::load(ProbeSettings { pid: target.pid, tid: target.main_tid, threshold_ns })?;
+    let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+    let mut probes = Probes::load(ProbeSettings {
+        pid: target.pid,
+        tid: target.main_tid,
+        threshold_ns: nanos(args.threshold),
+        gate_ns: nanos(args.gate.unwrap_or(args.threshold / 2)),
+        min_block_ns: nanos(args.min_block),
+        user_stack_bytes: args.stack_bytes,
+        ring_buffer_bytes: args.ring_buffer_kib * 1024,
+    })?;
     probes.attach_poll_tracepoints(&tracepoints)?;
+    probes.attach_scheduler()?;
+    probes.attach_sampler(target.main_tid, args.freq)?;
     let nested_poll_tracking = match probes.attach_nested_poll_markers(NESTED_POLL_FUNCTION, &target.exe, target.pid) {
         Ok(()) => true,
         Err(error) => {
@@ -58,13 +79,21 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let clock = WallClock::new();
+    let assembler = StallAssembler::new(
+        target.pid,
+        args.threshold,
+        args.freq,
+        clock,
+        Unwinder::new(target.pid),
+        Symbolizer::new(Box::new(BlazeSymbols::new(target.pid))),
+    );
     let mut monitor = Monitor {
         target,
-        threshold: args.threshold,
         maps,
         outputs: Outputs::new(sinks),
         histogram: IterationHistogram::default(),
-        clock: WallClock::new(),
+        assembler,
         stalls: 0,
         interval_stalls: 0,
         decode_errors: 0,
@@ -92,11 +121,10 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
 /// The state of a run while it watches the target.
 struct Monitor {
     target: Target,
-    threshold: Duration,
     maps: KernelMaps,
     outputs: Outputs,
     histogram: IterationHistogram,
-    clock: WallClock,
+    assembler: StallAssembler,
     stalls: u64,
     interval_stalls: u64,
     decode_errors: u64,
@@ -164,11 +192,12 @@ impl Monitor {
         while let Some(record) = events.next() {
             match events::decode(&record) {
                 Ok(Event::Stall(event)) => {
-                    let stall = Stall::from_event(&event, self.target.pid, self.threshold, &self.clock);
+                    let stall = self.assembler.stall(&event);
                     self.stalls += 1;
                     self.interval_stalls += 1;
                     self.outputs.stall(&stall)?;
                 }
+                Ok(Event::Stack(event)) => self.assembler.add_stack(event),
                 Err(error) => {
                     self.decode_errors += 1;
                     log::warn!("dropped a malformed event: {error}");
@@ -185,8 +214,12 @@ impl Monitor {
         Ok(())
     }
 
+    /// Events the kernel could not send, records that did not decode, samples not kept.
     fn lost_events(&self) -> anyhow::Result<u64> {
-        Ok(self.maps.counter(COUNTER_STALL_EVENTS_LOST)? + self.decode_errors)
+        Ok(self.maps.counter(COUNTER_STALL_EVENTS_LOST)?
+            + self.maps.counter(COUNTER_STACK_EVENTS_LOST)?
+            + self.decode_errors
+            + self.assembler.dropped_samples)
     }
 
     fn report_interval(&mut self, interval: Duration) -> anyhow::Result<()> {
@@ -207,6 +240,7 @@ impl Monitor {
         Ok(Summary::new(
             &self.histogram.total(),
             self.stalls,
+            self.assembler.received_samples,
             self.lost_events()?,
             self.started.elapsed().as_secs_f64(),
             stopped,

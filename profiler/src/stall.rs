@@ -1,47 +1,315 @@
-//! Stall assembly: a kernel stall event -> the stall the outputs report.
-use std::time::{Duration, SystemTime};
+//! Stall assembly: the stack events of an iteration (unwound as they arrive, while the
+//! process's mappings are those they were taken in) and the iteration's stall event -> a
+//! [`Stall`] with its on-CPU, off-CPU and run-queue time and its heaviest stacks, symbolized.
+use std::{
+    collections::HashMap,
+    rc::Rc,
+    time::{Duration, SystemTime},
+};
 
-use profiler_common::StallEvent;
-use serde::Serialize;
+use profiler_common::{EVENT_KIND_ON_CPU, StackEvent, StallEvent};
+use serde::{Deserialize, Serialize};
 
-use crate::clock::{WallClock, serialize_rfc3339};
+use crate::{
+    clock::{WallClock, deserialize_rfc3339, serialize_rfc3339},
+    symbolize::Symbolizer,
+    unwind::{RecordedStack, Unwinder},
+};
+
+/// Distinct stacks listed per stall; the lighter rest is summed per kind into one
+/// [`OTHER_STACKS`] entry, so weights still add up.
+pub const MAX_STACKS_PER_STALL: usize = 32;
+/// Frame of the entry that sums the stacks beyond [`MAX_STACKS_PER_STALL`].
+pub const OTHER_STACKS: &str = "[other stacks]";
+/// Stack samples held for iterations still in progress (a 200 s stall at 999 Hz); more are
+/// dropped and counted.
+const MAX_PENDING_SAMPLES: usize = 200_000;
+
+/// Where the event-loop thread was when a stack was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StackKind {
+    /// Running on a CPU (a perf-event sample).
+    OnCpu,
+    /// Blocked off the CPU (sleep, I/O, lock, page fault...).
+    OffCpu,
+    /// Runnable but waiting for a CPU (preempted, or woken and not yet running).
+    Runqueue,
+}
+
+impl StackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OnCpu => "on_cpu",
+            Self::OffCpu => "off_cpu",
+            Self::Runqueue => "runqueue",
+        }
+    }
+}
+
+/// One distinct stack of a stall and the time spent in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightedStack {
+    pub weight_us: u64,
+    pub kind: StackKind,
+    /// Stack samples behind it (on-CPU ticks, off-CPU records).
+    pub samples: u64,
+    /// Leaf first: kernel frames (ending in `_[k]`), then user frames down to `main`.
+    pub frames: Vec<String>,
+}
 
 /// One event-loop iteration at or above the threshold.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stall {
     /// When the iteration began (the poll before it returned).
-    #[serde(rename = "time", serialize_with = "serialize_rfc3339")]
+    #[serde(rename = "time", serialize_with = "serialize_rfc3339", deserialize_with = "deserialize_rfc3339")]
     pub start: SystemTime,
     pub pid: u32,
     pub tid: u32,
     pub duration_us: u64,
     pub threshold_us: u64,
+    /// On-CPU samples times the sampling period (sampling starts at the gate).
+    #[serde(default)]
+    pub on_cpu_us: u64,
+    /// Time blocked off the CPU, in blocks of at least `--min-block`.
+    #[serde(default)]
+    pub off_cpu_us: u64,
+    /// Time runnable, waiting for a CPU.
+    #[serde(default)]
+    pub runqueue_us: u64,
+    /// Stack samples taken in the stall (on-CPU ticks and off-CPU records).
+    #[serde(default)]
+    pub samples: u64,
+    /// The heaviest distinct stacks, heaviest first.
+    #[serde(default)]
+    pub stacks: Vec<WeightedStack>,
 }
 
-impl Stall {
-    pub fn from_event(event: &StallEvent, pid: u32, threshold: Duration, clock: &WallClock) -> Self {
+/// A stack sample waiting for its iteration to end: unwound, not yet named.
+struct PendingSample {
+    iteration_start_ns: u64,
+    kind: StackKind,
+    weight_ns: u64,
+    kernel: Vec<u64>,
+    user: Vec<u64>,
+}
+
+/// Collects the stack samples of iterations in progress and turns a stall event into a
+/// [`Stall`].
+pub struct StallAssembler {
+    pid: u32,
+    threshold: Duration,
+    sample_period_ns: u64,
+    clock: WallClock,
+    unwinder: Unwinder,
+    symbolizer: Symbolizer,
+    pending: Vec<PendingSample>,
+    /// Stack samples dropped because too many were pending.
+    pub dropped_samples: u64,
+    /// Stack samples received in all.
+    pub received_samples: u64,
+}
+
+impl StallAssembler {
+    pub fn new(
+        pid: u32,
+        threshold: Duration,
+        frequency_hz: u64,
+        clock: WallClock,
+        unwinder: Unwinder,
+        symbolizer: Symbolizer,
+    ) -> Self {
         Self {
-            start: clock.at(event.start_ns),
             pid,
+            threshold,
+            sample_period_ns: 1_000_000_000 / frequency_hz.max(1),
+            clock,
+            unwinder,
+            symbolizer,
+            pending: Vec::new(),
+            dropped_samples: 0,
+            received_samples: 0,
+        }
+    }
+
+    /// Unwinds a stack event now and keeps it until its iteration ends.
+    pub fn add_stack(&mut self, event: &StackEvent) {
+        self.received_samples += 1;
+        // Events arrive in order: samples of an earlier iteration belong to one that ended
+        // below the threshold.
+        self.pending.retain(|sample| sample.iteration_start_ns >= event.iteration_start_ns);
+        if self.pending.len() >= MAX_PENDING_SAMPLES {
+            self.dropped_samples += 1;
+            return;
+        }
+        let user_stack = &event.user_stack[..(event.user_stack_len as usize).min(event.user_stack.len())];
+        let recorded = RecordedStack { ip: event.user_ip, sp: event.user_sp, bp: event.user_bp, bytes: user_stack };
+        let user = self.unwinder.unwind(&recorded).lookup_addresses;
+        let kernel = event.kernel_stack[..(event.kernel_frames as usize).min(event.kernel_stack.len())].to_vec();
+        let weights = if event.kind == EVENT_KIND_ON_CPU {
+            [(StackKind::OnCpu, self.sample_period_ns), (StackKind::Runqueue, 0)]
+        } else {
+            [(StackKind::OffCpu, event.off_cpu_ns), (StackKind::Runqueue, event.runqueue_ns)]
+        };
+        for (kind, weight_ns) in weights.into_iter().filter(|&(_, weight_ns)| weight_ns > 0) {
+            self.pending.push(PendingSample {
+                iteration_start_ns: event.iteration_start_ns,
+                kind,
+                weight_ns,
+                kernel: kernel.clone(),
+                user: user.clone(),
+            });
+        }
+    }
+
+    /// The stall of a stall event, with the samples taken during its iteration.
+    pub fn stall(&mut self, event: &StallEvent) -> Stall {
+        let (samples, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending).into_iter().filter(|s| s.iteration_start_ns >= event.start_ns).partition(|s| s.iteration_start_ns == event.start_ns);
+        self.pending = later;
+
+        let mut totals_ns: HashMap<StackKind, u64> = HashMap::new();
+        let mut stacks: HashMap<(StackKind, Vec<Rc<str>>), (u64, u64)> = HashMap::new();
+        for sample in &samples {
+            let mut frames = self.symbolizer.kernel_frames(&sample.kernel);
+            frames.extend(self.symbolizer.user_frames(&sample.user, self.unwinder.memory_map()));
+            *totals_ns.entry(sample.kind).or_default() += sample.weight_ns;
+            let (weight_ns, count) = stacks.entry((sample.kind, frames)).or_default();
+            *weight_ns += sample.weight_ns;
+            *count += 1;
+        }
+        let total_us = |kind| totals_ns.get(&kind).copied().unwrap_or(0) / 1_000;
+        Stall {
+            start: self.clock.at(event.start_ns),
+            pid: self.pid,
             tid: event.tid,
             duration_us: event.end_ns.saturating_sub(event.start_ns) / 1_000,
-            threshold_us: threshold.as_micros() as u64,
+            threshold_us: self.threshold.as_micros() as u64,
+            on_cpu_us: total_us(StackKind::OnCpu),
+            off_cpu_us: total_us(StackKind::OffCpu),
+            runqueue_us: total_us(StackKind::Runqueue),
+            samples: samples.len() as u64,
+            stacks: heaviest_stacks(stacks),
         }
     }
 }
 
+/// The heaviest [`MAX_STACKS_PER_STALL`] stacks, heaviest first, and the rest summed per kind.
+fn heaviest_stacks(stacks: HashMap<(StackKind, Vec<Rc<str>>), (u64, u64)>) -> Vec<WeightedStack> {
+    let mut stacks: Vec<_> = stacks.into_iter().collect();
+    stacks.sort_by(|(a_key, (a_weight, _)), (b_key, (b_weight, _))| b_weight.cmp(a_weight).then_with(|| a_key.cmp(b_key)));
+    let rest = stacks.split_off(stacks.len().min(MAX_STACKS_PER_STALL));
+    let mut listed: Vec<WeightedStack> = stacks
+        .into_iter()
+        .map(|((kind, frames), (weight_ns, samples))| WeightedStack {
+            weight_us: weight_ns / 1_000,
+            kind,
+            samples,
+            frames: frames.iter().map(|frame| frame.to_string()).collect(),
+        })
+        .collect();
+    let mut others: Vec<(StackKind, (u64, u64))> = Vec::new();
+    for ((kind, _), (weight_ns, samples)) in rest {
+        match others.iter_mut().find(|(other, _)| *other == kind) {
+            Some((_, (total_ns, count))) => {
+                *total_ns += weight_ns;
+                *count += samples;
+            }
+            None => others.push((kind, (weight_ns, samples))),
+        }
+    }
+    others.sort();
+    listed.extend(others.into_iter().map(|(kind, (weight_ns, samples))| WeightedStack {
+        weight_us: weight_ns / 1_000,
+        kind,
+        samples,
+        frames: vec![OTHER_STACKS.to_owned()],
+    }));
+    listed
+}
+
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
+    use profiler_common::{EVENT_KIND_OFF_CPU, EVENT_KIND_STALL};
+
     use super::*;
-    use profiler_common::EVENT_KIND_STALL;
+    use crate::symbolize::tests::TableSymbols;
+
+    fn assembler() -> StallAssembler {
+        let names = HashMap::from([(0xffff_0010, "do_nanosleep"), (0xffff_0020, "schedule")]);
+        let symbols = TableSymbols { names, lookups: Rc::new(Cell::new(0)) };
+        // A process that does not exist: no module, user frames stay unknown.
+        StallAssembler::new(
+            u32::MAX - 1,
+            Duration::from_millis(10),
+            1000,
+            WallClock::new(),
+            Unwinder::new(u32::MAX - 1),
+            Symbolizer::new(Box::new(symbols)),
+        )
+    }
+
+    fn stack_event(kind: u32, iteration_start_ns: u64, kernel: &[u64]) -> Box<StackEvent> {
+        // SAFETY: StackEvent is plain data; all zeroes is a valid value.
+        let mut event: Box<StackEvent> = unsafe { Box::new_zeroed().assume_init() };
+        event.kind = kind;
+        event.iteration_start_ns = iteration_start_ns;
+        event.kernel_stack[..kernel.len()].copy_from_slice(kernel);
+        event.kernel_frames = kernel.len() as u32;
+        event.user_ip = 0x4242;
+        event
+    }
+
+    fn stall_event(start_ns: u64, end_ns: u64) -> StallEvent {
+        StallEvent { kind: EVENT_KIND_STALL, tid: 9, start_ns, end_ns }
+    }
 
     #[test]
-    fn duration_is_the_time_between_poll_return_and_next_poll() {
-        let clock = WallClock::new();
-        let event = StallEvent { kind: EVENT_KIND_STALL, tid: 42, start_ns: 1_000_000_000, end_ns: 1_250_400_999 };
-        let stall = Stall::from_event(&event, 42, Duration::from_millis(10), &clock);
-        assert_eq!(stall.duration_us, 250_400);
-        assert_eq!(stall.threshold_us, 10_000);
-        assert_eq!(stall.start, clock.at(1_000_000_000));
+    fn samples_of_the_stalled_iteration_make_its_times_and_stacks() {
+        let mut assembler = assembler();
+        let mut blocked = stack_event(EVENT_KIND_OFF_CPU, 1_000, &[0xffff_0020, 0xffff_0010]);
+        blocked.off_cpu_ns = 290_000_000;
+        blocked.runqueue_ns = 2_000_000;
+        assembler.add_stack(&blocked);
+        for _ in 0..5 {
+            assembler.add_stack(&stack_event(EVENT_KIND_ON_CPU, 1_000, &[]));
+        }
+        let stall = assembler.stall(&stall_event(1_000, 300_001_000));
+        assert_eq!(stall.duration_us, 300_000);
+        assert_eq!((stall.on_cpu_us, stall.off_cpu_us, stall.runqueue_us), (5_000, 290_000, 2_000));
+        assert_eq!(stall.samples, 7);
+        let off_cpu = &stall.stacks[0];
+        assert_eq!((off_cpu.kind, off_cpu.weight_us, off_cpu.samples), (StackKind::OffCpu, 290_000, 1));
+        assert_eq!(off_cpu.frames, ["schedule_[k]", "do_nanosleep_[k]", "[unknown]"]);
+        let on_cpu = stall.stacks.iter().find(|stack| stack.kind == StackKind::OnCpu).unwrap();
+        assert_eq!((on_cpu.weight_us, on_cpu.samples), (5_000, 5));
+    }
+
+    #[test]
+    fn samples_of_iterations_that_ended_below_the_threshold_are_dropped() {
+        let mut assembler = assembler();
+        assembler.add_stack(&stack_event(EVENT_KIND_ON_CPU, 1_000, &[]));
+        assembler.add_stack(&stack_event(EVENT_KIND_ON_CPU, 2_000, &[]));
+        let stall = assembler.stall(&stall_event(2_000, 20_000_000));
+        assert_eq!(stall.samples, 1);
+        let empty = assembler.stall(&stall_event(3_000, 30_000_000));
+        assert_eq!((empty.samples, empty.stacks.len()), (0, 0));
+    }
+
+    #[test]
+    fn stacks_beyond_the_limit_are_summed_per_kind() {
+        let mut stacks = HashMap::new();
+        for index in 0..(MAX_STACKS_PER_STALL as u64 + 5) {
+            let frames: Vec<Rc<str>> = vec![format!("f{index}").into()];
+            stacks.insert((StackKind::OnCpu, frames), ((index + 1) * 1_000, 1));
+        }
+        let listed = heaviest_stacks(stacks);
+        assert_eq!(listed.len(), MAX_STACKS_PER_STALL + 1);
+        assert_eq!(listed[0].frames, ["f36"]);
+        let other = listed.last().unwrap();
+        assert_eq!(other.frames, [OTHER_STACKS]);
+        assert_eq!((other.weight_us, other.samples), (1 + 2 + 3 + 4 + 5, 5));
     }
 }

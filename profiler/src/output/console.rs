@@ -4,6 +4,9 @@ use std::io::{self, Write};
 use super::{Attached, IntervalReport, Sink, StopReason, Summary, human_duration_ns};
 use crate::{clock::rfc3339_micros, stall::Stall};
 
+/// Frames of the heaviest stack shown under a stall, leaf first.
+const TOP_FRAMES: usize = 12;
+
 /// Writes human-readable lines to stderr.
 #[derive(Default)]
 pub struct ConsoleSink;
@@ -22,15 +25,23 @@ impl Sink for ConsoleSink {
     }
 
     fn stall(&mut self, stall: &Stall) -> io::Result<()> {
-        writeln!(
-            io::stderr(),
-            "{} STALL {} (threshold {}) pid {} tid {}",
+        let us = |value: u64| human_duration_ns(value * 1_000);
+        let mut line = format!(
+            "{} STALL {} (threshold {}) pid {} tid {}: on-CPU {}, off-CPU {}, runqueue {}",
             rfc3339_micros(stall.start),
-            human_duration_ns(stall.duration_us * 1_000),
-            human_duration_ns(stall.threshold_us * 1_000),
+            us(stall.duration_us),
+            us(stall.threshold_us),
             stall.pid,
             stall.tid,
-        )
+            us(stall.on_cpu_us),
+            us(stall.off_cpu_us),
+            us(stall.runqueue_us),
+        );
+        if let Some(heaviest) = stall.stacks.first() {
+            let frames: Vec<&str> = heaviest.frames.iter().take(TOP_FRAMES).map(String::as_str).collect();
+            line += &format!("\n    {} {}: {}", heaviest.kind.as_str(), us(heaviest.weight_us), frames.join(" < "));
+        }
+        writeln!(io::stderr(), "{line}")
     }
 
     fn interval(&mut self, report: &IntervalReport) -> io::Result<()> {
@@ -58,10 +69,11 @@ impl Sink for ConsoleSink {
         };
         writeln!(
             io::stderr(),
-            "summary ({stopped}): {} iterations in {:.1}s, {} stalls; p50 {} p99 {} p99.9 {} max {}; lost events {}",
+            "summary ({stopped}): {} iterations in {:.1}s, {} stalls, {} stack samples; p50 {} p99 {} p99.9 {} max {}; lost events {}",
             summary.iterations,
             summary.duration_s,
             summary.stalls,
+            summary.stack_samples,
             human_duration_ns(summary.p50_us * 1_000),
             human_duration_ns(summary.p99_us * 1_000),
             human_duration_ns(summary.p999_us * 1_000),

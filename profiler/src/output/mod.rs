@@ -2,15 +2,17 @@
 //! JSON lines to a file or stdout). Every sink sees every record, in order.
 use std::{io, time::SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{clock::serialize_rfc3339, histogram::IterationStats, stall::Stall};
 
 mod console;
 mod json;
+mod stacks;
 
 pub use console::ConsoleSink;
 pub use json::JsonSink;
+pub use stacks::{FoldedStacks, StackFilesSink, flamegraph_title};
 
 /// Sent once every probe is live.
 #[derive(Debug, Clone, Serialize)]
@@ -38,7 +40,7 @@ pub struct IntervalReport {
 }
 
 /// Why the run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// `--duration` elapsed.
@@ -52,25 +54,37 @@ pub enum StopReason {
 }
 
 /// The whole run, at exit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub iterations: u64,
     pub stalls: u64,
+    /// Stack samples (on-CPU ticks and off-CPU records) that reached userspace.
+    #[serde(default)]
+    pub stack_samples: u64,
     pub p50_us: u64,
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
-    /// Events the kernel could not send plus records userspace could not decode.
+    /// Events the kernel could not send, records userspace could not decode, and stack
+    /// samples it could not keep.
     pub lost_events: u64,
     pub duration_s: f64,
     pub stopped: StopReason,
 }
 
 impl Summary {
-    pub fn new(stats: &IterationStats, stalls: u64, lost_events: u64, duration_s: f64, stopped: StopReason) -> Self {
+    pub fn new(
+        stats: &IterationStats,
+        stalls: u64,
+        stack_samples: u64,
+        lost_events: u64,
+        duration_s: f64,
+        stopped: StopReason,
+    ) -> Self {
         Self {
             iterations: stats.iterations,
             stalls,
+            stack_samples,
             p50_us: stats.p50_ns / 1_000,
             p99_us: stats.p99_ns / 1_000,
             p999_us: stats.p999_ns / 1_000,

@@ -1,0 +1,194 @@
+//! The stalls' stacks as folded lines (Brendan Gregg's format: frames root first, joined by
+//! `;`, then the weight in microseconds) and as a flamegraph SVG (inferno). Each stack is
+//! rooted in a frame naming its kind, `[on-cpu]`, `[off-cpu]` or `[runqueue]`, so off-CPU time
+//! stands apart from on-CPU time, and those roots have their own colours in the SVG.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{self, BufWriter, Write},
+    path::{Path, PathBuf},
+};
+
+use inferno::flamegraph::{self, color::PaletteMap};
+
+use super::{Attached, IntervalReport, Sink, Summary};
+use crate::stall::{Stall, StackKind};
+
+/// The flamegraph's title for a target.
+pub fn flamegraph_title(name: &str, pid: u32) -> String {
+    format!("redis-stallprof: where the stalls of {name} pid {pid} spent their time")
+}
+
+/// Folded stacks summed over stalls.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FoldedStacks {
+    /// Folded stack (root first) -> microseconds.
+    weights: BTreeMap<String, u64>,
+}
+
+/// The root frame of a stack of `kind`.
+pub fn kind_frame(kind: StackKind) -> &'static str {
+    match kind {
+        StackKind::OnCpu => "[on-cpu]",
+        StackKind::OffCpu => "[off-cpu]",
+        StackKind::Runqueue => "[runqueue]",
+    }
+}
+
+impl FoldedStacks {
+    /// Adds every stack of `stall`.
+    pub fn add_stall(&mut self, stall: &Stall) {
+        for stack in &stall.stacks {
+            let mut folded = kind_frame(stack.kind).to_owned();
+            for frame in stack.frames.iter().rev() {
+                folded.push(';');
+                // `;` separates frames and the last space the weight: keep them out of names.
+                folded.extend(frame.chars().map(|c| if c == ';' { ':' } else { c }));
+            }
+            *self.weights.entry(folded).or_default() += stack.weight_us;
+        }
+    }
+
+    /// `root;...;leaf weight_us` lines, sorted.
+    pub fn lines(&self) -> Vec<String> {
+        self.weights.iter().filter(|(_, weight)| **weight > 0).map(|(stack, weight)| format!("{stack} {weight}")).collect()
+    }
+
+    pub fn write_folded(&self, writer: impl Write) -> io::Result<()> {
+        let mut writer = BufWriter::new(writer);
+        for line in self.lines() {
+            writeln!(writer, "{line}")?;
+        }
+        writer.flush()
+    }
+
+    /// An SVG flamegraph; an empty one (a note) when there is no stack.
+    pub fn write_flamegraph(&self, title: &str, writer: impl Write) -> io::Result<()> {
+        let lines = self.lines();
+        let mut palette = PaletteMap::default();
+        for (kind, (r, g, b)) in [
+            (StackKind::OnCpu, (230, 90, 40)),
+            (StackKind::OffCpu, (60, 110, 220)),
+            (StackKind::Runqueue, (150, 80, 200)),
+        ] {
+            palette.insert(kind_frame(kind), flamegraph::color::Color { r, g, b });
+        }
+        let mut options = flamegraph::Options::default();
+        options.title = title.to_owned();
+        options.subtitle = Some("[on-cpu]: running; [off-cpu]: blocked; [runqueue]: waiting for a CPU".to_owned());
+        options.count_name = "us".to_owned();
+        options.palette_map = Some(&mut palette);
+        flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), writer).map_err(io::Error::other)
+    }
+}
+
+/// Writes the folded file and the flamegraph at the end of a run. The files are created when
+/// the sink is, so an unwritable path fails before attaching.
+pub struct StackFilesSink {
+    folded: Option<(PathBuf, File)>,
+    flamegraph: Option<(PathBuf, File)>,
+    title: String,
+    stacks: FoldedStacks,
+}
+
+impl StackFilesSink {
+    pub fn create(folded: Option<&Path>, flamegraph: Option<&Path>, title: String) -> io::Result<Self> {
+        let open = |path: Option<&Path>| -> io::Result<Option<(PathBuf, File)>> {
+            path.map(|path| Ok((path.to_owned(), File::create(path)?))).transpose()
+        };
+        Ok(Self { folded: open(folded)?, flamegraph: open(flamegraph)?, title, stacks: FoldedStacks::default() })
+    }
+}
+
+impl Sink for StackFilesSink {
+    fn attached(&mut self, _attached: &Attached) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn stall(&mut self, stall: &Stall) -> io::Result<()> {
+        self.stacks.add_stall(stall);
+        Ok(())
+    }
+
+    fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn summary(&mut self, _summary: &Summary) -> io::Result<()> {
+        if let Some((_, file)) = &self.folded {
+            self.stacks.write_folded(file)?;
+        }
+        if let Some((_, file)) = &self.flamegraph {
+            self.stacks.write_flamegraph(&self.title, BufWriter::new(file))?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let paths: Vec<String> = [&self.folded, &self.flamegraph]
+            .into_iter()
+            .flatten()
+            .map(|(path, _)| format!("`{}`", path.display()))
+            .collect();
+        format!("the stack files {}", paths.join(" and "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::stall::WeightedStack;
+
+    fn stall(stacks: Vec<WeightedStack>) -> Stall {
+        Stall {
+            start: SystemTime::UNIX_EPOCH,
+            pid: 1,
+            tid: 1,
+            duration_us: 300_000,
+            threshold_us: 10_000,
+            on_cpu_us: 0,
+            off_cpu_us: 0,
+            runqueue_us: 0,
+            samples: 0,
+            stacks,
+        }
+    }
+
+    fn stack(kind: StackKind, weight_us: u64, frames: &[&str]) -> WeightedStack {
+        WeightedStack { weight_us, kind, samples: 1, frames: frames.iter().map(|f| f.to_string()).collect() }
+    }
+
+    #[test]
+    fn stacks_fold_root_first_under_their_kind_and_sum_across_stalls() {
+        let mut folded = FoldedStacks::default();
+        let sleep = stack(StackKind::OffCpu, 290_000, &["do_nanosleep_[k]", "debugCommand", "main"]);
+        let keys = stack(StackKind::OnCpu, 1_000, &["keysCommand", "main"]);
+        folded.add_stall(&stall(vec![sleep.clone(), keys]));
+        folded.add_stall(&stall(vec![sleep, stack(StackKind::OnCpu, 0, &["idle"])]));
+        assert_eq!(folded.lines(), [
+            "[off-cpu];main;debugCommand;do_nanosleep_[k] 580000",
+            "[on-cpu];main;keysCommand 1000",
+        ]);
+    }
+
+    #[test]
+    fn separators_inside_names_do_not_split_frames() {
+        let mut folded = FoldedStacks::default();
+        folded.add_stall(&stall(vec![stack(StackKind::OnCpu, 5, &["a;b", "main"])]));
+        assert_eq!(folded.lines(), ["[on-cpu];main;a:b 5"]);
+    }
+
+    #[test]
+    fn the_flamegraph_is_an_svg_holding_the_frames() {
+        let mut folded = FoldedStacks::default();
+        folded.add_stall(&stall(vec![stack(StackKind::OffCpu, 290_000, &["do_nanosleep_[k]", "main"])]));
+        let mut svg = Vec::new();
+        folded.write_flamegraph("test", &mut svg).unwrap();
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(svg.starts_with("<?xml") && svg.contains("<svg"));
+        // inferno shows kernel frames without their `_[k]` annotation.
+        assert!(svg.contains("<title>do_nanosleep (290,000 us") && svg.contains("<title>[off-cpu]"), "{svg}");
+    }
+}
