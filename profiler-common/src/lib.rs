@@ -44,6 +44,9 @@ pub const COUNTER_SHORT_BLOCKS: u32 = 3;
 /// Counter index: times off the CPU of at least `--min-block` in an iteration younger than
 /// the gate when the thread ran again (not sent: such an iteration is not a stall yet).
 pub const COUNTER_BLOCKS_BEFORE_GATE: u32 = 4;
+/// Counter index: times the thread left the CPU inside an iteration and entered its next poll
+/// without its return to the CPU having been seen; that off-CPU time is not reported.
+pub const COUNTER_UNMATCHED_SWITCH_OUTS: u32 = 5;
 /// Number of counter slots.
 pub const COUNTERS: u32 = 8;
 

@@ -32,7 +32,7 @@ mod programs {
     };
     use profiler_common::{
         COUNTER_BLOCKS_BEFORE_GATE, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
-        COUNTER_STALL_EVENTS_LOST, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_OFF_CPU,
+        COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_OFF_CPU,
         EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, NO_TARGET,
         PAGE_BYTES, StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
     };
@@ -156,6 +156,10 @@ mod programs {
         }
         let now_ns = now_ns();
         let start_ns = core::mem::replace(&mut state.poll_return_ns, 0);
+        // Running here means any time off the CPU in this iteration has ended.
+        if core::mem::replace(&mut state.switch_out_ns, 0) != 0 {
+            count(COUNTER_UNMATCHED_SWITCH_OUTS);
+        }
         if start_ns == 0 {
             count(COUNTER_UNPAIRED_POLL_ENTRIES);
             return 0;
@@ -348,6 +352,10 @@ mod programs {
     fn switched_in(state: &mut LoopState) {
         let now_ns = now_ns();
         let out_ns = core::mem::replace(&mut state.switch_out_ns, 0);
+        if state.poll_return_ns == 0 {
+            count(COUNTER_UNMATCHED_SWITCH_OUTS);
+            return;
+        }
         let (off_cpu_ns, runqueue_ns) = match (state.preempted != 0, state.wakeup_ns) {
             (true, _) => (0, now_ns.saturating_sub(out_ns)),
             // No wake-up seen: count it all as blocked.

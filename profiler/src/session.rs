@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST};
+use profiler_common::{
+    COUNTER_BLOCKS_BEFORE_GATE, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
+    COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES,
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -182,6 +185,14 @@ impl Monitor {
         };
         self.drain(events.get_mut())?;
         self.update_histogram()?;
+        log::info!(
+            "kernel counters: unpaired poll entries {}, short blocks {}, blocks before the gate {}, \
+             unmatched switch-outs {}",
+            self.maps.counter(COUNTER_UNPAIRED_POLL_ENTRIES)?,
+            self.maps.counter(COUNTER_SHORT_BLOCKS)?,
+            self.maps.counter(COUNTER_BLOCKS_BEFORE_GATE)?,
+            self.maps.counter(COUNTER_UNMATCHED_SWITCH_OUTS)?,
+        );
         let summary = self.summary(stopped)?;
         self.outputs.summary(&summary)?;
         Ok(stopped)

@@ -143,6 +143,11 @@ impl Profiler {
         Self::spawn(args, json, Some(temporary), false)
     }
 
+    /// Starts `redis-stallprof attach ARGS --json JSON` and waits for its `attached` record.
+    pub fn attach_writing(args: &[&str], json: &Path) -> Self {
+        Self::spawn(args, json.to_owned(), None, false)
+    }
+
     /// Starts `redis-stallprof attach ARGS --json JSON` with its console lines on our stderr,
     /// and waits for its `attached` record.
     pub fn attach_showing_console(args: &[&str], json: &Path) -> Self {
