@@ -12,6 +12,8 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_ITERATION_HISTOGRAM: &str = "ITERATION_HISTOGRAM";
 /// Name of the `Array<u64>` holding the longest iteration seen since userspace last reset it.
 pub const MAP_ITERATION_MAX: &str = "ITERATION_MAX";
+/// Name of the one-entry `Array<LoopState>` describing the event loop now.
+pub const MAP_LOOP_STATE: &str = "LOOP_STATE";
 /// Name of the `Array<u64>` of counters indexed by `COUNTER_*`.
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
 
@@ -86,6 +88,33 @@ const _: () = assert!(core::mem::size_of::<StallEvent>() == 24);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for StallEvent {}
+
+/// The event-loop thread's state, kept by the kernel programs (only that thread is followed,
+/// so one entry). Userspace reads it to know the loop has been seen and how old the current
+/// iteration is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopState {
+    /// When the last poll returned; 0 while inside a poll (or before the first return).
+    pub poll_return_ns: u64,
+    /// Poll returns seen since attaching.
+    pub poll_returns: u64,
+    /// Depth of `processEventsWhileBlocked` calls in progress: polls made there (during a long
+    /// script or a load) are not iteration boundaries.
+    pub nested_depth: u64,
+    /// The thread's `task_struct` address, to recognise it as `next` in sched_switch.
+    pub task: u64,
+    /// When it left the CPU during an iteration; 0 when it is not off the CPU.
+    pub switch_out_ns: u64,
+    /// When it was woken after that; 0 until then.
+    pub wakeup_ns: u64,
+    /// 1 when it left the CPU preempted rather than blocked.
+    pub preempted: u64,
+}
+const _: () = assert!(core::mem::size_of::<LoopState>() == 56);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LoopState {}
 
 /// A stack sample of the event-loop thread: on the CPU (a perf-event tick) or off it (sent when
 /// it runs again, with how long it was blocked and how long it then waited for a CPU).

@@ -33,7 +33,7 @@ mod programs {
     use profiler_common::{
         COUNTER_BLOCKS_BEFORE_GATE, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
         COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_OFF_CPU,
-        EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, NO_TARGET,
+        EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, LoopState, NO_TARGET,
         PAGE_BYTES, StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
     };
 
@@ -75,22 +75,6 @@ mod programs {
     #[map]
     static OFF_CPU_STACKS: Array<StackEvent> = Array::with_max_entries(1, 0);
 
-    #[repr(C)]
-    struct LoopState {
-        /// When the last poll returned; 0 while inside a poll (or before the first one).
-        poll_return_ns: u64,
-        /// Depth of `processEventsWhileBlocked` calls in progress: polls made there (during a
-        /// long script or a load) are not iteration boundaries.
-        nested_depth: u64,
-        /// The thread's `task_struct` address, to recognise it as `next` in sched_switch.
-        task: u64,
-        /// When it left the CPU during an iteration; 0 when it is not off the CPU.
-        switch_out_ns: u64,
-        /// When it was woken after that; 0 until then.
-        wakeup_ns: u64,
-        /// 1 when it left the CPU preempted rather than blocked.
-        preempted: u64,
-    }
 
     /// Reads a read-only global.
     macro_rules! global {
@@ -140,6 +124,7 @@ mod programs {
             && state.nested_depth == 0
         {
             state.poll_return_ns = now_ns();
+            state.poll_returns += 1;
         }
         0
     }

@@ -14,8 +14,8 @@ use aya::{
 };
 use profiler_common::{
     GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS,
-    GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, MAP_COUNTERS, MAP_EVENTS, MAP_ITERATION_HISTOGRAM,
-    MAP_ITERATION_MAX,
+    GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, LoopState, MAP_COUNTERS, MAP_EVENTS, MAP_ITERATION_HISTOGRAM,
+    MAP_ITERATION_MAX, MAP_LOOP_STATE,
 };
 
 use crate::kernel::PollTracepoint;
@@ -185,6 +185,7 @@ impl Probes {
             histogram: self.take_array(MAP_ITERATION_HISTOGRAM)?,
             iteration_max: self.take_array(MAP_ITERATION_MAX)?,
             counters: self.take_array(MAP_COUNTERS)?,
+            loop_state: self.take_array(MAP_LOOP_STATE)?,
         })
     }
 
@@ -192,7 +193,7 @@ impl Probes {
         self.ebpf.take_map(name).ok_or(ProbeError::MissingMap { name })
     }
 
-    fn take_array(&mut self, name: &'static str) -> Result<Array<MapData, u64>, ProbeError> {
+    fn take_array<T: aya::Pod>(&mut self, name: &'static str) -> Result<Array<MapData, T>, ProbeError> {
         Array::try_from(self.take_map(name)?).map_err(|source| ProbeError::Map { name, source })
     }
 }
@@ -212,6 +213,7 @@ pub struct KernelMaps {
     histogram: Array<MapData, u64>,
     iteration_max: Array<MapData, u64>,
     counters: Array<MapData, u64>,
+    loop_state: Array<MapData, LoopState>,
 }
 
 impl KernelMaps {
@@ -230,6 +232,11 @@ impl KernelMaps {
         let max_ns = self.iteration_max.get(&0, 0).map_err(map_error)?;
         self.iteration_max.set(0, 0, 0).map_err(map_error)?;
         Ok(max_ns)
+    }
+
+    /// The event loop's state as the kernel last saw it.
+    pub fn loop_state(&self) -> Result<LoopState, ProbeError> {
+        self.loop_state.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_LOOP_STATE, source })
     }
 
     /// A kernel-side counter (`profiler_common::COUNTER_*`).

@@ -33,6 +33,10 @@ use crate::{
 
 /// How often we check that the target still runs.
 const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
+/// How long to wait after attaching for the loop's first poll return. A poll in flight when
+/// the probes attach is not seen returning, so the iteration after it cannot be timed; an idle
+/// Redis returns at least `hz` (10) times a second.
+const FIRST_POLL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs `attach` until `--duration`, a signal or the target's exit.
 pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
@@ -77,6 +81,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     };
     let events = probes.take_events()?;
     let maps = probes.take_maps()?;
+    wait_for_first_poll_return(&maps)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -119,6 +124,23 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     // `probes` stays alive (attached) until the last events are drained.
     drop(probes);
     result
+}
+
+/// Waits until the kernel has seen the event loop return from a poll, so that the iterations
+/// from `attached` on are timed; a loop stalled right now gets a warning instead.
+fn wait_for_first_poll_return(maps: &KernelMaps) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + FIRST_POLL_TIMEOUT;
+    while maps.loop_state()?.poll_returns == 0 {
+        if std::time::Instant::now() >= deadline {
+            log::warn!(
+                "the event loop has not returned from a poll within {FIRST_POLL_TIMEOUT:?} of attaching (it may be \
+                 stalled now); the iteration in progress is not timed"
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 /// The state of a run while it watches the target.

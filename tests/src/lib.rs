@@ -155,6 +155,8 @@ impl Profiler {
     }
 
     fn spawn(args: &[&str], json: PathBuf, temporary: Option<tempfile::NamedTempFile>, show_console: bool) -> Self {
+        // A file left by an earlier run would show its `attached` record before this run's.
+        let _ = fs::remove_file(&json);
         let mut child = Command::new(profiler_bin())
             .arg("attach")
             .args(args)

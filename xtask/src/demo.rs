@@ -25,9 +25,14 @@ const SCENARIOS: &[Scenario] = &[
 pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let json = out_dir.join("stalls.jsonl");
+    let folded = out_dir.join("stalls.folded");
+    let flamegraph = out_dir.join("stalls.svg");
     let redis = RedisServer::start(&["--latency-monitor-threshold", "1"]);
     eprintln!("demo: redis-server pid {} on port {}; attaching", redis.pid(), redis.port);
-    let profiler = Profiler::attach_showing_console(&["--pid", &redis.pid().to_string(), "--interval", "2s"], &json);
+    let pid = redis.pid().to_string();
+    let (folded_arg, flamegraph_arg) = (folded.to_string_lossy(), flamegraph.to_string_lossy());
+    let args = ["--pid", &pid, "--interval", "2s", "--folded", &folded_arg, "--flamegraph", &flamegraph_arg];
+    let profiler = Profiler::attach_showing_console(&args, &json);
 
     for scenario in SCENARIOS {
         eprintln!("demo: now {}", scenario.what);
@@ -42,8 +47,18 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     let run = profiler.stop();
     anyhow::ensure!(run.status.success(), "the profiler failed: {}", run.status);
 
-    eprintln!("demo: {} JSON records in {}:", run.records.len(), json.display());
-    eprintln!("{}", fs::read_to_string(&json)?.trim_end());
+    eprintln!("demo: {} JSON records in {}; the stall records hold their stacks", run.records.len(), json.display());
+    let folded_text = fs::read_to_string(&folded)?;
+    let mut heaviest: Vec<(u64, &str)> = folded_text
+        .lines()
+        .filter_map(|line| Some((line.rsplit_once(' ')?.1.parse().ok()?, line)))
+        .collect();
+    heaviest.sort_by(|a, b| b.cmp(a));
+    eprintln!("demo: the 5 heaviest of {} folded stacks (root first, microseconds) in {}:", heaviest.len(), folded.display());
+    for (_, line) in heaviest.iter().take(5) {
+        eprintln!("{line}");
+    }
+    eprintln!("demo: flamegraph in {} (off-CPU stacks aqua, on-CPU red)", flamegraph.display());
     eprintln!("demo: outputs are in {}", out_dir.display());
     Ok(())
 }

@@ -62,9 +62,11 @@ impl FoldedStacks {
         writer.flush()
     }
 
-    /// An SVG flamegraph; an empty one (a note) when there is no stack.
+    /// An SVG flamegraph; an empty one (a note) when there is no stack. Colours (inferno's
+    /// Java palette): on-CPU frames red, on-CPU kernel frames orange, and every frame of an
+    /// off-CPU or run-queue stack aqua (annotated `_[i]` for inferno, which does not show it).
     pub fn write_flamegraph(&self, title: &str, writer: impl Write) -> io::Result<()> {
-        let lines = self.lines();
+        let lines: Vec<String> = self.lines().iter().map(|line| mark_off_cpu_frames(line)).collect();
         let mut palette = PaletteMap::default();
         for (kind, (r, g, b)) in [
             (StackKind::OnCpu, (230, 90, 40)),
@@ -77,9 +79,23 @@ impl FoldedStacks {
         options.title = title.to_owned();
         options.subtitle = Some("[on-cpu]: running; [off-cpu]: blocked; [runqueue]: waiting for a CPU".to_owned());
         options.count_name = "us".to_owned();
+        options.colors = flamegraph::color::Palette::Multi(flamegraph::color::MultiPalette::Java);
         options.palette_map = Some(&mut palette);
         flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), writer).map_err(io::Error::other)
     }
+}
+
+/// A folded line for the SVG: the frames of an off-CPU or run-queue stack annotated `_[i]`.
+fn mark_off_cpu_frames(line: &str) -> String {
+    let off_cpu_roots = [kind_frame(StackKind::OffCpu), kind_frame(StackKind::Runqueue)];
+    let Some((root, rest)) = line.split_once(';').filter(|(root, _)| off_cpu_roots.contains(root)) else {
+        return line.to_owned();
+    };
+    let Some((frames, weight)) = rest.rsplit_once(' ') else {
+        return line.to_owned();
+    };
+    let frames: Vec<String> = frames.split(';').map(|frame| format!("{}_[i]", frame.trim_end_matches("_[k]"))).collect();
+    format!("{root};{} {weight}", frames.join(";"))
 }
 
 /// Writes the folded file and the flamegraph at the end of a run. The files are created when
@@ -171,6 +187,13 @@ mod tests {
             "[off-cpu];main;debugCommand;do_nanosleep_[k] 580000",
             "[on-cpu];main;keysCommand 1000",
         ]);
+    }
+
+    #[test]
+    fn off_cpu_frames_are_marked_for_the_svg_only() {
+        assert_eq!(mark_off_cpu_frames("[off-cpu];main;do_nanosleep_[k] 5"), "[off-cpu];main_[i];do_nanosleep_[i] 5");
+        assert_eq!(mark_off_cpu_frames("[runqueue];main 7"), "[runqueue];main_[i] 7");
+        assert_eq!(mark_off_cpu_frames("[on-cpu];main;read_[k] 5"), "[on-cpu];main;read_[k] 5");
     }
 
     #[test]
