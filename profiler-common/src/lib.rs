@@ -49,6 +49,10 @@ pub const COUNTER_BLOCKS_BEFORE_GATE: u32 = 4;
 /// Counter index: times the thread left the CPU inside an iteration and entered its next poll
 /// without its return to the CPU having been seen; that off-CPU time is not reported.
 pub const COUNTER_UNMATCHED_SWITCH_OUTS: u32 = 5;
+/// Counter index: madvise events dropped because the ring buffer was full.
+pub const COUNTER_MADVISE_EVENTS_LOST: u32 = 6;
+/// Counter index: madvise calls not timed because the table of calls in flight was full.
+pub const COUNTER_MADVISE_UNTRACKED: u32 = 7;
 /// Number of counter slots.
 pub const COUNTERS: u32 = 8;
 
@@ -58,6 +62,9 @@ pub const EVENT_KIND_STALL: u32 = 1;
 pub const EVENT_KIND_ON_CPU: u32 = 2;
 /// Event kind: a time off the CPU of the event-loop thread, with its stacks ([`StackEvent`]).
 pub const EVENT_KIND_OFF_CPU: u32 = 3;
+
+/// Event kind: a `madvise` call by any thread of the target ([`MadviseEvent`]).
+pub const EVENT_KIND_MADVISE: u32 = 4;
 
 /// Kernel frames kept per stack (`bpf_get_stack`).
 pub const KERNEL_STACK_DEPTH: usize = 64;
@@ -115,6 +122,30 @@ const _: () = assert!(core::mem::size_of::<LoopState>() == 56);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for LoopState {}
+
+/// One `madvise` call of a thread of the target, sent when it returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MadviseEvent {
+    /// Always [`EVENT_KIND_MADVISE`].
+    pub kind: u32,
+    pub tid: u32,
+    /// When the call was entered.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    /// Length of the range advised, in bytes.
+    pub len: u64,
+    /// For the event-loop thread: `start_ns` of the iteration it ran in (0 otherwise).
+    pub iteration_start_ns: u64,
+    /// The advice (`MADV_*`).
+    pub advice: i32,
+    /// The return value (0, or a negative errno).
+    pub result: i32,
+}
+const _: () = assert!(core::mem::size_of::<MadviseEvent>() == 48);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for MadviseEvent {}
 
 /// A stack sample of the event-loop thread: on the CPU (a perf-event tick) or off it (sent when
 /// it runs again, with how long it was blocked and how long it then waited for a CPU).

@@ -24,17 +24,17 @@ mod programs {
             },
         },
         macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
-        maps::{Array, RingBuf},
+        maps::{Array, HashMap, RingBuf},
         programs::{
             BtfTracePointContext, PerfEventContext, ProbeContext, RetProbeContext,
             TracePointContext,
         },
     };
     use profiler_common::{
-        COUNTER_BLOCKS_BEFORE_GATE, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
+        COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
         COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_OFF_CPU,
-        EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, LoopState, NO_TARGET,
-        PAGE_BYTES, StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
+        EVENT_KIND_MADVISE, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, LoopState, MadviseEvent,
+        NO_TARGET, PAGE_BYTES, StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
     };
 
     /// GPL-compatible: the stack and memory-read helpers are GPL-only.
@@ -74,6 +74,13 @@ mod programs {
     /// The stacks the thread left the CPU with, kept until it runs again.
     #[map]
     static OFF_CPU_STACKS: Array<StackEvent> = Array::with_max_entries(1, 0);
+
+    /// Threads of one Redis process that can be inside madvise at once: far more than Redis
+    /// runs (main, 3 bio, io threads, jemalloc's background threads).
+    const MAX_THREADS: u32 = 1024;
+    /// madvise calls in flight, by thread id: (entry time, length, advice).
+    #[map]
+    static MADVISE_IN_FLIGHT: HashMap<u32, [u64; 3]> = HashMap::with_max_entries(MAX_THREADS, 0);
 
 
     /// Reads a read-only global.
@@ -394,6 +401,56 @@ mod programs {
             && task == state.task
         {
             state.wakeup_ns = now_ns();
+        }
+        0
+    }
+
+    /// Thread id of the current thread when it belongs to the target process.
+    #[inline(always)]
+    fn target_thread() -> Option<u32> {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        ((pid_tgid >> 32) as u32 == global!(TARGET_PID)).then_some(pid_tgid as u32)
+    }
+
+    /// `sys_enter_madvise(start, len_in, behavior)`: remember when and what.
+    #[tracepoint]
+    pub fn madvise_entry(ctx: TracePointContext) -> u32 {
+        let Some(tid) = target_thread() else { return 0 };
+        // SAFETY: offsets of `len_in` and `behavior` in the syscall tracepoint's record.
+        let (len, advice) = unsafe { (ctx.read_at::<u64>(24).unwrap_or(0), ctx.read_at::<u64>(32).unwrap_or(0)) };
+        if MADVISE_IN_FLIGHT.insert(&tid, &[now_ns(), len, advice], 0).is_err() {
+            count(COUNTER_MADVISE_UNTRACKED);
+        }
+        0
+    }
+
+    /// `sys_exit_madvise(ret)`: send the call with its duration.
+    #[tracepoint]
+    pub fn madvise_return(ctx: TracePointContext) -> u32 {
+        let Some(tid) = target_thread() else { return 0 };
+        // SAFETY: a plain-data value copied out of the map before the entry is removed.
+        let Some([start_ns, len, advice]) = (unsafe { MADVISE_IN_FLIGHT.get(&tid) }).copied() else {
+            return 0;
+        };
+        let _ = MADVISE_IN_FLIGHT.remove(&tid);
+        // SAFETY: offset of `ret` in the syscall tracepoint's record.
+        let result = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+        let iteration_start_ns = match loop_state() {
+            Some(state) if tid == global!(TARGET_TID) => state.poll_return_ns,
+            _ => 0,
+        };
+        let event = MadviseEvent {
+            kind: EVENT_KIND_MADVISE,
+            tid,
+            start_ns,
+            duration_ns: now_ns().saturating_sub(start_ns),
+            len,
+            iteration_start_ns,
+            advice: advice as i32,
+            result: result as i32,
+        };
+        if EVENTS.output::<MadviseEvent>(&event, 0).is_err() {
+            count(COUNTER_MADVISE_EVENTS_LOST);
         }
         0
     }

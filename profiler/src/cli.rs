@@ -80,6 +80,9 @@ pub struct AttachArgs {
     /// Bytes of user stack copied per sample (the unwinder walks only what was copied).
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(512..=16384))]
     pub stack_bytes: u32,
+    /// Attribution rules (TOML) to use instead of the built-in ones.
+    #[arg(long, value_name = "PATH")]
+    pub rules: Option<PathBuf>,
     /// Size of the kernel-to-userspace ring buffer in KiB (a power of two).
     #[arg(long, default_value_t = 16384, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,

@@ -74,6 +74,16 @@ fn check_tracepoints(tracefs: &Path, check: &mut impl FnMut(&str, Verdict)) -> O
             check(&format!("tracepoint {name}"), verdict);
         }
     }
+    for name in kernel::MADVISE_TRACEPOINTS {
+        let present = kernel::check_syscall_tracepoints(tracefs, &[name]).is_ok();
+        let verdict = if present {
+            Verdict::Ok("present (times madvise calls)".into())
+        } else {
+            Verdict::Fail("absent: madvise calls cannot be traced".into())
+        };
+        all_present &= present;
+        check(&format!("tracepoint syscalls:{name}"), verdict);
+    }
     all_present.then(|| kernel::poll_tracepoints(tracefs).ok()).flatten()
 }
 
@@ -93,6 +103,10 @@ fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, V
     };
     check("eBPF programs", match probes.attach_poll_tracepoints(tracepoints) {
         Ok(()) => Verdict::Ok("loaded, and attached to every poll tracepoint (aimed at no process)".into()),
+        Err(error) => Verdict::Fail(error.to_string()),
+    });
+    check("madvise probes", match probes.attach_madvise() {
+        Ok(()) => Verdict::Ok("syscalls:sys_enter_madvise and sys_exit_madvise attach".into()),
         Err(error) => Verdict::Fail(error.to_string()),
     });
     check("off-CPU probes", match probes.attach_scheduler() {

@@ -1,6 +1,8 @@
 //! Ring-buffer bytes -> typed events. Malformed records become a [`DecodeError`] (counted as
 //! lost by the caller), never a panic.
-use profiler_common::{EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, StackEvent, StallEvent};
+use profiler_common::{
+    EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, MadviseEvent, StackEvent, StallEvent,
+};
 
 /// An event sent by the kernel programs.
 #[derive(Clone, Copy)]
@@ -8,6 +10,7 @@ pub enum Event<'a> {
     Stall(StallEvent),
     /// On- or off-CPU stack sample, borrowed from the ring buffer.
     Stack(&'a StackEvent),
+    Madvise(MadviseEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,6 +31,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     match kind {
         EVENT_KIND_STALL => Ok(Event::Stall(read::<StallEvent>(bytes)?)),
         EVENT_KIND_ON_CPU | EVENT_KIND_OFF_CPU => Ok(Event::Stack(stack_event(bytes)?)),
+        EVENT_KIND_MADVISE => Ok(Event::Madvise(read::<MadviseEvent>(bytes)?)),
         kind => Err(DecodeError::UnknownKind { kind }),
     }
 }

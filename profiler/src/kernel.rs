@@ -100,6 +100,20 @@ pub struct PollTracepoint {
     pub entry: bool,
 }
 
+/// The `syscalls` tracepoints timing madvise calls.
+pub const MADVISE_TRACEPOINTS: [&str; 2] = ["sys_enter_madvise", "sys_exit_madvise"];
+
+/// Fails unless the kernel has every tracepoint in `names` (category `syscalls`).
+pub fn check_syscall_tracepoints(tracefs: &Path, names: &[&str]) -> Result<(), KernelError> {
+    for name in names {
+        let path = tracefs.join("events/syscalls").join(name).join("id");
+        if !path.exists() {
+            return Err(KernelError::MissingTracepoint { category: "syscalls", name: (*name).to_owned(), path });
+        }
+    }
+    Ok(())
+}
+
 /// The poll tracepoints this kernel has; fails naming the first required one it lacks.
 pub fn poll_tracepoints(tracefs: &Path) -> Result<Vec<PollTracepoint>, KernelError> {
     let mut found = Vec::new();
@@ -119,11 +133,15 @@ pub fn poll_tracepoints(tracefs: &Path) -> Result<Vec<PollTracepoint>, KernelErr
     Ok(found)
 }
 
-/// Runs every check `attach` needs, in the order a user would fix them.
+/// Runs every check `attach` needs, in the order a user would fix them; returns the poll
+/// tracepoints to attach to.
 pub fn preflight() -> Result<Vec<PollTracepoint>, KernelError> {
     check_privileges(effective_capabilities()?)?;
     check_btf(Path::new(VMLINUX_BTF))?;
-    poll_tracepoints(&find_tracefs(&TRACEFS_MOUNTS)?)
+    let tracefs = find_tracefs(&TRACEFS_MOUNTS)?;
+    let poll = poll_tracepoints(&tracefs)?;
+    check_syscall_tracepoints(&tracefs, &MADVISE_TRACEPOINTS)?;
+    Ok(poll)
 }
 
 #[cfg(test)]

@@ -6,12 +6,14 @@
 //! sinks, with stack events turned into stacks by [`unwind`] (over [`memory_map`]) and
 //! [`symbolize`]; [`session`] drives an `attach` run, [`doctor`] checks a machine and
 //! [`report`] renders a recorded run again.
+pub mod attribute;
 pub mod cli;
 pub mod clock;
 pub mod doctor;
 pub mod events;
 pub mod histogram;
 pub mod kernel;
+pub mod madvise;
 pub mod memory_map;
 pub mod output;
 pub mod probes;

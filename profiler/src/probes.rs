@@ -66,7 +66,9 @@ pub struct ProbeSettings {
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
-const TRACEPOINT_PROGRAMS: [&str; 2] = ["poll_entry", "poll_return"];
+const TRACEPOINT_PROGRAMS: [&str; 4] = ["poll_entry", "poll_return", "madvise_entry", "madvise_return"];
+/// `(program, syscalls tracepoint)` of the madvise timers.
+const MADVISE_PROGRAMS: [(&str, &str); 2] = [("madvise_entry", "sys_enter_madvise"), ("madvise_return", "sys_exit_madvise")];
 const UPROBE_PROGRAMS: [&str; 2] = ["nested_poll_begin", "nested_poll_end"];
 /// `(program, kernel tracepoint)` of the scheduler programs.
 const SCHEDULER_PROGRAMS: [(&str, &str); 2] = [("sched_switch", "sched_switch"), ("sched_wakeup", "sched_wakeup")];
@@ -120,6 +122,16 @@ impl Probes {
             .program_mut(name)
             .and_then(|program| program.try_into().ok())
             .ok_or(ProbeError::MissingProgram { name })
+    }
+
+    /// Attaches the madvise timers to `syscalls:sys_{enter,exit}_madvise`.
+    pub fn attach_madvise(&mut self) -> Result<(), ProbeError> {
+        for (program, tracepoint) in MADVISE_PROGRAMS {
+            self.program::<TracePoint>(program)?.attach("syscalls", tracepoint).map_err(|source| {
+                ProbeError::AttachTracepoint { program, tracepoint: tracepoint.to_owned(), source }
+            })?;
+        }
+        Ok(())
     }
 
     /// Attaches the off-CPU programs to the scheduler's `sched_switch` and `sched_wakeup`.

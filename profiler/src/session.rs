@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{
-    COUNTER_BLOCKS_BEFORE_GATE, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
+    COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
     COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES,
 };
 use tokio::{
@@ -15,14 +15,16 @@ use tokio::{
 };
 
 use crate::{
+    attribute::Rules,
     cli::AttachArgs,
     clock::WallClock,
     events::{self, Event},
     histogram::IterationHistogram,
     kernel,
+    madvise::MadviseStats,
     output::{
-        Attached, ConsoleSink, IntervalReport, JsonSink, Outputs, Sink, StackFilesSink, StopReason, Summary,
-        flamegraph_title,
+        Attached, ConsoleSink, IntervalReport, JsonSink, Outputs, RunCounts, Sink, StackFilesSink, StopReason,
+        Summary, flamegraph_title,
     },
     probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeSettings, Probes},
     stall::StallAssembler,
@@ -41,6 +43,10 @@ const FIRST_POLL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Runs `attach` until `--duration`, a signal or the target's exit.
 pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     let tracepoints = kernel::preflight()?;
+    let rules = match &args.rules {
+        Some(path) => Rules::load(path)?,
+        None => Rules::builtin(),
+    };
     let selector = match (args.pid, args.port) {
         (Some(pid), _) => TargetSelector::Pid(pid),
         (None, Some(port)) => TargetSelector::Port(port),
@@ -70,6 +76,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
     })?;
     probes.attach_poll_tracepoints(&tracepoints)?;
+    probes.attach_madvise()?;
     probes.attach_scheduler()?;
     probes.attach_sampler(target.main_tid, args.freq)?;
     let nested_poll_tracking = match probes.attach_nested_poll_markers(NESTED_POLL_FUNCTION, &target.exe, target.pid) {
@@ -95,13 +102,16 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         clock,
         Unwinder::new(target.pid),
         Symbolizer::new(Box::new(BlazeSymbols::new(target.pid))),
+        rules,
     );
+    let madvise = MadviseStats::new(target.pid);
     let mut monitor = Monitor {
         target,
         maps,
         outputs: Outputs::new(sinks),
         histogram: IterationHistogram::default(),
         assembler,
+        madvise,
         stalls: 0,
         interval_stalls: 0,
         decode_errors: 0,
@@ -150,6 +160,7 @@ struct Monitor {
     outputs: Outputs,
     histogram: IterationHistogram,
     assembler: StallAssembler,
+    madvise: MadviseStats,
     stalls: u64,
     interval_stalls: u64,
     decode_errors: u64,
@@ -209,11 +220,12 @@ impl Monitor {
         self.update_histogram()?;
         log::info!(
             "kernel counters: unpaired poll entries {}, short blocks {}, blocks before the gate {}, \
-             unmatched switch-outs {}",
+             unmatched switch-outs {}, untracked madvise calls {}",
             self.maps.counter(COUNTER_UNPAIRED_POLL_ENTRIES)?,
             self.maps.counter(COUNTER_SHORT_BLOCKS)?,
             self.maps.counter(COUNTER_BLOCKS_BEFORE_GATE)?,
             self.maps.counter(COUNTER_UNMATCHED_SWITCH_OUTS)?,
+            self.maps.counter(COUNTER_MADVISE_UNTRACKED)?,
         );
         let summary = self.summary(stopped)?;
         self.outputs.summary(&summary)?;
@@ -231,6 +243,10 @@ impl Monitor {
                     self.outputs.stall(&stall)?;
                 }
                 Ok(Event::Stack(event)) => self.assembler.add_stack(event),
+                Ok(Event::Madvise(event)) => {
+                    self.madvise.add(&event);
+                    self.assembler.add_madvise(&event);
+                }
                 Err(error) => {
                     self.decode_errors += 1;
                     log::warn!("dropped a malformed event: {error}");
@@ -251,6 +267,7 @@ impl Monitor {
     fn lost_events(&self) -> anyhow::Result<u64> {
         Ok(self.maps.counter(COUNTER_STALL_EVENTS_LOST)?
             + self.maps.counter(COUNTER_STACK_EVENTS_LOST)?
+            + self.maps.counter(COUNTER_MADVISE_EVENTS_LOST)?
             + self.decode_errors
             + self.assembler.dropped_samples)
     }
@@ -270,14 +287,13 @@ impl Monitor {
     }
 
     fn summary(&self, stopped: StopReason) -> anyhow::Result<Summary> {
-        Ok(Summary::new(
-            &self.histogram.total(),
-            self.stalls,
-            self.assembler.received_samples,
-            self.lost_events()?,
-            self.started.elapsed().as_secs_f64(),
-            stopped,
-        ))
+        let counts = RunCounts {
+            stalls: self.stalls,
+            stack_samples: self.assembler.received_samples,
+            lost_events: self.lost_events()?,
+            duration_s: self.started.elapsed().as_secs_f64(),
+        };
+        Ok(Summary::new(&self.histogram.total(), counts, self.madvise.summary(), stopped))
     }
 
     /// Best effort after a failure: the summary on `sink` alone.

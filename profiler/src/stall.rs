@@ -7,10 +7,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use profiler_common::{EVENT_KIND_ON_CPU, StackEvent, StallEvent};
+use profiler_common::{EVENT_KIND_ON_CPU, MadviseEvent, StackEvent, StallEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    attribute::{Attribution, Rules, UNKNOWN},
     clock::{WallClock, deserialize_rfc3339, serialize_rfc3339},
     symbolize::Symbolizer,
     unwind::{RecordedStack, Unwinder},
@@ -52,10 +53,30 @@ impl StackKind {
 pub struct WeightedStack {
     pub weight_us: u64,
     pub kind: StackKind,
+    /// What Redis was doing (see [`crate::attribute`]).
+    #[serde(default = "unknown")]
+    pub origin: String,
+    /// Where the time went.
+    #[serde(default = "unknown")]
+    pub mechanism: String,
     /// Stack samples behind it (on-CPU ticks, off-CPU records).
     pub samples: u64,
     /// Leaf first: kernel frames (ending in `_[k]`), then user frames down to `main`.
     pub frames: Vec<String>,
+}
+
+fn unknown() -> String {
+    UNKNOWN.to_owned()
+}
+
+/// The time of one (origin, mechanism) pair in a stall.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BreakdownEntry {
+    pub origin: String,
+    pub mechanism: String,
+    pub us: u64,
+    /// Fraction of the stall's sampled time.
+    pub share: f64,
 }
 
 /// One event-loop iteration at or above the threshold.
@@ -68,6 +89,15 @@ pub struct Stall {
     pub tid: u32,
     pub duration_us: u64,
     pub threshold_us: u64,
+    /// What Redis was doing: the origin carrying the most time.
+    #[serde(default = "unknown")]
+    pub origin: String,
+    /// Where the time went: the mechanism carrying the most time.
+    #[serde(default = "unknown")]
+    pub mechanism: String,
+    /// Every (origin, mechanism) pair with its time, heaviest first.
+    #[serde(default)]
+    pub breakdown: Vec<BreakdownEntry>,
     /// On-CPU samples times the sampling period (sampling starts at the gate).
     #[serde(default)]
     pub on_cpu_us: u64,
@@ -83,6 +113,17 @@ pub struct Stall {
     /// The heaviest distinct stacks, heaviest first.
     #[serde(default)]
     pub stacks: Vec<WeightedStack>,
+    /// The event-loop thread's madvise calls inside the stall.
+    #[serde(default)]
+    pub madvise: MadviseTotals,
+}
+
+/// madvise calls summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadviseTotals {
+    pub calls: u64,
+    pub bytes: u64,
+    pub us: u64,
 }
 
 /// A stack sample waiting for its iteration to end: unwound, not yet named.
@@ -103,7 +144,10 @@ pub struct StallAssembler {
     clock: WallClock,
     unwinder: Unwinder,
     symbolizer: Symbolizer,
+    rules: Rules,
     pending: Vec<PendingSample>,
+    /// The event-loop thread's madvise calls in iterations in progress: (iteration, bytes, ns).
+    pending_madvise: Vec<(u64, u64, u64)>,
     /// Stack samples dropped because too many were pending.
     pub dropped_samples: u64,
     /// Stack samples received in all.
@@ -118,6 +162,7 @@ impl StallAssembler {
         clock: WallClock,
         unwinder: Unwinder,
         symbolizer: Symbolizer,
+        rules: Rules,
     ) -> Self {
         Self {
             pid,
@@ -126,7 +171,9 @@ impl StallAssembler {
             clock,
             unwinder,
             symbolizer,
+            rules,
             pending: Vec::new(),
+            pending_madvise: Vec::new(),
             dropped_samples: 0,
             received_samples: 0,
         }
@@ -162,8 +209,31 @@ impl StallAssembler {
         }
     }
 
+    /// Keeps an event-loop madvise call until its iteration ends.
+    pub fn add_madvise(&mut self, event: &MadviseEvent) {
+        if event.iteration_start_ns == 0 {
+            return; // another thread, or the event loop inside its poll
+        }
+        self.pending_madvise.retain(|&(iteration, _, _)| iteration >= event.iteration_start_ns);
+        if self.pending_madvise.len() < MAX_PENDING_SAMPLES {
+            self.pending_madvise.push((event.iteration_start_ns, event.len, event.duration_ns));
+        }
+    }
+
     /// The stall of a stall event, with the samples taken during its iteration.
     pub fn stall(&mut self, event: &StallEvent) -> Stall {
+        let mut madvise = MadviseTotals::default();
+        let mut madvise_ns = 0;
+        for &(iteration, bytes, duration_ns) in &self.pending_madvise {
+            if iteration == event.start_ns {
+                madvise.calls += 1;
+                madvise.bytes += bytes;
+                madvise_ns += duration_ns;
+            }
+        }
+        madvise.us = madvise_ns / 1_000;
+        self.pending_madvise.retain(|&(iteration, _, _)| iteration > event.start_ns);
+
         let (samples, later): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.pending).into_iter().filter(|s| s.iteration_start_ns >= event.start_ns).partition(|s| s.iteration_start_ns == event.start_ns);
         self.pending = later;
@@ -179,53 +249,101 @@ impl StallAssembler {
             *count += 1;
         }
         let total_us = |kind| totals_ns.get(&kind).copied().unwrap_or(0) / 1_000;
+        let stacks: Vec<AttributedStack> = stacks
+            .into_iter()
+            .map(|((kind, frames), (weight_ns, samples))| {
+                let attribution = self.rules.attribute(kind, &frames);
+                AttributedStack { kind, frames, attribution, weight_ns, samples }
+            })
+            .collect();
+        let (origin, mechanism, breakdown) = breakdown(&stacks);
         Stall {
             start: self.clock.at(event.start_ns),
             pid: self.pid,
             tid: event.tid,
             duration_us: event.end_ns.saturating_sub(event.start_ns) / 1_000,
             threshold_us: self.threshold.as_micros() as u64,
+            origin,
+            mechanism,
+            breakdown,
             on_cpu_us: total_us(StackKind::OnCpu),
             off_cpu_us: total_us(StackKind::OffCpu),
             runqueue_us: total_us(StackKind::Runqueue),
             samples: samples.len() as u64,
             stacks: heaviest_stacks(stacks),
+            madvise,
         }
     }
 }
 
-/// The heaviest [`MAX_STACKS_PER_STALL`] stacks, heaviest first, and the rest summed per kind.
-fn heaviest_stacks(stacks: HashMap<(StackKind, Vec<Rc<str>>), (u64, u64)>) -> Vec<WeightedStack> {
-    let mut stacks: Vec<_> = stacks.into_iter().collect();
-    stacks.sort_by(|(a_key, (a_weight, _)), (b_key, (b_weight, _))| b_weight.cmp(a_weight).then_with(|| a_key.cmp(b_key)));
-    let rest = stacks.split_off(stacks.len().min(MAX_STACKS_PER_STALL));
-    let mut listed: Vec<WeightedStack> = stacks
+/// A distinct stack of a stall with its attribution and weight.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct AttributedStack {
+    kind: StackKind,
+    frames: Vec<Rc<str>>,
+    attribution: Attribution,
+    weight_ns: u64,
+    samples: u64,
+}
+
+/// The stall's origin and mechanism (each the one with the most time) and every pair's time.
+fn breakdown(stacks: &[AttributedStack]) -> (String, String, Vec<BreakdownEntry>) {
+    let total_ns: u64 = stacks.iter().map(|stack| stack.weight_ns).sum();
+    let mut pairs: HashMap<&Attribution, u64> = HashMap::new();
+    let mut origins: HashMap<&str, u64> = HashMap::new();
+    let mut mechanisms: HashMap<&str, u64> = HashMap::new();
+    for stack in stacks {
+        *pairs.entry(&stack.attribution).or_default() += stack.weight_ns;
+        *origins.entry(&stack.attribution.origin).or_default() += stack.weight_ns;
+        *mechanisms.entry(&stack.attribution.mechanism).or_default() += stack.weight_ns;
+    }
+    let heaviest = |weights: HashMap<&str, u64>| {
+        weights
+            .into_iter()
+            .max_by(|(a_name, a_ns), (b_name, b_ns)| a_ns.cmp(b_ns).then_with(|| b_name.cmp(a_name)))
+            .map_or_else(|| UNKNOWN.to_owned(), |(name, _)| name.to_owned())
+    };
+    let mut entries: Vec<BreakdownEntry> = pairs
         .into_iter()
-        .map(|((kind, frames), (weight_ns, samples))| WeightedStack {
-            weight_us: weight_ns / 1_000,
-            kind,
-            samples,
-            frames: frames.iter().map(|frame| frame.to_string()).collect(),
+        .map(|(attribution, weight_ns)| BreakdownEntry {
+            origin: attribution.origin.clone(),
+            mechanism: attribution.mechanism.clone(),
+            us: weight_ns / 1_000,
+            share: if total_ns == 0 { 0.0 } else { (weight_ns as f64 / total_ns as f64 * 1000.0).round() / 1000.0 },
         })
         .collect();
-    let mut others: Vec<(StackKind, (u64, u64))> = Vec::new();
-    for ((kind, _), (weight_ns, samples)) in rest {
-        match others.iter_mut().find(|(other, _)| *other == kind) {
-            Some((_, (total_ns, count))) => {
-                *total_ns += weight_ns;
-                *count += samples;
+    entries.sort_by(|a, b| b.us.cmp(&a.us).then_with(|| (&a.origin, &a.mechanism).cmp(&(&b.origin, &b.mechanism))));
+    (heaviest(origins), heaviest(mechanisms), entries)
+}
+
+/// The heaviest [`MAX_STACKS_PER_STALL`] stacks, heaviest first, and the rest summed per kind
+/// and attribution.
+fn heaviest_stacks(mut stacks: Vec<AttributedStack>) -> Vec<WeightedStack> {
+    stacks.sort_by(|a, b| b.weight_ns.cmp(&a.weight_ns).then_with(|| a.cmp(b)));
+    let rest = stacks.split_off(stacks.len().min(MAX_STACKS_PER_STALL));
+    let mut others: Vec<AttributedStack> = Vec::new();
+    for stack in rest {
+        match others.iter_mut().find(|other| other.kind == stack.kind && other.attribution == stack.attribution) {
+            Some(other) => {
+                other.weight_ns += stack.weight_ns;
+                other.samples += stack.samples;
             }
-            None => others.push((kind, (weight_ns, samples))),
+            None => others.push(AttributedStack { frames: vec![OTHER_STACKS.into()], ..stack }),
         }
     }
-    others.sort();
-    listed.extend(others.into_iter().map(|(kind, (weight_ns, samples))| WeightedStack {
-        weight_us: weight_ns / 1_000,
-        kind,
-        samples,
-        frames: vec![OTHER_STACKS.to_owned()],
-    }));
-    listed
+    others.sort_by(|a, b| b.weight_ns.cmp(&a.weight_ns).then_with(|| a.cmp(b)));
+    stacks
+        .into_iter()
+        .chain(others)
+        .map(|stack| WeightedStack {
+            weight_us: stack.weight_ns / 1_000,
+            kind: stack.kind,
+            origin: stack.attribution.origin,
+            mechanism: stack.attribution.mechanism,
+            samples: stack.samples,
+            frames: stack.frames.iter().map(|frame| frame.to_string()).collect(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -248,6 +366,7 @@ mod tests {
             WallClock::new(),
             Unwinder::new(u32::MAX - 1),
             Symbolizer::new(Box::new(symbols)),
+            Rules::builtin(),
         )
     }
 
@@ -285,6 +404,32 @@ mod tests {
         assert_eq!(off_cpu.frames, ["schedule_[k]", "do_nanosleep_[k]", "[unknown]"]);
         let on_cpu = stall.stacks.iter().find(|stack| stack.kind == StackKind::OnCpu).unwrap();
         assert_eq!((on_cpu.weight_us, on_cpu.samples), (5_000, 5));
+        // do_nanosleep: a sleep; the off-CPU time carries the most weight.
+        assert_eq!((stall.origin.as_str(), stall.mechanism.as_str()), ("unknown", "syscall.sleep"));
+        let shares: Vec<(&str, u64)> = stall.breakdown.iter().map(|e| (e.mechanism.as_str(), e.us)).collect();
+        assert_eq!(shares, [("syscall.sleep", 290_000), ("cpu", 5_000), ("runqueue", 2_000)]);
+        assert!((stall.breakdown[0].share - 290.0 / 297.0).abs() < 0.001);
+    }
+
+    #[test]
+    fn event_loop_madvise_calls_inside_the_stall_are_summed() {
+        let mut assembler = assembler();
+        let call = |iteration_start_ns, len, duration_ns| MadviseEvent {
+            kind: profiler_common::EVENT_KIND_MADVISE,
+            tid: 9,
+            start_ns: iteration_start_ns + 1,
+            duration_ns,
+            len,
+            iteration_start_ns,
+            advice: 4,
+            result: 0,
+        };
+        assembler.add_madvise(&call(500, 1 << 20, 5_000)); // an earlier iteration
+        assembler.add_madvise(&call(1_000, 64 << 20, 40_000_000));
+        assembler.add_madvise(&call(1_000, 64 << 20, 30_000_000));
+        assembler.add_madvise(&call(0, 1 << 30, 1)); // another thread
+        let stall = assembler.stall(&stall_event(1_000, 100_000_000));
+        assert_eq!(stall.madvise, MadviseTotals { calls: 2, bytes: 128 << 20, us: 70_000 });
     }
 
     #[test]
@@ -299,12 +444,16 @@ mod tests {
     }
 
     #[test]
-    fn stacks_beyond_the_limit_are_summed_per_kind() {
-        let mut stacks = HashMap::new();
-        for index in 0..(MAX_STACKS_PER_STALL as u64 + 5) {
-            let frames: Vec<Rc<str>> = vec![format!("f{index}").into()];
-            stacks.insert((StackKind::OnCpu, frames), ((index + 1) * 1_000, 1));
-        }
+    fn stacks_beyond_the_limit_are_summed_per_kind_and_attribution() {
+        let stacks = (0..(MAX_STACKS_PER_STALL as u64 + 5))
+            .map(|index| AttributedStack {
+                kind: StackKind::OnCpu,
+                frames: vec![format!("f{index}").into()],
+                attribution: Attribution { origin: "unknown".into(), mechanism: "cpu".into() },
+                weight_ns: (index + 1) * 1_000,
+                samples: 1,
+            })
+            .collect();
         let listed = heaviest_stacks(stacks);
         assert_eq!(listed.len(), MAX_STACKS_PER_STALL + 1);
         assert_eq!(listed[0].frames, ["f36"]);

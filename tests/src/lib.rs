@@ -90,6 +90,14 @@ impl RedisServer {
         self.try_cli(args).unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
     }
 
+    /// A numeric field of `INFO section` (e.g. `allocator_resident` of `memory`).
+    pub fn info_number(&self, section: &str, field: &str) -> u64 {
+        let info = self.cli(&["INFO", section]);
+        info.lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no numeric {field} in INFO {section}"))
+    }
+
     /// Waits until the server process has exited (after SHUTDOWN).
     pub fn wait_exit(&mut self) -> ExitStatus {
         self.child.wait().expect("wait for redis-server")

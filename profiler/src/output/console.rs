@@ -27,19 +27,35 @@ impl Sink for ConsoleSink {
     fn stall(&mut self, stall: &Stall) -> io::Result<()> {
         let us = |value: u64| human_duration_ns(value * 1_000);
         let mut line = format!(
-            "{} STALL {} (threshold {}) pid {} tid {}: on-CPU {}, off-CPU {}, runqueue {}",
+            "{} STALL {} in {}, time in {} (threshold {}, pid {}): on-CPU {}, off-CPU {}, runqueue {}",
             rfc3339_micros(stall.start),
             us(stall.duration_us),
+            stall.origin,
+            stall.mechanism,
             us(stall.threshold_us),
             stall.pid,
-            stall.tid,
             us(stall.on_cpu_us),
             us(stall.off_cpu_us),
             us(stall.runqueue_us),
         );
+        if stall.madvise.calls > 0 {
+            line += &format!(
+                ", madvise {} calls {} MiB {}",
+                stall.madvise.calls,
+                stall.madvise.bytes >> 20,
+                us(stall.madvise.us)
+            );
+        }
         if let Some(heaviest) = stall.stacks.first() {
             let frames: Vec<&str> = heaviest.frames.iter().take(TOP_FRAMES).map(String::as_str).collect();
-            line += &format!("\n    {} {}: {}", heaviest.kind.as_str(), us(heaviest.weight_us), frames.join(" < "));
+            line += &format!(
+                "\n    heaviest stack, {} {} ({} / {}): {}",
+                heaviest.kind.as_str(),
+                us(heaviest.weight_us),
+                heaviest.origin,
+                heaviest.mechanism,
+                frames.join(" < ")
+            );
         }
         writeln!(io::stderr(), "{line}")
     }
@@ -79,7 +95,21 @@ impl Sink for ConsoleSink {
             human_duration_ns(summary.p999_us * 1_000),
             human_duration_ns(summary.max_us * 1_000),
             summary.lost_events,
-        )
+        )?;
+        for line in &summary.madvise {
+            writeln!(
+                io::stderr(),
+                "  madvise {} {}: {} calls, {} MiB, p50 {} p99 {} max {}",
+                line.thread_role,
+                line.advice,
+                line.calls,
+                line.bytes >> 20,
+                human_duration_ns(line.p50_us * 1_000),
+                human_duration_ns(line.p99_us * 1_000),
+                human_duration_ns(line.max_us * 1_000),
+            )?;
+        }
+        Ok(())
     }
 
     fn describe(&self) -> String {

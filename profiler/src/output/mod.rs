@@ -4,7 +4,7 @@ use std::{io, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{clock::serialize_rfc3339, histogram::IterationStats, stall::Stall};
+use crate::{clock::serialize_rfc3339, histogram::IterationStats, madvise::MadviseSummary, stall::Stall};
 
 mod console;
 mod json;
@@ -70,28 +70,34 @@ pub struct Summary {
     pub lost_events: u64,
     pub duration_s: f64,
     pub stopped: StopReason,
+    /// Every thread's madvise calls, per thread role and advice.
+    #[serde(default)]
+    pub madvise: Vec<MadviseSummary>,
+}
+
+/// What a run counted, for its [`Summary`].
+#[derive(Debug, Clone, Default)]
+pub struct RunCounts {
+    pub stalls: u64,
+    pub stack_samples: u64,
+    pub lost_events: u64,
+    pub duration_s: f64,
 }
 
 impl Summary {
-    pub fn new(
-        stats: &IterationStats,
-        stalls: u64,
-        stack_samples: u64,
-        lost_events: u64,
-        duration_s: f64,
-        stopped: StopReason,
-    ) -> Self {
+    pub fn new(stats: &IterationStats, counts: RunCounts, madvise: Vec<MadviseSummary>, stopped: StopReason) -> Self {
         Self {
             iterations: stats.iterations,
-            stalls,
-            stack_samples,
+            stalls: counts.stalls,
+            stack_samples: counts.stack_samples,
             p50_us: stats.p50_ns / 1_000,
             p99_us: stats.p99_ns / 1_000,
             p999_us: stats.p999_ns / 1_000,
             max_us: stats.max_ns / 1_000,
-            lost_events,
-            duration_s,
+            lost_events: counts.lost_events,
+            duration_s: counts.duration_s,
             stopped,
+            madvise,
         }
     }
 }

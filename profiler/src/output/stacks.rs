@@ -164,16 +164,27 @@ mod tests {
             tid: 1,
             duration_us: 300_000,
             threshold_us: 10_000,
+            origin: "unknown".into(),
+            mechanism: "unknown".into(),
+            breakdown: Vec::new(),
             on_cpu_us: 0,
             off_cpu_us: 0,
             runqueue_us: 0,
             samples: 0,
             stacks,
+            madvise: Default::default(),
         }
     }
 
     fn stack(kind: StackKind, weight_us: u64, frames: &[&str]) -> WeightedStack {
-        WeightedStack { weight_us, kind, samples: 1, frames: frames.iter().map(|f| f.to_string()).collect() }
+        WeightedStack {
+            weight_us,
+            kind,
+            origin: "unknown".into(),
+            mechanism: "cpu".into(),
+            samples: 1,
+            frames: frames.iter().map(|f| f.to_string()).collect(),
+        }
     }
 
     #[test]

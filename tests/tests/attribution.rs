@@ -1,0 +1,185 @@
+//! Attribution against the real Debian redis-server: each stall says what Redis was doing
+//! (origin) and where the time went (mechanism), and madvise calls are counted.
+use std::{
+    fs,
+    io::{Read, Write},
+    net::TcpStream,
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use stallprof_testkit::{Profiler, RedisServer, run_profiler};
+
+fn number(value: &Value) -> u64 {
+    value.as_u64().unwrap_or_else(|| panic!("not a number: {value}"))
+}
+
+fn only_stall(run: &stallprof_testkit::Run) -> Value {
+    let stalls = run.of_type("stall");
+    assert_eq!(stalls.len(), 1, "one stall expected: {stalls:?}\n{}", run.stderr);
+    stalls[0].clone()
+}
+
+fn diagnosis(stall: &Value) -> (&str, &str) {
+    (stall["origin"].as_str().unwrap(), stall["mechanism"].as_str().unwrap())
+}
+
+#[test]
+fn a_sleep_is_command_debug_in_syscall_sleep() {
+    let redis = RedisServer::start(&[]);
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+    redis.cli(&["DEBUG", "SLEEP", "0.2"]);
+    thread::sleep(Duration::from_millis(100));
+    let stall = only_stall(&profiler.stop());
+    assert_eq!(diagnosis(&stall), ("command:debug", "syscall.sleep"), "{stall}");
+    let breakdown = stall["breakdown"].as_array().unwrap();
+    let shares: f64 = breakdown.iter().map(|entry| entry["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 0.01, "shares add up to 1: {breakdown:?}");
+    assert_eq!(breakdown[0]["origin"], "command:debug");
+}
+
+#[test]
+fn a_cpu_bound_command_is_its_command_on_the_cpu() {
+    let redis = RedisServer::start(&[]);
+    redis.cli(&["DEBUG", "POPULATE", "2000000"]);
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+    redis.cli(&["KEYS", "no-such-key-*"]);
+    thread::sleep(Duration::from_millis(100));
+    let stall = only_stall(&profiler.stop());
+    assert_eq!(diagnosis(&stall), ("command:keys", "cpu"), "{stall}");
+}
+
+#[test]
+fn memory_purge_after_deleting_a_data_set_is_an_allocator_purge_of_what_was_given_back() {
+    let redis = RedisServer::start(&["--jemalloc-bg-thread", "no"]);
+    redis.cli(&["DEBUG", "POPULATE", "1000000", "key", "200"]);
+    // Freed on the lazy-free thread: the pages stay with the allocator (dirty) until purged.
+    redis.cli(&["FLUSHALL", "ASYNC"]);
+    while redis.info_number("memory", "lazyfree_pending_objects") > 0 {
+        thread::sleep(Duration::from_millis(50));
+    }
+    // INFO's allocator figures are refreshed by serverCron.
+    thread::sleep(Duration::from_millis(300));
+    let resident_before = redis.info_number("memory", "allocator_resident");
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+    redis.cli(&["MEMORY", "PURGE"]);
+    thread::sleep(Duration::from_millis(300));
+    let resident_after = redis.info_number("memory", "allocator_resident");
+    let run = profiler.stop();
+    let stall = only_stall(&run);
+    assert_eq!(diagnosis(&stall), ("command:memory", "allocator.purge"), "{stall}");
+
+    let madvise_bytes = number(&stall["madvise"]["bytes"]);
+    let given_back = resident_before.saturating_sub(resident_after);
+    assert!(madvise_bytes >= 100 << 20, "at least 100 MiB purged on the main thread: {}", stall["madvise"]);
+    assert!(
+        madvise_bytes * 4 >= given_back * 3 && madvise_bytes * 3 <= given_back * 4,
+        "madvise'd {} MiB, the allocator gave back {} MiB",
+        madvise_bytes >> 20,
+        given_back >> 20
+    );
+    let main_dontneed = run.summary()["madvise"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|line| line["thread_role"] == "main" && line["advice"] == "MADV_DONTNEED")
+        .cloned()
+        .expect("a main-thread MADV_DONTNEED line in the summary");
+    assert!(number(&main_dontneed["bytes"]) >= madvise_bytes, "{main_dontneed}");
+    assert!(number(&main_dontneed["calls"]) >= number(&stall["madvise"]["calls"]));
+}
+
+/// Sends a RESP command.
+fn send(stream: &mut TcpStream, args: &[&[u8]]) {
+    let mut command = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        command.extend(format!("${}\r\n", arg.len()).as_bytes());
+        command.extend(*arg);
+        command.extend(b"\r\n");
+    }
+    stream.write_all(&command).unwrap();
+}
+
+#[test]
+fn idle_clients_with_big_query_buffers_stall_cron_in_an_allocator_purge() {
+    // The incident: clientsCron shrinks the query buffer of clients idle for more than 2 s
+    // (clientsCronResizeQueryBuffer -> sdsRemoveFreeSpace -> realloc), and jemalloc gives the
+    // large buffers back with madvise on the event loop. A blocked client's input is still read
+    // into its query buffer, so each client below leaves a 32 MiB, resident, emptied buffer.
+    const CLIENTS: usize = 20;
+    const BUFFER_BYTES: usize = 32 << 20;
+    let redis = RedisServer::start(&["--jemalloc-bg-thread", "no"]);
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+
+    let value = vec![b'x'; 30_000]; // below Redis's 32 KiB "big argument" path
+    let mut one_set = Vec::new();
+    one_set.extend(b"*3\r\n$3\r\nSET\r\n$2\r\nqb\r\n$30000\r\n");
+    one_set.extend(&value);
+    one_set.extend(b"\r\n");
+    let pipeline = one_set.repeat(BUFFER_BYTES / one_set.len());
+    let mut clients = Vec::new();
+    for index in 0..CLIENTS {
+        let mut client = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        send(&mut client, &[b"BLPOP", format!("queue{index}").as_bytes(), b"0"]);
+        client.write_all(&pipeline).unwrap();
+        clients.push(client);
+    }
+    let mut control = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    for index in 0..CLIENTS {
+        send(&mut control, &[b"LPUSH", format!("queue{index}").as_bytes(), b"go"]);
+    }
+    // Read the replies so the clients' output is consumed, then let them idle past 2 s.
+    for client in &mut clients {
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let expected = (BUFFER_BYTES / one_set.len()) * b"+OK\r\n".len();
+        let mut received = 0;
+        let mut buffer = [0u8; 65536];
+        while received < expected {
+            match client.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => received += read,
+            }
+        }
+    }
+    thread::sleep(Duration::from_secs(5));
+    let run = profiler.stop();
+
+    let resizes: Vec<&Value> = run
+        .of_type("stall")
+        .into_iter()
+        .filter(|stall| stall["origin"] == "cron.querybuf_resize")
+        .collect();
+    assert!(!resizes.is_empty(), "a cron query-buffer resize stall expected:\n{}", run.stderr);
+    for stall in &resizes {
+        assert_eq!(stall["mechanism"], "allocator.purge", "{stall}");
+        assert!(number(&stall["duration_us"]) >= 10_000);
+        assert!(number(&stall["madvise"]["bytes"]) >= 64 << 20, "{}", stall["madvise"]);
+        let frames = stall["stacks"][0]["frames"].to_string();
+        assert!(frames.contains("clientsCronResizeQueryBuffer") && frames.contains("serverCron"), "{frames}");
+    }
+    drop(clients);
+}
+
+#[test]
+fn custom_rules_replace_the_builtin_ones_and_a_bad_file_names_its_line() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    fs::write(
+        &rules,
+        "[[origin]]\ncategory = \"debugging\"\nfunctions = [\"debugCommand\"]\n\n\
+         [[mechanism]]\ncategory = \"napping\"\nkernel_functions = [\"do_nanosleep\"]\n",
+    )
+    .unwrap();
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "--rules", rules.to_str().unwrap()]);
+    redis.cli(&["DEBUG", "SLEEP", "0.05"]);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(diagnosis(&only_stall(&profiler.stop())), ("debugging", "napping"));
+
+    fs::write(&rules, "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\"]\n\n[[mechanism]]\ncategory = \"y\"\n").unwrap();
+    let output = run_profiler(&["attach", "--pid", &redis.pid().to_string(), "--rules", rules.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("`{}` line 6: mechanism rule `y` has no functions", rules.display())), "{stderr}");
+}
