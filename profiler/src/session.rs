@@ -23,8 +23,8 @@ use crate::{
     kernel,
     madvise::MadviseStats,
     output::{
-        Attached, ConsoleSink, IntervalReport, JsonSink, Outputs, RunCounts, Sink, StackFilesSink, StopReason,
-        Summary, flamegraph_title,
+        Attached, ConsoleSink, IntervalReport, JsonSink, Outputs, RunCounts, Sink, StackFilesSink, StallCauses,
+        StopReason, Summary, flamegraph_title,
     },
     probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeSettings, Probes},
     stall::StallAssembler,
@@ -112,6 +112,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         histogram: IterationHistogram::default(),
         assembler,
         madvise,
+        causes: StallCauses::default(),
         stalls: 0,
         interval_stalls: 0,
         decode_errors: 0,
@@ -161,6 +162,7 @@ struct Monitor {
     histogram: IterationHistogram,
     assembler: StallAssembler,
     madvise: MadviseStats,
+    causes: StallCauses,
     stalls: u64,
     interval_stalls: u64,
     decode_errors: u64,
@@ -238,6 +240,7 @@ impl Monitor {
             match events::decode(&record) {
                 Ok(Event::Stall(event)) => {
                     let stall = self.assembler.stall(&event);
+                    self.causes.add(&stall);
                     self.stalls += 1;
                     self.interval_stalls += 1;
                     self.outputs.stall(&stall)?;
@@ -293,7 +296,7 @@ impl Monitor {
             lost_events: self.lost_events()?,
             duration_s: self.started.elapsed().as_secs_f64(),
         };
-        Ok(Summary::new(&self.histogram.total(), counts, self.madvise.summary(), stopped))
+        Ok(Summary::new(&self.histogram.total(), counts, self.madvise.summary(), self.causes.summary(), stopped))
     }
 
     /// Best effort after a failure: the summary on `sink` alone.

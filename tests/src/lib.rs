@@ -3,8 +3,8 @@
 //! JSON lines are parsed.
 use std::{
     fs,
-    io::{BufRead, BufReader, Read},
-    net::TcpListener,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     thread,
@@ -242,4 +242,54 @@ impl Profiler {
 /// Runs the profiler with `args` to completion (for bad-input checks).
 pub fn run_profiler(args: &[&str]) -> Output {
     Command::new(profiler_bin()).args(args).stdin(Stdio::null()).output().expect("run the profiler")
+}
+
+/// Sends one RESP command.
+fn send_command(stream: &mut TcpStream, args: &[&[u8]]) -> std::io::Result<()> {
+    let mut command = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        command.extend(format!("${}\r\n", arg.len()).as_bytes());
+        command.extend(*arg);
+        command.extend(b"\r\n");
+    }
+    stream.write_all(&command)
+}
+
+/// Leaves `clients` connections whose query buffers are about `bytes_each` large, resident and
+/// empty, then lets them idle: the state in which clientsCron's query-buffer resize
+/// (clientsCronResizeQueryBuffer -> sdsRemoveFreeSpace -> realloc) makes jemalloc give the
+/// buffers back with madvise on the event loop, more than 2 s later. A blocked client's input
+/// is still read into its query buffer, so each client blocks in BLPOP, sends `bytes_each` of
+/// SET commands (values under Redis's 32 KiB "big argument" size), and is then unblocked.
+/// Returns the connections: dropping them closes the clients.
+pub fn leave_big_idle_query_buffers(port: u16, clients: usize, bytes_each: usize) -> Vec<TcpStream> {
+    let mut one_set = b"*3\r\n$3\r\nSET\r\n$2\r\nqb\r\n$30000\r\n".to_vec();
+    one_set.extend(std::iter::repeat_n(b'x', 30_000));
+    one_set.extend(b"\r\n");
+    let commands = bytes_each / one_set.len();
+    let pipeline = one_set.repeat(commands);
+    let mut connections = Vec::new();
+    for index in 0..clients {
+        let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis-server");
+        send_command(&mut client, &[b"BLPOP", format!("stallprof-queue{index}").as_bytes(), b"0"]).unwrap();
+        client.write_all(&pipeline).expect("send the pipeline");
+        connections.push(client);
+    }
+    let mut control = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis-server");
+    for index in 0..clients {
+        send_command(&mut control, &[b"LPUSH", format!("stallprof-queue{index}").as_bytes(), b"go"]).unwrap();
+    }
+    // Read the replies (BLPOP's, then one +OK per SET) so every command has run.
+    for client in &mut connections {
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let expected = commands * b"+OK\r\n".len();
+        let (mut received, mut buffer) = (0, [0u8; 65536]);
+        while received < expected {
+            match client.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => received += read,
+            }
+        }
+    }
+    connections
 }

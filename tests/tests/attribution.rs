@@ -1,15 +1,9 @@
 //! Attribution against the real Debian redis-server: each stall says what Redis was doing
 //! (origin) and where the time went (mechanism), and madvise calls are counted.
-use std::{
-    fs,
-    io::{Read, Write},
-    net::TcpStream,
-    thread,
-    time::Duration,
-};
+use std::{fs, thread, time::Duration};
 
 use serde_json::Value;
-use stallprof_testkit::{Profiler, RedisServer, run_profiler};
+use stallprof_testkit::{Profiler, RedisServer, leave_big_idle_query_buffers, run_profiler};
 
 fn number(value: &Value) -> u64 {
     value.as_u64().unwrap_or_else(|| panic!("not a number: {value}"))
@@ -90,58 +84,13 @@ fn memory_purge_after_deleting_a_data_set_is_an_allocator_purge_of_what_was_give
     assert!(number(&main_dontneed["calls"]) >= number(&stall["madvise"]["calls"]));
 }
 
-/// Sends a RESP command.
-fn send(stream: &mut TcpStream, args: &[&[u8]]) {
-    let mut command = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        command.extend(format!("${}\r\n", arg.len()).as_bytes());
-        command.extend(*arg);
-        command.extend(b"\r\n");
-    }
-    stream.write_all(&command).unwrap();
-}
-
 #[test]
 fn idle_clients_with_big_query_buffers_stall_cron_in_an_allocator_purge() {
-    // The incident: clientsCron shrinks the query buffer of clients idle for more than 2 s
-    // (clientsCronResizeQueryBuffer -> sdsRemoveFreeSpace -> realloc), and jemalloc gives the
-    // large buffers back with madvise on the event loop. A blocked client's input is still read
-    // into its query buffer, so each client below leaves a 32 MiB, resident, emptied buffer.
-    const CLIENTS: usize = 20;
-    const BUFFER_BYTES: usize = 32 << 20;
+    // The incident: clientsCron shrinks the query buffers of clients idle for more than 2 s,
+    // and jemalloc gives the large buffers back with madvise on the event loop.
     let redis = RedisServer::start(&["--jemalloc-bg-thread", "no"]);
     let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
-
-    let value = vec![b'x'; 30_000]; // below Redis's 32 KiB "big argument" path
-    let mut one_set = Vec::new();
-    one_set.extend(b"*3\r\n$3\r\nSET\r\n$2\r\nqb\r\n$30000\r\n");
-    one_set.extend(&value);
-    one_set.extend(b"\r\n");
-    let pipeline = one_set.repeat(BUFFER_BYTES / one_set.len());
-    let mut clients = Vec::new();
-    for index in 0..CLIENTS {
-        let mut client = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
-        send(&mut client, &[b"BLPOP", format!("queue{index}").as_bytes(), b"0"]);
-        client.write_all(&pipeline).unwrap();
-        clients.push(client);
-    }
-    let mut control = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
-    for index in 0..CLIENTS {
-        send(&mut control, &[b"LPUSH", format!("queue{index}").as_bytes(), b"go"]);
-    }
-    // Read the replies so the clients' output is consumed, then let them idle past 2 s.
-    for client in &mut clients {
-        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let expected = (BUFFER_BYTES / one_set.len()) * b"+OK\r\n".len();
-        let mut received = 0;
-        let mut buffer = [0u8; 65536];
-        while received < expected {
-            match client.read(&mut buffer) {
-                Ok(0) | Err(_) => break,
-                Ok(read) => received += read,
-            }
-        }
-    }
+    let clients = leave_big_idle_query_buffers(redis.port, 20, 32 << 20);
     thread::sleep(Duration::from_secs(5));
     let run = profiler.stop();
 

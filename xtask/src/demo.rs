@@ -3,7 +3,7 @@
 use std::{fs, path::Path, thread, time::Duration};
 
 use anyhow::Context as _;
-use stallprof_testkit::{Profiler, RedisServer};
+use stallprof_testkit::{Profiler, RedisServer, leave_big_idle_query_buffers};
 
 /// One way to make Redis stall, as `redis-cli` arguments, with what it shows.
 struct Scenario {
@@ -18,7 +18,11 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         what: "a CPU-bound command: KEYS over a million keys (DEBUG POPULATE first)",
-        commands: &[&["DEBUG", "POPULATE", "1000000"], &["KEYS", "no-such-key-*"]],
+        commands: &[&["DEBUG", "POPULATE", "1000000"], &["KEYS", "no-such-key-*"], &["FLUSHALL"]],
+    },
+    Scenario {
+        what: "an allocator purge: MEMORY PURGE after a data set was freed by the lazy-free thread",
+        commands: &[&["DEBUG", "POPULATE", "1000000", "key", "200"], &["FLUSHALL", "ASYNC"], &["DEBUG", "SLEEP", "0"]],
     },
 ];
 
@@ -27,12 +31,13 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     let json = out_dir.join("stalls.jsonl");
     let folded = out_dir.join("stalls.folded");
     let flamegraph = out_dir.join("stalls.svg");
-    let redis = RedisServer::start(&["--latency-monitor-threshold", "1"]);
+    let redis = RedisServer::start(&["--latency-monitor-threshold", "1", "--jemalloc-bg-thread", "no"]);
     eprintln!("demo: redis-server pid {} on port {}; attaching", redis.pid(), redis.port);
     let pid = redis.pid().to_string();
     let (folded_arg, flamegraph_arg) = (folded.to_string_lossy(), flamegraph.to_string_lossy());
     let args = ["--pid", &pid, "--interval", "2s", "--folded", &folded_arg, "--flamegraph", &flamegraph_arg];
-    let profiler = Profiler::attach_showing_console(&args, &json);
+    let console = out_dir.join("console.txt");
+    let profiler = Profiler::attach_writing(&args, &json);
 
     for scenario in SCENARIOS {
         eprintln!("demo: now {}", scenario.what);
@@ -41,11 +46,35 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
         }
         thread::sleep(Duration::from_millis(500));
     }
+    while !redis.cli(&["INFO", "memory"]).contains("lazyfree_pending_objects:0") {
+        thread::sleep(Duration::from_millis(50));
+    }
+    redis.cli(&["MEMORY", "PURGE"]);
+    eprintln!("demo: now the incident: 20 clients leave 32 MiB query buffers and go idle; after 2 s clientsCron shrinks them");
+    let clients = leave_big_idle_query_buffers(redis.port, 20, 32 << 20);
+    thread::sleep(Duration::from_secs(5));
+    drop(clients);
     eprintln!("demo: Redis's own view (LATENCY LATEST: event, time, latest ms, max ms):");
     eprintln!("{}", redis.cli(&["LATENCY", "LATEST"]).trim_end());
     eprintln!("demo: stopping the profiler with Ctrl-C (SIGINT)");
     let run = profiler.stop();
-    anyhow::ensure!(run.status.success(), "the profiler failed: {}", run.status);
+    anyhow::ensure!(run.status.success(), "the profiler failed: {}\n{}", run.status, run.stderr);
+    fs::write(&console, &run.stderr)?;
+    eprintln!("demo: the profiler's console is in {}; its summary, then one stall of each cause:", console.display());
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    let summary_at = lines.iter().position(|line| line.starts_with("summary")).unwrap_or(lines.len());
+    for line in &lines[summary_at..] {
+        eprintln!("{line}");
+    }
+    for cause in lines[summary_at..].iter().filter_map(|line| line.strip_prefix("  stalls in ")) {
+        let Some((diagnosis, _)) = cause.split_once(": ") else { continue };
+        if let Some(at) = lines.iter().position(|line| line.contains(" STALL ") && line.contains(&format!(" in {diagnosis} ("))) {
+            eprintln!("{}", lines[at]);
+            if let Some(stack) = lines.get(at + 1).filter(|line| line.starts_with("    ")) {
+                eprintln!("{stack}");
+            }
+        }
+    }
 
     eprintln!("demo: {} JSON records in {}; the stall records hold their stacks", run.records.len(), json.display());
     let folded_text = fs::read_to_string(&folded)?;

@@ -96,6 +96,17 @@ impl Sink for ConsoleSink {
             human_duration_ns(summary.max_us * 1_000),
             summary.lost_events,
         )?;
+        for cause in &summary.causes {
+            writeln!(
+                io::stderr(),
+                "  stalls in {}, time in {}: {}, total {}, max {}",
+                cause.origin,
+                cause.mechanism,
+                cause.stalls,
+                human_duration_ns(cause.total_us * 1_000),
+                human_duration_ns(cause.max_us * 1_000),
+            )?;
+        }
         for line in &summary.madvise {
             writeln!(
                 io::stderr(),

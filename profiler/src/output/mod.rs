@@ -73,6 +73,43 @@ pub struct Summary {
     /// Every thread's madvise calls, per thread role and advice.
     #[serde(default)]
     pub madvise: Vec<MadviseSummary>,
+    /// Stalls per origin and mechanism, most total time first.
+    #[serde(default)]
+    pub causes: Vec<CauseSummary>,
+}
+
+/// The stalls of one origin and mechanism.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CauseSummary {
+    pub origin: String,
+    pub mechanism: String,
+    pub stalls: u64,
+    pub total_us: u64,
+    pub max_us: u64,
+}
+
+/// Counts stalls per origin and mechanism.
+#[derive(Debug, Default)]
+pub struct StallCauses {
+    causes: std::collections::BTreeMap<(String, String), CauseSummary>,
+}
+
+impl StallCauses {
+    pub fn add(&mut self, stall: &Stall) {
+        let cause = self.causes.entry((stall.origin.clone(), stall.mechanism.clone())).or_insert_with(|| {
+            CauseSummary { origin: stall.origin.clone(), mechanism: stall.mechanism.clone(), ..Default::default() }
+        });
+        cause.stalls += 1;
+        cause.total_us += stall.duration_us;
+        cause.max_us = cause.max_us.max(stall.duration_us);
+    }
+
+    /// Most total time first.
+    pub fn summary(&self) -> Vec<CauseSummary> {
+        let mut causes: Vec<CauseSummary> = self.causes.values().cloned().collect();
+        causes.sort_by(|a, b| b.total_us.cmp(&a.total_us).then_with(|| (&a.origin, &a.mechanism).cmp(&(&b.origin, &b.mechanism))));
+        causes
+    }
 }
 
 /// What a run counted, for its [`Summary`].
@@ -85,7 +122,13 @@ pub struct RunCounts {
 }
 
 impl Summary {
-    pub fn new(stats: &IterationStats, counts: RunCounts, madvise: Vec<MadviseSummary>, stopped: StopReason) -> Self {
+    pub fn new(
+        stats: &IterationStats,
+        counts: RunCounts,
+        madvise: Vec<MadviseSummary>,
+        causes: Vec<CauseSummary>,
+        stopped: StopReason,
+    ) -> Self {
         Self {
             iterations: stats.iterations,
             stalls: counts.stalls,
@@ -98,6 +141,7 @@ impl Summary {
             duration_s: counts.duration_s,
             stopped,
             madvise,
+            causes,
         }
     }
 }
@@ -173,6 +217,33 @@ pub fn human_duration_ns(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stalls_are_counted_per_cause_most_total_time_first() {
+        let stall = |origin: &str, mechanism: &str, duration_us| Stall {
+            start: SystemTime::UNIX_EPOCH,
+            pid: 1,
+            tid: 1,
+            duration_us,
+            threshold_us: 10_000,
+            origin: origin.into(),
+            mechanism: mechanism.into(),
+            breakdown: Vec::new(),
+            on_cpu_us: 0,
+            off_cpu_us: 0,
+            runqueue_us: 0,
+            samples: 0,
+            stacks: Vec::new(),
+            madvise: Default::default(),
+        };
+        let mut causes = StallCauses::default();
+        causes.add(&stall("cron.querybuf_resize", "allocator.purge", 17_000));
+        causes.add(&stall("command:debug", "syscall.sleep", 250_000));
+        causes.add(&stall("cron.querybuf_resize", "allocator.purge", 12_000));
+        let summary = causes.summary();
+        assert_eq!(summary[0].origin, "command:debug");
+        assert_eq!((summary[1].stalls, summary[1].total_us, summary[1].max_us), (2, 29_000, 17_000));
+    }
 
     #[test]
     fn durations_read_naturally() {
