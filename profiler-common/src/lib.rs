@@ -14,6 +14,9 @@ pub const MAP_ITERATION_HISTOGRAM: &str = "ITERATION_HISTOGRAM";
 pub const MAP_ITERATION_MAX: &str = "ITERATION_MAX";
 /// Name of the one-entry `Array<LoopState>` describing the event loop now.
 pub const MAP_LOOP_STATE: &str = "LOOP_STATE";
+/// Name of the one-entry `Array<StackEvent>` holding the stacks the event-loop thread left the
+/// CPU with, while it is off the CPU inside an iteration.
+pub const MAP_OFF_CPU_STACKS: &str = "OFF_CPU_STACKS";
 /// Name of the `Array<u64>` of counters indexed by `COUNTER_*`.
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
 

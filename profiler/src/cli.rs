@@ -80,12 +80,44 @@ pub struct AttachArgs {
     /// Bytes of user stack copied per sample (the unwinder walks only what was copied).
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(512..=16384))]
     pub stack_bytes: u32,
+    /// Alert on every stall at least this long, and on an iteration still running past it.
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub alert: Option<Duration>,
+    /// With --alert: run this command for each alert, the alert JSON on its stdin (split into
+    /// words like a shell would, never run by a shell).
+    #[arg(long, value_name = "CMD", requires = "alert")]
+    pub alert_exec: Option<CommandLine>,
+    /// Kill an --alert-exec command still running after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub alert_timeout: Duration,
+    /// Run --alert-exec at most this many times a minute; further alerts are counted.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub alert_max_per_minute: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Attribution rules (TOML) to use instead of the built-in ones.
     #[arg(long, value_name = "PATH")]
     pub rules: Option<PathBuf>,
     /// Size of the kernel-to-userspace ring buffer in KiB (a power of two).
     #[arg(long, default_value_t = 16384, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
+}
+
+/// A command line split into words like a shell would (quotes, escapes), never run by a shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLine(pub Vec<String>);
+
+impl std::str::FromStr for CommandLine {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let words = shell_words::split(value).map_err(|error| format!("`{value}` is not a command line: {error}"))?;
+        if words.is_empty() {
+            return Err("an empty command".to_owned());
+        }
+        Ok(Self(words))
+    }
 }
 
 /// A power of two from 4 KiB (one page) to 1 GiB.
@@ -159,6 +191,19 @@ mod tests {
         assert!(parse_ring_buffer_kib("3").is_err());
         assert!(parse_ring_buffer_kib("100").is_err());
         assert!(parse_ring_buffer_kib("many").is_err());
+    }
+
+    #[test]
+    fn alert_commands_are_split_into_words_without_a_shell() {
+        let words = |text: &str| text.parse::<CommandLine>().map(|command| command.0);
+        assert_eq!(words("notify --to 'on call'"), Ok(vec!["notify".into(), "--to".into(), "on call".into()]));
+        assert!(words("").is_err());
+        assert!(words("unterminated 'quote").is_err());
+        let needs_alert = Cli::try_parse_from(["redis-stallprof", "attach", "--alert-exec", "true"]);
+        assert!(needs_alert.is_err(), "--alert-exec requires --alert");
+        let parsed = Cli::try_parse_from(["redis-stallprof", "attach", "--alert", "100ms", "--alert-exec", "notify 'a b'"]);
+        let Ok(Cli { command: Command::Attach(args), .. }) = parsed else { panic!("{parsed:?}") };
+        assert_eq!(args.alert_exec, Some(CommandLine(vec!["notify".into(), "a b".into()])));
     }
 
     #[test]

@@ -44,8 +44,10 @@ impl Default for IterationHistogram {
 
 impl IterationHistogram {
     /// Adds what the kernel counted since the last update: `buckets` are its cumulative counts,
-    /// `max_ns` the longest iteration since the last update.
-    pub fn update(&mut self, buckets: &[u64], max_ns: u64) {
+    /// `max_ns` the longest iteration since the last update. Returns the iterations added, as
+    /// (bucket midpoint in ns, count).
+    pub fn update(&mut self, buckets: &[u64], max_ns: u64) -> Vec<(u64, u64)> {
+        let mut added_iterations = Vec::new();
         self.previous.resize(buckets.len(), 0);
         for (bucket, (&count, previous)) in buckets.iter().zip(&mut self.previous).enumerate() {
             let added = count.saturating_sub(*previous);
@@ -58,9 +60,11 @@ impl IterationHistogram {
             // Cannot fail: the value is clamped into the histogram's range.
             let _ = self.interval.record_n(midpoint, added);
             let _ = self.total.record_n(midpoint, added);
+            added_iterations.push((midpoint, added));
         }
         self.interval_max_ns = self.interval_max_ns.max(max_ns);
         self.total_max_ns = self.total_max_ns.max(max_ns);
+        added_iterations
     }
 
     /// Statistics since the previous call, and starts a new interval.

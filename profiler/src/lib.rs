@@ -6,6 +6,7 @@
 //! sinks, with stack events turned into stacks by [`unwind`] (over [`memory_map`]) and
 //! [`symbolize`]; [`session`] drives an `attach` run, [`doctor`] checks a machine and
 //! [`report`] renders a recorded run again.
+pub mod alert;
 pub mod attribute;
 pub mod cli;
 pub mod clock;
@@ -15,6 +16,7 @@ pub mod histogram;
 pub mod kernel;
 pub mod madvise;
 pub mod memory_map;
+pub mod metrics;
 pub mod output;
 pub mod probes;
 pub mod report;

@@ -90,7 +90,8 @@ impl MadviseStats {
         Self { pid, roles: HashMap::new(), totals: BTreeMap::new() }
     }
 
-    pub fn add(&mut self, event: &MadviseEvent) {
+    /// Counts a call; returns its thread role and advice name.
+    pub fn add(&mut self, event: &MadviseEvent) -> (String, String) {
         let pid = self.pid;
         let role = self
             .roles
@@ -100,7 +101,8 @@ impl MadviseStats {
                 thread_role(pid, event.tid, name.trim())
             })
             .clone();
-        let totals = self.totals.entry((role, advice_name(event.advice))).or_insert_with(|| Totals {
+        let key = (role, advice_name(event.advice));
+        let totals = self.totals.entry(key.clone()).or_insert_with(|| Totals {
             calls: 0,
             bytes: 0,
             duration_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 2).expect("constant bounds are valid"),
@@ -108,6 +110,7 @@ impl MadviseStats {
         totals.calls += 1;
         totals.bytes += event.len;
         let _ = totals.duration_ns.record(event.duration_ns.clamp(1, 3_600_000_000_000));
+        key
     }
 
     /// One line per thread role and advice, sorted.

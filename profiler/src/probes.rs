@@ -15,7 +15,7 @@ use aya::{
 use profiler_common::{
     GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS,
     GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, LoopState, MAP_COUNTERS, MAP_EVENTS, MAP_ITERATION_HISTOGRAM,
-    MAP_ITERATION_MAX, MAP_LOOP_STATE,
+    MAP_ITERATION_MAX, MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, StackEvent,
 };
 
 use crate::kernel::PollTracepoint;
@@ -198,6 +198,7 @@ impl Probes {
             iteration_max: self.take_array(MAP_ITERATION_MAX)?,
             counters: self.take_array(MAP_COUNTERS)?,
             loop_state: self.take_array(MAP_LOOP_STATE)?,
+            off_cpu_stacks: self.take_array(MAP_OFF_CPU_STACKS)?,
         })
     }
 
@@ -226,6 +227,7 @@ pub struct KernelMaps {
     iteration_max: Array<MapData, u64>,
     counters: Array<MapData, u64>,
     loop_state: Array<MapData, LoopState>,
+    off_cpu_stacks: Array<MapData, StackEvent>,
 }
 
 impl KernelMaps {
@@ -249,6 +251,16 @@ impl KernelMaps {
     /// The event loop's state as the kernel last saw it.
     pub fn loop_state(&self) -> Result<LoopState, ProbeError> {
         self.loop_state.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_LOOP_STATE, source })
+    }
+
+    /// The stacks the event-loop thread left the CPU with, when `state` says it is off the CPU
+    /// inside an iteration now.
+    pub fn pending_off_cpu_stacks(&self, state: &LoopState) -> Result<Option<Box<StackEvent>>, ProbeError> {
+        if state.switch_out_ns == 0 {
+            return Ok(None);
+        }
+        let stacks = self.off_cpu_stacks.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_OFF_CPU_STACKS, source })?;
+        Ok(Some(Box::new(stacks)))
     }
 
     /// A kernel-side counter (`profiler_common::COUNTER_*`).

@@ -1,11 +1,11 @@
 //! An `attach` run: checked flags -> target found -> outputs opened -> probes attached -> events
 //! and histogram drained until a stop condition -> summary.
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{
-    COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
+    EVENT_KIND_OFF_CPU, COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
     COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES,
 };
 use tokio::{
@@ -15,7 +15,10 @@ use tokio::{
 };
 
 use crate::{
+    alert::{Alert, AlertCounts, AlertExec, AlertState, ExecSettings, IN_PROGRESS_CHECK_PERIOD},
     attribute::Rules,
+    clock::monotonic_now_ns,
+    metrics::{self, Metrics},
     cli::AttachArgs,
     clock::WallClock,
     events::{self, Event},
@@ -39,6 +42,9 @@ const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
 /// the probes attach is not seen returning, so the iteration after it cannot be timed; an idle
 /// Redis returns at least `hz` (10) times a second.
 const FIRST_POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often the metrics take in the kernel's iteration histogram.
+const METRICS_REFRESH_PERIOD: Duration = Duration::from_secs(1);
 
 /// Runs `attach` until `--duration`, a signal or the target's exit.
 pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
@@ -64,6 +70,13 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
             .context("cannot write the stack files")?;
         sinks.push(Box::new(sink));
     }
+    // Bound now, so a busy address is reported before attaching (the run goes on without).
+    let metrics_listener = args.metrics.and_then(|address| {
+        std::net::TcpListener::bind(address)
+            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+            .map_err(|error| log::warn!("cannot serve metrics on {address}: {error}; profiling goes on without them"))
+            .ok()
+    });
 
     let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
     let mut probes = Probes::load(ProbeSettings {
@@ -105,6 +118,19 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         rules,
     );
     let madvise = MadviseStats::new(target.pid);
+    let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new(target.pid, target.ports.first().copied())));
+    let alerting = args.alert.map(|threshold| Alerting {
+        threshold,
+        exec: args.alert_exec.clone().map(|command| {
+            AlertExec::start(ExecSettings {
+                argv: command.0,
+                timeout: args.alert_timeout,
+                max_per_minute: args.alert_max_per_minute,
+            })
+        }),
+        counts: AlertCounts::default(),
+        alerted_iteration_ns: 0,
+    });
     let mut monitor = Monitor {
         target,
         maps,
@@ -113,6 +139,8 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         assembler,
         madvise,
         causes: StallCauses::default(),
+        alerting,
+        metrics,
         stalls: 0,
         interval_stalls: 0,
         decode_errors: 0,
@@ -129,6 +157,10 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         nested_poll_tracking,
     };
     let result = runtime.block_on(async {
+        if let (Some(listener), Some(metrics)) = (metrics_listener, &monitor.metrics) {
+            let listener = tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
+            tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
+        }
         monitor.outputs.attached(&attached)?;
         monitor.watch(events, args.interval, args.duration).await
     });
@@ -154,6 +186,29 @@ fn wait_for_first_poll_return(maps: &KernelMaps) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--alert` and its state.
+struct Alerting {
+    threshold: Duration,
+    exec: Option<AlertExec>,
+    counts: AlertCounts,
+    /// Start of the iteration an in-progress alert was last given for.
+    alerted_iteration_ns: u64,
+}
+
+/// Ticks every `period` when `enabled`, never otherwise.
+fn optional_interval(enabled: bool, period: Duration) -> Option<tokio::time::Interval> {
+    enabled.then(|| interval_at(Instant::now() + period, period))
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// The state of a run while it watches the target.
 struct Monitor {
     target: Target,
@@ -163,6 +218,8 @@ struct Monitor {
     assembler: StallAssembler,
     madvise: MadviseStats,
     causes: StallCauses,
+    alerting: Option<Alerting>,
+    metrics: Option<Arc<Metrics>>,
     stalls: u64,
     interval_stalls: u64,
     decode_errors: u64,
@@ -186,6 +243,8 @@ impl Monitor {
         let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut report = interval_at(self.started + interval, interval);
         let mut liveness = interval_at(self.started + LIVENESS_PERIOD, LIVENESS_PERIOD);
+        let mut alert_check = optional_interval(self.alerting.is_some(), IN_PROGRESS_CHECK_PERIOD);
+        let mut metrics_refresh = optional_interval(self.metrics.is_some(), METRICS_REFRESH_PERIOD);
         let deadline = async {
             match duration {
                 Some(duration) => tokio::time::sleep(duration).await,
@@ -203,6 +262,8 @@ impl Monitor {
                     drained
                 }
                 _ = report.tick() => self.report_interval(interval),
+                () = tick(&mut alert_check) => self.check_in_progress(),
+                () = tick(&mut metrics_refresh) => self.refresh_metrics(),
                 _ = liveness.tick() => {
                     if !self.target.is_alive() {
                         break StopReason::TargetExited;
@@ -244,11 +305,20 @@ impl Monitor {
                     self.stalls += 1;
                     self.interval_stalls += 1;
                     self.outputs.stall(&stall)?;
+                    if let Some(metrics) = &self.metrics {
+                        metrics.observe_stall(&stall);
+                    }
+                    if self.alerting.as_ref().is_some_and(|a| stall.duration_us >= a.threshold.as_micros() as u64) {
+                        self.alert(AlertState::Final, None, stall)?;
+                    }
                 }
                 Ok(Event::Stack(event)) => self.assembler.add_stack(event),
                 Ok(Event::Madvise(event)) => {
-                    self.madvise.add(&event);
+                    let (thread_role, advice) = self.madvise.add(&event);
                     self.assembler.add_madvise(&event);
+                    if let Some(metrics) = &self.metrics {
+                        metrics.observe_madvise(&thread_role, &advice, event.len, event.duration_ns as f64 / 1e9);
+                    }
                 }
                 Err(error) => {
                     self.decode_errors += 1;
@@ -262,7 +332,58 @@ impl Monitor {
     fn update_histogram(&mut self) -> anyhow::Result<()> {
         let buckets = self.maps.histogram()?;
         let max_ns = self.maps.take_iteration_max_ns()?;
-        self.histogram.update(&buckets, max_ns);
+        let added = self.histogram.update(&buckets, max_ns);
+        if let Some(metrics) = &self.metrics {
+            for (midpoint_ns, count) in added {
+                metrics.observe_iterations(midpoint_ns as f64 / 1e9, count);
+            }
+            metrics.set_lost_events(self.lost_events()?);
+        }
+        Ok(())
+    }
+
+    fn refresh_metrics(&mut self) -> anyhow::Result<()> {
+        self.update_histogram()
+    }
+
+    /// Gives an in-progress alert once the current iteration has run past `--alert`.
+    fn check_in_progress(&mut self) -> anyhow::Result<()> {
+        let Some(alerting) = &self.alerting else { return Ok(()) };
+        let state = self.maps.loop_state()?;
+        let iteration_ns = state.poll_return_ns;
+        let now_ns = monotonic_now_ns();
+        let elapsed_ns = now_ns.saturating_sub(iteration_ns);
+        if iteration_ns == 0
+            || iteration_ns == alerting.alerted_iteration_ns
+            || elapsed_ns < u64::try_from(alerting.threshold.as_nanos()).unwrap_or(u64::MAX)
+        {
+            return Ok(());
+        }
+        let mut blocked = self.maps.pending_off_cpu_stacks(&state)?;
+        if let Some(stacks) = &mut blocked {
+            stacks.kind = EVENT_KIND_OFF_CPU;
+            stacks.iteration_start_ns = iteration_ns;
+            stacks.off_cpu_ns = now_ns.saturating_sub(state.switch_out_ns);
+            stacks.runqueue_ns = 0;
+        }
+        let stall = self.assembler.in_progress(iteration_ns, now_ns, self.target.main_tid, blocked.as_deref());
+        if let Some(alerting) = &mut self.alerting {
+            alerting.alerted_iteration_ns = iteration_ns;
+        }
+        self.alert(AlertState::InProgress, Some(elapsed_ns / 1_000), stall)
+    }
+
+    fn alert(&mut self, state: AlertState, elapsed_us: Option<u64>, stall: crate::stall::Stall) -> anyhow::Result<()> {
+        let Some(alerting) = &mut self.alerting else { return Ok(()) };
+        let alert = Alert { state, elapsed_us, alert_us: alerting.threshold.as_micros() as u64, stall };
+        match state {
+            AlertState::Final => alerting.counts.finals += 1,
+            AlertState::InProgress => alerting.counts.in_progress += 1,
+        }
+        if let Some(exec) = &mut alerting.exec {
+            exec.submit(&alert);
+        }
+        self.outputs.alert(&alert)?;
         Ok(())
     }
 
@@ -296,7 +417,14 @@ impl Monitor {
             lost_events: self.lost_events()?,
             duration_s: self.started.elapsed().as_secs_f64(),
         };
-        Ok(Summary::new(&self.histogram.total(), counts, self.madvise.summary(), self.causes.summary(), stopped))
+        let alerts = self.alerting.as_ref().map(|alerting| {
+            let mut counts = alerting.counts.clone();
+            if let Some(exec) = &alerting.exec {
+                exec.count_into(&mut counts);
+            }
+            counts
+        });
+        Ok(Summary::new(&self.histogram.total(), counts, self.madvise.summary(), self.causes.summary(), alerts, stopped))
     }
 
     /// Best effort after a failure: the summary on `sink` alone.

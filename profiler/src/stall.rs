@@ -189,6 +189,12 @@ impl StallAssembler {
             self.dropped_samples += 1;
             return;
         }
+        let samples = self.unwind(event);
+        self.pending.extend(samples);
+    }
+
+    /// The weighted samples of a stack event, unwound.
+    fn unwind(&mut self, event: &StackEvent) -> Vec<PendingSample> {
         let user_stack = &event.user_stack[..(event.user_stack_len as usize).min(event.user_stack.len())];
         let recorded = RecordedStack { ip: event.user_ip, sp: event.user_sp, bp: event.user_bp, bytes: user_stack };
         let user = self.unwinder.unwind(&recorded).lookup_addresses;
@@ -198,15 +204,17 @@ impl StallAssembler {
         } else {
             [(StackKind::OffCpu, event.off_cpu_ns), (StackKind::Runqueue, event.runqueue_ns)]
         };
-        for (kind, weight_ns) in weights.into_iter().filter(|&(_, weight_ns)| weight_ns > 0) {
-            self.pending.push(PendingSample {
+        weights
+            .into_iter()
+            .filter(|&(_, weight_ns)| weight_ns > 0)
+            .map(|(kind, weight_ns)| PendingSample {
                 iteration_start_ns: event.iteration_start_ns,
                 kind,
                 weight_ns,
                 kernel: kernel.clone(),
                 user: user.clone(),
-            });
-        }
+            })
+            .collect()
     }
 
     /// Keeps an event-loop madvise call until its iteration ends.
@@ -222,27 +230,43 @@ impl StallAssembler {
 
     /// The stall of a stall event, with the samples taken during its iteration.
     pub fn stall(&mut self, event: &StallEvent) -> Stall {
+        let stall = self.assemble(event.start_ns, event.end_ns, event.tid);
+        self.pending.retain(|sample| sample.iteration_start_ns > event.start_ns);
+        self.pending_madvise.retain(|&(iteration, _, _)| iteration > event.start_ns);
+        stall
+    }
+
+    /// The iteration that began at `start_ns` and still runs at `now_ns`, from what was
+    /// sampled so far (kept for its final stall) and, when the thread is blocked now, the stacks
+    /// it blocked with (`blocked`, whose `off_cpu_ns` says for how long so far).
+    pub fn in_progress(&mut self, start_ns: u64, now_ns: u64, tid: u32, blocked: Option<&StackEvent>) -> Stall {
+        let blocked_samples = blocked.map(|event| self.unwind(event)).unwrap_or_default();
+        let kept = self.pending.len();
+        self.pending.extend(blocked_samples);
+        let stall = self.assemble(start_ns, now_ns, tid);
+        self.pending.truncate(kept);
+        stall
+    }
+
+    fn assemble(&mut self, start_ns: u64, end_ns: u64, tid: u32) -> Stall {
         let mut madvise = MadviseTotals::default();
         let mut madvise_ns = 0;
         for &(iteration, bytes, duration_ns) in &self.pending_madvise {
-            if iteration == event.start_ns {
+            if iteration == start_ns {
                 madvise.calls += 1;
                 madvise.bytes += bytes;
                 madvise_ns += duration_ns;
             }
         }
         madvise.us = madvise_ns / 1_000;
-        self.pending_madvise.retain(|&(iteration, _, _)| iteration > event.start_ns);
 
-        let (samples, later): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.pending).into_iter().filter(|s| s.iteration_start_ns >= event.start_ns).partition(|s| s.iteration_start_ns == event.start_ns);
-        self.pending = later;
-
+        let Self { pending, symbolizer, unwinder, rules, .. } = self;
+        let samples: Vec<&PendingSample> = pending.iter().filter(|s| s.iteration_start_ns == start_ns).collect();
         let mut totals_ns: HashMap<StackKind, u64> = HashMap::new();
         let mut stacks: HashMap<(StackKind, Vec<Rc<str>>), (u64, u64)> = HashMap::new();
         for sample in &samples {
-            let mut frames = self.symbolizer.kernel_frames(&sample.kernel);
-            frames.extend(self.symbolizer.user_frames(&sample.user, self.unwinder.memory_map()));
+            let mut frames = symbolizer.kernel_frames(&sample.kernel);
+            frames.extend(symbolizer.user_frames(&sample.user, unwinder.memory_map()));
             *totals_ns.entry(sample.kind).or_default() += sample.weight_ns;
             let (weight_ns, count) = stacks.entry((sample.kind, frames)).or_default();
             *weight_ns += sample.weight_ns;
@@ -252,16 +276,16 @@ impl StallAssembler {
         let stacks: Vec<AttributedStack> = stacks
             .into_iter()
             .map(|((kind, frames), (weight_ns, samples))| {
-                let attribution = self.rules.attribute(kind, &frames);
+                let attribution = rules.attribute(kind, &frames);
                 AttributedStack { kind, frames, attribution, weight_ns, samples }
             })
             .collect();
         let (origin, mechanism, breakdown) = breakdown(&stacks);
         Stall {
-            start: self.clock.at(event.start_ns),
+            start: self.clock.at(start_ns),
             pid: self.pid,
-            tid: event.tid,
-            duration_us: event.end_ns.saturating_sub(event.start_ns) / 1_000,
+            tid,
+            duration_us: end_ns.saturating_sub(start_ns) / 1_000,
             threshold_us: self.threshold.as_micros() as u64,
             origin,
             mechanism,

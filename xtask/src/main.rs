@@ -10,8 +10,8 @@ use anyhow::{Context as _, bail};
 mod demo;
 
 /// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
-/// network namespaces, util-linux for unshare/setpriv.
-const APT_PACKAGES: [&str; 8] = [
+/// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests.
+const APT_PACKAGES: [&str; 9] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -20,6 +20,7 @@ const APT_PACKAGES: [&str; 8] = [
     "redis-tools",
     "iproute2",
     "util-linux",
+    "curl",
 ];
 /// The bpf-linker release that builds against LLVM 22 (see PLATFORM.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";

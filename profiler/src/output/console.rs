@@ -1,8 +1,12 @@
 //! Human lines on stderr: one per stall, one per interval, the summary at exit.
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 
 use super::{Attached, IntervalReport, Sink, StopReason, Summary, human_duration_ns};
-use crate::{clock::rfc3339_micros, stall::Stall};
+use crate::{
+    alert::{Alert, AlertState},
+    clock::rfc3339_micros,
+    stall::Stall,
+};
 
 /// Frames of the heaviest stack shown under a stall, leaf first.
 const TOP_FRAMES: usize = 12;
@@ -60,6 +64,29 @@ impl Sink for ConsoleSink {
         writeln!(io::stderr(), "{line}")
     }
 
+    fn alert(&mut self, alert: &Alert) -> io::Result<()> {
+        let us = |value: u64| human_duration_ns(value * 1_000);
+        let stall = &alert.stall;
+        let what = match (alert.state, alert.elapsed_us) {
+            (AlertState::InProgress, Some(elapsed_us)) => format!("event loop stalled for {} and counting", us(elapsed_us)),
+            _ => format!("stall of {}", us(stall.duration_us)),
+        };
+        let line = format!(
+            "ALERT {}: {what} (alert at {}), in {}, time in {}, pid {}",
+            rfc3339_micros(stall.start),
+            us(alert.alert_us),
+            stall.origin,
+            stall.mechanism,
+            stall.pid,
+        );
+        let mut stderr = io::stderr();
+        if stderr.is_terminal() {
+            writeln!(stderr, "\x1b[1;31m{line}\x1b[0m")
+        } else {
+            writeln!(stderr, "{line}")
+        }
+    }
+
     fn interval(&mut self, report: &IntervalReport) -> io::Result<()> {
         let stats = &report.stats;
         writeln!(
@@ -105,6 +132,17 @@ impl Sink for ConsoleSink {
                 cause.stalls,
                 human_duration_ns(cause.total_us * 1_000),
                 human_duration_ns(cause.max_us * 1_000),
+            )?;
+        }
+        if let Some(alerts) = &summary.alerts {
+            writeln!(
+                io::stderr(),
+                "  alerts: {} final, {} in progress; --alert-exec runs {}, suppressed {}, failed {}",
+                alerts.finals,
+                alerts.in_progress,
+                alerts.exec_runs,
+                alerts.exec_suppressed,
+                alerts.exec_failed,
             )?;
         }
         for line in &summary.madvise {

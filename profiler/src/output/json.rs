@@ -8,13 +8,14 @@ use std::{
 use serde::Serialize;
 
 use super::{Attached, IntervalReport, Sink, Summary};
-use crate::{cli::OutputPath, stall::Stall};
+use crate::{alert::Alert, cli::OutputPath, stall::Stall};
 
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Record<'a> {
     Attached(&'a Attached),
     Stall(&'a Stall),
+    Alert(&'a Alert),
     Summary(&'a Summary),
 }
 
@@ -48,6 +49,10 @@ impl Sink for JsonSink {
 
     fn stall(&mut self, stall: &Stall) -> io::Result<()> {
         self.write(&Record::Stall(stall))
+    }
+
+    fn alert(&mut self, alert: &Alert) -> io::Result<()> {
+        self.write(&Record::Alert(alert))
     }
 
     fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {

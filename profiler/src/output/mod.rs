@@ -4,7 +4,13 @@ use std::{io, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{clock::serialize_rfc3339, histogram::IterationStats, madvise::MadviseSummary, stall::Stall};
+use crate::{
+    alert::{Alert, AlertCounts},
+    clock::serialize_rfc3339,
+    histogram::IterationStats,
+    madvise::MadviseSummary,
+    stall::Stall,
+};
 
 mod console;
 mod json;
@@ -76,6 +82,9 @@ pub struct Summary {
     /// Stalls per origin and mechanism, most total time first.
     #[serde(default)]
     pub causes: Vec<CauseSummary>,
+    /// With `--alert`: alerts given and `--alert-exec` runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<AlertCounts>,
 }
 
 /// The stalls of one origin and mechanism.
@@ -127,6 +136,7 @@ impl Summary {
         counts: RunCounts,
         madvise: Vec<MadviseSummary>,
         causes: Vec<CauseSummary>,
+        alerts: Option<AlertCounts>,
         stopped: StopReason,
     ) -> Self {
         Self {
@@ -142,6 +152,7 @@ impl Summary {
             stopped,
             madvise,
             causes,
+            alerts,
         }
     }
 }
@@ -150,6 +161,7 @@ impl Summary {
 pub trait Sink {
     fn attached(&mut self, attached: &Attached) -> io::Result<()>;
     fn stall(&mut self, stall: &Stall) -> io::Result<()>;
+    fn alert(&mut self, alert: &Alert) -> io::Result<()>;
     fn interval(&mut self, report: &IntervalReport) -> io::Result<()>;
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
     /// What to call this sink in an error message.
@@ -186,6 +198,10 @@ impl Outputs {
 
     pub fn stall(&mut self, stall: &Stall) -> Result<(), OutputError> {
         self.each(|sink| sink.stall(stall))
+    }
+
+    pub fn alert(&mut self, alert: &Alert) -> Result<(), OutputError> {
+        self.each(|sink| sink.alert(alert))
     }
 
     pub fn interval(&mut self, report: &IntervalReport) -> Result<(), OutputError> {

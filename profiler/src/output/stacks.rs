@@ -126,6 +126,10 @@ impl Sink for StackFilesSink {
         Ok(())
     }
 
+    fn alert(&mut self, _alert: &crate::alert::Alert) -> io::Result<()> {
+        Ok(())
+    }
+
     fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {
         Ok(())
     }

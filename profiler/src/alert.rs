@@ -1,0 +1,251 @@
+//! Alerts on stall duration. A stall at least `--alert` long gives a final alert; an iteration
+//! still running past `--alert` gives an in-progress alert at once (the kernel's loop state says
+//! when the iteration began). Alerts go to the outputs, and with `--alert-exec` to a command run
+//! on its own thread, with the alert JSON on its standard input, a timeout and a per-minute cap.
+use std::{
+    collections::VecDeque,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::stall::Stall;
+
+/// How often the current iteration's age is checked: an in-progress alert goes out at most
+/// this long after the iteration crosses the alert threshold.
+pub const IN_PROGRESS_CHECK_PERIOD: Duration = Duration::from_millis(10);
+
+/// Whether the stall is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    /// The iteration is still running; the stall's fields cover what was sampled so far.
+    InProgress,
+    /// The stall ended.
+    Final,
+}
+
+/// An alert: the stall's fields, its state and, in progress, how long it has run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Alert {
+    pub state: AlertState,
+    /// In progress: how long the iteration has been running.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub elapsed_us: Option<u64>,
+    /// The alert threshold.
+    pub alert_us: u64,
+    #[serde(flatten)]
+    pub stall: Stall,
+}
+
+/// Counts of alerts for the summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertCounts {
+    #[serde(rename = "final")]
+    pub finals: u64,
+    pub in_progress: u64,
+    /// `--alert-exec` runs started.
+    pub exec_runs: u64,
+    /// Alerts not given to `--alert-exec` because of `--alert-max-per-minute`.
+    pub exec_suppressed: u64,
+    /// Runs that could not start, failed, or were killed after the timeout.
+    pub exec_failed: u64,
+}
+
+/// What `--alert-exec` runs and how.
+#[derive(Debug, Clone)]
+pub struct ExecSettings {
+    /// Program and arguments (split like a shell would, but never given to a shell).
+    pub argv: Vec<String>,
+    pub timeout: Duration,
+    pub max_per_minute: u32,
+}
+
+/// Runs `--alert-exec` off the event path.
+pub struct AlertExec {
+    sender: mpsc::Sender<Alert>,
+    recent_runs: VecDeque<Instant>,
+    max_per_minute: u32,
+    failed: Arc<AtomicU64>,
+    runs: u64,
+    suppressed: u64,
+}
+
+impl AlertExec {
+    /// Starts the runner thread. A program that cannot be found is reported now (profiling goes
+    /// on; each alert then counts as a failed run).
+    pub fn start(settings: ExecSettings) -> Self {
+        if let Some(program) = settings.argv.first()
+            && find_program(program).is_none()
+        {
+            log::warn!("--alert-exec: program `{program}` not found; alerts are still printed and written");
+        }
+        let (sender, receiver) = mpsc::channel::<Alert>();
+        let failed = Arc::new(AtomicU64::new(0));
+        let thread_failed = Arc::clone(&failed);
+        let ExecSettings { argv, timeout, max_per_minute } = settings;
+        thread::Builder::new()
+            .name("alert-exec".into())
+            .spawn(move || {
+                for alert in receiver {
+                    if let Err(problem) = run_once(&argv, &alert, timeout) {
+                        thread_failed.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("--alert-exec: {problem}");
+                    }
+                }
+            })
+            .expect("spawning a thread");
+        Self { sender, recent_runs: VecDeque::new(), max_per_minute, failed, runs: 0, suppressed: 0 }
+    }
+
+    /// Hands `alert` to the runner unless the per-minute cap is reached.
+    pub fn submit(&mut self, alert: &Alert) {
+        let now = Instant::now();
+        while self.recent_runs.front().is_some_and(|run| now.duration_since(*run) >= Duration::from_secs(60)) {
+            self.recent_runs.pop_front();
+        }
+        if self.recent_runs.len() >= self.max_per_minute as usize {
+            self.suppressed += 1;
+            return;
+        }
+        self.recent_runs.push_back(now);
+        self.runs += 1;
+        if self.sender.send(alert.clone()).is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds this runner's counts to `counts`.
+    pub fn count_into(&self, counts: &mut AlertCounts) {
+        counts.exec_runs = self.runs;
+        counts.exec_suppressed = self.suppressed;
+        counts.exec_failed = self.failed.load(Ordering::Relaxed);
+    }
+}
+
+/// Runs the command once with the alert on stdin and `REDIS_STALLPROF_*` in its environment.
+fn run_once(argv: &[String], alert: &Alert, timeout: Duration) -> Result<(), String> {
+    let (program, arguments) = argv.split_first().ok_or("no command given")?;
+    let json = serde_json::to_vec(alert).map_err(|error| error.to_string())?;
+    let mut child = Command::new(program)
+        .args(arguments)
+        .env("REDIS_STALLPROF_STATE", if alert.state == AlertState::Final { "final" } else { "in_progress" })
+        .env("REDIS_STALLPROF_DURATION_US", alert.stall.duration_us.to_string())
+        .env("REDIS_STALLPROF_ORIGIN", &alert.stall.origin)
+        .env("REDIS_STALLPROF_MECHANISM", &alert.stall.mechanism)
+        .env("REDIS_STALLPROF_PID", alert.stall.pid.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|error| format!("cannot run `{program}`: {error}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input is its own business.
+        let _ = stdin.write_all(&json).and_then(|()| stdin.write_all(b"\n"));
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("`{program}` failed: {status}")),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("`{program}` still ran after {timeout:?}; killed it"));
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(10)),
+            Err(error) => return Err(format!("cannot wait for `{program}`: {error}")),
+        }
+    }
+}
+
+/// The program's path: as given when it has a `/`, else the first match on `PATH`.
+fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).is_file().then(|| PathBuf::from(program));
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|path| path.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    fn alert(state: AlertState) -> Alert {
+        Alert {
+            state,
+            elapsed_us: None,
+            alert_us: 100_000,
+            stall: Stall {
+                start: SystemTime::UNIX_EPOCH,
+                pid: 7,
+                tid: 7,
+                duration_us: 200_000,
+                threshold_us: 10_000,
+                origin: "command:debug".into(),
+                mechanism: "syscall.sleep".into(),
+                breakdown: Vec::new(),
+                on_cpu_us: 0,
+                off_cpu_us: 0,
+                runqueue_us: 0,
+                samples: 0,
+                stacks: Vec::new(),
+                madvise: Default::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn an_alert_is_the_stall_with_its_state() {
+        let json = serde_json::to_value(alert(AlertState::Final)).unwrap();
+        assert_eq!(json["state"], "final");
+        assert_eq!(json["origin"], "command:debug");
+        assert_eq!(json["duration_us"], 200_000);
+        assert!(json.get("elapsed_us").is_none());
+    }
+
+    #[test]
+    fn the_command_gets_the_json_on_stdin_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let script = format!("cat > {0}; echo \"$REDIS_STALLPROF_ORIGIN $REDIS_STALLPROF_STATE\" >> {0}", out.display());
+        let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
+        run_once(&argv, &alert(AlertState::Final), Duration::from_secs(5)).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        let (json, environment) = text.split_once('\n').unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(json).unwrap()["mechanism"], "syscall.sleep");
+        assert_eq!(environment.trim(), "command:debug final");
+    }
+
+    #[test]
+    fn a_hanging_command_is_killed_and_a_missing_one_is_an_error() {
+        let hang = vec!["sleep".to_owned(), "30".to_owned()];
+        let started = Instant::now();
+        let error = run_once(&hang, &alert(AlertState::Final), Duration::from_millis(200)).unwrap_err();
+        assert!(error.contains("killed it") && started.elapsed() < Duration::from_secs(5), "{error}");
+        let missing = vec!["/nonexistent/notify".to_owned()];
+        assert!(run_once(&missing, &alert(AlertState::Final), Duration::from_secs(1)).unwrap_err().contains("cannot run"));
+        assert!(find_program("sh").is_some() && find_program("/nonexistent/notify").is_none());
+    }
+
+    #[test]
+    fn runs_beyond_the_cap_are_suppressed_and_counted() {
+        let mut exec = AlertExec::start(ExecSettings { argv: vec!["true".into()], timeout: Duration::from_secs(5), max_per_minute: 2 });
+        for _ in 0..5 {
+            exec.submit(&alert(AlertState::Final));
+        }
+        let mut counts = AlertCounts::default();
+        exec.count_into(&mut counts);
+        assert_eq!((counts.exec_runs, counts.exec_suppressed), (2, 3));
+    }
+}
