@@ -177,8 +177,6 @@ fn find_program(program: &str) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
 
     fn alert(state: AlertState) -> Alert {
@@ -186,22 +184,7 @@ mod tests {
             state,
             elapsed_us: None,
             alert_us: 100_000,
-            stall: Stall {
-                start: SystemTime::UNIX_EPOCH,
-                pid: 7,
-                tid: 7,
-                duration_us: 200_000,
-                threshold_us: 10_000,
-                origin: "command:debug".into(),
-                mechanism: "syscall.sleep".into(),
-                breakdown: Vec::new(),
-                on_cpu_us: 0,
-                off_cpu_us: 0,
-                runqueue_us: 0,
-                samples: 0,
-                stacks: Vec::new(),
-                madvise: Default::default(),
-            },
+            stall: Stall::example("command:debug", "syscall.sleep", 200_000),
         }
     }
 

@@ -16,8 +16,8 @@ pub const UNKNOWN: &str = "unknown";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    #[error("cannot read the rules file `{path}`: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("cannot read the rules file `{path}`: {cause}")]
+    Read { path: String, cause: std::io::Error },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("{origin} line {line}: {message}")]
@@ -84,7 +84,7 @@ impl Rules {
     /// Reads a rules file.
     pub fn load(path: &Path) -> Result<Self, RulesError> {
         let text = fs::read_to_string(path)
-            .map_err(|source| RulesError::Read { path: path.display().to_string(), source })?;
+            .map_err(|source| RulesError::Read { path: path.display().to_string(), cause: source })?;
         Self::parse(&text, &format!("`{}`", path.display()))
     }
 
@@ -222,23 +222,39 @@ fn glob(pattern: &str, text: &str) -> Option<String> {
         return (pattern == text).then(String::new);
     };
     let remainder = text.strip_prefix(prefix)?;
-    // Try the shortest capture first for the remaining pattern.
+    // The shortest capture after which the rest of the pattern matches.
     (0..=remainder.len())
         .filter(|&end| remainder.is_char_boundary(end))
-        .find(|&end| glob_rest(rest, &remainder[end..]))
+        .find(|&end| wildcard_match(rest.as_bytes(), remainder[end..].as_bytes()))
         .map(|end| remainder[..end].to_owned())
 }
 
-fn glob_rest(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((prefix, rest)) => match text.strip_prefix(prefix) {
-            None => false,
-            Some(remainder) => (0..=remainder.len())
-                .filter(|&end| remainder.is_char_boundary(end))
-                .any(|end| glob_rest(rest, &remainder[end..])),
-        },
+/// `*`-wildcard matching in O(pattern x text), backtracking only to the last `*` (a rules file
+/// with many stars cannot make it blow up).
+fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut last_star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                last_star = Some((p, t));
+                p += 1;
+            }
+            Some(&byte) if byte == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match last_star {
+                Some((star, matched_from)) => {
+                    last_star = Some((star, matched_from + 1));
+                    p = star + 1;
+                    t = matched_from + 1;
+                }
+                None => return false,
+            },
+        }
     }
+    pattern[p..].iter().all(|&byte| byte == b'*')
 }
 
 #[cfg(test)]
@@ -336,6 +352,17 @@ mod tests {
         assert_eq!(glob("call", "call").as_deref(), Some(""));
         assert_eq!(glob("call", "callback"), None);
         assert_eq!(glob("*Command", "keysCommandX"), None);
+        assert_eq!(glob("a*b*c", "axxbyyc").as_deref(), Some("xx"));
+        assert_eq!(glob("a*b*c", "axxbyy"), None);
+    }
+
+    #[test]
+    fn many_stars_do_not_blow_up() {
+        let pattern = format!("{}b", "*a".repeat(40));
+        let text = "a".repeat(200);
+        let started = std::time::Instant::now();
+        assert_eq!(glob(&pattern, &text), None);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]
@@ -358,5 +385,25 @@ mod tests {
     fn the_builtin_rules_parse() {
         let rules = Rules::builtin();
         assert!(rules.origins.len() > 10 && rules.mechanisms.len() > 5);
+    }
+
+    proptest::proptest! {
+        /// Fuzzing: any text is rules or one clean error.
+        #[test]
+        fn any_text_parses_or_fails_cleanly(text in "\\PC{0,300}") {
+            let _ = Rules::parse(&text, "fuzz");
+        }
+
+        /// Rules-shaped text with arbitrary patterns and frames.
+        #[test]
+        fn any_patterns_match_any_frames_without_failing(
+            pattern in "[a-z*_\\[\\]]{1,20}",
+            frames in proptest::collection::vec("[a-zA-Z_*+0-9x.\\[\\]]{0,30}", 0..20),
+        ) {
+            let text = format!("[[origin]]\ncategory = \"o*\"\nfunctions = [\"{pattern}\"]\n[[mechanism]]\ncategory = \"m\"\nkernel_functions = [\"{pattern}\"]\nmodules = [\"{pattern}\"]\n");
+            if let Ok(rules) = Rules::parse(&text, "fuzz") {
+                let _ = rules.attribute(StackKind::OnCpu, &frames);
+            }
+        }
     }
 }

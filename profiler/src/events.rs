@@ -133,4 +133,19 @@ mod tests {
         let bytes = as_bytes(&good);
         assert!(matches!(error_of(&bytes[..bytes.len() - 1]), DecodeError::TooShort { .. }));
     }
+
+    proptest::proptest! {
+        /// Fuzzing: arbitrary bytes, and valid kinds with arbitrary bodies, never panic.
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn any_stack_event_body_decodes_or_fails_cleanly(kernel_frames in 0u32..200, user_stack_len in 0u32..40_000, kind in 0u32..6) {
+            let mut words = stack_bytes(kernel_frames, user_stack_len);
+            words[0] = u64::from(kind);
+            let _ = decode(as_bytes(&words));
+        }
+    }
 }

@@ -30,8 +30,8 @@ pub enum KernelError {
          run as root or grant them with `setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep`"
     )]
     MissingPrivileges { missing: String },
-    #[error("cannot read our own capabilities from `/proc/self/status`: {source}")]
-    CapabilitiesUnreadable { source: io::Error },
+    #[error("cannot read our own capabilities from `/proc/self/status`: {cause}")]
+    CapabilitiesUnreadable { cause: io::Error },
     #[error(
         "kernel BTF not found at `{path}`: this kernel was built without CONFIG_DEBUG_INFO_BTF, \
          which redis-stallprof needs"
@@ -49,9 +49,9 @@ pub enum KernelError {
 /// Effective capability bits of this process.
 pub fn effective_capabilities() -> Result<u64, KernelError> {
     let status = fs::read_to_string("/proc/self/status")
-        .map_err(|source| KernelError::CapabilitiesUnreadable { source })?;
+        .map_err(|source| KernelError::CapabilitiesUnreadable { cause: source })?;
     parse_effective_capabilities(&status).ok_or_else(|| KernelError::CapabilitiesUnreadable {
-        source: io::Error::new(io::ErrorKind::InvalidData, "no CapEff line"),
+        cause: io::Error::new(io::ErrorKind::InvalidData, "no CapEff line"),
     })
 }
 

@@ -134,30 +134,13 @@ fn respond(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Respo
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
 
     #[test]
     fn the_exposition_names_every_metric_with_the_target_labels() {
         let metrics = Metrics::new(42, Some(6379));
         metrics.observe_iterations(0.000_02, 3);
-        let stall = Stall {
-            start: SystemTime::UNIX_EPOCH,
-            pid: 42,
-            tid: 42,
-            duration_us: 250_000,
-            threshold_us: 10_000,
-            origin: "command:debug".into(),
-            mechanism: "syscall.sleep".into(),
-            breakdown: Vec::new(),
-            on_cpu_us: 0,
-            off_cpu_us: 0,
-            runqueue_us: 0,
-            samples: 0,
-            stacks: Vec::new(),
-            madvise: Default::default(),
-        };
+        let stall = Stall::example("command:debug", "syscall.sleep", 250_000);
         metrics.observe_stall(&stall);
         metrics.observe_madvise("main", "MADV_DONTNEED", 4096, 0.000_1);
         metrics.set_lost_events(2);

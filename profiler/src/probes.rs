@@ -29,24 +29,24 @@ pub const NESTED_POLL_FUNCTION: &str = "processEventsWhileBlocked";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("cannot load the eBPF programs: {source}")]
-    Load { source: EbpfError },
+    #[error("cannot load the eBPF programs: {cause}")]
+    Load { cause: EbpfError },
     #[error("the eBPF object has no program `{name}`")]
     MissingProgram { name: &'static str },
-    #[error("cannot load program `{name}` into the kernel: {source}")]
-    LoadProgram { name: &'static str, source: ProgramError },
-    #[error("cannot attach `{program}` to tracepoint `syscalls:{tracepoint}`: {source}")]
-    AttachTracepoint { program: &'static str, tracepoint: String, source: ProgramError },
-    #[error("cannot attach a uprobe to `{function}` in `{exe}`: {source}")]
-    AttachUprobe { function: &'static str, exe: String, source: ProgramError },
-    #[error("cannot read the kernel's BTF: {source}")]
-    Btf { source: aya::BtfError },
-    #[error("cannot attach `{program}` to `{what}`: {source}")]
-    Attach { program: &'static str, what: String, source: ProgramError },
+    #[error("cannot load program `{name}` into the kernel: {cause}")]
+    LoadProgram { name: &'static str, cause: ProgramError },
+    #[error("cannot attach `{program}` to tracepoint `syscalls:{tracepoint}`: {cause}")]
+    AttachTracepoint { program: &'static str, tracepoint: String, cause: ProgramError },
+    #[error("cannot attach a uprobe to `{function}` in `{exe}`: {cause}")]
+    AttachUprobe { function: &'static str, exe: String, cause: ProgramError },
+    #[error("cannot read the kernel's BTF: {cause}")]
+    Btf { cause: aya::BtfError },
+    #[error("cannot attach `{program}` to `{what}`: {cause}")]
+    Attach { program: &'static str, what: String, cause: ProgramError },
     #[error("the eBPF object has no map `{name}`")]
     MissingMap { name: &'static str },
-    #[error("cannot use map `{name}`: {source}")]
-    Map { name: &'static str, source: MapError },
+    #[error("cannot use map `{name}`: {cause}")]
+    Map { name: &'static str, cause: MapError },
 }
 
 /// What the kernel programs need to know about the run.
@@ -84,7 +84,7 @@ impl Probes {
     /// program into the kernel (nothing is attached yet).
     pub fn load(settings: ProbeSettings) -> Result<Self, ProbeError> {
         raise_memlock_limit();
-        let btf = Btf::from_sys_fs().map_err(|source| ProbeError::Btf { source })?;
+        let btf = Btf::from_sys_fs().map_err(|source| ProbeError::Btf { cause: source })?;
         let ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(GLOBAL_TARGET_PID, &settings.pid, true)
@@ -95,22 +95,22 @@ impl Probes {
             .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
             .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes)
             .load(EBPF_OBJECT)
-            .map_err(|source| ProbeError::Load { source })?;
+            .map_err(|source| ProbeError::Load { cause: source })?;
         let mut probes = Self { ebpf };
         for name in TRACEPOINT_PROGRAMS {
-            probes.program::<TracePoint>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
+            probes.program::<TracePoint>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, cause: source })?;
         }
         for name in UPROBE_PROGRAMS {
-            probes.program::<UProbe>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
+            probes.program::<UProbe>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, cause: source })?;
         }
         for (name, tracepoint) in SCHEDULER_PROGRAMS {
             probes
                 .program::<BtfTracePoint>(name)?
                 .load(tracepoint, &btf)
-                .map_err(|source| ProbeError::LoadProgram { name, source })?;
+                .map_err(|source| ProbeError::LoadProgram { name, cause: source })?;
         }
         let name = SAMPLE_PROGRAM;
-        probes.program::<PerfEvent>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, source })?;
+        probes.program::<PerfEvent>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, cause: source })?;
         Ok(probes)
     }
 
@@ -128,7 +128,7 @@ impl Probes {
     pub fn attach_madvise(&mut self) -> Result<(), ProbeError> {
         for (program, tracepoint) in MADVISE_PROGRAMS {
             self.program::<TracePoint>(program)?.attach("syscalls", tracepoint).map_err(|source| {
-                ProbeError::AttachTracepoint { program, tracepoint: tracepoint.to_owned(), source }
+                ProbeError::AttachTracepoint { program, tracepoint: tracepoint.to_owned(), cause: source }
             })?;
         }
         Ok(())
@@ -139,7 +139,7 @@ impl Probes {
         for (program, tracepoint) in SCHEDULER_PROGRAMS {
             self.program::<BtfTracePoint>(program)?
                 .attach()
-                .map_err(|source| ProbeError::Attach { program, what: format!("tp_btf/{tracepoint}"), source })?;
+                .map_err(|source| ProbeError::Attach { program, what: format!("tp_btf/{tracepoint}"), cause: source })?;
         }
         Ok(())
     }
@@ -155,7 +155,7 @@ impl Probes {
                 SamplePolicy::Frequency(frequency_hz),
                 false,
             )
-            .map_err(|source| ProbeError::Attach { program, what: format!("the CPU clock of thread {tid}"), source })?;
+            .map_err(|source| ProbeError::Attach { program, what: format!("the CPU clock of thread {tid}"), cause: source })?;
         Ok(())
     }
 
@@ -164,7 +164,7 @@ impl Probes {
         for tracepoint in tracepoints {
             let program = if tracepoint.entry { "poll_entry" } else { "poll_return" };
             self.program::<TracePoint>(program)?.attach("syscalls", &tracepoint.name).map_err(|source| {
-                ProbeError::AttachTracepoint { program, tracepoint: tracepoint.name.clone(), source }
+                ProbeError::AttachTracepoint { program, tracepoint: tracepoint.name.clone(), cause: source }
             })?;
         }
         Ok(())
@@ -179,7 +179,7 @@ impl Probes {
                 ProbeError::AttachUprobe {
                     function,
                     exe: exe.display().to_string(),
-                    source,
+                    cause: source,
                 }
             })?;
         }
@@ -188,7 +188,7 @@ impl Probes {
 
     /// Takes the ring buffer of events out of the object (call once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        RingBuf::try_from(self.take_map(MAP_EVENTS)?).map_err(|source| ProbeError::Map { name: MAP_EVENTS, source })
+        RingBuf::try_from(self.take_map(MAP_EVENTS)?).map_err(|source| ProbeError::Map { name: MAP_EVENTS, cause: source })
     }
 
     /// Takes the maps userspace reads out of the object (call once).
@@ -207,7 +207,7 @@ impl Probes {
     }
 
     fn take_array<T: aya::Pod>(&mut self, name: &'static str) -> Result<Array<MapData, T>, ProbeError> {
-        Array::try_from(self.take_map(name)?).map_err(|source| ProbeError::Map { name, source })
+        Array::try_from(self.take_map(name)?).map_err(|source| ProbeError::Map { name, cause: source })
     }
 }
 
@@ -236,13 +236,13 @@ impl KernelMaps {
         (0..ITERATION_BUCKETS)
             .map(|bucket| self.histogram.get(&bucket, 0))
             .collect::<Result<_, _>>()
-            .map_err(|source| ProbeError::Map { name: MAP_ITERATION_HISTOGRAM, source })
+            .map_err(|source| ProbeError::Map { name: MAP_ITERATION_HISTOGRAM, cause: source })
     }
 
     /// The longest iteration since the previous call (ns), and starts a new period. An
     /// iteration that ends between the read and the reset is missed from the maximum only.
     pub fn take_iteration_max_ns(&mut self) -> Result<u64, ProbeError> {
-        let map_error = |source| ProbeError::Map { name: MAP_ITERATION_MAX, source };
+        let map_error = |source| ProbeError::Map { name: MAP_ITERATION_MAX, cause: source };
         let max_ns = self.iteration_max.get(&0, 0).map_err(map_error)?;
         self.iteration_max.set(0, 0, 0).map_err(map_error)?;
         Ok(max_ns)
@@ -250,7 +250,7 @@ impl KernelMaps {
 
     /// The event loop's state as the kernel last saw it.
     pub fn loop_state(&self) -> Result<LoopState, ProbeError> {
-        self.loop_state.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_LOOP_STATE, source })
+        self.loop_state.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_LOOP_STATE, cause: source })
     }
 
     /// The stacks the event-loop thread left the CPU with, when `state` says it is off the CPU
@@ -259,12 +259,12 @@ impl KernelMaps {
         if state.switch_out_ns == 0 {
             return Ok(None);
         }
-        let stacks = self.off_cpu_stacks.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_OFF_CPU_STACKS, source })?;
+        let stacks = self.off_cpu_stacks.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_OFF_CPU_STACKS, cause: source })?;
         Ok(Some(Box::new(stacks)))
     }
 
     /// A kernel-side counter (`profiler_common::COUNTER_*`).
     pub fn counter(&self, index: u32) -> Result<u64, ProbeError> {
-        self.counters.get(&index, 0).map_err(|source| ProbeError::Map { name: MAP_COUNTERS, source })
+        self.counters.get(&index, 0).map_err(|source| ProbeError::Map { name: MAP_COUNTERS, cause: source })
     }
 }

@@ -26,7 +26,7 @@ use crate::{
     kernel,
     madvise::MadviseStats,
     output::{
-        Attached, ConsoleSink, IntervalReport, JsonSink, Outputs, RunCounts, Sink, StackFilesSink, StallCauses,
+        Attached, ConsoleSink, IntervalReport, JsonSink, LostEvents, Outputs, RunCounts, Sink, StackFilesSink, StallCauses,
         StopReason, Summary, flamegraph_title,
     },
     probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeSettings, Probes},
@@ -78,6 +78,13 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
             .ok()
     });
 
+    if (args.ring_buffer_kib as usize) * 1024 < size_of::<profiler_common::StackEvent>() + 8 {
+        log::warn!(
+            "--ring-buffer-kib {} holds no stack event ({} bytes each): every stack sample will be lost",
+            args.ring_buffer_kib,
+            size_of::<profiler_common::StackEvent>()
+        );
+    }
     let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
     let mut probes = Probes::load(ProbeSettings {
         pid: target.pid,
@@ -145,6 +152,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         interval_stalls: 0,
         decode_errors: 0,
         reported_lost: 0,
+        samples_lost_at_last_stall: 0,
         started: Instant::now(),
     };
     let attached = Attached {
@@ -161,7 +169,10 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
             let listener = tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
             tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
         }
-        monitor.outputs.attached(&attached)?;
+        if let Err(error) = monitor.outputs.attached(&attached) {
+            monitor.finish(StopReason::Error, &mut ConsoleSink);
+            return Err(error.into());
+        }
         monitor.watch(events, args.interval, args.duration).await
     });
     // `probes` stays alive (attached) until the last events are drained.
@@ -225,6 +236,8 @@ struct Monitor {
     decode_errors: u64,
     /// Lost events already shown in an interval line.
     reported_lost: u64,
+    /// Stack samples lost (kernel and userspace) when the previous stall was assembled.
+    samples_lost_at_last_stall: u64,
     started: Instant,
 }
 
@@ -241,6 +254,7 @@ impl Monitor {
             .context("cannot poll the events ring buffer")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
         let mut report = interval_at(self.started + interval, interval);
         let mut liveness = interval_at(self.started + LIVENESS_PERIOD, LIVENESS_PERIOD);
         let mut alert_check = optional_interval(self.alerting.is_some(), IN_PROGRESS_CHECK_PERIOD);
@@ -273,6 +287,7 @@ impl Monitor {
                 () = &mut deadline => break StopReason::Duration,
                 _ = sigint.recv() => break StopReason::Signal,
                 _ = sigterm.recv() => break StopReason::Signal,
+                _ = sighup.recv() => self.outputs.reopen().map_err(Into::into),
             };
             if let Err(error) = step {
                 self.finish(StopReason::Error, &mut ConsoleSink);
@@ -283,12 +298,11 @@ impl Monitor {
         self.update_histogram()?;
         log::info!(
             "kernel counters: unpaired poll entries {}, short blocks {}, blocks before the gate {}, \
-             unmatched switch-outs {}, untracked madvise calls {}",
+             unmatched switch-outs {}",
             self.maps.counter(COUNTER_UNPAIRED_POLL_ENTRIES)?,
             self.maps.counter(COUNTER_SHORT_BLOCKS)?,
             self.maps.counter(COUNTER_BLOCKS_BEFORE_GATE)?,
             self.maps.counter(COUNTER_UNMATCHED_SWITCH_OUTS)?,
-            self.maps.counter(COUNTER_MADVISE_UNTRACKED)?,
         );
         let summary = self.summary(stopped)?;
         self.outputs.summary(&summary)?;
@@ -300,7 +314,10 @@ impl Monitor {
         while let Some(record) = events.next() {
             match events::decode(&record) {
                 Ok(Event::Stall(event)) => {
-                    let stall = self.assembler.stall(&event);
+                    let mut stall = self.assembler.stall(&event);
+                    let samples_lost = self.maps.counter(COUNTER_STACK_EVENTS_LOST)? + self.assembler.dropped_samples;
+                    stall.incomplete = samples_lost > self.samples_lost_at_last_stall;
+                    self.samples_lost_at_last_stall = samples_lost;
                     self.causes.add(&stall);
                     self.stalls += 1;
                     self.interval_stalls += 1;
@@ -337,7 +354,7 @@ impl Monitor {
             for (midpoint_ns, count) in added {
                 metrics.observe_iterations(midpoint_ns as f64 / 1e9, count);
             }
-            metrics.set_lost_events(self.lost_events()?);
+            metrics.set_lost_events(self.lost_events()?.total());
         }
         Ok(())
     }
@@ -388,17 +405,20 @@ impl Monitor {
     }
 
     /// Events the kernel could not send, records that did not decode, samples not kept.
-    fn lost_events(&self) -> anyhow::Result<u64> {
-        Ok(self.maps.counter(COUNTER_STALL_EVENTS_LOST)?
-            + self.maps.counter(COUNTER_STACK_EVENTS_LOST)?
-            + self.maps.counter(COUNTER_MADVISE_EVENTS_LOST)?
-            + self.decode_errors
-            + self.assembler.dropped_samples)
+    fn lost_events(&self) -> anyhow::Result<LostEvents> {
+        Ok(LostEvents {
+            stall_events: self.maps.counter(COUNTER_STALL_EVENTS_LOST)?,
+            stack_events: self.maps.counter(COUNTER_STACK_EVENTS_LOST)?,
+            madvise_events: self.maps.counter(COUNTER_MADVISE_EVENTS_LOST)?,
+            madvise_untracked: self.maps.counter(COUNTER_MADVISE_UNTRACKED)?,
+            undecodable: self.decode_errors,
+            samples_not_kept: self.assembler.dropped_samples,
+        })
     }
 
     fn report_interval(&mut self, interval: Duration) -> anyhow::Result<()> {
         self.update_histogram()?;
-        let lost = self.lost_events()?;
+        let lost = self.lost_events()?.total();
         let report = IntervalReport {
             seconds: interval.as_secs_f64(),
             stats: self.histogram.take_interval(),
@@ -414,7 +434,7 @@ impl Monitor {
         let counts = RunCounts {
             stalls: self.stalls,
             stack_samples: self.assembler.received_samples,
-            lost_events: self.lost_events()?,
+            lost: self.lost_events()?,
             duration_s: self.started.elapsed().as_secs_f64(),
         };
         let alerts = self.alerting.as_ref().map(|alerting| {

@@ -116,6 +116,10 @@ pub struct Stall {
     /// The event-loop thread's madvise calls inside the stall.
     #[serde(default)]
     pub madvise: MadviseTotals,
+    /// True when stack samples may be missing from this stall (the ring buffer was full, or too
+    /// many were pending): its times and stacks are then lower bounds.
+    #[serde(default)]
+    pub incomplete: bool,
 }
 
 /// madvise calls summed.
@@ -124,6 +128,30 @@ pub struct MadviseTotals {
     pub calls: u64,
     pub bytes: u64,
     pub us: u64,
+}
+
+#[cfg(test)]
+impl Stall {
+    /// A stall for tests: `duration_us` long, with this diagnosis and nothing sampled.
+    pub(crate) fn example(origin: &str, mechanism: &str, duration_us: u64) -> Self {
+        Self {
+            start: SystemTime::UNIX_EPOCH,
+            pid: 42,
+            tid: 42,
+            duration_us,
+            threshold_us: 10_000,
+            origin: origin.into(),
+            mechanism: mechanism.into(),
+            breakdown: Vec::new(),
+            on_cpu_us: 0,
+            off_cpu_us: 0,
+            runqueue_us: 0,
+            samples: 0,
+            stacks: Vec::new(),
+            madvise: MadviseTotals::default(),
+            incomplete: false,
+        }
+    }
 }
 
 /// A stack sample waiting for its iteration to end: unwound, not yet named.
@@ -296,6 +324,7 @@ impl StallAssembler {
             samples: samples.len() as u64,
             stacks: heaviest_stacks(stacks),
             madvise,
+            incomplete: false,
         }
     }
 }

@@ -35,8 +35,8 @@ pub enum TargetError {
     SeveralRedis { servers: String },
     #[error("no process listens on TCP port {port}")]
     NoListener { port: u16 },
-    #[error("cannot read `{path}`: {source}")]
-    Proc { path: PathBuf, source: io::Error },
+    #[error("cannot read `{path}`: {cause}")]
+    Proc { path: PathBuf, cause: io::Error },
 }
 
 /// The process being profiled.
@@ -76,12 +76,12 @@ impl Target {
             if source.kind() == io::ErrorKind::NotFound {
                 TargetError::NoSuchProcess { pid }
             } else {
-                TargetError::Proc { path: process.join("stat"), source }
+                TargetError::Proc { path: process.join("stat"), cause: source }
             }
         })?;
         let stat = ProcStat::parse(&stat).ok_or_else(|| TargetError::Proc {
             path: process.join("stat"),
-            source: io::Error::new(io::ErrorKind::InvalidData, "unexpected format"),
+            cause: io::Error::new(io::ErrorKind::InvalidData, "unexpected format"),
         })?;
         if stat.pid != pid {
             // A thread id (visible under /proc but not a process) is not a pid.
@@ -150,7 +150,7 @@ impl ProcStat {
 
 fn all_processes() -> Result<Vec<ProcStat>, TargetError> {
     let entries = fs::read_dir("/proc")
-        .map_err(|source| TargetError::Proc { path: "/proc".into(), source })?;
+        .map_err(|source| TargetError::Proc { path: "/proc".into(), cause: source })?;
     Ok(entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| ProcStat::parse(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
@@ -250,7 +250,7 @@ pub fn listening_ports(pid: u32) -> Result<Vec<u16>, TargetError> {
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
             Err(source) if source.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(TargetError::Proc { path, source }),
+            Err(source) => return Err(TargetError::Proc { path, cause: source }),
         };
         ports.extend(parse_listeners(&text).filter(|l| sockets.contains(&l.inode)).map(|l| l.port));
     }

@@ -269,4 +269,28 @@ mod tests {
         assert!(ranges_nest(0x2000, 0x1000, 0x1000, 0x5000));
         assert!(!ranges_nest(0x1000, 0x2000, 0x2000, 0x2000));
     }
+
+    /// Fuzzing: arbitrary registers and stack bytes against this process's real modules (one
+    /// unwinder for all cases: loading the modules is the slow part). `PROPTEST_CASES` sets
+    /// the number of cases.
+    #[test]
+    fn arbitrary_registers_and_bytes_unwind_without_failing() {
+        use proptest::{collection::vec, num::u64, num::u8, strategy::Strategy, test_runner::TestRunner};
+        let unwinder = std::cell::RefCell::new(Unwinder::new(std::process::id()));
+        let code = arbitrary_registers_and_bytes_unwind_without_failing as *const () as u64;
+        let registers = (u64::ANY, u64::ANY, u64::ANY, vec(u8::ANY, 0..512));
+        // Half the cases start in real code of this binary with a stack of random words.
+        let in_code = (0u64..4096, vec(u64::ANY, 0..64)).prop_map(move |(offset, words)| {
+            (code + offset, 0, 0, words.iter().flat_map(|word| word.to_le_bytes()).collect::<Vec<u8>>())
+        });
+        TestRunner::default()
+            .run(&proptest::prop_oneof![registers, in_code], |(ip, sp, bp, bytes)| {
+                let sp = if sp == 0 { bytes.as_ptr() as u64 } else { sp };
+                let stack = unwinder.borrow_mut().unwind(&RecordedStack { ip, sp, bp, bytes: &bytes });
+                proptest::prop_assert_eq!(stack.lookup_addresses[0], ip);
+                proptest::prop_assert!(stack.lookup_addresses.len() <= MAX_FRAMES);
+                Ok(())
+            })
+            .unwrap();
+    }
 }

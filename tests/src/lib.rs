@@ -225,9 +225,14 @@ impl Profiler {
     }
 
     fn signal(self, signal: i32) -> Run {
+        self.signal_only(signal);
+        self.wait()
+    }
+
+    /// Sends `signal` and lets the profiler run on (SIGHUP).
+    pub fn signal_only(&self, signal: i32) {
         // SAFETY: signals our own child, the profiler.
         unsafe { libc::kill(self.child.id() as i32, signal) };
-        self.wait()
     }
 
     /// Waits for the profiler to end by itself (`--duration`, target exit) and collects the run.

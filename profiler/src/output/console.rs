@@ -50,6 +50,9 @@ impl Sink for ConsoleSink {
                 us(stall.madvise.us)
             );
         }
+        if stall.incomplete {
+            line += " [incomplete: samples were lost]";
+        }
         if let Some(heaviest) = stall.stacks.first() {
             let frames: Vec<&str> = heaviest.frames.iter().take(TOP_FRAMES).map(String::as_str).collect();
             line += &format!(
@@ -123,6 +126,19 @@ impl Sink for ConsoleSink {
             human_duration_ns(summary.max_us * 1_000),
             summary.lost_events,
         )?;
+        if summary.lost_events > 0 {
+            let lost = &summary.lost;
+            writeln!(
+                io::stderr(),
+                "  lost: {} stall events, {} stack events, {} madvise events, {} madvise calls untimed, {} undecodable, {} samples not kept",
+                lost.stall_events,
+                lost.stack_events,
+                lost.madvise_events,
+                lost.madvise_untracked,
+                lost.undecodable,
+                lost.samples_not_kept,
+            )?;
+        }
         for cause in &summary.causes {
             writeln!(
                 io::stderr(),

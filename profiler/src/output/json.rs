@@ -1,7 +1,7 @@
 //! JSON lines: one object per record with a `"type"` field (schema in the README). Each line is
 //! flushed as it is written, so a reader sees `attached` as soon as the probes are live.
 use std::{
-    fs::File,
+    fs::{File, OpenOptions},
     io::{self, BufWriter, Write},
 };
 
@@ -65,5 +65,15 @@ impl Sink for JsonSink {
 
     fn describe(&self) -> String {
         format!("the JSON output {}", self.path)
+    }
+
+    /// A file moved away (log rotation) is written to again at its path, appending.
+    fn reopen(&mut self) -> io::Result<()> {
+        if let OutputPath::File(path) = &self.path {
+            self.writer.flush()?;
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            self.writer = BufWriter::new(Box::new(file));
+        }
+        Ok(())
     }
 }

@@ -20,6 +20,7 @@ pub use console::ConsoleSink;
 pub use json::JsonSink;
 pub use stacks::{FoldedStacks, StackFilesSink, flamegraph_title};
 
+
 /// Sent once every probe is live.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attached {
@@ -72,8 +73,11 @@ pub struct Summary {
     pub p999_us: u64,
     pub max_us: u64,
     /// Events the kernel could not send, records userspace could not decode, and stack
-    /// samples it could not keep.
+    /// samples it could not keep: the total of `lost`.
     pub lost_events: u64,
+    /// `lost_events` by kind and reason.
+    #[serde(default)]
+    pub lost: LostEvents,
     pub duration_s: f64,
     pub stopped: StopReason,
     /// Every thread's madvise calls, per thread role and advice.
@@ -126,8 +130,36 @@ impl StallCauses {
 pub struct RunCounts {
     pub stalls: u64,
     pub stack_samples: u64,
-    pub lost_events: u64,
+    pub lost: LostEvents,
     pub duration_s: f64,
+}
+
+/// Events lost, by kind and reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostEvents {
+    /// Stall events the kernel could not send (ring buffer full).
+    pub stall_events: u64,
+    /// Stack events (on- and off-CPU) the kernel could not send.
+    pub stack_events: u64,
+    /// madvise events the kernel could not send.
+    pub madvise_events: u64,
+    /// madvise calls not timed (too many in flight).
+    pub madvise_untracked: u64,
+    /// Records userspace could not decode.
+    pub undecodable: u64,
+    /// Stack samples userspace could not keep (too many pending).
+    pub samples_not_kept: u64,
+}
+
+impl LostEvents {
+    pub fn total(&self) -> u64 {
+        self.stall_events
+            + self.stack_events
+            + self.madvise_events
+            + self.madvise_untracked
+            + self.undecodable
+            + self.samples_not_kept
+    }
 }
 
 impl Summary {
@@ -147,7 +179,8 @@ impl Summary {
             p99_us: stats.p99_ns / 1_000,
             p999_us: stats.p999_ns / 1_000,
             max_us: stats.max_ns / 1_000,
-            lost_events: counts.lost_events,
+            lost_events: counts.lost.total(),
+            lost: counts.lost,
             duration_s: counts.duration_s,
             stopped,
             madvise,
@@ -166,13 +199,17 @@ pub trait Sink {
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
     /// What to call this sink in an error message.
     fn describe(&self) -> String;
+    /// Reopens files by their paths (SIGHUP, after log rotation).
+    fn reopen(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write to {output}: {source}")]
+#[error("cannot write to {output}: {cause}")]
 pub struct OutputError {
     pub output: String,
-    pub source: io::Error,
+    pub cause: io::Error,
 }
 
 /// Every sink of the run.
@@ -187,7 +224,7 @@ impl Outputs {
 
     fn each(&mut self, mut write: impl FnMut(&mut dyn Sink) -> io::Result<()>) -> Result<(), OutputError> {
         for sink in &mut self.sinks {
-            write(sink.as_mut()).map_err(|source| OutputError { output: sink.describe(), source })?;
+            write(sink.as_mut()).map_err(|cause| OutputError { output: sink.describe(), cause })?;
         }
         Ok(())
     }
@@ -208,12 +245,17 @@ impl Outputs {
         self.each(|sink| sink.interval(report))
     }
 
+    /// Reopens every sink's files (SIGHUP).
+    pub fn reopen(&mut self) -> Result<(), OutputError> {
+        self.each(|sink| sink.reopen())
+    }
+
     /// Writes the summary to every sink that still works; reports the first failure.
     pub fn summary(&mut self, summary: &Summary) -> Result<(), OutputError> {
         let mut first_error = None;
         for sink in &mut self.sinks {
-            if let Err(source) = sink.summary(summary) {
-                first_error.get_or_insert(OutputError { output: sink.describe(), source });
+            if let Err(cause) = sink.summary(summary) {
+                first_error.get_or_insert(OutputError { output: sink.describe(), cause });
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -236,22 +278,7 @@ mod tests {
 
     #[test]
     fn stalls_are_counted_per_cause_most_total_time_first() {
-        let stall = |origin: &str, mechanism: &str, duration_us| Stall {
-            start: SystemTime::UNIX_EPOCH,
-            pid: 1,
-            tid: 1,
-            duration_us,
-            threshold_us: 10_000,
-            origin: origin.into(),
-            mechanism: mechanism.into(),
-            breakdown: Vec::new(),
-            on_cpu_us: 0,
-            off_cpu_us: 0,
-            runqueue_us: 0,
-            samples: 0,
-            stacks: Vec::new(),
-            madvise: Default::default(),
-        };
+        let stall = Stall::example;
         let mut causes = StallCauses::default();
         causes.add(&stall("cron.querybuf_resize", "allocator.purge", 17_000));
         causes.add(&stall("command:debug", "syscall.sleep", 250_000));

@@ -144,6 +144,14 @@ impl Sink for StackFilesSink {
         Ok(())
     }
 
+    /// The files are written whole at exit: after a rotation, create them again at their paths.
+    fn reopen(&mut self) -> io::Result<()> {
+        for (path, file) in [&mut self.folded, &mut self.flamegraph].into_iter().flatten() {
+            *file = File::create(&*path)?;
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         let paths: Vec<String> = [&self.folded, &self.flamegraph]
             .into_iter()
@@ -156,28 +164,11 @@ impl Sink for StackFilesSink {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
     use crate::stall::WeightedStack;
 
     fn stall(stacks: Vec<WeightedStack>) -> Stall {
-        Stall {
-            start: SystemTime::UNIX_EPOCH,
-            pid: 1,
-            tid: 1,
-            duration_us: 300_000,
-            threshold_us: 10_000,
-            origin: "unknown".into(),
-            mechanism: "unknown".into(),
-            breakdown: Vec::new(),
-            on_cpu_us: 0,
-            off_cpu_us: 0,
-            runqueue_us: 0,
-            samples: 0,
-            stacks,
-            madvise: Default::default(),
-        }
+        Stall { stacks, ..Stall::example("unknown", "unknown", 300_000) }
     }
 
     fn stack(kind: StackKind, weight_us: u64, frames: &[&str]) -> WeightedStack {
