@@ -181,7 +181,9 @@ pub struct StackEvent {
     pub kernel_stack: [u64; KERNEL_STACK_DEPTH],
     pub user_stack: [u8; USER_STACK_BUFFER_BYTES],
 }
-const _: () = assert!(core::mem::size_of::<StackEvent>() == 80 + 8 * KERNEL_STACK_DEPTH + USER_STACK_BUFFER_BYTES);
+const _: () = assert!(
+    core::mem::size_of::<StackEvent>() == 80 + 8 * KERNEL_STACK_DEPTH + USER_STACK_BUFFER_BYTES
+);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for StackEvent {}
@@ -266,7 +268,10 @@ mod tests {
             let bucket = iteration_bucket(value);
             assert!(bucket < ITERATION_BUCKETS, "{value} -> {bucket}");
             let (low, high) = iteration_bucket_range_ns(bucket);
-            assert!(low <= value && value < high, "{value} -> {bucket} [{low}, {high})");
+            assert!(
+                low <= value && value < high,
+                "{value} -> {bucket} [{low}, {high})"
+            );
             value = value * 9 / 8 + 1;
         }
     }

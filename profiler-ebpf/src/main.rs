@@ -31,10 +31,12 @@ mod programs {
         },
     };
     use profiler_common::{
-        COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
-        COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_OFF_CPU,
-        EVENT_KIND_MADVISE, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, LoopState, MadviseEvent,
-        NO_TARGET, PAGE_BYTES, StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
+        COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED,
+        COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
+        COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_MADVISE,
+        EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS,
+        KERNEL_STACK_DEPTH, LoopState, MadviseEvent, NO_TARGET, PAGE_BYTES, StackEvent, StallEvent,
+        USER_STACK_BYTES, iteration_bucket,
     };
 
     /// GPL-compatible: the stack and memory-read helpers are GPL-only.
@@ -82,7 +84,6 @@ mod programs {
     #[map]
     static MADVISE_IN_FLIGHT: HashMap<u32, [u64; 3]> = HashMap::with_max_entries(MAX_THREADS, 0);
 
-
     /// Reads a read-only global.
     macro_rules! global {
         ($name:ident) => {
@@ -108,7 +109,8 @@ mod programs {
     fn entry<T>(map: &Array<T>, index: u32) -> Option<&mut T> {
         // SAFETY: array entries are plain data. LOOP_STATE and OFF_CPU_STACKS are written only
         // on behalf of the one event-loop thread, whose events the kernel serialises.
-        map.get_ptr_mut(index).map(|pointer| unsafe { &mut *pointer })
+        map.get_ptr_mut(index)
+            .map(|pointer| unsafe { &mut *pointer })
     }
 
     #[inline(always)]
@@ -207,9 +209,18 @@ mod programs {
     fn capture_stacks(ctx: *mut core::ffi::c_void, event: &mut StackEvent, user_regs: &pt_regs) {
         // SAFETY: the buffer is the event's own kernel_stack array and the size is its size.
         let kernel_bytes = unsafe {
-            bpf_get_stack(ctx, event.kernel_stack.as_mut_ptr().cast(), (KERNEL_STACK_DEPTH * 8) as u32, 0)
+            bpf_get_stack(
+                ctx,
+                event.kernel_stack.as_mut_ptr().cast(),
+                (KERNEL_STACK_DEPTH * 8) as u32,
+                0,
+            )
         };
-        event.kernel_frames = if kernel_bytes > 0 { (kernel_bytes / 8) as u32 } else { 0 };
+        event.kernel_frames = if kernel_bytes > 0 {
+            (kernel_bytes / 8) as u32
+        } else {
+            0
+        };
         event.user_ip = user_regs.rip;
         event.user_sp = user_regs.rsp;
         event.user_bp = user_regs.rbp;
@@ -228,7 +239,11 @@ mod programs {
         let mut chunk_bytes = (PAGE - (sp & (PAGE - 1))) as usize;
         for _ in 0..MAX_CHUNKS {
             // `copied <= USER_STACK_BYTES` and a chunk is at most a page: within the buffer.
-            if copied >= limit || copied > USER_STACK_BYTES || chunk_bytes == 0 || chunk_bytes > PAGE_BYTES {
+            if copied >= limit
+                || copied > USER_STACK_BYTES
+                || chunk_bytes == 0
+                || chunk_bytes > PAGE_BYTES
+            {
                 break;
             }
             // SAFETY: destination bounded as above; the source is user memory read by a helper
@@ -256,7 +271,11 @@ mod programs {
         unsafe {
             let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
             let mut copy: pt_regs = core::mem::zeroed();
-            (bpf_probe_read_kernel((&mut copy as *mut pt_regs).cast(), size_of::<pt_regs>() as u32, regs.cast()) == 0)
+            (bpf_probe_read_kernel(
+                (&mut copy as *mut pt_regs).cast(),
+                size_of::<pt_regs>() as u32,
+                regs.cast(),
+            ) == 0)
                 .then_some(copy)
         }
     }
@@ -329,7 +348,8 @@ mod programs {
         if state.poll_return_ns == 0 {
             return;
         }
-        let (Some(stacks), Some(user_regs)) = (entry(&OFF_CPU_STACKS, 0), current_user_regs()) else {
+        let (Some(stacks), Some(user_regs)) = (entry(&OFF_CPU_STACKS, 0), current_user_regs())
+        else {
             return;
         };
         capture_stacks(ctx.as_ptr(), stacks, &user_regs);
@@ -352,7 +372,10 @@ mod programs {
             (true, _) => (0, now_ns.saturating_sub(out_ns)),
             // No wake-up seen: count it all as blocked.
             (false, 0) => (now_ns.saturating_sub(out_ns), 0),
-            (false, woken_ns) => (woken_ns.saturating_sub(out_ns), now_ns.saturating_sub(woken_ns)),
+            (false, woken_ns) => (
+                woken_ns.saturating_sub(out_ns),
+                now_ns.saturating_sub(woken_ns),
+            ),
         };
         if off_cpu_ns + runqueue_ns < global!(MIN_BLOCK_NS) {
             count(COUNTER_SHORT_BLOCKS);
@@ -362,7 +385,9 @@ mod programs {
             count(COUNTER_BLOCKS_BEFORE_GATE);
             return;
         }
-        let Some(stacks) = entry(&OFF_CPU_STACKS, 0) else { return };
+        let Some(stacks) = entry(&OFF_CPU_STACKS, 0) else {
+            return;
+        };
         let Some(mut reserved) = EVENTS.reserve::<StackEvent>(0) else {
             count(COUNTER_STACK_EVENTS_LOST);
             return;
@@ -417,8 +442,16 @@ mod programs {
     pub fn madvise_entry(ctx: TracePointContext) -> u32 {
         let Some(tid) = target_thread() else { return 0 };
         // SAFETY: offsets of `len_in` and `behavior` in the syscall tracepoint's record.
-        let (len, advice) = unsafe { (ctx.read_at::<u64>(24).unwrap_or(0), ctx.read_at::<u64>(32).unwrap_or(0)) };
-        if MADVISE_IN_FLIGHT.insert(&tid, &[now_ns(), len, advice], 0).is_err() {
+        let (len, advice) = unsafe {
+            (
+                ctx.read_at::<u64>(24).unwrap_or(0),
+                ctx.read_at::<u64>(32).unwrap_or(0),
+            )
+        };
+        if MADVISE_IN_FLIGHT
+            .insert(&tid, &[now_ns(), len, advice], 0)
+            .is_err()
+        {
             count(COUNTER_MADVISE_UNTRACKED);
         }
         0
@@ -429,7 +462,8 @@ mod programs {
     pub fn madvise_return(ctx: TracePointContext) -> u32 {
         let Some(tid) = target_thread() else { return 0 };
         // SAFETY: a plain-data value copied out of the map before the entry is removed.
-        let Some([start_ns, len, advice]) = (unsafe { MADVISE_IN_FLIGHT.get(&tid) }).copied() else {
+        let Some([start_ns, len, advice]) = (unsafe { MADVISE_IN_FLIGHT.get(&tid) }).copied()
+        else {
             return 0;
         };
         let _ = MADVISE_IN_FLIGHT.remove(&tid);

@@ -87,12 +87,18 @@ impl AlertExec {
         if let Some(program) = settings.argv.first()
             && find_program(program).is_none()
         {
-            log::warn!("--alert-exec: program `{program}` not found; alerts are still printed and written");
+            log::warn!(
+                "--alert-exec: program `{program}` not found; alerts are still printed and written"
+            );
         }
         let (sender, receiver) = mpsc::channel::<Alert>();
         let failed = Arc::new(AtomicU64::new(0));
         let thread_failed = Arc::clone(&failed);
-        let ExecSettings { argv, timeout, max_per_minute } = settings;
+        let ExecSettings {
+            argv,
+            timeout,
+            max_per_minute,
+        } = settings;
         thread::Builder::new()
             .name("alert-exec".into())
             .spawn(move || {
@@ -104,13 +110,24 @@ impl AlertExec {
                 }
             })
             .expect("spawning a thread");
-        Self { sender, recent_runs: VecDeque::new(), max_per_minute, failed, runs: 0, suppressed: 0 }
+        Self {
+            sender,
+            recent_runs: VecDeque::new(),
+            max_per_minute,
+            failed,
+            runs: 0,
+            suppressed: 0,
+        }
     }
 
     /// Hands `alert` to the runner unless the per-minute cap is reached.
     pub fn submit(&mut self, alert: &Alert) {
         let now = Instant::now();
-        while self.recent_runs.front().is_some_and(|run| now.duration_since(*run) >= Duration::from_secs(60)) {
+        while self
+            .recent_runs
+            .front()
+            .is_some_and(|run| now.duration_since(*run) >= Duration::from_secs(60))
+        {
             self.recent_runs.pop_front();
         }
         if self.recent_runs.len() >= self.max_per_minute as usize {
@@ -138,8 +155,18 @@ fn run_once(argv: &[String], alert: &Alert, timeout: Duration) -> Result<(), Str
     let json = serde_json::to_vec(alert).map_err(|error| error.to_string())?;
     let mut child = Command::new(program)
         .args(arguments)
-        .env("REDIS_STALLPROF_STATE", if alert.state == AlertState::Final { "final" } else { "in_progress" })
-        .env("REDIS_STALLPROF_DURATION_US", alert.stall.duration_us.to_string())
+        .env(
+            "REDIS_STALLPROF_STATE",
+            if alert.state == AlertState::Final {
+                "final"
+            } else {
+                "in_progress"
+            },
+        )
+        .env(
+            "REDIS_STALLPROF_DURATION_US",
+            alert.stall.duration_us.to_string(),
+        )
         .env("REDIS_STALLPROF_ORIGIN", &alert.stall.origin)
         .env("REDIS_STALLPROF_MECHANISM", &alert.stall.mechanism)
         .env("REDIS_STALLPROF_PID", alert.stall.pid.to_string())
@@ -159,7 +186,9 @@ fn run_once(argv: &[String], alert: &Alert, timeout: Duration) -> Result<(), Str
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("`{program}` still ran after {timeout:?}; killed it"));
+                return Err(format!(
+                    "`{program}` still ran after {timeout:?}; killed it"
+                ));
             }
             Ok(None) => thread::sleep(Duration::from_millis(10)),
             Err(error) => return Err(format!("cannot wait for `{program}`: {error}")),
@@ -172,7 +201,11 @@ fn find_program(program: &str) -> Option<PathBuf> {
     if program.contains('/') {
         return Path::new(program).is_file().then(|| PathBuf::from(program));
     }
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|path| path.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
 }
 
 #[cfg(test)]
@@ -201,12 +234,18 @@ mod tests {
     fn the_command_gets_the_json_on_stdin_and_the_environment() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let script = format!("cat > {0}; echo \"$REDIS_STALLPROF_ORIGIN $REDIS_STALLPROF_STATE\" >> {0}", out.display());
+        let script = format!(
+            "cat > {0}; echo \"$REDIS_STALLPROF_ORIGIN $REDIS_STALLPROF_STATE\" >> {0}",
+            out.display()
+        );
         let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
         run_once(&argv, &alert(AlertState::Final), Duration::from_secs(5)).unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
         let (json, environment) = text.split_once('\n').unwrap();
-        assert_eq!(serde_json::from_str::<serde_json::Value>(json).unwrap()["mechanism"], "syscall.sleep");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(json).unwrap()["mechanism"],
+            "syscall.sleep"
+        );
         assert_eq!(environment.trim(), "command:debug final");
     }
 
@@ -214,16 +253,28 @@ mod tests {
     fn a_hanging_command_is_killed_and_a_missing_one_is_an_error() {
         let hang = vec!["sleep".to_owned(), "30".to_owned()];
         let started = Instant::now();
-        let error = run_once(&hang, &alert(AlertState::Final), Duration::from_millis(200)).unwrap_err();
-        assert!(error.contains("killed it") && started.elapsed() < Duration::from_secs(5), "{error}");
+        let error =
+            run_once(&hang, &alert(AlertState::Final), Duration::from_millis(200)).unwrap_err();
+        assert!(
+            error.contains("killed it") && started.elapsed() < Duration::from_secs(5),
+            "{error}"
+        );
         let missing = vec!["/nonexistent/notify".to_owned()];
-        assert!(run_once(&missing, &alert(AlertState::Final), Duration::from_secs(1)).unwrap_err().contains("cannot run"));
+        assert!(
+            run_once(&missing, &alert(AlertState::Final), Duration::from_secs(1))
+                .unwrap_err()
+                .contains("cannot run")
+        );
         assert!(find_program("sh").is_some() && find_program("/nonexistent/notify").is_none());
     }
 
     #[test]
     fn runs_beyond_the_cap_are_suppressed_and_counted() {
-        let mut exec = AlertExec::start(ExecSettings { argv: vec!["true".into()], timeout: Duration::from_secs(5), max_per_minute: 2 });
+        let mut exec = AlertExec::start(ExecSettings {
+            argv: vec!["true".into()],
+            timeout: Duration::from_secs(5),
+            max_per_minute: 2,
+        });
         for _ in 0..5 {
             exec.submit(&alert(AlertState::Final));
         }

@@ -21,7 +21,11 @@ pub enum RulesError {
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("{origin} line {line}: {message}")]
-    Invalid { origin: String, line: usize, message: String },
+    Invalid {
+        origin: String,
+        line: usize,
+        message: String,
+    },
 }
 
 /// One rule as written.
@@ -78,13 +82,16 @@ pub struct Attribution {
 impl Rules {
     /// The rules compiled into the binary.
     pub fn builtin() -> Self {
-        Self::parse(DEFAULT_RULES, "the built-in rules").expect("the built-in rules are valid (tested)")
+        Self::parse(DEFAULT_RULES, "the built-in rules")
+            .expect("the built-in rules are valid (tested)")
     }
 
     /// Reads a rules file.
     pub fn load(path: &Path) -> Result<Self, RulesError> {
-        let text = fs::read_to_string(path)
-            .map_err(|source| RulesError::Read { path: path.display().to_string(), cause: source })?;
+        let text = fs::read_to_string(path).map_err(|source| RulesError::Read {
+            path: path.display().to_string(),
+            cause: source,
+        })?;
         Self::parse(&text, &format!("`{}`", path.display()))
     }
 
@@ -94,19 +101,35 @@ impl Rules {
             let line = error.span().map(|span| line_of(text, span.start));
             let message = error.message().trim().to_owned();
             match line {
-                Some(line) => RulesError::Invalid { origin: origin.to_owned(), line, message },
-                None => RulesError::Parse { origin: origin.to_owned(), message },
+                Some(line) => RulesError::Invalid {
+                    origin: origin.to_owned(),
+                    line,
+                    message,
+                },
+                None => RulesError::Parse {
+                    origin: origin.to_owned(),
+                    message,
+                },
             }
         })?;
         let check = |specs: Vec<RuleSpec>, kind: &str| -> Result<Vec<Rule>, RulesError> {
-            specs.into_iter().map(|spec| check_rule(spec, kind, text, origin)).collect()
+            specs
+                .into_iter()
+                .map(|spec| check_rule(spec, kind, text, origin))
+                .collect()
         };
-        Ok(Self { origins: check(file.origin, "origin")?, mechanisms: check(file.mechanism, "mechanism")? })
+        Ok(Self {
+            origins: check(file.origin, "origin")?,
+            mechanisms: check(file.mechanism, "mechanism")?,
+        })
     }
 
     /// The origin and mechanism of a stack of `kind` (frames leaf first).
     pub fn attribute(&self, kind: StackKind, frames: &[impl AsRef<str>]) -> Attribution {
-        Attribution { origin: self.origin(frames), mechanism: self.mechanism(kind, frames) }
+        Attribution {
+            origin: self.origin(frames),
+            mechanism: self.mechanism(kind, frames),
+        }
     }
 
     fn origin(&self, frames: &[impl AsRef<str>]) -> String {
@@ -135,10 +158,14 @@ impl Rules {
         for (index, frame) in frames.iter().enumerate() {
             let caller = frames.get(index + 1).map(AsRef::as_ref);
             for rule in &self.mechanisms {
-                let Some(category) = rule.matches(frame.as_ref(), caller) else { continue };
+                let Some(category) = rule.matches(frame.as_ref(), caller) else {
+                    continue;
+                };
                 match &found {
                     None => found = Some(category),
-                    Some(current) if category.starts_with(&format!("{current}.")) => found = Some(category),
+                    Some(current) if category.starts_with(&format!("{current}.")) => {
+                        found = Some(category)
+                    }
                     Some(_) => {}
                 }
             }
@@ -159,12 +186,18 @@ impl Rule {
             return None;
         }
         let captured = if let Some(kernel_function) = frame.strip_suffix(KERNEL_SUFFIX) {
-            self.kernel_functions.iter().find_map(|pattern| glob(pattern, kernel_function))
+            self.kernel_functions
+                .iter()
+                .find_map(|pattern| glob(pattern, kernel_function))
         } else if let Some((module, _offset)) = frame.split_once("+0x") {
-            self.modules.iter().find_map(|pattern| glob(pattern, module))
+            self.modules
+                .iter()
+                .find_map(|pattern| glob(pattern, module))
         } else {
             let unprefixed = frame.strip_prefix("je_").unwrap_or(frame);
-            self.functions.iter().find_map(|pattern| glob(pattern, frame).or_else(|| glob(pattern, unprefixed)))
+            self.functions
+                .iter()
+                .find_map(|pattern| glob(pattern, frame).or_else(|| glob(pattern, unprefixed)))
         }?;
         Some(match self.category.split_once('*') {
             Some((before, after)) => format!("{before}{}{after}", captured.to_lowercase()),
@@ -181,20 +214,32 @@ fn check_rule(spec: RuleSpec, kind: &str, text: &str, origin: &str) -> Result<Ru
     };
     let category = spec.category.get_ref().trim().to_owned();
     if category.is_empty() || category.matches('*').count() > 1 {
-        return Err(invalid(spec.category.span(), format!("{kind} category `{category}` must be a name with at most one `*`")));
+        return Err(invalid(
+            spec.category.span(),
+            format!("{kind} category `{category}` must be a name with at most one `*`"),
+        ));
     }
     if spec.functions.is_empty() && spec.kernel_functions.is_empty() && spec.modules.is_empty() {
-        return Err(invalid(spec.category.span(), format!("{kind} rule `{category}` has no functions, kernel_functions or modules")));
+        return Err(invalid(
+            spec.category.span(),
+            format!("{kind} rule `{category}` has no functions, kernel_functions or modules"),
+        ));
     }
     if kind == "mechanism" && (spec.generic || spec.caller.is_some()) {
-        return Err(invalid(spec.category.span(), format!("mechanism rule `{category}`: `generic` and `caller` are for origins")));
+        return Err(invalid(
+            spec.category.span(),
+            format!("mechanism rule `{category}`: `generic` and `caller` are for origins"),
+        ));
     }
     let patterns = |list: Vec<Spanned<String>>| -> Result<Vec<String>, RulesError> {
         list.into_iter()
             .map(|pattern| {
                 let text = pattern.get_ref().trim();
                 if text.is_empty() || text == "*" {
-                    return Err(invalid(pattern.span(), format!("pattern `{text}` in `{category}` would match every frame")));
+                    return Err(invalid(
+                        pattern.span(),
+                        format!("pattern `{text}` in `{category}` would match every frame"),
+                    ));
                 }
                 Ok(text.to_owned())
             })
@@ -263,28 +308,75 @@ mod tests {
 
     /// Recorded stacks (leaf first) from Debian's redis-server 7.0.15 with system jemalloc.
     const SLEEP: &[&str] = &[
-        "__schedule_[k]", "schedule_[k]", "do_nanosleep_[k]", "hrtimer_nanosleep_[k]", "common_nsleep_[k]",
-        "__x64_sys_clock_nanosleep_[k]", "do_syscall_64_[k]", "entry_SYSCALL_64_after_hwframe_[k]",
-        "__GI___clock_nanosleep", "__GI___nanosleep", "debugCommand", "call", "processCommand",
-        "processInputBuffer", "readQueryFromClient", "redis-server+0x13c333", "redis-server+0x64ef7", "aeMain",
-        "main", "__libc_start_call_main", "__libc_start_main_impl", "_start",
+        "__schedule_[k]",
+        "schedule_[k]",
+        "do_nanosleep_[k]",
+        "hrtimer_nanosleep_[k]",
+        "common_nsleep_[k]",
+        "__x64_sys_clock_nanosleep_[k]",
+        "do_syscall_64_[k]",
+        "entry_SYSCALL_64_after_hwframe_[k]",
+        "__GI___clock_nanosleep",
+        "__GI___nanosleep",
+        "debugCommand",
+        "call",
+        "processCommand",
+        "processInputBuffer",
+        "readQueryFromClient",
+        "redis-server+0x13c333",
+        "redis-server+0x64ef7",
+        "aeMain",
+        "main",
+        "__libc_start_call_main",
+        "__libc_start_main_impl",
+        "_start",
     ];
     /// MEMORY PURGE through the stripped system libjemalloc.
     const STRIPPED_PURGE: &[&str] = &[
-        "unmap_page_range_[k]", "zap_page_range_single_batched_[k]", "madvise_vma_behavior_[k]",
-        "do_madvise_[k]", "__x64_sys_madvise_[k]", "do_syscall_64_[k]", "entry_SYSCALL_64_after_hwframe_[k]",
-        "__GI_madvise", "libjemalloc.so.2+0x94ee7", "libjemalloc.so.2+0x87d3f", "jemalloc_purge",
-        "memoryCommand", "call", "processCommand", "processInputBuffer", "readQueryFromClient", "aeMain", "main",
+        "unmap_page_range_[k]",
+        "zap_page_range_single_batched_[k]",
+        "madvise_vma_behavior_[k]",
+        "do_madvise_[k]",
+        "__x64_sys_madvise_[k]",
+        "do_syscall_64_[k]",
+        "entry_SYSCALL_64_after_hwframe_[k]",
+        "__GI_madvise",
+        "libjemalloc.so.2+0x94ee7",
+        "libjemalloc.so.2+0x87d3f",
+        "jemalloc_purge",
+        "memoryCommand",
+        "call",
+        "processCommand",
+        "processInputBuffer",
+        "readQueryFromClient",
+        "aeMain",
+        "main",
     ];
     /// The incident's chain, with Redis's bundled (je_-prefixed) jemalloc.
     const QUERYBUF_PURGE: &[&str] = &[
-        "je_pages_purge_forced", "je_extent_purge_forced_wrapper", "je_arena_decay", "je_realloc",
-        "sdsRemoveFreeSpace", "clientsCronResizeQueryBuffer", "clientsCron", "serverCron",
-        "processTimeEvents", "aeProcessEvents", "aeMain", "main",
+        "je_pages_purge_forced",
+        "je_extent_purge_forced_wrapper",
+        "je_arena_decay",
+        "je_realloc",
+        "sdsRemoveFreeSpace",
+        "clientsCronResizeQueryBuffer",
+        "clientsCron",
+        "serverCron",
+        "processTimeEvents",
+        "aeProcessEvents",
+        "aeMain",
+        "main",
     ];
     const KEYS: &[&str] = &[
-        "dictNext", "keysCommand", "call", "processCommand", "processInputBuffer", "readQueryFromClient",
-        "redis-server+0x13c333", "aeMain", "main",
+        "dictNext",
+        "keysCommand",
+        "call",
+        "processCommand",
+        "processInputBuffer",
+        "readQueryFromClient",
+        "redis-server+0x13c333",
+        "aeMain",
+        "main",
     ];
 
     fn attribute(kind: StackKind, frames: &[&str]) -> (String, String) {
@@ -294,12 +386,18 @@ mod tests {
 
     #[test]
     fn a_sleeping_command_is_command_debug_syscall_sleep() {
-        assert_eq!(attribute(StackKind::OffCpu, SLEEP), ("command:debug".into(), "syscall.sleep".into()));
+        assert_eq!(
+            attribute(StackKind::OffCpu, SLEEP),
+            ("command:debug".into(), "syscall.sleep".into())
+        );
     }
 
     #[test]
     fn a_purge_through_a_stripped_jemalloc_is_an_allocator_purge() {
-        assert_eq!(attribute(StackKind::OnCpu, STRIPPED_PURGE), ("command:memory".into(), "allocator.purge".into()));
+        assert_eq!(
+            attribute(StackKind::OnCpu, STRIPPED_PURGE),
+            ("command:memory".into(), "allocator.purge".into())
+        );
         // A sample inside jemalloc's own (unnamed) code under jemalloc_purge: module says
         // allocator, the purge further out refines it.
         assert_eq!(
@@ -308,7 +406,10 @@ mod tests {
         );
         // Unnamed jemalloc code alone is allocator work.
         assert_eq!(
-            attribute(StackKind::OnCpu, &["libjemalloc.so.2+0x87d3f", "zmalloc", "call"]),
+            attribute(
+                StackKind::OnCpu,
+                &["libjemalloc.so.2+0x87d3f", "zmalloc", "call"]
+            ),
             ("command:unknown".into(), "allocator".into())
         );
     }
@@ -319,36 +420,80 @@ mod tests {
             attribute(StackKind::OnCpu, QUERYBUF_PURGE),
             ("cron.querybuf_resize".into(), "allocator.purge".into())
         );
-        assert_eq!(attribute(StackKind::OnCpu, &QUERYBUF_PURGE[6..]), ("cron.clients".into(), "cpu".into()));
-        assert_eq!(attribute(StackKind::OnCpu, &QUERYBUF_PURGE[7..]), ("cron.other".into(), "cpu".into()));
+        assert_eq!(
+            attribute(StackKind::OnCpu, &QUERYBUF_PURGE[6..]),
+            ("cron.clients".into(), "cpu".into())
+        );
+        assert_eq!(
+            attribute(StackKind::OnCpu, &QUERYBUF_PURGE[7..]),
+            ("cron.other".into(), "cpu".into())
+        );
     }
 
     #[test]
     fn a_cpu_bound_command_is_its_command_on_the_cpu() {
-        assert_eq!(attribute(StackKind::OnCpu, KEYS), ("command:keys".into(), "cpu".into()));
-        assert_eq!(attribute(StackKind::Runqueue, KEYS), ("command:keys".into(), "runqueue".into()));
-        assert_eq!(attribute(StackKind::OffCpu, &["aeMain", "main"]), ("unknown".into(), "off_cpu".into()));
+        assert_eq!(
+            attribute(StackKind::OnCpu, KEYS),
+            ("command:keys".into(), "cpu".into())
+        );
+        assert_eq!(
+            attribute(StackKind::Runqueue, KEYS),
+            ("command:keys".into(), "runqueue".into())
+        );
+        assert_eq!(
+            attribute(StackKind::OffCpu, &["aeMain", "main"]),
+            ("unknown".into(), "off_cpu".into())
+        );
     }
 
     #[test]
     fn the_outermost_command_wins_over_commands_it_calls() {
-        let eval = ["setCommand", "call", "luaRedisCallCommand", "luaV_execute", "evalCommand", "call", "main"];
+        let eval = [
+            "setCommand",
+            "call",
+            "luaRedisCallCommand",
+            "luaV_execute",
+            "evalCommand",
+            "call",
+            "main",
+        ];
         assert_eq!(attribute(StackKind::OnCpu, &eval).0, "command:eval");
         // processCommand is not called by `call`: not a command of its own.
-        assert_eq!(attribute(StackKind::OnCpu, &["processCommand", "main"]).0, "unknown");
+        assert_eq!(
+            attribute(StackKind::OnCpu, &["processCommand", "main"]).0,
+            "unknown"
+        );
     }
 
     #[test]
     fn page_faults_are_found_inside_commands() {
-        let fault = ["clear_page_erms_[k]", "handle_mm_fault_[k]", "exc_page_fault_[k]", "asm_exc_page_fault_[k]", "_sdsnewlen", "dbAdd", "debugCommand", "call"];
-        assert_eq!(attribute(StackKind::OnCpu, &fault), ("command:debug".into(), "page_fault".into()));
+        let fault = [
+            "clear_page_erms_[k]",
+            "handle_mm_fault_[k]",
+            "exc_page_fault_[k]",
+            "asm_exc_page_fault_[k]",
+            "_sdsnewlen",
+            "dbAdd",
+            "debugCommand",
+            "call",
+        ];
+        assert_eq!(
+            attribute(StackKind::OnCpu, &fault),
+            ("command:debug".into(), "page_fault".into())
+        );
     }
 
     #[test]
     fn globs_capture_what_the_first_star_matched() {
         assert_eq!(glob("*Command", "keysCommand").as_deref(), Some("keys"));
-        assert_eq!(glob("*decay*", "je_arena_decay_to_limit").as_deref(), Some("je_arena_"));
-        assert_eq!(glob("zmalloc*", "zmalloc_usable").as_deref(), Some("_usable"));
+        assert_eq!(
+            glob("*decay*", "je_arena_decay_to_limit").as_deref(),
+            Some("je_arena_")
+        );
+        assert_eq!(
+            glob("zmalloc*", "zmalloc_usable").as_deref(),
+            Some("_usable")
+        );
         assert_eq!(glob("call", "call").as_deref(), Some(""));
         assert_eq!(glob("call", "callback"), None);
         assert_eq!(glob("*Command", "keysCommandX"), None);
@@ -371,14 +516,27 @@ mod tests {
         let error = Rules::parse(broken, "`r.toml`").unwrap_err().to_string();
         assert!(error.starts_with("`r.toml` line "), "{error}");
         let unknown_field = "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\"]\nwhatever = 1\n";
-        let error = Rules::parse(unknown_field, "`r.toml`").unwrap_err().to_string();
-        assert!(error.contains("line 4") && error.contains("whatever"), "{error}");
+        let error = Rules::parse(unknown_field, "`r.toml`")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("line 4") && error.contains("whatever"),
+            "{error}"
+        );
         let empty = "[[mechanism]]\ncategory = \"disk\"\n\n[[mechanism]]\ncategory = \"cpu\"\nfunctions = []\n";
         let error = Rules::parse(empty, "`r.toml`").unwrap_err().to_string();
-        assert!(error.contains("line 2") && error.contains("has no functions"), "{error}");
+        assert!(
+            error.contains("line 2") && error.contains("has no functions"),
+            "{error}"
+        );
         let everything = "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\",\n  \"*\"]\n";
-        let error = Rules::parse(everything, "`r.toml`").unwrap_err().to_string();
-        assert!(error.contains("line 4") && error.contains("every frame"), "{error}");
+        let error = Rules::parse(everything, "`r.toml`")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("line 4") && error.contains("every frame"),
+            "{error}"
+        );
     }
 
     #[test]

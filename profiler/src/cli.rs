@@ -93,6 +93,9 @@ pub struct AttachArgs {
     /// Run --alert-exec at most this many times a minute; further alerts are counted.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub alert_max_per_minute: u32,
+    /// How often to sample the listening sockets' accept queues.
+    #[arg(long, default_value = "10ms", value_parser = parse_positive_duration)]
+    pub queue_interval: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
@@ -112,7 +115,8 @@ impl std::str::FromStr for CommandLine {
     type Err = String;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let words = shell_words::split(value).map_err(|error| format!("`{value}` is not a command line: {error}"))?;
+        let words = shell_words::split(value)
+            .map_err(|error| format!("`{value}` is not a command line: {error}"))?;
         if words.is_empty() {
             return Err("an empty command".to_owned());
         }
@@ -122,9 +126,13 @@ impl std::str::FromStr for CommandLine {
 
 /// A power of two from 4 KiB (one page) to 1 GiB.
 fn parse_ring_buffer_kib(value: &str) -> Result<u32, String> {
-    let kib: u32 = value.parse().map_err(|_| format!("`{value}` is not a whole number of KiB"))?;
+    let kib: u32 = value
+        .parse()
+        .map_err(|_| format!("`{value}` is not a whole number of KiB"))?;
     if !kib.is_power_of_two() || !(4..=1024 * 1024).contains(&kib) {
-        return Err(format!("`{value}` must be a power of two from 4 to 1048576"));
+        return Err(format!(
+            "`{value}` must be a power of two from 4 to 1048576"
+        ));
     }
     Ok(kib)
 }
@@ -173,15 +181,29 @@ mod tests {
 
     #[test]
     fn durations_accept_the_documented_units() {
-        assert_eq!(parse_positive_duration("500us"), Ok(Duration::from_micros(500)));
-        assert_eq!(parse_positive_duration("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(
+            parse_positive_duration("500us"),
+            Ok(Duration::from_micros(500))
+        );
+        assert_eq!(
+            parse_positive_duration("10ms"),
+            Ok(Duration::from_millis(10))
+        );
         assert_eq!(parse_positive_duration("2s"), Ok(Duration::from_secs(2)));
     }
 
     #[test]
     fn durations_refuse_zero_and_garbage() {
-        assert!(parse_positive_duration("0ms").unwrap_err().contains("longer than zero"));
-        assert!(parse_positive_duration("fast").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_positive_duration("0ms")
+                .unwrap_err()
+                .contains("longer than zero")
+        );
+        assert!(
+            parse_positive_duration("fast")
+                .unwrap_err()
+                .contains("not a duration")
+        );
         assert!(parse_positive_duration("10").is_err());
     }
 
@@ -196,14 +218,34 @@ mod tests {
     #[test]
     fn alert_commands_are_split_into_words_without_a_shell() {
         let words = |text: &str| text.parse::<CommandLine>().map(|command| command.0);
-        assert_eq!(words("notify --to 'on call'"), Ok(vec!["notify".into(), "--to".into(), "on call".into()]));
+        assert_eq!(
+            words("notify --to 'on call'"),
+            Ok(vec!["notify".into(), "--to".into(), "on call".into()])
+        );
         assert!(words("").is_err());
         assert!(words("unterminated 'quote").is_err());
-        let needs_alert = Cli::try_parse_from(["redis-stallprof", "attach", "--alert-exec", "true"]);
+        let needs_alert =
+            Cli::try_parse_from(["redis-stallprof", "attach", "--alert-exec", "true"]);
         assert!(needs_alert.is_err(), "--alert-exec requires --alert");
-        let parsed = Cli::try_parse_from(["redis-stallprof", "attach", "--alert", "100ms", "--alert-exec", "notify 'a b'"]);
-        let Ok(Cli { command: Command::Attach(args), .. }) = parsed else { panic!("{parsed:?}") };
-        assert_eq!(args.alert_exec, Some(CommandLine(vec!["notify".into(), "a b".into()])));
+        let parsed = Cli::try_parse_from([
+            "redis-stallprof",
+            "attach",
+            "--alert",
+            "100ms",
+            "--alert-exec",
+            "notify 'a b'",
+        ]);
+        let Ok(Cli {
+            command: Command::Attach(args),
+            ..
+        }) = parsed
+        else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(
+            args.alert_exec,
+            Some(CommandLine(vec!["notify".into(), "a b".into()]))
+        );
     }
 
     #[test]
@@ -214,7 +256,8 @@ mod tests {
 
     #[test]
     fn pid_and_port_are_exclusive() {
-        let parsed = Cli::try_parse_from(["redis-stallprof", "attach", "--pid", "1", "--port", "2"]);
+        let parsed =
+            Cli::try_parse_from(["redis-stallprof", "attach", "--pid", "1", "--port", "2"]);
         assert!(parsed.is_err());
     }
 }

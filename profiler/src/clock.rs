@@ -11,7 +11,9 @@ pub struct WallClock {
 impl WallClock {
     pub fn new() -> Self {
         let monotonic = Duration::from_nanos(monotonic_now_ns());
-        Self { epoch: SystemTime::now() - monotonic }
+        Self {
+            epoch: SystemTime::now() - monotonic,
+        }
     }
 
     /// Wall-clock time of a kernel timestamp.
@@ -28,7 +30,10 @@ impl Default for WallClock {
 
 /// CLOCK_MONOTONIC now, in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_now_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes the struct we pass; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
@@ -46,7 +51,9 @@ mod tests {
     #[test]
     fn a_kernel_timestamp_of_now_is_now() {
         let clock = WallClock::new();
-        let difference = clock.at(monotonic_now_ns()).duration_since(SystemTime::now());
+        let difference = clock
+            .at(monotonic_now_ns())
+            .duration_since(SystemTime::now());
         let difference = difference.unwrap_or_else(|error| error.duration());
         assert!(difference < Duration::from_millis(50), "{difference:?}");
     }
@@ -59,12 +66,17 @@ mod tests {
 }
 
 /// Serializes a time as [`rfc3339_micros`] (for `#[serde(serialize_with)]`).
-pub fn serialize_rfc3339<S: serde::Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+pub fn serialize_rfc3339<S: serde::Serializer>(
+    time: &SystemTime,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&rfc3339_micros(*time))
 }
 
 /// Parses a time written by [`serialize_rfc3339`] (for `#[serde(deserialize_with)]`).
-pub fn deserialize_rfc3339<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
+pub fn deserialize_rfc3339<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SystemTime, D::Error> {
     let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
     humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
 }

@@ -35,17 +35,28 @@ pub fn run_doctor() -> bool {
         verdicts.push(verdict);
     };
 
-    check("privileges", match kernel::effective_capabilities().and_then(kernel::check_privileges) {
-        Ok(()) => Verdict::Ok("CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are effective".into()),
-        Err(error) => Verdict::Fail(error.to_string()),
-    });
-    check("kernel BTF", match kernel::check_btf(Path::new(kernel::VMLINUX_BTF)) {
-        Ok(()) => Verdict::Ok(format!("`{}` is present", kernel::VMLINUX_BTF)),
-        Err(error) => Verdict::Fail(error.to_string()),
-    });
+    check(
+        "privileges",
+        match kernel::effective_capabilities().and_then(kernel::check_privileges) {
+            Ok(()) => {
+                Verdict::Ok("CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are effective".into())
+            }
+            Err(error) => Verdict::Fail(error.to_string()),
+        },
+    );
+    check(
+        "kernel BTF",
+        match kernel::check_btf(Path::new(kernel::VMLINUX_BTF)) {
+            Ok(()) => Verdict::Ok(format!("`{}` is present", kernel::VMLINUX_BTF)),
+            Err(error) => Verdict::Fail(error.to_string()),
+        },
+    );
     let tracepoints = match kernel::find_tracefs(&kernel::TRACEFS_MOUNTS) {
         Ok(tracefs) => {
-            check("tracefs", Verdict::Ok(format!("mounted at `{}`", tracefs.display())));
+            check(
+                "tracefs",
+                Verdict::Ok(format!("mounted at `{}`", tracefs.display())),
+            );
             check_tracepoints(&tracefs, &mut check)
         }
         Err(error) => {
@@ -56,15 +67,34 @@ pub fn run_doctor() -> bool {
     if let Some(tracepoints) = tracepoints {
         check_programs(&tracepoints, &mut check);
     }
-    !verdicts.iter().any(|verdict| matches!(verdict, Verdict::Fail(_)))
+    check(
+        "accept queues",
+        match crate::accept::QueueSampler::open(std::process::id()).and_then(|mut s| s.sample()) {
+            Ok(_) => Verdict::Ok(
+                "netlink sock_diag answers (listening sockets' accept queues and drops)".into(),
+            ),
+            Err(error) => {
+                Verdict::Warn(format!("{error}; accept-queue overflows cannot be watched"))
+            }
+        },
+    );
+    !verdicts
+        .iter()
+        .any(|verdict| matches!(verdict, Verdict::Fail(_)))
 }
 
-fn check_tracepoints(tracefs: &Path, check: &mut impl FnMut(&str, Verdict)) -> Option<Vec<PollTracepoint>> {
+fn check_tracepoints(
+    tracefs: &Path,
+    check: &mut impl FnMut(&str, Verdict),
+) -> Option<Vec<PollTracepoint>> {
     let mut all_present = true;
     for (syscall, required) in kernel::POLL_SYSCALLS {
         for prefix in ["sys_enter_", "sys_exit_"] {
             let name = format!("syscalls:{prefix}{syscall}");
-            let present = tracefs.join("events/syscalls").join(format!("{prefix}{syscall}")).exists();
+            let present = tracefs
+                .join("events/syscalls")
+                .join(format!("{prefix}{syscall}"))
+                .exists();
             let verdict = match (present, required) {
                 (true, _) => Verdict::Ok("present (times event-loop iterations)".into()),
                 (false, true) => Verdict::Fail("absent: iterations cannot be timed".into()),
@@ -84,7 +114,9 @@ fn check_tracepoints(tracefs: &Path, check: &mut impl FnMut(&str, Verdict)) -> O
         all_present &= present;
         check(&format!("tracepoint syscalls:{name}"), verdict);
     }
-    all_present.then(|| kernel::poll_tracepoints(tracefs).ok()).flatten()
+    all_present
+        .then(|| kernel::poll_tracepoints(tracefs).ok())
+        .flatten()
 }
 
 fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, Verdict)) {
@@ -101,28 +133,47 @@ fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, V
         Ok(probes) => probes,
         Err(error) => return check("eBPF programs", Verdict::Fail(error.to_string())),
     };
-    check("eBPF programs", match probes.attach_poll_tracepoints(tracepoints) {
-        Ok(()) => Verdict::Ok("loaded, and attached to every poll tracepoint (aimed at no process)".into()),
-        Err(error) => Verdict::Fail(error.to_string()),
-    });
-    check("madvise probes", match probes.attach_madvise() {
-        Ok(()) => Verdict::Ok("syscalls:sys_enter_madvise and sys_exit_madvise attach".into()),
-        Err(error) => Verdict::Fail(error.to_string()),
-    });
-    check("off-CPU probes", match probes.attach_scheduler() {
-        Ok(()) => Verdict::Ok("tp_btf/sched_switch and tp_btf/sched_wakeup attach".into()),
-        Err(error) => Verdict::Fail(error.to_string()),
-    });
-    check("on-CPU sampler", match probes.attach_sampler(std::process::id(), 1) {
-        Ok(()) => Verdict::Ok("a CPU-clock perf event per thread attaches".into()),
-        Err(error) => Verdict::Fail(error.to_string()),
-    });
+    check(
+        "eBPF programs",
+        match probes.attach_poll_tracepoints(tracepoints) {
+            Ok(()) => Verdict::Ok(
+                "loaded, and attached to every poll tracepoint (aimed at no process)".into(),
+            ),
+            Err(error) => Verdict::Fail(error.to_string()),
+        },
+    );
+    check(
+        "madvise probes",
+        match probes.attach_madvise() {
+            Ok(()) => Verdict::Ok("syscalls:sys_enter_madvise and sys_exit_madvise attach".into()),
+            Err(error) => Verdict::Fail(error.to_string()),
+        },
+    );
+    check(
+        "off-CPU probes",
+        match probes.attach_scheduler() {
+            Ok(()) => Verdict::Ok("tp_btf/sched_switch and tp_btf/sched_wakeup attach".into()),
+            Err(error) => Verdict::Fail(error.to_string()),
+        },
+    );
+    check(
+        "on-CPU sampler",
+        match probes.attach_sampler(std::process::id(), 1) {
+            Ok(()) => Verdict::Ok("a CPU-clock perf event per thread attaches".into()),
+            Err(error) => Verdict::Fail(error.to_string()),
+        },
+    );
     // A uprobe on a libc function in this process stands in for the one on Redis's
     // processEventsWhileBlocked; the program filters on a pid that matches no process.
-    check("uprobes", match probes.attach_nested_poll_markers("getpid", Path::new("libc"), std::process::id()) {
-        Ok(()) => Verdict::Ok("attach (used to recognise polls made inside long scripts and loads)".into()),
-        Err(error) => Verdict::Warn(format!(
-            "{error}; a long script or a load will read as many short iterations"
-        )),
-    });
+    check(
+        "uprobes",
+        match probes.attach_nested_poll_markers("getpid", Path::new("libc"), std::process::id()) {
+            Ok(()) => Verdict::Ok(
+                "attach (used to recognise polls made inside long scripts and loads)".into(),
+            ),
+            Err(error) => Verdict::Warn(format!(
+                "{error}; a long script or a load will read as many short iterations"
+            )),
+        },
+    );
 }

@@ -1,7 +1,8 @@
 //! Ring-buffer bytes -> typed events. Malformed records become a [`DecodeError`] (counted as
 //! lost by the caller), never a panic.
 use profiler_common::{
-    EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, MadviseEvent, StackEvent, StallEvent,
+    EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, MadviseEvent,
+    StackEvent, StallEvent,
 };
 
 /// An event sent by the kernel programs.
@@ -22,7 +23,11 @@ pub enum DecodeError {
     #[error("stack event is misaligned")]
     Misaligned,
     #[error("stack event claims {claimed} {what}, more than its {capacity}")]
-    BadLength { what: &'static str, claimed: usize, capacity: usize },
+    BadLength {
+        what: &'static str,
+        claimed: usize,
+        capacity: usize,
+    },
 }
 
 /// Decodes one ring-buffer record.
@@ -40,7 +45,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
 fn stack_event(bytes: &[u8]) -> Result<&StackEvent, DecodeError> {
     let needed = size_of::<StackEvent>();
     if bytes.len() < needed {
-        return Err(DecodeError::TooShort { len: bytes.len(), needed });
+        return Err(DecodeError::TooShort {
+            len: bytes.len(),
+            needed,
+        });
     }
     if bytes.as_ptr().align_offset(align_of::<StackEvent>()) != 0 {
         return Err(DecodeError::Misaligned);
@@ -49,12 +57,24 @@ fn stack_event(bytes: &[u8]) -> Result<&StackEvent, DecodeError> {
     // is Pod: any bytes are a valid value.
     let event = unsafe { &*bytes.as_ptr().cast::<StackEvent>() };
     let checks = [
-        ("kernel frames", event.kernel_frames as usize, event.kernel_stack.len()),
-        ("user-stack bytes", event.user_stack_len as usize, event.user_stack.len()),
+        (
+            "kernel frames",
+            event.kernel_frames as usize,
+            event.kernel_stack.len(),
+        ),
+        (
+            "user-stack bytes",
+            event.user_stack_len as usize,
+            event.user_stack.len(),
+        ),
     ];
     for (what, claimed, capacity) in checks {
         if claimed > capacity {
-            return Err(DecodeError::BadLength { what, claimed, capacity });
+            return Err(DecodeError::BadLength {
+                what,
+                claimed,
+                capacity,
+            });
         }
     }
     Ok(event)
@@ -64,7 +84,10 @@ fn stack_event(bytes: &[u8]) -> Result<&StackEvent, DecodeError> {
 fn read<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
     let needed = size_of::<T>();
     if bytes.len() < needed {
-        return Err(DecodeError::TooShort { len: bytes.len(), needed });
+        return Err(DecodeError::TooShort {
+            len: bytes.len(),
+            needed,
+        });
     }
     // SAFETY: T is Pod (any bit pattern is valid) and `bytes` holds at least size_of::<T>() bytes;
     // read_unaligned copes with the ring buffer's 8-byte alignment.
@@ -90,19 +113,44 @@ mod tests {
 
     #[test]
     fn a_stall_event_round_trips() {
-        let event = StallEvent { kind: EVENT_KIND_STALL, tid: 7, start_ns: 100, end_ns: 250_000_100 };
+        let event = StallEvent {
+            kind: EVENT_KIND_STALL,
+            tid: 7,
+            start_ns: 100,
+            end_ns: 250_000_100,
+        };
         assert!(matches!(decode(&bytes_of(&event)), Ok(Event::Stall(decoded)) if decoded == event));
     }
 
     #[test]
     fn short_and_unknown_records_are_errors() {
-        let event = StallEvent { kind: EVENT_KIND_STALL, tid: 7, start_ns: 1, end_ns: 2 };
+        let event = StallEvent {
+            kind: EVENT_KIND_STALL,
+            tid: 7,
+            start_ns: 1,
+            end_ns: 2,
+        };
         let bytes = bytes_of(&event);
-        assert_eq!(error_of(&bytes[..20]), DecodeError::TooShort { len: 20, needed: 24 });
-        assert_eq!(error_of(&bytes[..2]), DecodeError::TooShort { len: 2, needed: 4 });
-        assert_eq!(error_of(&99u32.to_ne_bytes()), DecodeError::UnknownKind { kind: 99 });
+        assert_eq!(
+            error_of(&bytes[..20]),
+            DecodeError::TooShort {
+                len: 20,
+                needed: 24
+            }
+        );
+        assert_eq!(
+            error_of(&bytes[..2]),
+            DecodeError::TooShort { len: 2, needed: 4 }
+        );
+        assert_eq!(
+            error_of(&99u32.to_ne_bytes()),
+            DecodeError::UnknownKind { kind: 99 }
+        );
         assert_eq!(error_of(&[]), DecodeError::TooShort { len: 0, needed: 4 });
-        assert!(matches!(error_of(&EVENT_KIND_ON_CPU.to_ne_bytes()), DecodeError::TooShort { .. }));
+        assert!(matches!(
+            error_of(&EVENT_KIND_ON_CPU.to_ne_bytes()),
+            DecodeError::TooShort { .. }
+        ));
     }
 
     /// An 8-byte-aligned buffer holding a stack event with the given lengths.
@@ -125,13 +173,30 @@ mod tests {
     #[test]
     fn a_stack_event_is_viewed_in_place_and_its_lengths_are_checked() {
         let good = stack_bytes(3, 4096);
-        assert!(matches!(decode(as_bytes(&good)), Ok(Event::Stack(event)) if event.kernel_frames == 3));
+        assert!(
+            matches!(decode(as_bytes(&good)), Ok(Event::Stack(event)) if event.kernel_frames == 3)
+        );
         let too_many_frames = stack_bytes(65, 0);
-        assert!(matches!(error_of(as_bytes(&too_many_frames)), DecodeError::BadLength { what: "kernel frames", .. }));
+        assert!(matches!(
+            error_of(as_bytes(&too_many_frames)),
+            DecodeError::BadLength {
+                what: "kernel frames",
+                ..
+            }
+        ));
         let too_many_bytes = stack_bytes(0, 1 << 20);
-        assert!(matches!(error_of(as_bytes(&too_many_bytes)), DecodeError::BadLength { what: "user-stack bytes", .. }));
+        assert!(matches!(
+            error_of(as_bytes(&too_many_bytes)),
+            DecodeError::BadLength {
+                what: "user-stack bytes",
+                ..
+            }
+        ));
         let bytes = as_bytes(&good);
-        assert!(matches!(error_of(&bytes[..bytes.len() - 1]), DecodeError::TooShort { .. }));
+        assert!(matches!(
+            error_of(&bytes[..bytes.len() - 1]),
+            DecodeError::TooShort { .. }
+        ));
     }
 
     proptest::proptest! {

@@ -20,8 +20,11 @@ pub const TRACEFS_MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug
 
 /// The poll system calls whose entry and return delimit an event-loop iteration, and whether a
 /// kernel must have them (`epoll_pwait2` arrived in 5.11; Redis does not call it).
-pub const POLL_SYSCALLS: [(&str, bool); 3] =
-    [("epoll_wait", true), ("epoll_pwait", true), ("epoll_pwait2", false)];
+pub const POLL_SYSCALLS: [(&str, bool); 3] = [
+    ("epoll_wait", true),
+    ("epoll_pwait", true),
+    ("epoll_pwait2", false),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -43,7 +46,11 @@ pub enum KernelError {
     )]
     NoTracefs,
     #[error("the kernel lacks the tracepoint `{category}:{name}` (no `{path}`)")]
-    MissingTracepoint { category: &'static str, name: String, path: PathBuf },
+    MissingTracepoint {
+        category: &'static str,
+        name: String,
+        path: PathBuf,
+    },
 }
 
 /// Effective capability bits of this process.
@@ -56,7 +63,9 @@ pub fn effective_capabilities() -> Result<u64, KernelError> {
 }
 
 fn parse_effective_capabilities(status: &str) -> Option<u64> {
-    let hex = status.lines().find_map(|line| line.strip_prefix("CapEff:"))?;
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
@@ -71,14 +80,18 @@ pub fn check_privileges(effective: u64) -> Result<(), KernelError> {
         .filter(|&(capability, _)| !has(capability))
         .map(|(_, name)| name)
         .collect();
-    Err(KernelError::MissingPrivileges { missing: missing.join(" and ") })
+    Err(KernelError::MissingPrivileges {
+        missing: missing.join(" and "),
+    })
 }
 
 /// Fails unless the kernel's BTF is readable at `path`.
 pub fn check_btf(path: &Path) -> Result<(), KernelError> {
     match fs::metadata(path) {
         Ok(metadata) if metadata.len() > 0 => Ok(()),
-        _ => Err(KernelError::NoBtf { path: path.to_owned() }),
+        _ => Err(KernelError::NoBtf {
+            path: path.to_owned(),
+        }),
     }
 }
 
@@ -108,7 +121,11 @@ pub fn check_syscall_tracepoints(tracefs: &Path, names: &[&str]) -> Result<(), K
     for name in names {
         let path = tracefs.join("events/syscalls").join(name).join("id");
         if !path.exists() {
-            return Err(KernelError::MissingTracepoint { category: "syscalls", name: (*name).to_owned(), path });
+            return Err(KernelError::MissingTracepoint {
+                category: "syscalls",
+                name: (*name).to_owned(),
+                path,
+            });
         }
     }
     Ok(())
@@ -124,7 +141,11 @@ pub fn poll_tracepoints(tracefs: &Path) -> Result<Vec<PollTracepoint>, KernelErr
             if path.exists() {
                 found.push(PollTracepoint { name, entry });
             } else if required {
-                return Err(KernelError::MissingTracepoint { category: "syscalls", name, path });
+                return Err(KernelError::MissingTracepoint {
+                    category: "syscalls",
+                    name,
+                    path,
+                });
             } else {
                 log::debug!("optional tracepoint syscalls:{name} is absent");
             }
@@ -172,7 +193,9 @@ mod tests {
     #[test]
     fn missing_btf_is_reported_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
-        let error = check_btf(&dir.path().join("vmlinux")).unwrap_err().to_string();
+        let error = check_btf(&dir.path().join("vmlinux"))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("kernel BTF not found"), "{error}");
     }
 
@@ -181,9 +204,15 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let mounted = tempfile::tempdir().unwrap();
         fs::write(mounted.path().join("trace"), "").unwrap();
-        let mounts = [empty.path().to_str().unwrap(), mounted.path().to_str().unwrap()];
+        let mounts = [
+            empty.path().to_str().unwrap(),
+            mounted.path().to_str().unwrap(),
+        ];
         assert_eq!(find_tracefs(&mounts).unwrap(), mounted.path());
-        assert!(matches!(find_tracefs(&mounts[..1]), Err(KernelError::NoTracefs)));
+        assert!(matches!(
+            find_tracefs(&mounts[..1]),
+            Err(KernelError::NoTracefs)
+        ));
     }
 
     #[test]
@@ -194,14 +223,24 @@ mod tests {
             fs::create_dir_all(&dir).unwrap();
             fs::write(dir.join("id"), "1\n").unwrap();
         };
-        for name in ["sys_enter_epoll_wait", "sys_exit_epoll_wait", "sys_exit_epoll_pwait"] {
+        for name in [
+            "sys_enter_epoll_wait",
+            "sys_exit_epoll_wait",
+            "sys_exit_epoll_pwait",
+        ] {
             make(name);
         }
         let error = poll_tracepoints(tracefs.path()).unwrap_err().to_string();
-        assert!(error.contains("`syscalls:sys_enter_epoll_pwait`"), "{error}");
+        assert!(
+            error.contains("`syscalls:sys_enter_epoll_pwait`"),
+            "{error}"
+        );
         make("sys_enter_epoll_pwait");
         let found = poll_tracepoints(tracefs.path()).unwrap();
         assert_eq!(found.len(), 4);
-        assert_eq!(found.iter().filter(|tracepoint| tracepoint.entry).count(), 2);
+        assert_eq!(
+            found.iter().filter(|tracepoint| tracepoint.entry).count(),
+            2
+        );
     }
 }

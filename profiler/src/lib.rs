@@ -6,6 +6,7 @@
 //! sinks, with stack events turned into stacks by [`unwind`] (over [`memory_map`]) and
 //! [`symbolize`]; [`session`] drives an `attach` run, [`doctor`] checks a machine and
 //! [`report`] renders a recorded run again.
+pub mod accept;
 pub mod alert;
 pub mod attribute;
 pub mod cli;
@@ -40,7 +41,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             session::run_attach(args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Doctor => Ok(if doctor::run_doctor() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILURE) }),
+        Command::Doctor => Ok(if doctor::run_doctor() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_FAILURE)
+        }),
         Command::Report(args) => {
             report::run_report(args)?;
             Ok(ExitCode::SUCCESS)

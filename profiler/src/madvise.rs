@@ -87,7 +87,11 @@ pub struct MadviseStats {
 
 impl MadviseStats {
     pub fn new(pid: u32) -> Self {
-        Self { pid, roles: HashMap::new(), totals: BTreeMap::new() }
+        Self {
+            pid,
+            roles: HashMap::new(),
+            totals: BTreeMap::new(),
+        }
     }
 
     /// Counts a call; returns its thread role and advice name.
@@ -97,7 +101,8 @@ impl MadviseStats {
             .roles
             .entry(event.tid)
             .or_insert_with(|| {
-                let name = fs::read_to_string(format!("/proc/{pid}/task/{}/comm", event.tid)).unwrap_or_default();
+                let name = fs::read_to_string(format!("/proc/{pid}/task/{}/comm", event.tid))
+                    .unwrap_or_default();
                 thread_role(pid, event.tid, name.trim())
             })
             .clone();
@@ -105,11 +110,14 @@ impl MadviseStats {
         let totals = self.totals.entry(key.clone()).or_insert_with(|| Totals {
             calls: 0,
             bytes: 0,
-            duration_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 2).expect("constant bounds are valid"),
+            duration_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 2)
+                .expect("constant bounds are valid"),
         });
         totals.calls += 1;
         totals.bytes += event.len;
-        let _ = totals.duration_ns.record(event.duration_ns.clamp(1, 3_600_000_000_000));
+        let _ = totals
+            .duration_ns
+            .record(event.duration_ns.clamp(1, 3_600_000_000_000));
         key
     }
 
@@ -172,7 +180,10 @@ mod tests {
         let summary = stats.summary();
         assert_eq!(summary.len(), 2);
         let dontneed = &summary[0];
-        assert_eq!((dontneed.thread_role.as_str(), dontneed.advice.as_str()), ("main", "MADV_DONTNEED"));
+        assert_eq!(
+            (dontneed.thread_role.as_str(), dontneed.advice.as_str()),
+            ("main", "MADV_DONTNEED")
+        );
         assert_eq!((dontneed.calls, dontneed.bytes), (2, 4096 + (1 << 20)));
         assert!((895..=905).contains(&dontneed.max_us), "{dontneed:?}");
         assert_eq!(summary[1].advice, "MADV_FREE");

@@ -14,7 +14,12 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format(|buffer, record| {
-            writeln!(buffer, "redis-stallprof: {}: {}", record.level().as_str().to_lowercase(), record.args())
+            writeln!(
+                buffer,
+                "redis-stallprof: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
         })
         .init();
     match redis_stallprof::run(&cli) {

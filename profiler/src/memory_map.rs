@@ -19,14 +19,19 @@ pub struct Mapping {
 impl Mapping {
     /// The module's name for people: the file name, or the process name for its executable.
     pub fn module_name(&self) -> &str {
-        self.name.as_deref().unwrap_or_else(|| self.path.rsplit('/').next().unwrap_or(&self.path))
+        self.name
+            .as_deref()
+            .unwrap_or_else(|| self.path.rsplit('/').next().unwrap_or(&self.path))
     }
 
     /// Where the file can be opened from here: `/proc/PID/map_files/...` reaches the mapped
     /// file even in another mount namespace or after it was deleted.
     pub fn openable_paths(&self, pid: u32) -> [PathBuf; 2] {
         [
-            PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", self.start, self.end)),
+            PathBuf::from(format!(
+                "/proc/{pid}/map_files/{:x}-{:x}",
+                self.start, self.end
+            )),
             PathBuf::from(format!("/proc/{pid}/root{}", self.path)),
         ]
     }
@@ -55,7 +60,11 @@ impl MemoryMap {
     /// Gives the mappings of `exe_path` the module name `name`.
     fn name_executable(&mut self, exe_path: &str, name: &str) {
         let exe_path = exe_path.trim_end_matches(" (deleted)");
-        for mapping in self.mappings.iter_mut().filter(|mapping| mapping.path == exe_path) {
+        for mapping in self
+            .mappings
+            .iter_mut()
+            .filter(|mapping| mapping.path == exe_path)
+        {
             mapping.name = Some(name.to_owned());
         }
     }
@@ -73,7 +82,10 @@ impl MemoryMap {
 
     /// The mapping holding `address`.
     pub fn find(&self, address: u64) -> Option<&Mapping> {
-        let index = self.mappings.partition_point(|mapping| mapping.start <= address).checked_sub(1)?;
+        let index = self
+            .mappings
+            .partition_point(|mapping| mapping.start <= address)
+            .checked_sub(1)?;
         let mapping = &self.mappings[index];
         (address < mapping.end).then_some(mapping)
     }
@@ -82,7 +94,11 @@ impl MemoryMap {
     /// every mapping.
     pub fn describe(&self, address: u64) -> String {
         match self.find(address) {
-            Some(mapping) => format!("{}+{:#x}", mapping.module_name(), address - mapping.start + mapping.file_offset),
+            Some(mapping) => format!(
+                "{}+{:#x}",
+                mapping.module_name(),
+                address - mapping.start + mapping.file_offset
+            ),
             None => "[unknown]".to_owned(),
         }
     }
@@ -125,7 +141,14 @@ mod tests {
     fn only_executable_file_mappings_are_kept() {
         let map = MemoryMap::parse(MAPS);
         let paths: Vec<&str> = map.mappings().iter().map(|m| m.path.as_str()).collect();
-        assert_eq!(paths, ["/usr/bin/redis-check-rdb", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/tmp/a file"]);
+        assert_eq!(
+            paths,
+            [
+                "/usr/bin/redis-check-rdb",
+                "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                "/tmp/a file"
+            ]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -23,6 +24,11 @@ use crate::stall::Stall;
 struct CauseLabels {
     origin: String,
     mechanism: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PortLabels {
+    listen_port: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,13 +46,18 @@ pub struct Metrics {
     madvise_bytes: Family<MadviseLabels, Counter>,
     madvise_seconds: Histogram,
     lost_events: Counter,
+    accept_overflows: Family<PortLabels, Counter>,
+    accept_queue: Family<PortLabels, Gauge>,
 }
 
 impl Metrics {
     pub fn new(pid: u32, port: Option<u16>) -> Self {
         let labels = [
             (Cow::Borrowed("pid"), Cow::Owned(pid.to_string())),
-            (Cow::Borrowed("port"), Cow::Owned(port.map(|p| p.to_string()).unwrap_or_default())),
+            (
+                Cow::Borrowed("port"),
+                Cow::Owned(port.map(|p| p.to_string()).unwrap_or_default()),
+            ),
         ];
         let mut registry = Registry::with_prefix_and_labels("redis_stallprof", labels.into_iter());
         // 10 us .. ~84 s, doubling.
@@ -57,13 +68,59 @@ impl Metrics {
         let stalls = Family::<CauseLabels, Counter>::default();
         let madvise_bytes = Family::<MadviseLabels, Counter>::default();
         let lost_events = Counter::default();
-        registry.register("eventloop_iteration_seconds", "Event-loop iterations of the Redis main thread", iterations.clone());
-        registry.register("stall_seconds", "Event-loop iterations at or above the stall threshold", stalls_seconds.clone());
-        registry.register("stalls", "Stalls by what Redis was doing and where the time went", stalls.clone());
-        registry.register("madvise_bytes", "Bytes advised by madvise calls, by thread role and advice", madvise_bytes.clone());
-        registry.register("madvise_seconds", "Duration of madvise calls of every thread", madvise_seconds.clone());
-        registry.register("lost_events", "Events the kernel could not send or userspace could not keep", lost_events.clone());
-        Self { registry, iterations, stalls_seconds, stalls, madvise_bytes, madvise_seconds, lost_events }
+        let accept_overflows = Family::<PortLabels, Counter>::default();
+        let accept_queue = Family::<PortLabels, Gauge>::default();
+        registry.register(
+            "eventloop_iteration_seconds",
+            "Event-loop iterations of the Redis main thread",
+            iterations.clone(),
+        );
+        registry.register(
+            "stall_seconds",
+            "Event-loop iterations at or above the stall threshold",
+            stalls_seconds.clone(),
+        );
+        registry.register(
+            "stalls",
+            "Stalls by what Redis was doing and where the time went",
+            stalls.clone(),
+        );
+        registry.register(
+            "madvise_bytes",
+            "Bytes advised by madvise calls, by thread role and advice",
+            madvise_bytes.clone(),
+        );
+        registry.register(
+            "madvise_seconds",
+            "Duration of madvise calls of every thread",
+            madvise_seconds.clone(),
+        );
+        registry.register(
+            "lost_events",
+            "Events the kernel could not send or userspace could not keep",
+            lost_events.clone(),
+        );
+        registry.register(
+            "accept_queue_overflows",
+            "Connections a listening port dropped with its accept queue full",
+            accept_overflows.clone(),
+        );
+        registry.register(
+            "accept_queue_length",
+            "Connections waiting in a listening port's accept queue",
+            accept_queue.clone(),
+        );
+        Self {
+            registry,
+            iterations,
+            stalls_seconds,
+            stalls,
+            madvise_bytes,
+            madvise_seconds,
+            lost_events,
+            accept_overflows,
+            accept_queue,
+        }
     }
 
     /// Adds `count` iterations of about `seconds` each.
@@ -75,14 +132,33 @@ impl Metrics {
 
     pub fn observe_stall(&self, stall: &Stall) {
         self.stalls_seconds.observe(stall.duration_us as f64 / 1e6);
-        let labels = CauseLabels { origin: stall.origin.clone(), mechanism: stall.mechanism.clone() };
+        let labels = CauseLabels {
+            origin: stall.origin.clone(),
+            mechanism: stall.mechanism.clone(),
+        };
         self.stalls.get_or_create(&labels).inc();
     }
 
     pub fn observe_madvise(&self, thread_role: &str, advice: &str, bytes: u64, seconds: f64) {
-        let labels = MadviseLabels { thread_role: thread_role.to_owned(), advice: advice.to_owned() };
+        let labels = MadviseLabels {
+            thread_role: thread_role.to_owned(),
+            advice: advice.to_owned(),
+        };
         self.madvise_bytes.get_or_create(&labels).inc_by(bytes);
         self.madvise_seconds.observe(seconds);
+    }
+
+    /// Takes in an accept-queue sample of a listening port.
+    pub fn observe_accept_queue(&self, port: u16, queue: u32, new_overflows: u64) {
+        let labels = PortLabels {
+            listen_port: port.to_string(),
+        };
+        self.accept_queue
+            .get_or_create(&labels)
+            .set(i64::from(queue));
+        self.accept_overflows
+            .get_or_create(&labels)
+            .inc_by(new_overflows);
     }
 
     /// Brings the lost-events counter up to `total`.
@@ -105,14 +181,19 @@ impl Metrics {
 /// Serves `/metrics` on `listener` until the run ends.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                 let metrics = Arc::clone(&metrics);
                 async move { Ok::<_, Infallible>(respond(&request, &metrics)) }
             });
-            if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 log::debug!("metrics connection: {error}");
             }
         });
@@ -121,9 +202,17 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 
 fn respond(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, content_type, body) = if request.uri().path() == "/metrics" {
-        (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
+        (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        )
     } else {
-        (404, "text/plain; charset=utf-8", "not found: metrics are at /metrics\n".to_owned())
+        (
+            404,
+            "text/plain; charset=utf-8",
+            "not found: metrics are at /metrics\n".to_owned(),
+        )
     };
     Response::builder()
         .status(status)
@@ -153,7 +242,10 @@ mod tests {
             "redis_stallprof_lost_events_total{pid=\"42\",port=\"6379\"} 2",
             "# EOF",
         ] {
-            assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+            assert!(
+                text.contains(expected),
+                "{expected:?} missing from:\n{text}"
+            );
         }
     }
 }

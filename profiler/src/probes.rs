@@ -3,8 +3,7 @@
 use std::{num::NonZeroU32, path::Path};
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
-    Btf,
+    Btf, Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, RingBuf},
     programs::{
         BtfTracePoint, PerfEvent, ProgramError, TracePoint, UProbe,
@@ -14,8 +13,8 @@ use aya::{
 };
 use profiler_common::{
     GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS,
-    GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, LoopState, MAP_COUNTERS, MAP_EVENTS, MAP_ITERATION_HISTOGRAM,
-    MAP_ITERATION_MAX, MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, StackEvent,
+    GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, LoopState, MAP_COUNTERS, MAP_EVENTS,
+    MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, StackEvent,
 };
 
 use crate::kernel::PollTracepoint;
@@ -34,15 +33,30 @@ pub enum ProbeError {
     #[error("the eBPF object has no program `{name}`")]
     MissingProgram { name: &'static str },
     #[error("cannot load program `{name}` into the kernel: {cause}")]
-    LoadProgram { name: &'static str, cause: ProgramError },
+    LoadProgram {
+        name: &'static str,
+        cause: ProgramError,
+    },
     #[error("cannot attach `{program}` to tracepoint `syscalls:{tracepoint}`: {cause}")]
-    AttachTracepoint { program: &'static str, tracepoint: String, cause: ProgramError },
+    AttachTracepoint {
+        program: &'static str,
+        tracepoint: String,
+        cause: ProgramError,
+    },
     #[error("cannot attach a uprobe to `{function}` in `{exe}`: {cause}")]
-    AttachUprobe { function: &'static str, exe: String, cause: ProgramError },
+    AttachUprobe {
+        function: &'static str,
+        exe: String,
+        cause: ProgramError,
+    },
     #[error("cannot read the kernel's BTF: {cause}")]
     Btf { cause: aya::BtfError },
     #[error("cannot attach `{program}` to `{what}`: {cause}")]
-    Attach { program: &'static str, what: String, cause: ProgramError },
+    Attach {
+        program: &'static str,
+        what: String,
+        cause: ProgramError,
+    },
     #[error("the eBPF object has no map `{name}`")]
     MissingMap { name: &'static str },
     #[error("cannot use map `{name}`: {cause}")]
@@ -66,12 +80,23 @@ pub struct ProbeSettings {
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
-const TRACEPOINT_PROGRAMS: [&str; 4] = ["poll_entry", "poll_return", "madvise_entry", "madvise_return"];
+const TRACEPOINT_PROGRAMS: [&str; 4] = [
+    "poll_entry",
+    "poll_return",
+    "madvise_entry",
+    "madvise_return",
+];
 /// `(program, syscalls tracepoint)` of the madvise timers.
-const MADVISE_PROGRAMS: [(&str, &str); 2] = [("madvise_entry", "sys_enter_madvise"), ("madvise_return", "sys_exit_madvise")];
+const MADVISE_PROGRAMS: [(&str, &str); 2] = [
+    ("madvise_entry", "sys_enter_madvise"),
+    ("madvise_return", "sys_exit_madvise"),
+];
 const UPROBE_PROGRAMS: [&str; 2] = ["nested_poll_begin", "nested_poll_end"];
 /// `(program, kernel tracepoint)` of the scheduler programs.
-const SCHEDULER_PROGRAMS: [(&str, &str); 2] = [("sched_switch", "sched_switch"), ("sched_wakeup", "sched_wakeup")];
+const SCHEDULER_PROGRAMS: [(&str, &str); 2] = [
+    ("sched_switch", "sched_switch"),
+    ("sched_wakeup", "sched_wakeup"),
+];
 const SAMPLE_PROGRAM: &str = "on_cpu_sample";
 
 /// The loaded programs; dropping this detaches them all.
@@ -98,19 +123,40 @@ impl Probes {
             .map_err(|source| ProbeError::Load { cause: source })?;
         let mut probes = Self { ebpf };
         for name in TRACEPOINT_PROGRAMS {
-            probes.program::<TracePoint>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, cause: source })?;
+            probes
+                .program::<TracePoint>(name)?
+                .load()
+                .map_err(|source| ProbeError::LoadProgram {
+                    name,
+                    cause: source,
+                })?;
         }
         for name in UPROBE_PROGRAMS {
-            probes.program::<UProbe>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, cause: source })?;
+            probes
+                .program::<UProbe>(name)?
+                .load()
+                .map_err(|source| ProbeError::LoadProgram {
+                    name,
+                    cause: source,
+                })?;
         }
         for (name, tracepoint) in SCHEDULER_PROGRAMS {
             probes
                 .program::<BtfTracePoint>(name)?
                 .load(tracepoint, &btf)
-                .map_err(|source| ProbeError::LoadProgram { name, cause: source })?;
+                .map_err(|source| ProbeError::LoadProgram {
+                    name,
+                    cause: source,
+                })?;
         }
         let name = SAMPLE_PROGRAM;
-        probes.program::<PerfEvent>(name)?.load().map_err(|source| ProbeError::LoadProgram { name, cause: source })?;
+        probes
+            .program::<PerfEvent>(name)?
+            .load()
+            .map_err(|source| ProbeError::LoadProgram {
+                name,
+                cause: source,
+            })?;
         Ok(probes)
     }
 
@@ -127,9 +173,13 @@ impl Probes {
     /// Attaches the madvise timers to `syscalls:sys_{enter,exit}_madvise`.
     pub fn attach_madvise(&mut self) -> Result<(), ProbeError> {
         for (program, tracepoint) in MADVISE_PROGRAMS {
-            self.program::<TracePoint>(program)?.attach("syscalls", tracepoint).map_err(|source| {
-                ProbeError::AttachTracepoint { program, tracepoint: tracepoint.to_owned(), cause: source }
-            })?;
+            self.program::<TracePoint>(program)?
+                .attach("syscalls", tracepoint)
+                .map_err(|source| ProbeError::AttachTracepoint {
+                    program,
+                    tracepoint: tracepoint.to_owned(),
+                    cause: source,
+                })?;
         }
         Ok(())
     }
@@ -139,7 +189,11 @@ impl Probes {
         for (program, tracepoint) in SCHEDULER_PROGRAMS {
             self.program::<BtfTracePoint>(program)?
                 .attach()
-                .map_err(|source| ProbeError::Attach { program, what: format!("tp_btf/{tracepoint}"), cause: source })?;
+                .map_err(|source| ProbeError::Attach {
+                    program,
+                    what: format!("tp_btf/{tracepoint}"),
+                    cause: source,
+                })?;
         }
         Ok(())
     }
@@ -151,44 +205,70 @@ impl Probes {
         self.program::<PerfEvent>(program)?
             .attach(
                 PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                PerfEventScope::OneProcess { pid: tid, cpu: None },
+                PerfEventScope::OneProcess {
+                    pid: tid,
+                    cpu: None,
+                },
                 SamplePolicy::Frequency(frequency_hz),
                 false,
             )
-            .map_err(|source| ProbeError::Attach { program, what: format!("the CPU clock of thread {tid}"), cause: source })?;
+            .map_err(|source| ProbeError::Attach {
+                program,
+                what: format!("the CPU clock of thread {tid}"),
+                cause: source,
+            })?;
         Ok(())
     }
 
     /// Attaches the iteration timers to the entry and return of every poll system call given.
-    pub fn attach_poll_tracepoints(&mut self, tracepoints: &[PollTracepoint]) -> Result<(), ProbeError> {
+    pub fn attach_poll_tracepoints(
+        &mut self,
+        tracepoints: &[PollTracepoint],
+    ) -> Result<(), ProbeError> {
         for tracepoint in tracepoints {
-            let program = if tracepoint.entry { "poll_entry" } else { "poll_return" };
-            self.program::<TracePoint>(program)?.attach("syscalls", &tracepoint.name).map_err(|source| {
-                ProbeError::AttachTracepoint { program, tracepoint: tracepoint.name.clone(), cause: source }
-            })?;
+            let program = if tracepoint.entry {
+                "poll_entry"
+            } else {
+                "poll_return"
+            };
+            self.program::<TracePoint>(program)?
+                .attach("syscalls", &tracepoint.name)
+                .map_err(|source| ProbeError::AttachTracepoint {
+                    program,
+                    tracepoint: tracepoint.name.clone(),
+                    cause: source,
+                })?;
         }
         Ok(())
     }
 
     /// Attaches the nested-poll markers to `function` (for Redis: [`NESTED_POLL_FUNCTION`]) in
     /// the executable or library `exe`, for process `pid` only.
-    pub fn attach_nested_poll_markers(&mut self, function: &'static str, exe: &Path, pid: u32) -> Result<(), ProbeError> {
+    pub fn attach_nested_poll_markers(
+        &mut self,
+        function: &'static str,
+        exe: &Path,
+        pid: u32,
+    ) -> Result<(), ProbeError> {
         let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
         for name in ["nested_poll_begin", "nested_poll_end"] {
-            self.program::<UProbe>(name)?.attach(function, exe, scope).map_err(|source| {
-                ProbeError::AttachUprobe {
+            self.program::<UProbe>(name)?
+                .attach(function, exe, scope)
+                .map_err(|source| ProbeError::AttachUprobe {
                     function,
                     exe: exe.display().to_string(),
                     cause: source,
-                }
-            })?;
+                })?;
         }
         Ok(())
     }
 
     /// Takes the ring buffer of events out of the object (call once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        RingBuf::try_from(self.take_map(MAP_EVENTS)?).map_err(|source| ProbeError::Map { name: MAP_EVENTS, cause: source })
+        RingBuf::try_from(self.take_map(MAP_EVENTS)?).map_err(|source| ProbeError::Map {
+            name: MAP_EVENTS,
+            cause: source,
+        })
     }
 
     /// Takes the maps userspace reads out of the object (call once).
@@ -203,21 +283,35 @@ impl Probes {
     }
 
     fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, ProbeError> {
-        self.ebpf.take_map(name).ok_or(ProbeError::MissingMap { name })
+        self.ebpf
+            .take_map(name)
+            .ok_or(ProbeError::MissingMap { name })
     }
 
-    fn take_array<T: aya::Pod>(&mut self, name: &'static str) -> Result<Array<MapData, T>, ProbeError> {
-        Array::try_from(self.take_map(name)?).map_err(|source| ProbeError::Map { name, cause: source })
+    fn take_array<T: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Array<MapData, T>, ProbeError> {
+        Array::try_from(self.take_map(name)?).map_err(|source| ProbeError::Map {
+            name,
+            cause: source,
+        })
     }
 }
 
 /// Kernel 6.x accounts BPF memory to the memory cgroup, so a failure here (no
 /// CAP_SYS_RESOURCE) is harmless on those kernels; older kernels then fail to load with EPERM.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!("cannot raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "cannot raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -236,13 +330,19 @@ impl KernelMaps {
         (0..ITERATION_BUCKETS)
             .map(|bucket| self.histogram.get(&bucket, 0))
             .collect::<Result<_, _>>()
-            .map_err(|source| ProbeError::Map { name: MAP_ITERATION_HISTOGRAM, cause: source })
+            .map_err(|source| ProbeError::Map {
+                name: MAP_ITERATION_HISTOGRAM,
+                cause: source,
+            })
     }
 
     /// The longest iteration since the previous call (ns), and starts a new period. An
     /// iteration that ends between the read and the reset is missed from the maximum only.
     pub fn take_iteration_max_ns(&mut self) -> Result<u64, ProbeError> {
-        let map_error = |source| ProbeError::Map { name: MAP_ITERATION_MAX, cause: source };
+        let map_error = |source| ProbeError::Map {
+            name: MAP_ITERATION_MAX,
+            cause: source,
+        };
         let max_ns = self.iteration_max.get(&0, 0).map_err(map_error)?;
         self.iteration_max.set(0, 0, 0).map_err(map_error)?;
         Ok(max_ns)
@@ -250,21 +350,40 @@ impl KernelMaps {
 
     /// The event loop's state as the kernel last saw it.
     pub fn loop_state(&self) -> Result<LoopState, ProbeError> {
-        self.loop_state.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_LOOP_STATE, cause: source })
+        self.loop_state
+            .get(&0, 0)
+            .map_err(|source| ProbeError::Map {
+                name: MAP_LOOP_STATE,
+                cause: source,
+            })
     }
 
     /// The stacks the event-loop thread left the CPU with, when `state` says it is off the CPU
     /// inside an iteration now.
-    pub fn pending_off_cpu_stacks(&self, state: &LoopState) -> Result<Option<Box<StackEvent>>, ProbeError> {
+    pub fn pending_off_cpu_stacks(
+        &self,
+        state: &LoopState,
+    ) -> Result<Option<Box<StackEvent>>, ProbeError> {
         if state.switch_out_ns == 0 {
             return Ok(None);
         }
-        let stacks = self.off_cpu_stacks.get(&0, 0).map_err(|source| ProbeError::Map { name: MAP_OFF_CPU_STACKS, cause: source })?;
+        let stacks = self
+            .off_cpu_stacks
+            .get(&0, 0)
+            .map_err(|source| ProbeError::Map {
+                name: MAP_OFF_CPU_STACKS,
+                cause: source,
+            })?;
         Ok(Some(Box::new(stacks)))
     }
 
     /// A kernel-side counter (`profiler_common::COUNTER_*`).
     pub fn counter(&self, index: u32) -> Result<u64, ProbeError> {
-        self.counters.get(&index, 0).map_err(|source| ProbeError::Map { name: MAP_COUNTERS, cause: source })
+        self.counters
+            .get(&index, 0)
+            .map_err(|source| ProbeError::Map {
+                name: MAP_COUNTERS,
+                cause: source,
+            })
     }
 }

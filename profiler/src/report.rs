@@ -26,20 +26,25 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
             continue;
         }
         let at = || format!("`{path}` line {}", index + 1);
-        let record: Value = serde_json::from_str(&line).with_context(|| format!("{}: not a JSON record", at()))?;
+        let record: Value =
+            serde_json::from_str(&line).with_context(|| format!("{}: not a JSON record", at()))?;
         match record["type"].as_str() {
             Some("attached") => {
                 let name = record["name"].as_str().unwrap_or("redis-server");
-                title = Some(flamegraph_title(name, record["pid"].as_u64().unwrap_or(0) as u32));
+                title = Some(flamegraph_title(
+                    name,
+                    record["pid"].as_u64().unwrap_or(0) as u32,
+                ));
             }
             Some("stall") => {
-                let stall: Stall = serde_json::from_value(record).with_context(|| format!("{}: not a stall", at()))?;
+                let stall: Stall = serde_json::from_value(record)
+                    .with_context(|| format!("{}: not a stall", at()))?;
                 console.stall(&stall)?;
                 folded.add_stall(&stall);
             }
             Some("summary") => {
-                let summary: Summary =
-                    serde_json::from_value(record).with_context(|| format!("{}: not a summary", at()))?;
+                let summary: Summary = serde_json::from_value(record)
+                    .with_context(|| format!("{}: not a summary", at()))?;
                 console.summary(&summary)?;
             }
             _ => {} // kinds added later, or by a newer version
@@ -47,15 +52,23 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
     }
     match &args.folded {
         Some(path) => {
-            let file = File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
-            folded.write_folded(file).with_context(|| format!("cannot write `{}`", path.display()))?;
+            let file =
+                File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
+            folded
+                .write_folded(file)
+                .with_context(|| format!("cannot write `{}`", path.display()))?;
         }
-        None => folded.write_folded(io::stdout()).context("cannot write to stdout")?,
+        None => folded
+            .write_folded(io::stdout())
+            .context("cannot write to stdout")?,
     }
     if let Some(path) = &args.flamegraph {
-        let file = File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
         let title = title.unwrap_or_else(|| "redis-stallprof".to_owned());
-        folded.write_flamegraph(&title, io::BufWriter::new(file)).with_context(|| format!("cannot write `{}`", path.display()))?;
+        folded
+            .write_flamegraph(&title, io::BufWriter::new(file))
+            .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     Ok(())
 }

@@ -5,8 +5,9 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{
-    EVENT_KIND_OFF_CPU, COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
-    COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES,
+    COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED,
+    COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
+    COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, EVENT_KIND_OFF_CPU,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -15,19 +16,20 @@ use tokio::{
 };
 
 use crate::{
+    accept::{AcceptSummary, AcceptTracker, QueueSampler, namespace_listen_counters},
     alert::{Alert, AlertCounts, AlertExec, AlertState, ExecSettings, IN_PROGRESS_CHECK_PERIOD},
     attribute::Rules,
-    clock::monotonic_now_ns,
-    metrics::{self, Metrics},
     cli::AttachArgs,
     clock::WallClock,
+    clock::monotonic_now_ns,
     events::{self, Event},
     histogram::IterationHistogram,
     kernel,
     madvise::MadviseStats,
+    metrics::{self, Metrics},
     output::{
-        Attached, ConsoleSink, IntervalReport, JsonSink, LostEvents, Outputs, RunCounts, Sink, StackFilesSink, StallCauses,
-        StopReason, Summary, flamegraph_title,
+        Attached, ConsoleSink, IntervalReport, JsonSink, LostEvents, Outputs, RunCounts, Sink,
+        StackFilesSink, StallCauses, StopReason, Summary, flamegraph_title,
     },
     probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeSettings, Probes},
     stall::StallAssembler,
@@ -42,6 +44,12 @@ const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
 /// the probes attach is not seen returning, so the iteration after it cannot be timed; an idle
 /// Redis returns at least `hz` (10) times a second.
 const FIRST_POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often the accept-queue watch re-reads the target's listeners and reports the drops that
+/// belong to no stall.
+const ACCEPT_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+/// Drops this recent may still belong to a stall whose event is on its way.
+const ACCEPT_ATTRIBUTION_DELAY_NS: u64 = 100_000_000;
 
 /// How often the metrics take in the kernel's iteration histogram.
 const METRICS_REFRESH_PERIOD: Duration = Duration::from_secs(1);
@@ -59,22 +67,34 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         (None, None) => TargetSelector::Only,
     };
     let target = Target::find(selector, args.force)?;
+    let accept_sampler = QueueSampler::open(target.pid)?;
+    if !accept_sampler.has_listeners() {
+        log::warn!(
+            "{target} has no TCP listener (a unix socket only?); accept queues are watched if one appears"
+        );
+    }
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(ConsoleSink)];
     if let Some(path) = &args.json {
-        let sink = JsonSink::create(path).with_context(|| format!("cannot write the JSON output {path}"))?;
+        let sink = JsonSink::create(path)
+            .with_context(|| format!("cannot write the JSON output {path}"))?;
         sinks.push(Box::new(sink));
     }
     if args.folded.is_some() || args.flamegraph.is_some() {
         let title = flamegraph_title(&target.name, target.pid);
-        let sink = StackFilesSink::create(args.folded.as_deref(), args.flamegraph.as_deref(), title)
-            .context("cannot write the stack files")?;
+        let sink =
+            StackFilesSink::create(args.folded.as_deref(), args.flamegraph.as_deref(), title)
+                .context("cannot write the stack files")?;
         sinks.push(Box::new(sink));
     }
     // Bound now, so a busy address is reported before attaching (the run goes on without).
     let metrics_listener = args.metrics.and_then(|address| {
         std::net::TcpListener::bind(address)
             .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-            .map_err(|error| log::warn!("cannot serve metrics on {address}: {error}; profiling goes on without them"))
+            .map_err(|error| {
+                log::warn!(
+                    "cannot serve metrics on {address}: {error}; profiling goes on without them"
+                )
+            })
             .ok()
     });
 
@@ -99,13 +119,16 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     probes.attach_madvise()?;
     probes.attach_scheduler()?;
     probes.attach_sampler(target.main_tid, args.freq)?;
-    let nested_poll_tracking = match probes.attach_nested_poll_markers(NESTED_POLL_FUNCTION, &target.exe, target.pid) {
-        Ok(()) => true,
-        Err(error) => {
-            log::warn!("{error}; polls made during a long script or a load will end iterations early");
-            false
-        }
-    };
+    let nested_poll_tracking =
+        match probes.attach_nested_poll_markers(NESTED_POLL_FUNCTION, &target.exe, target.pid) {
+            Ok(()) => true,
+            Err(error) => {
+                log::warn!(
+                    "{error}; polls made during a long script or a load will end iterations early"
+                );
+                false
+            }
+        };
     let events = probes.take_events()?;
     let maps = probes.take_maps()?;
     wait_for_first_poll_return(&maps)?;
@@ -125,7 +148,9 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         rules,
     );
     let madvise = MadviseStats::new(target.pid);
-    let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new(target.pid, target.ports.first().copied())));
+    let metrics = metrics_listener
+        .as_ref()
+        .map(|_| Arc::new(Metrics::new(target.pid, target.ports.first().copied())));
     let alerting = args.alert.map(|threshold| Alerting {
         threshold,
         exec: args.alert_exec.clone().map(|command| {
@@ -138,6 +163,13 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         counts: AlertCounts::default(),
         alerted_iteration_ns: 0,
     });
+    let accept = AcceptWatch {
+        sampler: accept_sampler,
+        tracker: AcceptTracker::default(),
+        namespace_counters_at_start: namespace_listen_counters(target.pid),
+        clock,
+        sampling_failed: false,
+    };
     let mut monitor = Monitor {
         target,
         maps,
@@ -148,6 +180,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         causes: StallCauses::default(),
         alerting,
         metrics,
+        accept,
         stalls: 0,
         interval_stalls: 0,
         decode_errors: 0,
@@ -166,14 +199,17 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     };
     let result = runtime.block_on(async {
         if let (Some(listener), Some(metrics)) = (metrics_listener, &monitor.metrics) {
-            let listener = tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
+            let listener =
+                tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
             tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
         }
         if let Err(error) = monitor.outputs.attached(&attached) {
             monitor.finish(StopReason::Error, &mut ConsoleSink);
             return Err(error.into());
         }
-        monitor.watch(events, args.interval, args.duration).await
+        monitor
+            .watch(events, args.interval, args.duration, args.queue_interval)
+            .await
     });
     // `probes` stays alive (attached) until the last events are drained.
     drop(probes);
@@ -195,6 +231,17 @@ fn wait_for_first_poll_return(maps: &KernelMaps) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(())
+}
+
+/// The watch on the target's accept queues.
+struct AcceptWatch {
+    sampler: QueueSampler,
+    tracker: AcceptTracker,
+    /// The namespace's (ListenOverflows, ListenDrops) when the run began.
+    namespace_counters_at_start: Option<(u64, u64)>,
+    clock: WallClock,
+    /// Whether a sampling failure was reported already.
+    sampling_failed: bool,
 }
 
 /// `--alert` and its state.
@@ -231,6 +278,7 @@ struct Monitor {
     causes: StallCauses,
     alerting: Option<Alerting>,
     metrics: Option<Arc<Metrics>>,
+    accept: AcceptWatch,
     stalls: u64,
     interval_stalls: u64,
     decode_errors: u64,
@@ -247,6 +295,7 @@ impl Monitor {
         events: RingBuf<MapData>,
         interval: Duration,
         duration: Option<Duration>,
+        queue_interval: Duration,
     ) -> anyhow::Result<StopReason> {
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
         let mut events = unsafe { AsyncFd::register(events) }
@@ -259,6 +308,11 @@ impl Monitor {
         let mut liveness = interval_at(self.started + LIVENESS_PERIOD, LIVENESS_PERIOD);
         let mut alert_check = optional_interval(self.alerting.is_some(), IN_PROGRESS_CHECK_PERIOD);
         let mut metrics_refresh = optional_interval(self.metrics.is_some(), METRICS_REFRESH_PERIOD);
+        let mut queue_sample = interval_at(self.started, queue_interval);
+        let mut accept_housekeeping = interval_at(
+            self.started + ACCEPT_HOUSEKEEPING_PERIOD,
+            ACCEPT_HOUSEKEEPING_PERIOD,
+        );
         let deadline = async {
             match duration {
                 Some(duration) => tokio::time::sleep(duration).await,
@@ -278,6 +332,8 @@ impl Monitor {
                 _ = report.tick() => self.report_interval(interval),
                 () = tick(&mut alert_check) => self.check_in_progress(),
                 () = tick(&mut metrics_refresh) => self.refresh_metrics(),
+                _ = queue_sample.tick() => self.sample_accept_queues(),
+                _ = accept_housekeeping.tick() => self.report_overflows_outside_stalls(),
                 _ = liveness.tick() => {
                     if !self.target.is_alive() {
                         break StopReason::TargetExited;
@@ -296,6 +352,14 @@ impl Monitor {
         };
         self.drain(events.get_mut())?;
         self.update_histogram()?;
+        self.sample_accept_queues()?;
+        for overflow in self
+            .accept
+            .tracker
+            .take_outside_stalls(u64::MAX, &self.accept.clock)
+        {
+            self.outputs.accept_overflow(&overflow)?;
+        }
         log::info!(
             "kernel counters: unpaired poll entries {}, short blocks {}, blocks before the gate {}, \
              unmatched switch-outs {}",
@@ -315,7 +379,11 @@ impl Monitor {
             match events::decode(&record) {
                 Ok(Event::Stall(event)) => {
                     let mut stall = self.assembler.stall(&event);
-                    let samples_lost = self.maps.counter(COUNTER_STACK_EVENTS_LOST)? + self.assembler.dropped_samples;
+                    // A sample now covers the stall up to its end.
+                    self.sample_accept_queues()?;
+                    stall.accept = Some(self.accept.tracker.stall(event.start_ns, event.end_ns));
+                    let samples_lost = self.maps.counter(COUNTER_STACK_EVENTS_LOST)?
+                        + self.assembler.dropped_samples;
                     stall.incomplete = samples_lost > self.samples_lost_at_last_stall;
                     self.samples_lost_at_last_stall = samples_lost;
                     self.causes.add(&stall);
@@ -325,7 +393,11 @@ impl Monitor {
                     if let Some(metrics) = &self.metrics {
                         metrics.observe_stall(&stall);
                     }
-                    if self.alerting.as_ref().is_some_and(|a| stall.duration_us >= a.threshold.as_micros() as u64) {
+                    if self
+                        .alerting
+                        .as_ref()
+                        .is_some_and(|a| stall.duration_us >= a.threshold.as_micros() as u64)
+                    {
                         self.alert(AlertState::Final, None, stall)?;
                     }
                 }
@@ -334,7 +406,12 @@ impl Monitor {
                     let (thread_role, advice) = self.madvise.add(&event);
                     self.assembler.add_madvise(&event);
                     if let Some(metrics) = &self.metrics {
-                        metrics.observe_madvise(&thread_role, &advice, event.len, event.duration_ns as f64 / 1e9);
+                        metrics.observe_madvise(
+                            &thread_role,
+                            &advice,
+                            event.len,
+                            event.duration_ns as f64 / 1e9,
+                        );
                     }
                 }
                 Err(error) => {
@@ -359,13 +436,70 @@ impl Monitor {
         Ok(())
     }
 
+    /// Samples the accept queues; a failure is reported once and sampling goes on.
+    fn sample_accept_queues(&mut self) -> anyhow::Result<()> {
+        let samples = match self.accept.sampler.sample() {
+            Ok(samples) => samples,
+            Err(error) => {
+                if !std::mem::replace(&mut self.accept.sampling_failed, true) {
+                    log::warn!("{error}; accept-queue figures may be incomplete");
+                }
+                return Ok(());
+            }
+        };
+        let added = self.accept.tracker.add(monotonic_now_ns(), &samples);
+        if let Some(metrics) = &self.metrics {
+            for (port, queue, overflows) in added {
+                metrics.observe_accept_queue(port, queue, overflows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the listeners, and reports drops that no stall can claim any more: older than
+    /// the current iteration and than the events still on their way.
+    fn report_overflows_outside_stalls(&mut self) -> anyhow::Result<()> {
+        self.accept.sampler.refresh_listeners();
+        let iteration_ns = self.maps.loop_state()?.poll_return_ns;
+        let mut before_ns = monotonic_now_ns().saturating_sub(ACCEPT_ATTRIBUTION_DELAY_NS);
+        if iteration_ns != 0 {
+            before_ns = before_ns.min(iteration_ns);
+        }
+        for overflow in self
+            .accept
+            .tracker
+            .take_outside_stalls(before_ns, &self.accept.clock)
+        {
+            self.outputs.accept_overflow(&overflow)?;
+        }
+        Ok(())
+    }
+
+    fn accept_summary(&self) -> AcceptSummary {
+        let now = namespace_listen_counters(self.target.pid);
+        let (overflows, drops) = match (self.accept.namespace_counters_at_start, now) {
+            (Some((overflows_then, drops_then)), Some((overflows_now, drops_now))) => (
+                overflows_now.saturating_sub(overflows_then),
+                drops_now.saturating_sub(drops_then),
+            ),
+            _ => (0, 0),
+        };
+        AcceptSummary {
+            ports: self.accept.tracker.ports(),
+            namespace_listen_overflows: overflows,
+            namespace_listen_drops: drops,
+        }
+    }
+
     fn refresh_metrics(&mut self) -> anyhow::Result<()> {
         self.update_histogram()
     }
 
     /// Gives an in-progress alert once the current iteration has run past `--alert`.
     fn check_in_progress(&mut self) -> anyhow::Result<()> {
-        let Some(alerting) = &self.alerting else { return Ok(()) };
+        let Some(alerting) = &self.alerting else {
+            return Ok(());
+        };
         let state = self.maps.loop_state()?;
         let iteration_ns = state.poll_return_ns;
         let now_ns = monotonic_now_ns();
@@ -383,16 +517,33 @@ impl Monitor {
             stacks.off_cpu_ns = now_ns.saturating_sub(state.switch_out_ns);
             stacks.runqueue_ns = 0;
         }
-        let stall = self.assembler.in_progress(iteration_ns, now_ns, self.target.main_tid, blocked.as_deref());
+        let stall = self.assembler.in_progress(
+            iteration_ns,
+            now_ns,
+            self.target.main_tid,
+            blocked.as_deref(),
+        );
         if let Some(alerting) = &mut self.alerting {
             alerting.alerted_iteration_ns = iteration_ns;
         }
         self.alert(AlertState::InProgress, Some(elapsed_ns / 1_000), stall)
     }
 
-    fn alert(&mut self, state: AlertState, elapsed_us: Option<u64>, stall: crate::stall::Stall) -> anyhow::Result<()> {
-        let Some(alerting) = &mut self.alerting else { return Ok(()) };
-        let alert = Alert { state, elapsed_us, alert_us: alerting.threshold.as_micros() as u64, stall };
+    fn alert(
+        &mut self,
+        state: AlertState,
+        elapsed_us: Option<u64>,
+        stall: crate::stall::Stall,
+    ) -> anyhow::Result<()> {
+        let Some(alerting) = &mut self.alerting else {
+            return Ok(());
+        };
+        let alert = Alert {
+            state,
+            elapsed_us,
+            alert_us: alerting.threshold.as_micros() as u64,
+            stall,
+        };
         match state {
             AlertState::Final => alerting.counts.finals += 1,
             AlertState::InProgress => alerting.counts.in_progress += 1,
@@ -444,7 +595,16 @@ impl Monitor {
             }
             counts
         });
-        Ok(Summary::new(&self.histogram.total(), counts, self.madvise.summary(), self.causes.summary(), alerts, stopped))
+        let accept = Some(self.accept_summary());
+        Ok(Summary::new(
+            &self.histogram.total(),
+            counts,
+            self.madvise.summary(),
+            self.causes.summary(),
+            accept,
+            alerts,
+            stopped,
+        ))
     }
 
     /// Best effort after a failure: the summary on `sink` alone.

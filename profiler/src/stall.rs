@@ -83,7 +83,11 @@ pub struct BreakdownEntry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stall {
     /// When the iteration began (the poll before it returned).
-    #[serde(rename = "time", serialize_with = "serialize_rfc3339", deserialize_with = "deserialize_rfc3339")]
+    #[serde(
+        rename = "time",
+        serialize_with = "serialize_rfc3339",
+        deserialize_with = "deserialize_rfc3339"
+    )]
     pub start: SystemTime,
     pub pid: u32,
     pub tid: u32,
@@ -116,6 +120,9 @@ pub struct Stall {
     /// The event-loop thread's madvise calls inside the stall.
     #[serde(default)]
     pub madvise: MadviseTotals,
+    /// The listening sockets' accept queues during the stall (when they are watched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept: Option<crate::accept::StallAccept>,
     /// True when stack samples may be missing from this stall (the ring buffer was full, or too
     /// many were pending): its times and stacks are then lower bounds.
     #[serde(default)]
@@ -149,6 +156,7 @@ impl Stall {
             samples: 0,
             stacks: Vec::new(),
             madvise: MadviseTotals::default(),
+            accept: None,
             incomplete: false,
         }
     }
@@ -212,7 +220,8 @@ impl StallAssembler {
         self.received_samples += 1;
         // Events arrive in order: samples of an earlier iteration belong to one that ended
         // below the threshold.
-        self.pending.retain(|sample| sample.iteration_start_ns >= event.iteration_start_ns);
+        self.pending
+            .retain(|sample| sample.iteration_start_ns >= event.iteration_start_ns);
         if self.pending.len() >= MAX_PENDING_SAMPLES {
             self.dropped_samples += 1;
             return;
@@ -223,14 +232,28 @@ impl StallAssembler {
 
     /// The weighted samples of a stack event, unwound.
     fn unwind(&mut self, event: &StackEvent) -> Vec<PendingSample> {
-        let user_stack = &event.user_stack[..(event.user_stack_len as usize).min(event.user_stack.len())];
-        let recorded = RecordedStack { ip: event.user_ip, sp: event.user_sp, bp: event.user_bp, bytes: user_stack };
+        let user_stack =
+            &event.user_stack[..(event.user_stack_len as usize).min(event.user_stack.len())];
+        let recorded = RecordedStack {
+            ip: event.user_ip,
+            sp: event.user_sp,
+            bp: event.user_bp,
+            bytes: user_stack,
+        };
         let user = self.unwinder.unwind(&recorded).lookup_addresses;
-        let kernel = event.kernel_stack[..(event.kernel_frames as usize).min(event.kernel_stack.len())].to_vec();
+        let kernel = event.kernel_stack
+            [..(event.kernel_frames as usize).min(event.kernel_stack.len())]
+            .to_vec();
         let weights = if event.kind == EVENT_KIND_ON_CPU {
-            [(StackKind::OnCpu, self.sample_period_ns), (StackKind::Runqueue, 0)]
+            [
+                (StackKind::OnCpu, self.sample_period_ns),
+                (StackKind::Runqueue, 0),
+            ]
         } else {
-            [(StackKind::OffCpu, event.off_cpu_ns), (StackKind::Runqueue, event.runqueue_ns)]
+            [
+                (StackKind::OffCpu, event.off_cpu_ns),
+                (StackKind::Runqueue, event.runqueue_ns),
+            ]
         };
         weights
             .into_iter()
@@ -250,24 +273,34 @@ impl StallAssembler {
         if event.iteration_start_ns == 0 {
             return; // another thread, or the event loop inside its poll
         }
-        self.pending_madvise.retain(|&(iteration, _, _)| iteration >= event.iteration_start_ns);
+        self.pending_madvise
+            .retain(|&(iteration, _, _)| iteration >= event.iteration_start_ns);
         if self.pending_madvise.len() < MAX_PENDING_SAMPLES {
-            self.pending_madvise.push((event.iteration_start_ns, event.len, event.duration_ns));
+            self.pending_madvise
+                .push((event.iteration_start_ns, event.len, event.duration_ns));
         }
     }
 
     /// The stall of a stall event, with the samples taken during its iteration.
     pub fn stall(&mut self, event: &StallEvent) -> Stall {
         let stall = self.assemble(event.start_ns, event.end_ns, event.tid);
-        self.pending.retain(|sample| sample.iteration_start_ns > event.start_ns);
-        self.pending_madvise.retain(|&(iteration, _, _)| iteration > event.start_ns);
+        self.pending
+            .retain(|sample| sample.iteration_start_ns > event.start_ns);
+        self.pending_madvise
+            .retain(|&(iteration, _, _)| iteration > event.start_ns);
         stall
     }
 
     /// The iteration that began at `start_ns` and still runs at `now_ns`, from what was
     /// sampled so far (kept for its final stall) and, when the thread is blocked now, the stacks
     /// it blocked with (`blocked`, whose `off_cpu_ns` says for how long so far).
-    pub fn in_progress(&mut self, start_ns: u64, now_ns: u64, tid: u32, blocked: Option<&StackEvent>) -> Stall {
+    pub fn in_progress(
+        &mut self,
+        start_ns: u64,
+        now_ns: u64,
+        tid: u32,
+        blocked: Option<&StackEvent>,
+    ) -> Stall {
         let blocked_samples = blocked.map(|event| self.unwind(event)).unwrap_or_default();
         let kept = self.pending.len();
         self.pending.extend(blocked_samples);
@@ -288,8 +321,17 @@ impl StallAssembler {
         }
         madvise.us = madvise_ns / 1_000;
 
-        let Self { pending, symbolizer, unwinder, rules, .. } = self;
-        let samples: Vec<&PendingSample> = pending.iter().filter(|s| s.iteration_start_ns == start_ns).collect();
+        let Self {
+            pending,
+            symbolizer,
+            unwinder,
+            rules,
+            ..
+        } = self;
+        let samples: Vec<&PendingSample> = pending
+            .iter()
+            .filter(|s| s.iteration_start_ns == start_ns)
+            .collect();
         let mut totals_ns: HashMap<StackKind, u64> = HashMap::new();
         let mut stacks: HashMap<(StackKind, Vec<Rc<str>>), (u64, u64)> = HashMap::new();
         for sample in &samples {
@@ -305,7 +347,13 @@ impl StallAssembler {
             .into_iter()
             .map(|((kind, frames), (weight_ns, samples))| {
                 let attribution = rules.attribute(kind, &frames);
-                AttributedStack { kind, frames, attribution, weight_ns, samples }
+                AttributedStack {
+                    kind,
+                    frames,
+                    attribution,
+                    weight_ns,
+                    samples,
+                }
             })
             .collect();
         let (origin, mechanism, breakdown) = breakdown(&stacks);
@@ -324,6 +372,7 @@ impl StallAssembler {
             samples: samples.len() as u64,
             stacks: heaviest_stacks(stacks),
             madvise,
+            accept: None,
             incomplete: false,
         }
     }
@@ -353,7 +402,9 @@ fn breakdown(stacks: &[AttributedStack]) -> (String, String, Vec<BreakdownEntry>
     let heaviest = |weights: HashMap<&str, u64>| {
         weights
             .into_iter()
-            .max_by(|(a_name, a_ns), (b_name, b_ns)| a_ns.cmp(b_ns).then_with(|| b_name.cmp(a_name)))
+            .max_by(|(a_name, a_ns), (b_name, b_ns)| {
+                a_ns.cmp(b_ns).then_with(|| b_name.cmp(a_name))
+            })
             .map_or_else(|| UNKNOWN.to_owned(), |(name, _)| name.to_owned())
     };
     let mut entries: Vec<BreakdownEntry> = pairs
@@ -362,10 +413,17 @@ fn breakdown(stacks: &[AttributedStack]) -> (String, String, Vec<BreakdownEntry>
             origin: attribution.origin.clone(),
             mechanism: attribution.mechanism.clone(),
             us: weight_ns / 1_000,
-            share: if total_ns == 0 { 0.0 } else { (weight_ns as f64 / total_ns as f64 * 1000.0).round() / 1000.0 },
+            share: if total_ns == 0 {
+                0.0
+            } else {
+                (weight_ns as f64 / total_ns as f64 * 1000.0).round() / 1000.0
+            },
         })
         .collect();
-    entries.sort_by(|a, b| b.us.cmp(&a.us).then_with(|| (&a.origin, &a.mechanism).cmp(&(&b.origin, &b.mechanism))));
+    entries.sort_by(|a, b| {
+        b.us.cmp(&a.us)
+            .then_with(|| (&a.origin, &a.mechanism).cmp(&(&b.origin, &b.mechanism)))
+    });
     (heaviest(origins), heaviest(mechanisms), entries)
 }
 
@@ -376,12 +434,18 @@ fn heaviest_stacks(mut stacks: Vec<AttributedStack>) -> Vec<WeightedStack> {
     let rest = stacks.split_off(stacks.len().min(MAX_STACKS_PER_STALL));
     let mut others: Vec<AttributedStack> = Vec::new();
     for stack in rest {
-        match others.iter_mut().find(|other| other.kind == stack.kind && other.attribution == stack.attribution) {
+        match others
+            .iter_mut()
+            .find(|other| other.kind == stack.kind && other.attribution == stack.attribution)
+        {
             Some(other) => {
                 other.weight_ns += stack.weight_ns;
                 other.samples += stack.samples;
             }
-            None => others.push(AttributedStack { frames: vec![OTHER_STACKS.into()], ..stack }),
+            None => others.push(AttributedStack {
+                frames: vec![OTHER_STACKS.into()],
+                ..stack
+            }),
         }
     }
     others.sort_by(|a, b| b.weight_ns.cmp(&a.weight_ns).then_with(|| a.cmp(b)));
@@ -410,7 +474,10 @@ mod tests {
 
     fn assembler() -> StallAssembler {
         let names = HashMap::from([(0xffff_0010, "do_nanosleep"), (0xffff_0020, "schedule")]);
-        let symbols = TableSymbols { names, lookups: Rc::new(Cell::new(0)) };
+        let symbols = TableSymbols {
+            names,
+            lookups: Rc::new(Cell::new(0)),
+        };
         // A process that does not exist: no module, user frames stay unknown.
         StallAssembler::new(
             u32::MAX - 1,
@@ -435,7 +502,12 @@ mod tests {
     }
 
     fn stall_event(start_ns: u64, end_ns: u64) -> StallEvent {
-        StallEvent { kind: EVENT_KIND_STALL, tid: 9, start_ns, end_ns }
+        StallEvent {
+            kind: EVENT_KIND_STALL,
+            tid: 9,
+            start_ns,
+            end_ns,
+        }
     }
 
     #[test]
@@ -450,17 +522,44 @@ mod tests {
         }
         let stall = assembler.stall(&stall_event(1_000, 300_001_000));
         assert_eq!(stall.duration_us, 300_000);
-        assert_eq!((stall.on_cpu_us, stall.off_cpu_us, stall.runqueue_us), (5_000, 290_000, 2_000));
+        assert_eq!(
+            (stall.on_cpu_us, stall.off_cpu_us, stall.runqueue_us),
+            (5_000, 290_000, 2_000)
+        );
         assert_eq!(stall.samples, 7);
         let off_cpu = &stall.stacks[0];
-        assert_eq!((off_cpu.kind, off_cpu.weight_us, off_cpu.samples), (StackKind::OffCpu, 290_000, 1));
-        assert_eq!(off_cpu.frames, ["schedule_[k]", "do_nanosleep_[k]", "[unknown]"]);
-        let on_cpu = stall.stacks.iter().find(|stack| stack.kind == StackKind::OnCpu).unwrap();
+        assert_eq!(
+            (off_cpu.kind, off_cpu.weight_us, off_cpu.samples),
+            (StackKind::OffCpu, 290_000, 1)
+        );
+        assert_eq!(
+            off_cpu.frames,
+            ["schedule_[k]", "do_nanosleep_[k]", "[unknown]"]
+        );
+        let on_cpu = stall
+            .stacks
+            .iter()
+            .find(|stack| stack.kind == StackKind::OnCpu)
+            .unwrap();
         assert_eq!((on_cpu.weight_us, on_cpu.samples), (5_000, 5));
         // do_nanosleep: a sleep; the off-CPU time carries the most weight.
-        assert_eq!((stall.origin.as_str(), stall.mechanism.as_str()), ("unknown", "syscall.sleep"));
-        let shares: Vec<(&str, u64)> = stall.breakdown.iter().map(|e| (e.mechanism.as_str(), e.us)).collect();
-        assert_eq!(shares, [("syscall.sleep", 290_000), ("cpu", 5_000), ("runqueue", 2_000)]);
+        assert_eq!(
+            (stall.origin.as_str(), stall.mechanism.as_str()),
+            ("unknown", "syscall.sleep")
+        );
+        let shares: Vec<(&str, u64)> = stall
+            .breakdown
+            .iter()
+            .map(|e| (e.mechanism.as_str(), e.us))
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                ("syscall.sleep", 290_000),
+                ("cpu", 5_000),
+                ("runqueue", 2_000)
+            ]
+        );
         assert!((stall.breakdown[0].share - 290.0 / 297.0).abs() < 0.001);
     }
 
@@ -482,7 +581,14 @@ mod tests {
         assembler.add_madvise(&call(1_000, 64 << 20, 30_000_000));
         assembler.add_madvise(&call(0, 1 << 30, 1)); // another thread
         let stall = assembler.stall(&stall_event(1_000, 100_000_000));
-        assert_eq!(stall.madvise, MadviseTotals { calls: 2, bytes: 128 << 20, us: 70_000 });
+        assert_eq!(
+            stall.madvise,
+            MadviseTotals {
+                calls: 2,
+                bytes: 128 << 20,
+                us: 70_000
+            }
+        );
     }
 
     #[test]
@@ -502,7 +608,10 @@ mod tests {
             .map(|index| AttributedStack {
                 kind: StackKind::OnCpu,
                 frames: vec![format!("f{index}").into()],
-                attribution: Attribution { origin: "unknown".into(), mechanism: "cpu".into() },
+                attribution: Attribution {
+                    origin: "unknown".into(),
+                    mechanism: "cpu".into(),
+                },
                 weight_ns: (index + 1) * 1_000,
                 samples: 1,
             })

@@ -47,7 +47,11 @@ impl BlazeSymbols {
             debug_syms: false,
             ..Default::default()
         };
-        Self { symbolizer, process: Source::Process(Process::new(Pid::from(pid))), kernel: Source::Kernel(kernel) }
+        Self {
+            symbolizer,
+            process: Source::Process(Process::new(Pid::from(pid))),
+            kernel: Source::Kernel(kernel),
+        }
     }
 
     fn names(&self, source: &Source<'_>, addresses: &[u64]) -> Vec<Option<String>> {
@@ -86,27 +90,48 @@ pub struct Symbolizer {
 
 impl Symbolizer {
     pub fn new(source: Box<dyn SymbolSource>) -> Self {
-        Self { source, user: HashMap::new(), kernel: HashMap::new() }
+        Self {
+            source,
+            user: HashMap::new(),
+            kernel: HashMap::new(),
+        }
     }
 
     /// Names user lookup addresses (leaf first); `memory_map` names those without a symbol.
     pub fn user_frames(&mut self, addresses: &[u64], memory_map: &MemoryMap) -> Vec<Rc<str>> {
         let source = &mut self.source;
-        name_all(&mut self.user, addresses, |missing| source.user(missing), |address, name| match name {
-            Some(name) => name,
-            None => memory_map.describe(address),
-        })
+        name_all(
+            &mut self.user,
+            addresses,
+            |missing| source.user(missing),
+            |address, name| match name {
+                Some(name) => name,
+                None => memory_map.describe(address),
+            },
+        )
     }
 
     /// Names kernel addresses (leaf first), each ending in [`KERNEL_SUFFIX`]; the frames of
     /// our own probe that took the stack (leading `bpf_prog_*`, `bpf_trace_run*`) are left out.
     pub fn kernel_frames(&mut self, addresses: &[u64]) -> Vec<Rc<str>> {
         let source = &mut self.source;
-        let mut frames = name_all(&mut self.kernel, addresses, |missing| source.kernel(missing), |address, name| match name {
-            Some(name) => format!("{name}{KERNEL_SUFFIX}"),
-            None => format!("{address:#x}{KERNEL_SUFFIX}"),
-        });
-        let probe_frames = frames.iter().take_while(|frame| PROBE_FRAME_PREFIXES.iter().any(|prefix| frame.starts_with(prefix))).count();
+        let mut frames = name_all(
+            &mut self.kernel,
+            addresses,
+            |missing| source.kernel(missing),
+            |address, name| match name {
+                Some(name) => format!("{name}{KERNEL_SUFFIX}"),
+                None => format!("{address:#x}{KERNEL_SUFFIX}"),
+            },
+        );
+        let probe_frames = frames
+            .iter()
+            .take_while(|frame| {
+                PROBE_FRAME_PREFIXES
+                    .iter()
+                    .any(|prefix| frame.starts_with(prefix))
+            })
+            .count();
         frames.drain(..probe_frames);
         frames
     }
@@ -120,7 +145,11 @@ fn name_all(
     lookup: impl FnOnce(&[u64]) -> Vec<Option<String>>,
     format: impl Fn(u64, Option<String>) -> String,
 ) -> Vec<Rc<str>> {
-    let mut missing: Vec<u64> = addresses.iter().copied().filter(|address| !cache.contains_key(address)).collect();
+    let mut missing: Vec<u64> = addresses
+        .iter()
+        .copied()
+        .filter(|address| !cache.contains_key(address))
+        .collect();
     missing.sort_unstable();
     missing.dedup();
     if !missing.is_empty() {
@@ -133,7 +162,10 @@ fn name_all(
             cache.insert(address, format(address, name).into());
         }
     }
-    addresses.iter().map(|address| Rc::clone(&cache[address])).collect()
+    addresses
+        .iter()
+        .map(|address| Rc::clone(&cache[address]))
+        .collect()
 }
 
 #[cfg(test)]
@@ -149,7 +181,10 @@ pub(crate) mod tests {
     impl SymbolSource for TableSymbols {
         fn user(&mut self, addresses: &[u64]) -> Vec<Option<String>> {
             self.lookups.set(self.lookups.get() + 1);
-            addresses.iter().map(|address| self.names.get(address).map(|name| name.to_string())).collect()
+            addresses
+                .iter()
+                .map(|address| self.names.get(address).map(|name| name.to_string()))
+                .collect()
         }
 
         fn kernel(&mut self, addresses: &[u64]) -> Vec<Option<String>> {
@@ -160,8 +195,15 @@ pub(crate) mod tests {
     #[test]
     fn unknown_frames_keep_their_module_and_offset_and_names_are_cached() {
         let lookups = Rc::new(std::cell::Cell::new(0));
-        let names = HashMap::from([(0x1010, "main"), (0xffff_1000, "do_nanosleep"), (0xffff_3000, "bpf_trace_run4")]);
-        let mut symbolizer = Symbolizer::new(Box::new(TableSymbols { names, lookups: Rc::clone(&lookups) }));
+        let names = HashMap::from([
+            (0x1010, "main"),
+            (0xffff_1000, "do_nanosleep"),
+            (0xffff_3000, "bpf_trace_run4"),
+        ]);
+        let mut symbolizer = Symbolizer::new(Box::new(TableSymbols {
+            names,
+            lookups: Rc::clone(&lookups),
+        }));
         let map = MemoryMap::parse("1000-3000 r-xp 00002000 fe:01 7 /usr/bin/redis-server\n");
         let frames = symbolizer.user_frames(&[0x1010, 0x2000, 0x9999], &map);
         let frames: Vec<&str> = frames.iter().map(|frame| &**frame).collect();
@@ -169,7 +211,11 @@ pub(crate) mod tests {
         symbolizer.user_frames(&[0x2000, 0x1010], &map);
         assert_eq!(lookups.get(), 1, "the second call is served from the cache");
         let kernel = symbolizer.kernel_frames(&[0xffff_3000, 0xffff_1000, 0xffff_2000]);
-        assert_eq!(kernel.len(), 2, "the probe's own frame is left out: {kernel:?}");
+        assert_eq!(
+            kernel.len(),
+            2,
+            "the probe's own frame is left out: {kernel:?}"
+        );
         assert_eq!(&*kernel[0], "do_nanosleep_[k]");
         assert_eq!(&*kernel[1], "0xffff2000_[k]");
     }
@@ -180,6 +226,9 @@ pub(crate) mod tests {
         let mut symbols = BlazeSymbols::new(std::process::id());
         let names = symbols.user(&[address]);
         let name = names[0].as_deref().unwrap_or("");
-        assert!(name.contains("our_own_functions_are_named_by_blazesym"), "{name:?}");
+        assert!(
+            name.contains("our_own_functions_are_named_by_blazesym"),
+            "{name:?}"
+        );
     }
 }

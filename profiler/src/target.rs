@@ -65,7 +65,10 @@ impl Target {
         };
         let target = Self::from_pid(pid)?;
         if !force && !is_redis_name(&target.name) {
-            return Err(TargetError::NotRedis { pid, name: target.name });
+            return Err(TargetError::NotRedis {
+                pid,
+                name: target.name,
+            });
         }
         Ok(target)
     }
@@ -76,7 +79,10 @@ impl Target {
             if source.kind() == io::ErrorKind::NotFound {
                 TargetError::NoSuchProcess { pid }
             } else {
-                TargetError::Proc { path: process.join("stat"), cause: source }
+                TargetError::Proc {
+                    path: process.join("stat"),
+                    cause: source,
+                }
             }
         })?;
         let stat = ProcStat::parse(&stat).ok_or_else(|| TargetError::Proc {
@@ -149,8 +155,10 @@ impl ProcStat {
 }
 
 fn all_processes() -> Result<Vec<ProcStat>, TargetError> {
-    let entries = fs::read_dir("/proc")
-        .map_err(|source| TargetError::Proc { path: "/proc".into(), cause: source })?;
+    let entries = fs::read_dir("/proc").map_err(|source| TargetError::Proc {
+        path: "/proc".into(),
+        cause: source,
+    })?;
     Ok(entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| ProcStat::parse(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
@@ -160,8 +168,11 @@ fn all_processes() -> Result<Vec<ProcStat>, TargetError> {
 /// Redis servers that are not children of another Redis server (BGSAVE and AOF-rewrite
 /// children carry the same name).
 fn redis_servers(processes: &[ProcStat]) -> Vec<&ProcStat> {
-    let redis_pids: HashSet<u32> =
-        processes.iter().filter(|p| is_redis_name(&p.name)).map(|p| p.pid).collect();
+    let redis_pids: HashSet<u32> = processes
+        .iter()
+        .filter(|p| is_redis_name(&p.name))
+        .map(|p| p.pid)
+        .collect();
     processes
         .iter()
         .filter(|p| is_redis_name(&p.name) && !redis_pids.contains(&p.parent_pid) && p.state != 'Z')
@@ -182,7 +193,9 @@ fn only_redis_server() -> Result<u32, TargetError> {
                     format!("pid {} (port {})", server.pid, ports.join(", "))
                 })
                 .collect();
-            Err(TargetError::SeveralRedis { servers: servers.join(", ") })
+            Err(TargetError::SeveralRedis {
+                servers: servers.join(", "),
+            })
         }
     }
 }
@@ -193,12 +206,20 @@ fn pid_listening_on(port: u16) -> Result<u32, TargetError> {
     let mut inodes = HashSet::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = fs::read_to_string(table).unwrap_or_default();
-        inodes.extend(parse_listeners(&text).filter(|l| l.port == port).map(|l| l.inode));
+        inodes.extend(
+            parse_listeners(&text)
+                .filter(|l| l.port == port)
+                .map(|l| l.inode),
+        );
     }
     let processes = all_processes()?;
     let holders: HashSet<u32> = processes
         .iter()
-        .filter(|process| socket_inodes(process.pid).iter().any(|inode| inodes.contains(inode)))
+        .filter(|process| {
+            socket_inodes(process.pid)
+                .iter()
+                .any(|inode| inodes.contains(inode))
+        })
         .map(|process| process.pid)
         .collect();
     processes
@@ -224,7 +245,10 @@ fn parse_listeners(table: &str) -> impl Iterator<Item = Listener> + '_ {
             return None;
         }
         let (_, port) = fields.get(1)?.rsplit_once(':')?;
-        Some(Listener { port: u16::from_str_radix(port, 16).ok()?, inode: fields.get(9)?.parse().ok()? })
+        Some(Listener {
+            port: u16::from_str_radix(port, 16).ok()?,
+            inode: fields.get(9)?.parse().ok()?,
+        })
     })
 }
 
@@ -236,27 +260,47 @@ fn socket_inodes(pid: u32) -> Vec<u64> {
     entries
         .filter_map(|entry| {
             let link = fs::read_link(entry.ok()?.path()).ok()?;
-            link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            link.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
         })
         .collect()
 }
 
 /// TCP ports the process listens on, read in its own network namespace.
 pub fn listening_ports(pid: u32) -> Result<Vec<u16>, TargetError> {
+    let mut ports: Vec<u16> = listening_sockets(pid)?.into_values().collect();
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
+/// The process's listening TCP sockets (IPv4 and IPv6) in its own network namespace: inode ->
+/// port.
+pub fn listening_sockets(pid: u32) -> Result<std::collections::HashMap<u64, u16>, TargetError> {
     let sockets: HashSet<u64> = socket_inodes(pid).into_iter().collect();
-    let mut ports = Vec::new();
+    let mut listeners = std::collections::HashMap::new();
     for table in ["tcp", "tcp6"] {
         let path = PathBuf::from(format!("/proc/{pid}/net/{table}"));
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
             Err(source) if source.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(TargetError::Proc { path, cause: source }),
+            Err(source) => {
+                return Err(TargetError::Proc {
+                    path,
+                    cause: source,
+                });
+            }
         };
-        ports.extend(parse_listeners(&text).filter(|l| sockets.contains(&l.inode)).map(|l| l.port));
+        listeners.extend(
+            parse_listeners(&text)
+                .filter(|l| sockets.contains(&l.inode))
+                .map(|l| (l.inode, l.port)),
+        );
     }
-    ports.sort_unstable();
-    ports.dedup();
-    Ok(ports)
+    Ok(listeners)
 }
 
 #[cfg(test)]
@@ -281,7 +325,13 @@ mod tests {
    0: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   100        0 31337 1 0000000000000000 100 0 0 10 0\n   \
    1: 0100007F:18EB 0100007F:C350 01 00000000:00000000 00:00000000 00000000   100        0 31338 1 0000000000000000 20 4 30 10 -1\n";
         let listeners: Vec<Listener> = parse_listeners(table).collect();
-        assert_eq!(listeners, [Listener { port: 6379, inode: 31337 }]);
+        assert_eq!(
+            listeners,
+            [Listener {
+                port: 6379,
+                inode: 31337
+            }]
+        );
     }
 
     #[test]
@@ -306,7 +356,9 @@ mod tests {
     #[test]
     fn our_own_process_is_found_and_is_not_redis() {
         let pid = std::process::id();
-        let error = Target::find(TargetSelector::Pid(pid), false).unwrap_err().to_string();
+        let error = Target::find(TargetSelector::Pid(pid), false)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("is not a redis-server"), "{error}");
         let forced = Target::find(TargetSelector::Pid(pid), true).unwrap();
         assert_eq!(forced.main_tid, pid);

@@ -39,7 +39,10 @@ impl RecordedStack<'_> {
     /// The 8 bytes at `address`, if they were copied.
     fn read(&self, address: u64) -> Result<u64, ()> {
         let offset = usize::try_from(address.checked_sub(self.sp).ok_or(())?).map_err(|_| ())?;
-        let word = self.bytes.get(offset..offset.checked_add(8).ok_or(())?).ok_or(())?;
+        let word = self
+            .bytes
+            .get(offset..offset.checked_add(8).ok_or(())?)
+            .ok_or(())?;
         Ok(u64::from_le_bytes(word.try_into().map_err(|_| ())?))
     }
 }
@@ -80,9 +83,14 @@ impl Unwinder {
         let Ok(memory_map) = MemoryMap::read(self.pid) else {
             return; // the process is gone: keep what we had
         };
-        let current: BTreeMap<u64, &Mapping> = memory_map.mappings().iter().map(|m| (m.start, m)).collect();
-        let vanished: Vec<u64> =
-            self.loaded.iter().filter(|(start, old)| current.get(start) != Some(old)).map(|(start, _)| *start).collect();
+        let current: BTreeMap<u64, &Mapping> =
+            memory_map.mappings().iter().map(|m| (m.start, m)).collect();
+        let vanished: Vec<u64> = self
+            .loaded
+            .iter()
+            .filter(|(start, old)| current.get(start) != Some(old))
+            .map(|(start, _)| *start)
+            .collect();
         for start in vanished {
             self.unwinder.remove_module(start);
             self.loaded.remove(&start);
@@ -104,7 +112,9 @@ impl Unwinder {
     /// Walks the recorded stack. Never fails: an address it cannot follow ends the stack.
     pub fn unwind(&mut self, stack: &RecordedStack<'_>) -> UserStack {
         if self.memory_map.find(stack.ip).is_none()
-            && self.last_refresh.is_none_or(|last| last.elapsed() >= REFRESH_PERIOD)
+            && self
+                .last_refresh
+                .is_none_or(|last| last.elapsed() >= REFRESH_PERIOD)
         {
             self.refresh();
         }
@@ -138,7 +148,10 @@ fn lookup_address(frame: FrameAddress) -> u64 {
 /// addresses (SVMA) and the process's (AVMA), taken from the PT_LOAD segment the mapping
 /// comes from (a segment's `p_offset` need not be page aligned, the mapping's offset is).
 fn load_module(pid: u32, mapping: &Mapping) -> Option<Module<Vec<u8>>> {
-    let data = mapping.openable_paths(pid).iter().find_map(|path| fs::read(path).ok())?;
+    let data = mapping
+        .openable_paths(pid)
+        .iter()
+        .find_map(|path| fs::read(path).ok())?;
     let file = object::File::parse(&*data).ok()?;
     let mapping_size = mapping.end - mapping.start;
     let segment = file.segments().find(|segment| {
@@ -146,12 +159,17 @@ fn load_module(pid: u32, mapping: &Mapping) -> Option<Module<Vec<u8>>> {
         ranges_nest(offset, size, mapping.file_offset, mapping_size)
     })?;
     let (segment_offset, _) = segment.file_range();
-    let segment_avma = mapping.start.wrapping_add(segment_offset.wrapping_sub(mapping.file_offset));
+    let segment_avma = mapping
+        .start
+        .wrapping_add(segment_offset.wrapping_sub(mapping.file_offset));
     let bias = segment_avma.wrapping_sub(segment.address());
 
     let section = |name: &str| {
         let section = file.section_by_name(name)?;
-        Some((section.address()..section.address() + section.size(), section.data().ok()?.to_vec()))
+        Some((
+            section.address()..section.address() + section.size(),
+            section.data().ok()?.to_vec(),
+        ))
     };
     let (text_svma, text) = section(".text").unzip();
     let (eh_frame_svma, eh_frame) = section(".eh_frame").unzip();
@@ -173,13 +191,21 @@ fn load_module(pid: u32, mapping: &Mapping) -> Option<Module<Vec<u8>>> {
         got_svma,
         ..Default::default()
     };
-    Some(Module::new(mapping.path.clone(), mapping.start..mapping.end, bias, info))
+    Some(Module::new(
+        mapping.path.clone(),
+        mapping.start..mapping.end,
+        bias,
+        info,
+    ))
 }
 
 /// True when one file range contains the other (a mapping can cover part of a segment, or a
 /// whole segment and some alignment around it).
 fn ranges_nest(a_start: u64, a_size: u64, b_start: u64, b_size: u64) -> bool {
-    let (a_end, b_end) = (a_start.saturating_add(a_size), b_start.saturating_add(b_size));
+    let (a_end, b_end) = (
+        a_start.saturating_add(a_size),
+        b_start.saturating_add(b_size),
+    );
     (a_start <= b_start && b_end <= a_end) || (b_start <= a_start && a_end <= b_end)
 }
 
@@ -200,7 +226,10 @@ mod tests {
             .lines()
             .filter_map(|line| {
                 let (start, end) = line.split_whitespace().next()?.split_once('-')?;
-                Some((u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?))
+                Some((
+                    u64::from_str_radix(start, 16).ok()?,
+                    u64::from_str_radix(end, 16).ok()?,
+                ))
             })
             .find(|&(start, end)| start <= sp && sp < end)
             .map(|(_, end)| end)
@@ -216,13 +245,30 @@ mod tests {
         let mut bytes = Vec::new();
         let (ip, sp, bp) = record_own_stack(&mut bytes);
         let mut unwinder = Unwinder::new(std::process::id());
-        let stack = unwinder.unwind(&RecordedStack { ip, sp, bp, bytes: &bytes });
+        let stack = unwinder.unwind(&RecordedStack {
+            ip,
+            sp,
+            bp,
+            bytes: &bytes,
+        });
         assert!(stack.lookup_addresses.len() >= 5, "{stack:?}");
         let own_module = unwinder.memory_map().find(ip).unwrap().path.clone();
         // The first return address is in this test function, in this test binary.
-        assert_eq!(unwinder.memory_map().find(stack.lookup_addresses[1]).unwrap().path, own_module);
+        assert_eq!(
+            unwinder
+                .memory_map()
+                .find(stack.lookup_addresses[1])
+                .unwrap()
+                .path,
+            own_module
+        );
         // The walk leaves the test binary (std's thread start in libc: clone3 / start_thread).
-        assert!(stack.lookup_addresses.iter().any(|&a| unwinder.memory_map().find(a).is_some_and(|m| m.path != own_module)));
+        assert!(stack.lookup_addresses.iter().any(|&a| {
+            unwinder
+                .memory_map()
+                .find(a)
+                .is_some_and(|m| m.path != own_module)
+        }));
     }
 
     #[test]
@@ -230,8 +276,18 @@ mod tests {
         let mut bytes = Vec::new();
         let (ip, sp, bp) = record_own_stack(&mut bytes);
         let mut unwinder = Unwinder::new(std::process::id());
-        let full = unwinder.unwind(&RecordedStack { ip, sp, bp, bytes: &bytes });
-        let cut = unwinder.unwind(&RecordedStack { ip, sp, bp, bytes: &bytes[..64] });
+        let full = unwinder.unwind(&RecordedStack {
+            ip,
+            sp,
+            bp,
+            bytes: &bytes,
+        });
+        let cut = unwinder.unwind(&RecordedStack {
+            ip,
+            sp,
+            bp,
+            bytes: &bytes[..64],
+        });
         assert!(cut.lookup_addresses.len() < full.lookup_addresses.len());
         assert_eq!(cut.lookup_addresses[0], ip);
     }
@@ -240,7 +296,12 @@ mod tests {
     fn registers_that_point_nowhere_give_one_unknown_frame() {
         let mut unwinder = Unwinder::new(std::process::id());
         for (ip, sp) in [(0, 0), (0xdead_beef, 0x10), (u64::MAX, u64::MAX - 4)] {
-            let stack = unwinder.unwind(&RecordedStack { ip, sp, bp: 0, bytes: &[0xff; 32] });
+            let stack = unwinder.unwind(&RecordedStack {
+                ip,
+                sp,
+                bp: 0,
+                bytes: &[0xff; 32],
+            });
             assert_eq!(stack.lookup_addresses, [ip]);
         }
     }
@@ -248,14 +309,24 @@ mod tests {
     #[test]
     fn a_process_that_is_gone_unwinds_nothing_and_does_not_fail() {
         let mut unwinder = Unwinder::new(u32::MAX - 1);
-        let stack = unwinder.unwind(&RecordedStack { ip: 0x1000, sp: 0x2000, bp: 0, bytes: &[0; 64] });
+        let stack = unwinder.unwind(&RecordedStack {
+            ip: 0x1000,
+            sp: 0x2000,
+            bp: 0,
+            bytes: &[0; 64],
+        });
         assert_eq!(stack.lookup_addresses, [0x1000]);
     }
 
     #[test]
     fn a_reading_outside_the_copy_fails() {
         let bytes = [1u8, 0, 0, 0, 0, 0, 0, 0, 2];
-        let stack = RecordedStack { ip: 0, sp: 100, bp: 0, bytes: &bytes };
+        let stack = RecordedStack {
+            ip: 0,
+            sp: 100,
+            bp: 0,
+            bytes: &bytes,
+        };
         assert_eq!(stack.read(100), Ok(1));
         assert_eq!(stack.read(101), Ok(0x0200_0000_0000_0000));
         assert_eq!(stack.read(102), Err(()));
@@ -275,22 +346,40 @@ mod tests {
     /// the number of cases.
     #[test]
     fn arbitrary_registers_and_bytes_unwind_without_failing() {
-        use proptest::{collection::vec, num::u64, num::u8, strategy::Strategy, test_runner::TestRunner};
+        use proptest::{
+            collection::vec, num::u8, num::u64, strategy::Strategy, test_runner::TestRunner,
+        };
         let unwinder = std::cell::RefCell::new(Unwinder::new(std::process::id()));
         let code = arbitrary_registers_and_bytes_unwind_without_failing as *const () as u64;
         let registers = (u64::ANY, u64::ANY, u64::ANY, vec(u8::ANY, 0..512));
         // Half the cases start in real code of this binary with a stack of random words.
         let in_code = (0u64..4096, vec(u64::ANY, 0..64)).prop_map(move |(offset, words)| {
-            (code + offset, 0, 0, words.iter().flat_map(|word| word.to_le_bytes()).collect::<Vec<u8>>())
+            (
+                code + offset,
+                0,
+                0,
+                words
+                    .iter()
+                    .flat_map(|word| word.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )
         });
         TestRunner::default()
-            .run(&proptest::prop_oneof![registers, in_code], |(ip, sp, bp, bytes)| {
-                let sp = if sp == 0 { bytes.as_ptr() as u64 } else { sp };
-                let stack = unwinder.borrow_mut().unwind(&RecordedStack { ip, sp, bp, bytes: &bytes });
-                proptest::prop_assert_eq!(stack.lookup_addresses[0], ip);
-                proptest::prop_assert!(stack.lookup_addresses.len() <= MAX_FRAMES);
-                Ok(())
-            })
+            .run(
+                &proptest::prop_oneof![registers, in_code],
+                |(ip, sp, bp, bytes)| {
+                    let sp = if sp == 0 { bytes.as_ptr() as u64 } else { sp };
+                    let stack = unwinder.borrow_mut().unwind(&RecordedStack {
+                        ip,
+                        sp,
+                        bp,
+                        bytes: &bytes,
+                    });
+                    proptest::prop_assert_eq!(stack.lookup_addresses[0], ip);
+                    proptest::prop_assert!(stack.lookup_addresses.len() <= MAX_FRAMES);
+                    Ok(())
+                },
+            )
             .unwrap();
     }
 }

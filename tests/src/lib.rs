@@ -18,14 +18,130 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The profiler binary: `$REDIS_STALLPROF_BIN`, else the workspace's release build.
 pub fn profiler_bin() -> PathBuf {
-    std::env::var_os("REDIS_STALLPROF_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/redis-stallprof")
-    })
+    std::env::var_os("REDIS_STALLPROF_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/redis-stallprof")
+        })
 }
 
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("bind a free port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// A network namespace of the test's own (`ip netns`), with loopback up; deleted when dropped.
+pub struct NetworkNamespace {
+    pub name: String,
+}
+
+impl NetworkNamespace {
+    pub fn create(label: &str) -> Self {
+        let name = format!("stallprof-{}-{label}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+        let ok = |command: &mut Command| command.status().is_ok_and(|status| status.success());
+        assert!(
+            ok(Command::new("ip").args(["netns", "add", &name])),
+            "ip netns add {name}"
+        );
+        assert!(ok(Command::new("ip").args([
+            "netns", "exec", &name, "ip", "link", "set", "lo", "up"
+        ])));
+        Self { name }
+    }
+
+    /// `program` run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+
+    /// The namespace's `TcpExtListenOverflows`.
+    pub fn listen_overflows(&self) -> u64 {
+        let output = self
+            .command("cat")
+            .arg("/proc/net/netstat")
+            .output()
+            .expect("read netstat");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let mut rows = text.lines().filter(|line| line.starts_with("TcpExt:"));
+        let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "ListenOverflows")
+            .and_then(|(_, value)| value.parse().ok())
+            .expect("TcpExtListenOverflows")
+    }
+}
+
+/// Starts `count` TCP connections to `127.0.0.1:port` at once (in `namespace`, else in ours),
+/// without waiting for them (non-blocking connects, as a client pool does); closed when dropped.
+pub fn connection_storm(
+    port: u16,
+    count: usize,
+    namespace: Option<&NetworkNamespace>,
+) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let namespace = namespace.map(|ns| {
+        fs::File::open(format!("/var/run/netns/{}", ns.name)).expect("open the namespace")
+    });
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(namespace) = &namespace {
+                    // SAFETY: moves this short-lived thread alone into the namespace.
+                    assert_eq!(
+                        unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) },
+                        0,
+                        "setns"
+                    );
+                }
+                let address = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: port.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                (0..count)
+                    .map(|_| {
+                        // SAFETY: a new socket, owned at once; connect reads `address`.
+                        unsafe {
+                            let fd = libc::socket(
+                                libc::AF_INET,
+                                libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+                                0,
+                            );
+                            assert!(fd >= 0, "socket");
+                            let socket = OwnedFd::from_raw_fd(fd);
+                            let length = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                            libc::connect(
+                                fd,
+                                (&address as *const libc::sockaddr_in).cast(),
+                                length,
+                            );
+                            socket
+                        }
+                    })
+                    .collect()
+            })
+            .join()
+            .expect("the connecting thread")
+    })
+}
+
+impl Drop for NetworkNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+    }
 }
 
 /// A throwaway `redis-server` (Debian's), started with the DEBUG command enabled.
@@ -33,20 +149,42 @@ pub struct RedisServer {
     pub port: u16,
     child: Child,
     dir: tempfile::TempDir,
+    /// The network namespace it runs in, if not ours.
+    namespace: Option<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port with `extra` configuration arguments (`--name value`).
     pub fn start(extra: &[&str]) -> Self {
-        Self::start_with(Command::new("redis-server"), extra)
+        Self::start_with(Command::new("redis-server"), extra, None)
+    }
+
+    /// Starts a server inside `namespace`; `cli` then runs there too.
+    pub fn start_in(namespace: &NetworkNamespace, extra: &[&str]) -> Self {
+        let mut server = Self::start_with(
+            namespace.command("redis-server"),
+            extra,
+            Some(namespace.name.clone()),
+        );
+        server.namespace = Some(namespace.name.clone());
+        server
     }
 
     /// Starts a server through `launcher` (e.g. `ip netns exec NS redis-server`).
-    pub fn start_with(mut launcher: Command, extra: &[&str]) -> Self {
+    fn start_with(mut launcher: Command, extra: &[&str], namespace: Option<String>) -> Self {
         let port = free_port();
         let dir = tempfile::tempdir().expect("temporary directory");
         let child = launcher
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--enable-debug-command", "yes", "--dir"])
             .arg(dir.path())
             .args(["--logfile", "redis.log"])
@@ -55,10 +193,23 @@ impl RedisServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("start redis-server (is the redis-server package installed?)");
-        let server = Self { port, child, dir };
+        let server = Self {
+            port,
+            child,
+            dir,
+            namespace,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
-        while server.try_cli(&["PING"]).map(|reply| reply.trim() != "PONG").unwrap_or(true) {
-            assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING; log: {}", server.log());
+        while server
+            .try_cli(&["PING"])
+            .map(|reply| reply.trim() != "PONG")
+            .unwrap_or(true)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {port} did not answer PING; log: {}",
+                server.log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
         server
@@ -80,21 +231,48 @@ impl RedisServer {
             .expect("connect to redis-server")
     }
 
+    /// `program` with the server's network namespace, if it has its own.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.namespace {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace, program]);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
     fn try_cli(&self, args: &[&str]) -> Option<String> {
-        let output = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().ok()?;
-        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+        let output = self
+            .command("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// Runs `redis-cli` against the server and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        self.try_cli(args).unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+        self.try_cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
     }
 
     /// A numeric field of `INFO section` (e.g. `allocator_resident` of `memory`).
     pub fn info_number(&self, section: &str, field: &str) -> u64 {
         let info = self.cli(&["INFO", section]);
         info.lines()
-            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':')?.trim().parse().ok())
+            .find_map(|line| {
+                line.strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or_else(|| panic!("no numeric {field} in INFO {section}"))
     }
 
@@ -122,13 +300,21 @@ pub struct Run {
 impl Run {
     /// The JSON records of one `"type"`.
     pub fn of_type(&self, kind: &str) -> Vec<&Value> {
-        self.records.iter().filter(|record| record["type"] == kind).collect()
+        self.records
+            .iter()
+            .filter(|record| record["type"] == kind)
+            .collect()
     }
 
     /// The one `summary` record.
     pub fn summary(&self) -> &Value {
         let summaries = self.of_type("summary");
-        assert_eq!(summaries.len(), 1, "one summary expected; stderr:\n{}", self.stderr);
+        assert_eq!(
+            summaries.len(),
+            1,
+            "one summary expected; stderr:\n{}",
+            self.stderr
+        );
         summaries[0]
     }
 }
@@ -162,7 +348,12 @@ impl Profiler {
         Self::spawn(args, json.to_owned(), None, true)
     }
 
-    fn spawn(args: &[&str], json: PathBuf, temporary: Option<tempfile::NamedTempFile>, show_console: bool) -> Self {
+    fn spawn(
+        args: &[&str],
+        json: PathBuf,
+        temporary: Option<tempfile::NamedTempFile>,
+        show_console: bool,
+    ) -> Self {
         // A file left by an earlier run would show its `attached` record before this run's.
         let _ = fs::remove_file(&json);
         let mut child = Command::new(profiler_bin())
@@ -172,7 +363,11 @@ impl Profiler {
             .arg(&json)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if show_console { Stdio::inherit() } else { Stdio::piped() })
+            .stderr(if show_console {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
             .spawn()
             .unwrap_or_else(|error| panic!("start {}: {error}", profiler_bin().display()));
         let stderr = child.stderr.take().map(|stderr| {
@@ -182,12 +377,24 @@ impl Profiler {
                 text
             })
         });
-        let profiler = Self { child, json, _temporary: temporary, stderr };
+        let profiler = Self {
+            child,
+            json,
+            _temporary: temporary,
+            stderr,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
-        while !profiler.records().iter().any(|record| record["type"] == "attached") {
+        while !profiler
+            .records()
+            .iter()
+            .any(|record| record["type"] == "attached")
+        {
             if Instant::now() > deadline || profiler.has_exited() {
                 let run = profiler.stop();
-                panic!("the profiler did not attach: {:?}\n{}", run.status, run.stderr);
+                panic!(
+                    "the profiler did not attach: {:?}\n{}",
+                    run.status, run.stderr
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -198,7 +405,9 @@ impl Profiler {
         // SAFETY: waitpid with WNOHANG|WNOWAIT only peeks at our own child's state.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        unsafe { libc::waitid(libc::P_PID, self.child.id(), &mut info, flags) == 0 && info.si_pid() != 0 }
+        unsafe {
+            libc::waitid(libc::P_PID, self.child.id(), &mut info, flags) == 0 && info.si_pid() != 0
+        }
     }
 
     /// The JSON records written so far.
@@ -210,7 +419,10 @@ impl Profiler {
             .lines()
             .map_while(Result::ok)
             .filter(|line| line.ends_with('}'))
-            .map(|line| serde_json::from_str(&line).unwrap_or_else(|error| panic!("bad JSON line {line:?}: {error}")))
+            .map(|line| {
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|error| panic!("bad JSON line {line:?}: {error}"))
+            })
             .collect()
     }
 
@@ -239,14 +451,26 @@ impl Profiler {
     pub fn wait(mut self) -> Run {
         let status = self.child.wait().expect("wait for the profiler");
         let records = self.records();
-        let stderr = self.stderr.take().map(|reader| reader.join().unwrap_or_default()).unwrap_or_default();
-        Run { status, records, stderr }
+        let stderr = self
+            .stderr
+            .take()
+            .map(|reader| reader.join().unwrap_or_default())
+            .unwrap_or_default();
+        Run {
+            status,
+            records,
+            stderr,
+        }
     }
 }
 
 /// Runs the profiler with `args` to completion (for bad-input checks).
 pub fn run_profiler(args: &[&str]) -> Output {
-    Command::new(profiler_bin()).args(args).stdin(Stdio::null()).output().expect("run the profiler")
+    Command::new(profiler_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the profiler")
 }
 
 /// Sends one RESP command.
@@ -267,7 +491,11 @@ fn send_command(stream: &mut TcpStream, args: &[&[u8]]) -> std::io::Result<()> {
 /// is still read into its query buffer, so each client blocks in BLPOP, sends `bytes_each` of
 /// SET commands (values under Redis's 32 KiB "big argument" size), and is then unblocked.
 /// Returns the connections: dropping them closes the clients.
-pub fn leave_big_idle_query_buffers(port: u16, clients: usize, bytes_each: usize) -> Vec<TcpStream> {
+pub fn leave_big_idle_query_buffers(
+    port: u16,
+    clients: usize,
+    bytes_each: usize,
+) -> Vec<TcpStream> {
     let mut one_set = b"*3\r\n$3\r\nSET\r\n$2\r\nqb\r\n$30000\r\n".to_vec();
     one_set.extend(std::iter::repeat_n(b'x', 30_000));
     one_set.extend(b"\r\n");
@@ -276,17 +504,31 @@ pub fn leave_big_idle_query_buffers(port: u16, clients: usize, bytes_each: usize
     let mut connections = Vec::new();
     for index in 0..clients {
         let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis-server");
-        send_command(&mut client, &[b"BLPOP", format!("stallprof-queue{index}").as_bytes(), b"0"]).unwrap();
+        send_command(
+            &mut client,
+            &[b"BLPOP", format!("stallprof-queue{index}").as_bytes(), b"0"],
+        )
+        .unwrap();
         client.write_all(&pipeline).expect("send the pipeline");
         connections.push(client);
     }
     let mut control = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis-server");
     for index in 0..clients {
-        send_command(&mut control, &[b"LPUSH", format!("stallprof-queue{index}").as_bytes(), b"go"]).unwrap();
+        send_command(
+            &mut control,
+            &[
+                b"LPUSH",
+                format!("stallprof-queue{index}").as_bytes(),
+                b"go",
+            ],
+        )
+        .unwrap();
     }
     // Read the replies (BLPOP's, then one +OK per SET) so every command has run.
     for client in &mut connections {
-        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let expected = commands * b"+OK\r\n".len();
         let (mut received, mut buffer) = (0, [0u8; 65536]);
         while received < expected {

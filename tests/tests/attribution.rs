@@ -6,17 +6,27 @@ use serde_json::Value;
 use stallprof_testkit::{Profiler, RedisServer, leave_big_idle_query_buffers, run_profiler};
 
 fn number(value: &Value) -> u64 {
-    value.as_u64().unwrap_or_else(|| panic!("not a number: {value}"))
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a number: {value}"))
 }
 
 fn only_stall(run: &stallprof_testkit::Run) -> Value {
     let stalls = run.of_type("stall");
-    assert_eq!(stalls.len(), 1, "one stall expected: {stalls:?}\n{}", run.stderr);
+    assert_eq!(
+        stalls.len(),
+        1,
+        "one stall expected: {stalls:?}\n{}",
+        run.stderr
+    );
     stalls[0].clone()
 }
 
 fn diagnosis(stall: &Value) -> (&str, &str) {
-    (stall["origin"].as_str().unwrap(), stall["mechanism"].as_str().unwrap())
+    (
+        stall["origin"].as_str().unwrap(),
+        stall["mechanism"].as_str().unwrap(),
+    )
 }
 
 #[test]
@@ -26,10 +36,20 @@ fn a_sleep_is_command_debug_in_syscall_sleep() {
     redis.cli(&["DEBUG", "SLEEP", "0.2"]);
     thread::sleep(Duration::from_millis(100));
     let stall = only_stall(&profiler.stop());
-    assert_eq!(diagnosis(&stall), ("command:debug", "syscall.sleep"), "{stall}");
+    assert_eq!(
+        diagnosis(&stall),
+        ("command:debug", "syscall.sleep"),
+        "{stall}"
+    );
     let breakdown = stall["breakdown"].as_array().unwrap();
-    let shares: f64 = breakdown.iter().map(|entry| entry["share"].as_f64().unwrap()).sum();
-    assert!((shares - 1.0).abs() < 0.01, "shares add up to 1: {breakdown:?}");
+    let shares: f64 = breakdown
+        .iter()
+        .map(|entry| entry["share"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (shares - 1.0).abs() < 0.01,
+        "shares add up to 1: {breakdown:?}"
+    );
     assert_eq!(breakdown[0]["origin"], "command:debug");
 }
 
@@ -62,11 +82,19 @@ fn memory_purge_after_deleting_a_data_set_is_an_allocator_purge_of_what_was_give
     let resident_after = redis.info_number("memory", "allocator_resident");
     let run = profiler.stop();
     let stall = only_stall(&run);
-    assert_eq!(diagnosis(&stall), ("command:memory", "allocator.purge"), "{stall}");
+    assert_eq!(
+        diagnosis(&stall),
+        ("command:memory", "allocator.purge"),
+        "{stall}"
+    );
 
     let madvise_bytes = number(&stall["madvise"]["bytes"]);
     let given_back = resident_before.saturating_sub(resident_after);
-    assert!(madvise_bytes >= 100 << 20, "at least 100 MiB purged on the main thread: {}", stall["madvise"]);
+    assert!(
+        madvise_bytes >= 100 << 20,
+        "at least 100 MiB purged on the main thread: {}",
+        stall["madvise"]
+    );
     assert!(
         madvise_bytes * 4 >= given_back * 3 && madvise_bytes * 3 <= given_back * 4,
         "madvise'd {} MiB, the allocator gave back {} MiB",
@@ -80,7 +108,10 @@ fn memory_purge_after_deleting_a_data_set_is_an_allocator_purge_of_what_was_give
         .find(|line| line["thread_role"] == "main" && line["advice"] == "MADV_DONTNEED")
         .cloned()
         .expect("a main-thread MADV_DONTNEED line in the summary");
-    assert!(number(&main_dontneed["bytes"]) >= madvise_bytes, "{main_dontneed}");
+    assert!(
+        number(&main_dontneed["bytes"]) >= madvise_bytes,
+        "{main_dontneed}"
+    );
     assert!(number(&main_dontneed["calls"]) >= number(&stall["madvise"]["calls"]));
 }
 
@@ -99,13 +130,24 @@ fn idle_clients_with_big_query_buffers_stall_cron_in_an_allocator_purge() {
         .into_iter()
         .filter(|stall| stall["origin"] == "cron.querybuf_resize")
         .collect();
-    assert!(!resizes.is_empty(), "a cron query-buffer resize stall expected:\n{}", run.stderr);
+    assert!(
+        !resizes.is_empty(),
+        "a cron query-buffer resize stall expected:\n{}",
+        run.stderr
+    );
     for stall in &resizes {
         assert_eq!(stall["mechanism"], "allocator.purge", "{stall}");
         assert!(number(&stall["duration_us"]) >= 10_000);
-        assert!(number(&stall["madvise"]["bytes"]) >= 64 << 20, "{}", stall["madvise"]);
+        assert!(
+            number(&stall["madvise"]["bytes"]) >= 64 << 20,
+            "{}",
+            stall["madvise"]
+        );
         let frames = stall["stacks"][0]["frames"].to_string();
-        assert!(frames.contains("clientsCronResizeQueryBuffer") && frames.contains("serverCron"), "{frames}");
+        assert!(
+            frames.contains("clientsCronResizeQueryBuffer") && frames.contains("serverCron"),
+            "{frames}"
+        );
     }
     drop(clients);
 }
@@ -121,14 +163,38 @@ fn custom_rules_replace_the_builtin_ones_and_a_bad_file_names_its_line() {
          [[mechanism]]\ncategory = \"napping\"\nkernel_functions = [\"do_nanosleep\"]\n",
     )
     .unwrap();
-    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "--rules", rules.to_str().unwrap()]);
+    let profiler = Profiler::attach(&[
+        "--pid",
+        &redis.pid().to_string(),
+        "--rules",
+        rules.to_str().unwrap(),
+    ]);
     redis.cli(&["DEBUG", "SLEEP", "0.05"]);
     thread::sleep(Duration::from_millis(100));
-    assert_eq!(diagnosis(&only_stall(&profiler.stop())), ("debugging", "napping"));
+    assert_eq!(
+        diagnosis(&only_stall(&profiler.stop())),
+        ("debugging", "napping")
+    );
 
-    fs::write(&rules, "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\"]\n\n[[mechanism]]\ncategory = \"y\"\n").unwrap();
-    let output = run_profiler(&["attach", "--pid", &redis.pid().to_string(), "--rules", rules.to_str().unwrap()]);
+    fs::write(
+        &rules,
+        "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\"]\n\n[[mechanism]]\ncategory = \"y\"\n",
+    )
+    .unwrap();
+    let output = run_profiler(&[
+        "attach",
+        "--pid",
+        &redis.pid().to_string(),
+        "--rules",
+        rules.to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("`{}` line 6: mechanism rule `y` has no functions", rules.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "`{}` line 6: mechanism rule `y` has no functions",
+            rules.display()
+        )),
+        "{stderr}"
+    );
 }

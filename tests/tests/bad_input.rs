@@ -10,11 +10,24 @@ use stallprof_testkit::{RedisServer, profiler_bin, run_profiler};
 /// The run failed with exit code 1 and one `error:` line containing `expected`, and no panic.
 fn assert_fails_with(output: &Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "exit 1 expected; stderr:\n{stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|line| line.contains("error:")).collect();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "exit 1 expected; stderr:\n{stderr}"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("error:"))
+        .collect();
     assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
-    assert!(errors[0].contains(expected), "expected {expected:?} in:\n{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
+    assert!(
+        errors[0].contains(expected),
+        "expected {expected:?} in:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
 }
 
 /// Runs the profiler in a private mount namespace after `shell_setup` (mounts that hide or fake
@@ -32,7 +45,10 @@ fn run_in_mount_namespace(shell_setup: &str, args: &[&str]) -> Output {
 
 #[test]
 fn a_pid_with_no_process() {
-    assert_fails_with(&run_profiler(&["attach", "--pid", "999999999"]), "no process with pid 999999999");
+    assert_fails_with(
+        &run_profiler(&["attach", "--pid", "999999999"]),
+        "no process with pid 999999999",
+    );
 }
 
 #[test]
@@ -53,8 +69,15 @@ fn a_process_that_is_not_redis_is_refused_unless_forced() {
 
 #[test]
 fn a_port_nobody_listens_on() {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    assert_fails_with(&run_profiler(&["attach", "--port", &port.to_string()]), &format!("no process listens on TCP port {port}"));
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_fails_with(
+        &run_profiler(&["attach", "--port", &port.to_string()]),
+        &format!("no process listens on TCP port {port}"),
+    );
 }
 
 #[test]
@@ -75,7 +98,10 @@ fn several_redis_servers_are_listed() {
     let output = run_profiler(&["attach"]);
     for server in [&first, &second] {
         let entry = format!("pid {} (port {})", server.pid(), server.port);
-        assert!(String::from_utf8_lossy(&output.stderr).contains(&entry), "{entry} expected");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(&entry),
+            "{entry} expected"
+        );
     }
     assert_fails_with(&output, "several Redis servers are running");
 }
@@ -89,13 +115,19 @@ fn missing_privileges_name_the_capabilities() {
         .args(["attach", "--pid", &redis.pid().to_string()])
         .output()
         .expect("run setpriv");
-    assert_fails_with(&output, "missing privileges: need CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), missing CAP_BPF and CAP_PERFMON");
+    assert_fails_with(
+        &output,
+        "missing privileges: need CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), missing CAP_BPF and CAP_PERFMON",
+    );
 }
 
 #[test]
 fn a_kernel_without_btf() {
     let redis = RedisServer::start(&[]);
-    let output = run_in_mount_namespace("mount -t tmpfs none /sys/kernel/btf", &["attach", "--pid", &redis.pid().to_string()]);
+    let output = run_in_mount_namespace(
+        "mount -t tmpfs none /sys/kernel/btf",
+        &["attach", "--pid", &redis.pid().to_string()],
+    );
     assert_fails_with(&output, "kernel BTF not found at `/sys/kernel/btf/vmlinux`");
 }
 
@@ -117,14 +149,26 @@ fn a_missing_tracepoint_is_named() {
           mkdir -p /sys/kernel/tracing/events/syscalls/$tp && \
           cp \"$real/events/syscalls/$tp/id\" /sys/kernel/tracing/events/syscalls/$tp/id; done";
     let output = run_in_mount_namespace(fake, &["attach", "--pid", &redis.pid().to_string()]);
-    assert_fails_with(&output, "the kernel lacks the tracepoint `syscalls:sys_enter_epoll_pwait`");
+    assert_fails_with(
+        &output,
+        "the kernel lacks the tracepoint `syscalls:sys_enter_epoll_pwait`",
+    );
 }
 
 #[test]
 fn an_unwritable_output_path_fails_before_attaching() {
     let redis = RedisServer::start(&[]);
-    let output = run_profiler(&["attach", "--pid", &redis.pid().to_string(), "--json", "/nonexistent-dir/stalls.jsonl"]);
-    assert_fails_with(&output, "cannot write the JSON output `/nonexistent-dir/stalls.jsonl`");
+    let output = run_profiler(&[
+        "attach",
+        "--pid",
+        &redis.pid().to_string(),
+        "--json",
+        "/nonexistent-dir/stalls.jsonl",
+    ]);
+    assert_fails_with(
+        &output,
+        "cannot write the JSON output `/nonexistent-dir/stalls.jsonl`",
+    );
     assert!(!String::from_utf8_lossy(&output.stderr).contains("attached"));
 }
 
@@ -139,7 +183,10 @@ fn bad_flags_are_usage_errors() {
         let output = run_profiler(args);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains("error:") && !stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("error:") && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
     }
 }
 
@@ -148,8 +195,19 @@ fn doctor_passes_here() {
     let output = run_profiler(&["doctor"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    for check in ["privileges", "kernel BTF", "tracefs", "syscalls:sys_enter_epoll_wait", "eBPF programs"] {
-        assert!(stdout.lines().any(|line| line.starts_with("ok") && line.contains(check)), "{check}:\n{stdout}");
+    for check in [
+        "privileges",
+        "kernel BTF",
+        "tracefs",
+        "syscalls:sys_enter_epoll_wait",
+        "eBPF programs",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|line| line.starts_with("ok") && line.contains(check)),
+            "{check}:\n{stdout}"
+        );
     }
 }
 
@@ -158,18 +216,36 @@ fn doctor_fails_without_btf() {
     let output = run_in_mount_namespace("mount -t tmpfs none /sys/kernel/btf", &["doctor"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
-    assert!(stdout.lines().any(|line| line.starts_with("FAIL") && line.contains("kernel BTF")), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("FAIL") && line.contains("kernel BTF")),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn the_profiler_keeps_working_when_the_json_goes_to_stdout() {
     let redis = RedisServer::start(&[]);
-    let output = run_profiler(&["attach", "--pid", &redis.pid().to_string(), "--json", "-", "--duration", "500ms"]);
+    let output = run_profiler(&[
+        "attach",
+        "--pid",
+        &redis.pid().to_string(),
+        "--json",
+        "-",
+        "--duration",
+        "500ms",
+    ]);
     assert!(output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
     let types: Vec<String> = stdout
         .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["type"].as_str().unwrap().to_owned())
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(types, ["attached", "summary"]);
 }

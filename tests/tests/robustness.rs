@@ -15,36 +15,73 @@ fn a_ring_buffer_too_small_for_stacks_loses_them_and_says_so() {
     redis.cli(&["DEBUG", "POPULATE", "500000"]);
     // 16 KiB holds stall events (24 bytes) but no stack event (about 21 KiB): every stack
     // sample is lost, deterministically.
-    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "--ring-buffer-kib", "16"]);
+    let profiler =
+        Profiler::attach(&["--pid", &redis.pid().to_string(), "--ring-buffer-kib", "16"]);
     for _ in 0..3 {
         redis.cli(&["KEYS", "no-such-key-*"]);
         redis.cli(&["DEBUG", "SLEEP", "0.05"]);
     }
     thread::sleep(Duration::from_millis(100));
     let run = profiler.stop();
-    assert!(run.stderr.contains("holds no stack event"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("holds no stack event"),
+        "{}",
+        run.stderr
+    );
 
     let stalls = run.of_type("stall");
-    assert_eq!(stalls.len(), 6, "every stall is still reported: {}", run.stderr);
-    assert!(stalls.iter().all(|stall| stall["incomplete"] == true && stall["samples"] == 0), "{stalls:?}");
+    assert_eq!(
+        stalls.len(),
+        6,
+        "every stall is still reported: {}",
+        run.stderr
+    );
+    assert!(
+        stalls
+            .iter()
+            .all(|stall| stall["incomplete"] == true && stall["samples"] == 0),
+        "{stalls:?}"
+    );
     let summary = run.summary();
     let lost = &summary["lost"];
-    let by_kind: u64 = ["stall_events", "stack_events", "madvise_events", "madvise_untracked", "undecodable", "samples_not_kept"]
-        .iter()
-        .map(|kind| lost[*kind].as_u64().unwrap())
-        .sum();
-    assert!(lost["stack_events"].as_u64().unwrap() > 100, "KEYS and sleeps lose their samples: {lost}");
-    assert_eq!(summary["lost_events"].as_u64().unwrap(), by_kind, "the total is the sum of its parts");
+    let by_kind: u64 = [
+        "stall_events",
+        "stack_events",
+        "madvise_events",
+        "madvise_untracked",
+        "undecodable",
+        "samples_not_kept",
+    ]
+    .iter()
+    .map(|kind| lost[*kind].as_u64().unwrap())
+    .sum();
+    assert!(
+        lost["stack_events"].as_u64().unwrap() > 100,
+        "KEYS and sleeps lose their samples: {lost}"
+    );
+    assert_eq!(
+        summary["lost_events"].as_u64().unwrap(),
+        by_kind,
+        "the total is the sum of its parts"
+    );
     assert_eq!(lost["stall_events"], 0);
     assert_eq!(summary["stack_samples"], 0);
-    assert!(run.stderr.contains("[incomplete: samples were lost]") && run.stderr.contains("lost: 0 stall events"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("[incomplete: samples were lost]")
+            && run.stderr.contains("lost: 0 stall events"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
 fn sighup_reopens_the_json_file_after_rotation() {
     let redis = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let (json, rotated) = (dir.path().join("stalls.jsonl"), dir.path().join("stalls.jsonl.1"));
+    let (json, rotated) = (
+        dir.path().join("stalls.jsonl"),
+        dir.path().join("stalls.jsonl.1"),
+    );
     let profiler = Profiler::attach_writing(&["--pid", &redis.pid().to_string()], &json);
     redis.cli(&["DEBUG", "SLEEP", "0.05"]);
     thread::sleep(Duration::from_millis(100));
@@ -60,7 +97,12 @@ fn sighup_reopens_the_json_file_after_rotation() {
         fs::read_to_string(path)
             .unwrap()
             .lines()
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["type"].as_str().unwrap().to_owned())
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect()
     };
     assert_eq!(types(&rotated), ["attached", "stall"]);
@@ -82,7 +124,10 @@ fn a_closed_stdout_ends_the_run_with_a_clear_message_and_the_summary_on_stderr()
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("error: cannot write to the JSON output stdout: Broken pipe"), "{stderr}");
+    assert!(
+        stderr.contains("error: cannot write to the JSON output stdout: Broken pipe"),
+        "{stderr}"
+    );
     assert!(stderr.contains("summary (stopped by an error)"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -6,11 +6,18 @@ use serde_json::Value;
 use stallprof_testkit::{Profiler, RedisServer, run_profiler};
 
 fn number(value: &Value) -> u64 {
-    value.as_u64().unwrap_or_else(|| panic!("not a number: {value}"))
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a number: {value}"))
 }
 
 fn frames(stack: &Value) -> Vec<&str> {
-    stack["frames"].as_array().unwrap().iter().map(|frame| frame.as_str().unwrap()).collect()
+    stack["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|frame| frame.as_str().unwrap())
+        .collect()
 }
 
 /// True when `expected` appear in `frames` in this order (leaf to root), not necessarily
@@ -18,7 +25,10 @@ fn frames(stack: &Value) -> Vec<&str> {
 fn in_order(frames: &[&str], expected: &[&str]) -> bool {
     let mut remaining = expected.iter().peekable();
     for frame in frames {
-        if remaining.peek().is_some_and(|wanted| frame.contains(*wanted)) {
+        if remaining
+            .peek()
+            .is_some_and(|wanted| frame.contains(*wanted))
+        {
             remaining.next();
         }
     }
@@ -40,17 +50,36 @@ fn a_sleep_is_off_cpu_with_its_whole_stack_down_to_main() {
     let stall = the_stall(&run.of_type("stall"));
     let duration_us = number(&stall["duration_us"]);
     let off_cpu_us = number(&stall["off_cpu_us"]);
-    assert!(off_cpu_us * 10 >= duration_us * 9, "off-CPU {off_cpu_us} us of {duration_us} us");
+    assert!(
+        off_cpu_us * 10 >= duration_us * 9,
+        "off-CPU {off_cpu_us} us of {duration_us} us"
+    );
 
     let heaviest = &stall["stacks"][0];
     assert_eq!(heaviest["kind"], "off_cpu", "{stall}");
     let frames = frames(heaviest);
-    let expected = ["nanosleep_[k]", "debugCommand", "call", "processCommand", "aeMain", "main"];
-    assert!(in_order(&frames, &expected), "{expected:?} expected in order in {frames:?}");
+    let expected = [
+        "nanosleep_[k]",
+        "debugCommand",
+        "call",
+        "processCommand",
+        "aeMain",
+        "main",
+    ];
+    assert!(
+        in_order(&frames, &expected),
+        "{expected:?} expected in order in {frames:?}"
+    );
     // Debian's build exports no name for static functions such as connSocketEventHandler:
     // the unwinder walks through them and they show as module+offset.
-    let between = frames.iter().skip_while(|f| **f != "processCommand").take_while(|f| **f != "aeMain");
-    assert!(between.clone().any(|f| f.starts_with("redis-server+0x")), "{frames:?}");
+    let between = frames
+        .iter()
+        .skip_while(|f| **f != "processCommand")
+        .take_while(|f| **f != "aeMain");
+    assert!(
+        between.clone().any(|f| f.starts_with("redis-server+0x")),
+        "{frames:?}"
+    );
 }
 
 #[test]
@@ -64,22 +93,49 @@ fn a_cpu_bound_command_is_sampled_on_cpu_and_unwinds_to_main() {
     let stall = the_stall(&run.of_type("stall"));
     let duration_us = number(&stall["duration_us"]);
     let on_cpu_us = number(&stall["on_cpu_us"]);
-    assert!(duration_us >= 200_000, "KEYS over 3 million keys takes a while: {duration_us} us");
-    assert!(on_cpu_us * 10 >= duration_us * 8, "on-CPU samples cover {on_cpu_us} us of {duration_us} us");
+    assert!(
+        duration_us >= 200_000,
+        "KEYS over 3 million keys takes a while: {duration_us} us"
+    );
+    assert!(
+        on_cpu_us * 10 >= duration_us * 8,
+        "on-CPU samples cover {on_cpu_us} us of {duration_us} us"
+    );
 
-    let stacks: Vec<&Value> = stall["stacks"].as_array().unwrap().iter().filter(|s| s["kind"] == "on_cpu").collect();
+    let stacks: Vec<&Value> = stall["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "on_cpu")
+        .collect();
     let samples: u64 = stacks.iter().map(|s| number(&s["samples"])).sum();
-    let unwound: u64 = stacks.iter().filter(|s| frames(s).contains(&"main")).map(|s| number(&s["samples"])).sum();
-    assert!(unwound * 100 >= samples * 95, "{unwound} of {samples} samples unwound to main");
-    assert!(stacks.iter().any(|s| in_order(&frames(s), &["keysCommand", "call", "processCommand", "aeMain", "main"])));
-    let mut depths: Vec<(usize, u64)> = stacks.iter().map(|s| (frames(s).len(), number(&s["samples"]))).collect();
+    let unwound: u64 = stacks
+        .iter()
+        .filter(|s| frames(s).contains(&"main"))
+        .map(|s| number(&s["samples"]))
+        .sum();
+    assert!(
+        unwound * 100 >= samples * 95,
+        "{unwound} of {samples} samples unwound to main"
+    );
+    assert!(stacks.iter().any(|s| in_order(
+        &frames(s),
+        &["keysCommand", "call", "processCommand", "aeMain", "main"]
+    )));
+    let mut depths: Vec<(usize, u64)> = stacks
+        .iter()
+        .map(|s| (frames(s).len(), number(&s["samples"])))
+        .collect();
     depths.sort();
     let mut seen = 0;
     let median_depth = depths.iter().find(|(_, count)| {
         seen += count;
         seen * 2 >= samples
     });
-    assert!(median_depth.is_some_and(|(depth, _)| *depth >= 8), "median depth {median_depth:?} of {depths:?}");
+    assert!(
+        median_depth.is_some_and(|(depth, _)| *depth >= 8),
+        "median depth {median_depth:?} of {depths:?}"
+    );
 }
 
 #[test]
@@ -87,10 +143,20 @@ fn flamegraph_and_folded_files_hold_the_frames_and_report_reproduces_them() {
     let redis = RedisServer::start(&[]);
     redis.cli(&["DEBUG", "POPULATE", "1000000"]);
     let dir = tempfile::tempdir().unwrap();
-    let (folded, svg) = (dir.path().join("stalls.folded"), dir.path().join("stalls.svg"));
+    let (folded, svg) = (
+        dir.path().join("stalls.folded"),
+        dir.path().join("stalls.svg"),
+    );
     let json = dir.path().join("stalls.jsonl");
     let profiler = Profiler::attach_writing(
-        &["--pid", &redis.pid().to_string(), "--folded", folded.to_str().unwrap(), "--flamegraph", svg.to_str().unwrap()],
+        &[
+            "--pid",
+            &redis.pid().to_string(),
+            "--folded",
+            folded.to_str().unwrap(),
+            "--flamegraph",
+            svg.to_str().unwrap(),
+        ],
         &json,
     );
     redis.cli(&["DEBUG", "SLEEP", "0.1"]);
@@ -101,19 +167,49 @@ fn flamegraph_and_folded_files_hold_the_frames_and_report_reproduces_them() {
 
     let folded_text = fs::read_to_string(&folded).unwrap();
     for line in folded_text.lines() {
-        let (stack, weight) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a folded line: {line:?}"));
-        assert!(weight.parse::<u64>().is_ok() && stack.contains(';'), "not a folded line: {line:?}");
+        let (stack, weight) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a folded line: {line:?}"));
+        assert!(
+            weight.parse::<u64>().is_ok() && stack.contains(';'),
+            "not a folded line: {line:?}"
+        );
     }
-    assert!(folded_text.lines().any(|l| l.starts_with("[off-cpu];") && l.contains(";debugCommand;")), "{folded_text}");
-    assert!(folded_text.lines().any(|l| l.starts_with("[on-cpu];") && l.contains(";keysCommand")), "{folded_text}");
+    assert!(
+        folded_text
+            .lines()
+            .any(|l| l.starts_with("[off-cpu];") && l.contains(";debugCommand;")),
+        "{folded_text}"
+    );
+    assert!(
+        folded_text
+            .lines()
+            .any(|l| l.starts_with("[on-cpu];") && l.contains(";keysCommand")),
+        "{folded_text}"
+    );
 
     let svg_text = fs::read_to_string(&svg).unwrap();
-    assert!(svg_text.starts_with("<?xml") && svg_text.trim_end().ends_with("</svg>"), "not an SVG document");
-    for frame in ["debugCommand", "keysCommand", "[off-cpu]", "[on-cpu]", "do_nanosleep"] {
-        assert!(svg_text.contains(&format!("<title>{frame} (")), "{frame} missing from the flamegraph");
+    assert!(
+        svg_text.starts_with("<?xml") && svg_text.trim_end().ends_with("</svg>"),
+        "not an SVG document"
+    );
+    for frame in [
+        "debugCommand",
+        "keysCommand",
+        "[off-cpu]",
+        "[on-cpu]",
+        "do_nanosleep",
+    ] {
+        assert!(
+            svg_text.contains(&format!("<title>{frame} (")),
+            "{frame} missing from the flamegraph"
+        );
     }
 
-    let (refolded, resvg) = (dir.path().join("again.folded"), dir.path().join("again.svg"));
+    let (refolded, resvg) = (
+        dir.path().join("again.folded"),
+        dir.path().join("again.svg"),
+    );
     let output = run_profiler(&[
         "report",
         json.to_str().unwrap(),
@@ -122,10 +218,25 @@ fn flamegraph_and_folded_files_hold_the_frames_and_report_reproduces_them() {
         "--flamegraph",
         resvg.to_str().unwrap(),
     ]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(fs::read_to_string(&refolded).unwrap(), folded_text, "report must reproduce the folded lines");
-    assert!(fs::read_to_string(&resvg).unwrap().contains("<title>keysCommand ("));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("STALL"), "report prints the stalls");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(&refolded).unwrap(),
+        folded_text,
+        "report must reproduce the folded lines"
+    );
+    assert!(
+        fs::read_to_string(&resvg)
+            .unwrap()
+            .contains("<title>keysCommand (")
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("STALL"),
+        "report prints the stalls"
+    );
 }
 
 #[test]
@@ -133,7 +244,17 @@ fn a_healthy_redis_under_load_sends_no_stack_sample() {
     let redis = RedisServer::start(&[]);
     let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
     let status = Command::new("redis-benchmark")
-        .args(["-p", &redis.port.to_string(), "-c", "50", "-n", "100000", "-t", "get,set", "-q"])
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-c",
+            "50",
+            "-n",
+            "100000",
+            "-t",
+            "get,set",
+            "-q",
+        ])
         .stdout(std::process::Stdio::null())
         .status()
         .expect("run redis-benchmark");
@@ -150,9 +271,18 @@ fn a_healthy_redis_under_load_sends_no_stack_sample() {
     if number(&summary["max_us"]) < gate_us {
         assert_eq!(summary["stack_samples"], 0, "{summary}");
     } else {
-        eprintln!("an iteration passed the gate under load ({summary}); checking its samples are accounted");
-        let in_stalls: u64 = run.of_type("stall").iter().map(|s| number(&s["samples"])).sum();
-        assert!(number(&summary["stack_samples"]) <= in_stalls + 50, "{summary}");
+        eprintln!(
+            "an iteration passed the gate under load ({summary}); checking its samples are accounted"
+        );
+        let in_stalls: u64 = run
+            .of_type("stall")
+            .iter()
+            .map(|s| number(&s["samples"]))
+            .sum();
+        assert!(
+            number(&summary["stack_samples"]) <= in_stalls + 50,
+            "{summary}"
+        );
     }
 }
 

@@ -5,7 +5,9 @@ use std::{process::Command, thread, time::Duration};
 use stallprof_testkit::{Profiler, RedisServer};
 
 fn us(value: &serde_json::Value) -> i64 {
-    value.as_i64().unwrap_or_else(|| panic!("not an integer: {value}"))
+    value
+        .as_i64()
+        .unwrap_or_else(|| panic!("not an integer: {value}"))
 }
 
 #[test]
@@ -18,19 +20,33 @@ fn debug_sleep_is_one_stall_of_its_length_matching_latency_latest() {
     assert!(run.status.success(), "{}", run.stderr);
 
     let stalls = run.of_type("stall");
-    assert_eq!(stalls.len(), 1, "exactly one stall expected: {stalls:?}\n{}", run.stderr);
+    assert_eq!(
+        stalls.len(),
+        1,
+        "exactly one stall expected: {stalls:?}\n{}",
+        run.stderr
+    );
     let duration_us = us(&stalls[0]["duration_us"]);
-    assert!((240_000..=260_000).contains(&duration_us), "250 ms +/- 10 ms expected, got {duration_us} us");
+    assert!(
+        (240_000..=260_000).contains(&duration_us),
+        "250 ms +/- 10 ms expected, got {duration_us} us"
+    );
     assert_eq!(stalls[0]["pid"], redis.pid());
     assert_eq!(stalls[0]["threshold_us"], 10_000);
 
     // LATENCY LATEST: event name, time, latest ms, max ms.
     let latest = redis.cli(&["LATENCY", "LATEST"]);
     let fields: Vec<&str> = latest.lines().collect();
-    let command = fields.iter().position(|field| *field == "command").expect("a `command` latency event");
+    let command = fields
+        .iter()
+        .position(|field| *field == "command")
+        .expect("a `command` latency event");
     let redis_ms: i64 = fields[command + 2].parse().expect("latest latency in ms");
     let ours_ms = duration_us as f64 / 1000.0;
-    assert!((ours_ms - redis_ms as f64).abs() <= 5.0, "Redis saw {redis_ms} ms, we saw {ours_ms} ms");
+    assert!(
+        (ours_ms - redis_ms as f64).abs() <= 5.0,
+        "Redis saw {redis_ms} ms, we saw {ours_ms} ms"
+    );
 
     let summary = run.summary();
     assert_eq!(summary["stalls"], 1);
@@ -38,7 +54,11 @@ fn debug_sleep_is_one_stall_of_its_length_matching_latency_latest() {
     assert_eq!(summary["lost_events"], 0);
     assert_eq!(summary["stopped"], "signal");
     let console_line = format!("STALL {:.1}ms", duration_us as f64 / 1000.0);
-    assert!(run.stderr.contains(&console_line), "{console_line:?} expected on the console:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains(&console_line),
+        "{console_line:?} expected on the console:\n{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -48,10 +68,17 @@ fn an_idle_server_has_no_stall() {
     thread::sleep(Duration::from_secs(3));
     let run = profiler.stop();
     assert!(run.status.success(), "{}", run.stderr);
-    assert!(run.of_type("stall").is_empty(), "no stall expected: {:?}", run.records);
+    assert!(
+        run.of_type("stall").is_empty(),
+        "no stall expected: {:?}",
+        run.records
+    );
     // Idle Redis still wakes for serverCron (hz 10): about 10 iterations a second.
     let iterations = us(&run.summary()["iterations"]);
-    assert!((20..=100).contains(&iterations), "about 30 idle iterations expected, got {iterations}");
+    assert!(
+        (20..=100).contains(&iterations),
+        "about 30 idle iterations expected, got {iterations}"
+    );
 }
 
 #[test]
@@ -61,7 +88,17 @@ fn a_benchmark_gives_an_iteration_count_that_fits_the_requests() {
     // One client, no pipelining: every request is a round trip, so each needs its own iteration.
     let requests = 20_000;
     let status = Command::new("redis-benchmark")
-        .args(["-p", &redis.port.to_string(), "-c", "1", "-P", "1", "-t", "set", "-q"])
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-c",
+            "1",
+            "-P",
+            "1",
+            "-t",
+            "set",
+            "-q",
+        ])
         .args(["-n", &requests.to_string()])
         .stdout(std::process::Stdio::null())
         .status()
@@ -76,18 +113,32 @@ fn a_benchmark_gives_an_iteration_count_that_fits_the_requests() {
         (requests..=requests + requests / 5 + 200).contains(&iterations),
         "{iterations} iterations for {requests} requests"
     );
-    assert!(us(&summary["p50_us"]) < 1_000, "a healthy iteration is well under a millisecond: {summary}");
-    assert!(run.stderr.contains("iterations/s"), "interval lines expected:\n{}", run.stderr);
+    assert!(
+        us(&summary["p50_us"]) < 1_000,
+        "a healthy iteration is well under a millisecond: {summary}"
+    );
+    assert!(
+        run.stderr.contains("iterations/s"),
+        "interval lines expected:\n{}",
+        run.stderr
+    );
 }
 
 #[test]
 fn the_run_ends_with_its_summary_when_the_target_exits() {
     let mut redis = RedisServer::start(&[]);
     let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
-    let _ = Command::new("redis-cli").args(["-p", &redis.port.to_string(), "SHUTDOWN", "NOSAVE"]).output();
+    let _ = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "SHUTDOWN", "NOSAVE"])
+        .output();
     redis.wait_exit();
     let run = profiler.wait();
-    assert!(run.status.success(), "exit 0 expected when the target exits: {:?}\n{}", run.status, run.stderr);
+    assert!(
+        run.status.success(),
+        "exit 0 expected when the target exits: {:?}\n{}",
+        run.status,
+        run.stderr
+    );
     assert_eq!(run.summary()["stopped"], "target_exited");
     assert!(run.stderr.contains("target exited"), "{}", run.stderr);
 }
@@ -128,15 +179,24 @@ fn a_long_script_is_one_stall_although_redis_polls_from_inside_it() {
     let port = redis.port.to_string();
     let other_client = thread::spawn(move || {
         thread::sleep(Duration::from_millis(300));
-        let output = Command::new("redis-cli").args(["-p", &port, "PING"]).output().unwrap();
+        let output = Command::new("redis-cli")
+            .args(["-p", &port, "PING"])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&output.stdout).into_owned()
     });
     redis.cli(&["EVAL", busy_loop, "0"]);
-    assert!(other_client.join().unwrap().starts_with("BUSY"), "Redis answered from inside the script");
+    assert!(
+        other_client.join().unwrap().starts_with("BUSY"),
+        "Redis answered from inside the script"
+    );
     thread::sleep(Duration::from_millis(100));
     let run = profiler.stop();
     let stalls = run.of_type("stall");
     assert_eq!(stalls.len(), 1, "one stall expected: {stalls:?}");
     let duration_us = us(&stalls[0]["duration_us"]);
-    assert!((595_000..=650_000).contains(&duration_us), "about 600 ms expected, got {duration_us} us");
+    assert!(
+        (595_000..=650_000).contains(&duration_us),
+        "about 600 ms expected, got {duration_us} us"
+    );
 }

@@ -3,7 +3,7 @@
 use std::{fs, path::Path, thread, time::Duration};
 
 use anyhow::Context as _;
-use stallprof_testkit::{Profiler, RedisServer, leave_big_idle_query_buffers};
+use stallprof_testkit::{Profiler, RedisServer, connection_storm, leave_big_idle_query_buffers};
 
 /// One way to make Redis stall, as `redis-cli` arguments, with what it shows.
 struct Scenario {
@@ -18,11 +18,19 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         what: "a CPU-bound command: KEYS over a million keys (DEBUG POPULATE first)",
-        commands: &[&["DEBUG", "POPULATE", "1000000"], &["KEYS", "no-such-key-*"], &["FLUSHALL"]],
+        commands: &[
+            &["DEBUG", "POPULATE", "1000000"],
+            &["KEYS", "no-such-key-*"],
+            &["FLUSHALL"],
+        ],
     },
     Scenario {
         what: "an allocator purge: MEMORY PURGE after a data set was freed by the lazy-free thread",
-        commands: &[&["DEBUG", "POPULATE", "1000000", "key", "200"], &["FLUSHALL", "ASYNC"], &["DEBUG", "SLEEP", "0"]],
+        commands: &[
+            &["DEBUG", "POPULATE", "1000000", "key", "200"],
+            &["FLUSHALL", "ASYNC"],
+            &["DEBUG", "SLEEP", "0"],
+        ],
     },
 ];
 
@@ -31,11 +39,31 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     let json = out_dir.join("stalls.jsonl");
     let folded = out_dir.join("stalls.folded");
     let flamegraph = out_dir.join("stalls.svg");
-    let redis = RedisServer::start(&["--latency-monitor-threshold", "1", "--jemalloc-bg-thread", "no"]);
-    eprintln!("demo: redis-server pid {} on port {}; attaching", redis.pid(), redis.port);
+    let redis = RedisServer::start(&[
+        "--latency-monitor-threshold",
+        "1",
+        "--jemalloc-bg-thread",
+        "no",
+        "--tcp-backlog",
+        "16",
+    ]);
+    eprintln!(
+        "demo: redis-server pid {} on port {}; attaching",
+        redis.pid(),
+        redis.port
+    );
     let pid = redis.pid().to_string();
     let (folded_arg, flamegraph_arg) = (folded.to_string_lossy(), flamegraph.to_string_lossy());
-    let args = ["--pid", &pid, "--interval", "2s", "--folded", &folded_arg, "--flamegraph", &flamegraph_arg];
+    let args = [
+        "--pid",
+        &pid,
+        "--interval",
+        "2s",
+        "--folded",
+        &folded_arg,
+        "--flamegraph",
+        &flamegraph_arg,
+    ];
     let console = out_dir.join("console.txt");
     let profiler = Profiler::attach_writing(&args, &json);
 
@@ -46,11 +74,27 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
         }
         thread::sleep(Duration::from_millis(500));
     }
-    while !redis.cli(&["INFO", "memory"]).contains("lazyfree_pending_objects:0") {
+    while !redis
+        .cli(&["INFO", "memory"])
+        .contains("lazyfree_pending_objects:0")
+    {
         thread::sleep(Duration::from_millis(50));
     }
     redis.cli(&["MEMORY", "PURGE"]);
-    eprintln!("demo: now the incident: 20 clients leave 32 MiB query buffers and go idle; after 2 s clientsCron shrinks them");
+    eprintln!(
+        "demo: now 300 clients connect during a 1 s stall: the 16-connection accept queue overflows"
+    );
+    let mut sleep = redis.command("redis-cli");
+    sleep.args(["-p", &redis.port.to_string(), "DEBUG", "SLEEP", "1"]);
+    let sleeping = thread::spawn(move || sleep.output());
+    thread::sleep(Duration::from_millis(100));
+    let storm = connection_storm(redis.port, 300, None);
+    let _ = sleeping.join();
+    thread::sleep(Duration::from_millis(1500));
+    drop(storm);
+    eprintln!(
+        "demo: now the incident: 20 clients leave 32 MiB query buffers and go idle; after 2 s clientsCron shrinks them"
+    );
     let clients = leave_big_idle_query_buffers(redis.port, 20, 32 << 20);
     thread::sleep(Duration::from_secs(5));
     drop(clients);
@@ -58,17 +102,35 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     eprintln!("{}", redis.cli(&["LATENCY", "LATEST"]).trim_end());
     eprintln!("demo: stopping the profiler with Ctrl-C (SIGINT)");
     let run = profiler.stop();
-    anyhow::ensure!(run.status.success(), "the profiler failed: {}\n{}", run.status, run.stderr);
+    anyhow::ensure!(
+        run.status.success(),
+        "the profiler failed: {}\n{}",
+        run.status,
+        run.stderr
+    );
     fs::write(&console, &run.stderr)?;
-    eprintln!("demo: the profiler's console is in {}; its summary, then one stall of each cause:", console.display());
+    eprintln!(
+        "demo: the profiler's console is in {}; its summary, then one stall of each cause:",
+        console.display()
+    );
     let lines: Vec<&str> = run.stderr.lines().collect();
-    let summary_at = lines.iter().position(|line| line.starts_with("summary")).unwrap_or(lines.len());
+    let summary_at = lines
+        .iter()
+        .position(|line| line.starts_with("summary"))
+        .unwrap_or(lines.len());
     for line in &lines[summary_at..] {
         eprintln!("{line}");
     }
-    for cause in lines[summary_at..].iter().filter_map(|line| line.strip_prefix("  stalls in ")) {
-        let Some((diagnosis, _)) = cause.split_once(": ") else { continue };
-        if let Some(at) = lines.iter().position(|line| line.contains(" STALL ") && line.contains(&format!(" in {diagnosis} ("))) {
+    for cause in lines[summary_at..]
+        .iter()
+        .filter_map(|line| line.strip_prefix("  stalls in "))
+    {
+        let Some((diagnosis, _)) = cause.split_once(": ") else {
+            continue;
+        };
+        if let Some(at) = lines.iter().position(|line| {
+            line.contains(" STALL ") && line.contains(&format!(" in {diagnosis} ("))
+        }) {
             eprintln!("{}", lines[at]);
             if let Some(stack) = lines.get(at + 1).filter(|line| line.starts_with("    ")) {
                 eprintln!("{stack}");
@@ -76,18 +138,29 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
         }
     }
 
-    eprintln!("demo: {} JSON records in {}; the stall records hold their stacks", run.records.len(), json.display());
+    eprintln!(
+        "demo: {} JSON records in {}; the stall records hold their stacks",
+        run.records.len(),
+        json.display()
+    );
     let folded_text = fs::read_to_string(&folded)?;
     let mut heaviest: Vec<(u64, &str)> = folded_text
         .lines()
         .filter_map(|line| Some((line.rsplit_once(' ')?.1.parse().ok()?, line)))
         .collect();
     heaviest.sort_by(|a, b| b.cmp(a));
-    eprintln!("demo: the 5 heaviest of {} folded stacks (root first, microseconds) in {}:", heaviest.len(), folded.display());
+    eprintln!(
+        "demo: the 5 heaviest of {} folded stacks (root first, microseconds) in {}:",
+        heaviest.len(),
+        folded.display()
+    );
     for (_, line) in heaviest.iter().take(5) {
         eprintln!("{line}");
     }
-    eprintln!("demo: flamegraph in {} (off-CPU stacks aqua, on-CPU red)", flamegraph.display());
+    eprintln!(
+        "demo: flamegraph in {} (off-CPU stacks aqua, on-CPU red)",
+        flamegraph.display()
+    );
     eprintln!("demo: outputs are in {}", out_dir.display());
     Ok(())
 }

@@ -44,21 +44,28 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 /// Runs `command`, failing with its description unless it succeeds.
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
     Ok(())
 }
 
-
 fn stdout_of(command: &mut Command) -> String {
-    command.output().map(|output| String::from_utf8_lossy(&output.stdout).into_owned()).unwrap_or_default()
+    command
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// Installs what is missing: Debian packages, nightly `rust-src`, bpf-linker; mounts tracefs.
@@ -66,7 +73,8 @@ fn setup() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .into_iter()
         .filter(|package| {
-            !stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package])).contains("install ok installed")
+            !stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+                .contains("install ok installed")
         })
         .collect();
     if !missing.is_empty() {
@@ -78,33 +86,66 @@ fn setup() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
-    let installed = stdout_of(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
-    if !installed.lines().any(|component| component.starts_with("rust-src")) {
+    let installed = stdout_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    if !installed
+        .lines()
+        .any(|component| component.starts_with("rust-src"))
+    {
         eprintln!("xtask: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     if !stdout_of(Command::new("bpf-linker").arg("--version")).contains(BPF_LINKER_VERSION) {
-        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)");
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)"
+        );
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path))?;
     }
 
     let tracefs = Path::new("/sys/kernel/tracing");
-    if std::fs::read_dir(tracefs).map(|mut entries| entries.next().is_none()).unwrap_or(true) {
+    if std::fs::read_dir(tracefs)
+        .map(|mut entries| entries.next().is_none())
+        .unwrap_or(true)
+    {
         eprintln!("xtask: mounting tracefs at {}", tracefs.display());
-        run(Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(tracefs))?;
+        run(Command::new("mount")
+            .args(["-t", "tracefs", "nodev"])
+            .arg(tracefs))?;
     }
     Ok(())
 }
 
 /// `cargo build --release` at the root: the eBPF object and the profiler.
 fn build() -> anyhow::Result<()> {
-    run(Command::new("cargo").args(["build", "--release", "--quiet"]).current_dir(workspace_root()))
+    run(Command::new("cargo")
+        .args(["build", "--release", "--quiet"])
+        .current_dir(workspace_root()))
 }
 
 /// Every test: unit tests, then the integration tests against real redis-servers.
@@ -112,7 +153,16 @@ fn test() -> anyhow::Result<()> {
     let root = workspace_root();
     let binary = root.join("target/release/redis-stallprof");
     run(Command::new("cargo")
-        .args(["test", "--release", "-p", "profiler-common", "-p", "redis-stallprof", "-p", "integration-tests"])
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "profiler-common",
+            "-p",
+            "redis-stallprof",
+            "-p",
+            "integration-tests",
+        ])
         .current_dir(&root)
         .env("REDIS_STALLPROF_BIN", binary))
 }

@@ -3,6 +3,7 @@ use std::io::{self, IsTerminal, Write};
 
 use super::{Attached, IntervalReport, Sink, StopReason, Summary, human_duration_ns};
 use crate::{
+    accept::AcceptOverflow,
     alert::{Alert, AlertState},
     clock::rfc3339_micros,
     stall::Stall,
@@ -18,7 +19,11 @@ pub struct ConsoleSink;
 impl Sink for ConsoleSink {
     fn attached(&mut self, attached: &Attached) -> io::Result<()> {
         let ports: Vec<String> = attached.ports.iter().map(u16::to_string).collect();
-        let ports = if ports.is_empty() { "no TCP port".to_owned() } else { format!("port {}", ports.join(", ")) };
+        let ports = if ports.is_empty() {
+            "no TCP port".to_owned()
+        } else {
+            format!("port {}", ports.join(", "))
+        };
         writeln!(
             io::stderr(),
             "redis-stallprof: attached to {} pid {} ({ports}); stall threshold {}",
@@ -50,11 +55,22 @@ impl Sink for ConsoleSink {
                 us(stall.madvise.us)
             );
         }
+        if let Some(accept) = stall.accept.as_ref().filter(|accept| accept.overflows > 0) {
+            line += &format!(
+                ", accept queue overflowed: {} connections dropped (queue {}/{})",
+                accept.overflows, accept.max_queue, accept.limit
+            );
+        }
         if stall.incomplete {
             line += " [incomplete: samples were lost]";
         }
         if let Some(heaviest) = stall.stacks.first() {
-            let frames: Vec<&str> = heaviest.frames.iter().take(TOP_FRAMES).map(String::as_str).collect();
+            let frames: Vec<&str> = heaviest
+                .frames
+                .iter()
+                .take(TOP_FRAMES)
+                .map(String::as_str)
+                .collect();
             line += &format!(
                 "\n    heaviest stack, {} {} ({} / {}): {}",
                 heaviest.kind.as_str(),
@@ -71,7 +87,9 @@ impl Sink for ConsoleSink {
         let us = |value: u64| human_duration_ns(value * 1_000);
         let stall = &alert.stall;
         let what = match (alert.state, alert.elapsed_us) {
-            (AlertState::InProgress, Some(elapsed_us)) => format!("event loop stalled for {} and counting", us(elapsed_us)),
+            (AlertState::InProgress, Some(elapsed_us)) => {
+                format!("event loop stalled for {} and counting", us(elapsed_us))
+            }
             _ => format!("stall of {}", us(stall.duration_us)),
         };
         let line = format!(
@@ -88,6 +106,18 @@ impl Sink for ConsoleSink {
         } else {
             writeln!(stderr, "{line}")
         }
+    }
+
+    fn accept_overflow(&mut self, overflow: &AcceptOverflow) -> io::Result<()> {
+        writeln!(
+            io::stderr(),
+            "{} ACCEPT QUEUE OVERFLOW on port {} outside any stall: {} connections dropped (queue {}/{})",
+            rfc3339_micros(overflow.time),
+            overflow.port,
+            overflow.overflows,
+            overflow.max_queue,
+            overflow.limit,
+        )
     }
 
     fn interval(&mut self, report: &IntervalReport) -> io::Result<()> {
@@ -148,6 +178,24 @@ impl Sink for ConsoleSink {
                 cause.stalls,
                 human_duration_ns(cause.total_us * 1_000),
                 human_duration_ns(cause.max_us * 1_000),
+            )?;
+        }
+        if let Some(accept) = &summary.accept {
+            for port in &accept.ports {
+                writeln!(
+                    io::stderr(),
+                    "  accept queue port {}: {} connections dropped, longest queue {}/{}",
+                    port.port,
+                    port.overflows,
+                    port.max_queue,
+                    port.limit
+                )?;
+            }
+            writeln!(
+                io::stderr(),
+                "  namespace: ListenOverflows +{}, ListenDrops +{}",
+                accept.namespace_listen_overflows,
+                accept.namespace_listen_drops
             )?;
         }
         if let Some(alerts) = &summary.alerts {

@@ -8,7 +8,7 @@ use std::{
 use serde::Serialize;
 
 use super::{Attached, IntervalReport, Sink, Summary};
-use crate::{alert::Alert, cli::OutputPath, stall::Stall};
+use crate::{accept::AcceptOverflow, alert::Alert, cli::OutputPath, stall::Stall};
 
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -16,6 +16,7 @@ enum Record<'a> {
     Attached(&'a Attached),
     Stall(&'a Stall),
     Alert(&'a Alert),
+    AcceptOverflow(&'a AcceptOverflow),
     Summary(&'a Summary),
 }
 
@@ -32,7 +33,10 @@ impl JsonSink {
             OutputPath::Stdout => Box::new(io::stdout()),
             OutputPath::File(file) => Box::new(File::create(file)?),
         };
-        Ok(Self { path: path.clone(), writer: BufWriter::new(writer) })
+        Ok(Self {
+            path: path.clone(),
+            writer: BufWriter::new(writer),
+        })
     }
 
     fn write(&mut self, record: &Record<'_>) -> io::Result<()> {
@@ -53,6 +57,10 @@ impl Sink for JsonSink {
 
     fn alert(&mut self, alert: &Alert) -> io::Result<()> {
         self.write(&Record::Alert(alert))
+    }
+
+    fn accept_overflow(&mut self, overflow: &AcceptOverflow) -> io::Result<()> {
+        self.write(&Record::AcceptOverflow(overflow))
     }
 
     fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {

@@ -5,6 +5,7 @@ use std::{io, time::SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    accept::{AcceptOverflow, AcceptSummary},
     alert::{Alert, AlertCounts},
     clock::serialize_rfc3339,
     histogram::IterationStats,
@@ -19,7 +20,6 @@ mod stacks;
 pub use console::ConsoleSink;
 pub use json::JsonSink;
 pub use stacks::{FoldedStacks, StackFilesSink, flamegraph_title};
-
 
 /// Sent once every probe is live.
 #[derive(Debug, Clone, Serialize)]
@@ -86,6 +86,9 @@ pub struct Summary {
     /// Stalls per origin and mechanism, most total time first.
     #[serde(default)]
     pub causes: Vec<CauseSummary>,
+    /// Accept-queue overflows per port and in the namespace (when a TCP listener was watched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept: Option<AcceptSummary>,
     /// With `--alert`: alerts given and `--alert-exec` runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alerts: Option<AlertCounts>,
@@ -109,9 +112,14 @@ pub struct StallCauses {
 
 impl StallCauses {
     pub fn add(&mut self, stall: &Stall) {
-        let cause = self.causes.entry((stall.origin.clone(), stall.mechanism.clone())).or_insert_with(|| {
-            CauseSummary { origin: stall.origin.clone(), mechanism: stall.mechanism.clone(), ..Default::default() }
-        });
+        let cause = self
+            .causes
+            .entry((stall.origin.clone(), stall.mechanism.clone()))
+            .or_insert_with(|| CauseSummary {
+                origin: stall.origin.clone(),
+                mechanism: stall.mechanism.clone(),
+                ..Default::default()
+            });
         cause.stalls += 1;
         cause.total_us += stall.duration_us;
         cause.max_us = cause.max_us.max(stall.duration_us);
@@ -120,7 +128,11 @@ impl StallCauses {
     /// Most total time first.
     pub fn summary(&self) -> Vec<CauseSummary> {
         let mut causes: Vec<CauseSummary> = self.causes.values().cloned().collect();
-        causes.sort_by(|a, b| b.total_us.cmp(&a.total_us).then_with(|| (&a.origin, &a.mechanism).cmp(&(&b.origin, &b.mechanism))));
+        causes.sort_by(|a, b| {
+            b.total_us
+                .cmp(&a.total_us)
+                .then_with(|| (&a.origin, &a.mechanism).cmp(&(&b.origin, &b.mechanism)))
+        });
         causes
     }
 }
@@ -168,6 +180,7 @@ impl Summary {
         counts: RunCounts,
         madvise: Vec<MadviseSummary>,
         causes: Vec<CauseSummary>,
+        accept: Option<AcceptSummary>,
         alerts: Option<AlertCounts>,
         stopped: StopReason,
     ) -> Self {
@@ -185,6 +198,7 @@ impl Summary {
             stopped,
             madvise,
             causes,
+            accept,
             alerts,
         }
     }
@@ -195,6 +209,8 @@ pub trait Sink {
     fn attached(&mut self, attached: &Attached) -> io::Result<()>;
     fn stall(&mut self, stall: &Stall) -> io::Result<()>;
     fn alert(&mut self, alert: &Alert) -> io::Result<()>;
+    /// Connections dropped with a full accept queue outside any stall.
+    fn accept_overflow(&mut self, overflow: &AcceptOverflow) -> io::Result<()>;
     fn interval(&mut self, report: &IntervalReport) -> io::Result<()>;
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
     /// What to call this sink in an error message.
@@ -222,9 +238,15 @@ impl Outputs {
         Self { sinks }
     }
 
-    fn each(&mut self, mut write: impl FnMut(&mut dyn Sink) -> io::Result<()>) -> Result<(), OutputError> {
+    fn each(
+        &mut self,
+        mut write: impl FnMut(&mut dyn Sink) -> io::Result<()>,
+    ) -> Result<(), OutputError> {
         for sink in &mut self.sinks {
-            write(sink.as_mut()).map_err(|cause| OutputError { output: sink.describe(), cause })?;
+            write(sink.as_mut()).map_err(|cause| OutputError {
+                output: sink.describe(),
+                cause,
+            })?;
         }
         Ok(())
     }
@@ -241,6 +263,10 @@ impl Outputs {
         self.each(|sink| sink.alert(alert))
     }
 
+    pub fn accept_overflow(&mut self, overflow: &AcceptOverflow) -> Result<(), OutputError> {
+        self.each(|sink| sink.accept_overflow(overflow))
+    }
+
     pub fn interval(&mut self, report: &IntervalReport) -> Result<(), OutputError> {
         self.each(|sink| sink.interval(report))
     }
@@ -255,7 +281,10 @@ impl Outputs {
         let mut first_error = None;
         for sink in &mut self.sinks {
             if let Err(cause) = sink.summary(summary) {
-                first_error.get_or_insert(OutputError { output: sink.describe(), cause });
+                first_error.get_or_insert(OutputError {
+                    output: sink.describe(),
+                    cause,
+                });
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -285,7 +314,10 @@ mod tests {
         causes.add(&stall("cron.querybuf_resize", "allocator.purge", 12_000));
         let summary = causes.summary();
         assert_eq!(summary[0].origin, "command:debug");
-        assert_eq!((summary[1].stalls, summary[1].total_us, summary[1].max_us), (2, 29_000, 17_000));
+        assert_eq!(
+            (summary[1].stalls, summary[1].total_us, summary[1].max_us),
+            (2, 29_000, 17_000)
+        );
     }
 
     #[test]

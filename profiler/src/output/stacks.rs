@@ -12,7 +12,7 @@ use std::{
 use inferno::flamegraph::{self, color::PaletteMap};
 
 use super::{Attached, IntervalReport, Sink, Summary};
-use crate::stall::{Stall, StackKind};
+use crate::stall::{StackKind, Stall};
 
 /// The flamegraph's title for a target.
 pub fn flamegraph_title(name: &str, pid: u32) -> String {
@@ -51,7 +51,11 @@ impl FoldedStacks {
 
     /// `root;...;leaf weight_us` lines, sorted.
     pub fn lines(&self) -> Vec<String> {
-        self.weights.iter().filter(|(_, weight)| **weight > 0).map(|(stack, weight)| format!("{stack} {weight}")).collect()
+        self.weights
+            .iter()
+            .filter(|(_, weight)| **weight > 0)
+            .map(|(stack, weight)| format!("{stack} {weight}"))
+            .collect()
     }
 
     pub fn write_folded(&self, writer: impl Write) -> io::Result<()> {
@@ -66,7 +70,11 @@ impl FoldedStacks {
     /// Java palette): on-CPU frames red, on-CPU kernel frames orange, and every frame of an
     /// off-CPU or run-queue stack aqua (annotated `_[i]` for inferno, which does not show it).
     pub fn write_flamegraph(&self, title: &str, writer: impl Write) -> io::Result<()> {
-        let lines: Vec<String> = self.lines().iter().map(|line| mark_off_cpu_frames(line)).collect();
+        let lines: Vec<String> = self
+            .lines()
+            .iter()
+            .map(|line| mark_off_cpu_frames(line))
+            .collect();
         let mut palette = PaletteMap::default();
         for (kind, (r, g, b)) in [
             (StackKind::OnCpu, (230, 90, 40)),
@@ -77,24 +85,35 @@ impl FoldedStacks {
         }
         let mut options = flamegraph::Options::default();
         options.title = title.to_owned();
-        options.subtitle = Some("[on-cpu]: running; [off-cpu]: blocked; [runqueue]: waiting for a CPU".to_owned());
+        options.subtitle =
+            Some("[on-cpu]: running; [off-cpu]: blocked; [runqueue]: waiting for a CPU".to_owned());
         options.count_name = "us".to_owned();
         options.colors = flamegraph::color::Palette::Multi(flamegraph::color::MultiPalette::Java);
         options.palette_map = Some(&mut palette);
-        flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), writer).map_err(io::Error::other)
+        flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), writer)
+            .map_err(io::Error::other)
     }
 }
 
 /// A folded line for the SVG: the frames of an off-CPU or run-queue stack annotated `_[i]`.
 fn mark_off_cpu_frames(line: &str) -> String {
-    let off_cpu_roots = [kind_frame(StackKind::OffCpu), kind_frame(StackKind::Runqueue)];
-    let Some((root, rest)) = line.split_once(';').filter(|(root, _)| off_cpu_roots.contains(root)) else {
+    let off_cpu_roots = [
+        kind_frame(StackKind::OffCpu),
+        kind_frame(StackKind::Runqueue),
+    ];
+    let Some((root, rest)) = line
+        .split_once(';')
+        .filter(|(root, _)| off_cpu_roots.contains(root))
+    else {
         return line.to_owned();
     };
     let Some((frames, weight)) = rest.rsplit_once(' ') else {
         return line.to_owned();
     };
-    let frames: Vec<String> = frames.split(';').map(|frame| format!("{}_[i]", frame.trim_end_matches("_[k]"))).collect();
+    let frames: Vec<String> = frames
+        .split(';')
+        .map(|frame| format!("{}_[i]", frame.trim_end_matches("_[k]")))
+        .collect();
     format!("{root};{} {weight}", frames.join(";"))
 }
 
@@ -108,11 +127,21 @@ pub struct StackFilesSink {
 }
 
 impl StackFilesSink {
-    pub fn create(folded: Option<&Path>, flamegraph: Option<&Path>, title: String) -> io::Result<Self> {
+    pub fn create(
+        folded: Option<&Path>,
+        flamegraph: Option<&Path>,
+        title: String,
+    ) -> io::Result<Self> {
         let open = |path: Option<&Path>| -> io::Result<Option<(PathBuf, File)>> {
-            path.map(|path| Ok((path.to_owned(), File::create(path)?))).transpose()
+            path.map(|path| Ok((path.to_owned(), File::create(path)?)))
+                .transpose()
         };
-        Ok(Self { folded: open(folded)?, flamegraph: open(flamegraph)?, title, stacks: FoldedStacks::default() })
+        Ok(Self {
+            folded: open(folded)?,
+            flamegraph: open(flamegraph)?,
+            title,
+            stacks: FoldedStacks::default(),
+        })
     }
 }
 
@@ -130,6 +159,10 @@ impl Sink for StackFilesSink {
         Ok(())
     }
 
+    fn accept_overflow(&mut self, _overflow: &crate::accept::AcceptOverflow) -> io::Result<()> {
+        Ok(())
+    }
+
     fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {
         Ok(())
     }
@@ -139,14 +172,18 @@ impl Sink for StackFilesSink {
             self.stacks.write_folded(file)?;
         }
         if let Some((_, file)) = &self.flamegraph {
-            self.stacks.write_flamegraph(&self.title, BufWriter::new(file))?;
+            self.stacks
+                .write_flamegraph(&self.title, BufWriter::new(file))?;
         }
         Ok(())
     }
 
     /// The files are written whole at exit: after a rotation, create them again at their paths.
     fn reopen(&mut self) -> io::Result<()> {
-        for (path, file) in [&mut self.folded, &mut self.flamegraph].into_iter().flatten() {
+        for (path, file) in [&mut self.folded, &mut self.flamegraph]
+            .into_iter()
+            .flatten()
+        {
             *file = File::create(&*path)?;
         }
         Ok(())
@@ -168,7 +205,10 @@ mod tests {
     use crate::stall::WeightedStack;
 
     fn stall(stacks: Vec<WeightedStack>) -> Stall {
-        Stall { stacks, ..Stall::example("unknown", "unknown", 300_000) }
+        Stall {
+            stacks,
+            ..Stall::example("unknown", "unknown", 300_000)
+        }
     }
 
     fn stack(kind: StackKind, weight_us: u64, frames: &[&str]) -> WeightedStack {
@@ -185,21 +225,37 @@ mod tests {
     #[test]
     fn stacks_fold_root_first_under_their_kind_and_sum_across_stalls() {
         let mut folded = FoldedStacks::default();
-        let sleep = stack(StackKind::OffCpu, 290_000, &["do_nanosleep_[k]", "debugCommand", "main"]);
+        let sleep = stack(
+            StackKind::OffCpu,
+            290_000,
+            &["do_nanosleep_[k]", "debugCommand", "main"],
+        );
         let keys = stack(StackKind::OnCpu, 1_000, &["keysCommand", "main"]);
         folded.add_stall(&stall(vec![sleep.clone(), keys]));
         folded.add_stall(&stall(vec![sleep, stack(StackKind::OnCpu, 0, &["idle"])]));
-        assert_eq!(folded.lines(), [
-            "[off-cpu];main;debugCommand;do_nanosleep_[k] 580000",
-            "[on-cpu];main;keysCommand 1000",
-        ]);
+        assert_eq!(
+            folded.lines(),
+            [
+                "[off-cpu];main;debugCommand;do_nanosleep_[k] 580000",
+                "[on-cpu];main;keysCommand 1000",
+            ]
+        );
     }
 
     #[test]
     fn off_cpu_frames_are_marked_for_the_svg_only() {
-        assert_eq!(mark_off_cpu_frames("[off-cpu];main;do_nanosleep_[k] 5"), "[off-cpu];main_[i];do_nanosleep_[i] 5");
-        assert_eq!(mark_off_cpu_frames("[runqueue];main 7"), "[runqueue];main_[i] 7");
-        assert_eq!(mark_off_cpu_frames("[on-cpu];main;read_[k] 5"), "[on-cpu];main;read_[k] 5");
+        assert_eq!(
+            mark_off_cpu_frames("[off-cpu];main;do_nanosleep_[k] 5"),
+            "[off-cpu];main_[i];do_nanosleep_[i] 5"
+        );
+        assert_eq!(
+            mark_off_cpu_frames("[runqueue];main 7"),
+            "[runqueue];main_[i] 7"
+        );
+        assert_eq!(
+            mark_off_cpu_frames("[on-cpu];main;read_[k] 5"),
+            "[on-cpu];main;read_[k] 5"
+        );
     }
 
     #[test]
@@ -212,12 +268,19 @@ mod tests {
     #[test]
     fn the_flamegraph_is_an_svg_holding_the_frames() {
         let mut folded = FoldedStacks::default();
-        folded.add_stall(&stall(vec![stack(StackKind::OffCpu, 290_000, &["do_nanosleep_[k]", "main"])]));
+        folded.add_stall(&stall(vec![stack(
+            StackKind::OffCpu,
+            290_000,
+            &["do_nanosleep_[k]", "main"],
+        )]));
         let mut svg = Vec::new();
         folded.write_flamegraph("test", &mut svg).unwrap();
         let svg = String::from_utf8(svg).unwrap();
         assert!(svg.starts_with("<?xml") && svg.contains("<svg"));
         // inferno shows kernel frames without their `_[k]` annotation.
-        assert!(svg.contains("<title>do_nanosleep (290,000 us") && svg.contains("<title>[off-cpu]"), "{svg}");
+        assert!(
+            svg.contains("<title>do_nanosleep (290,000 us") && svg.contains("<title>[off-cpu]"),
+            "{svg}"
+        );
     }
 }
