@@ -270,7 +270,7 @@ fn glob(pattern: &str, text: &str) -> Option<String> {
     // The shortest capture after which the rest of the pattern matches.
     (0..=remainder.len())
         .filter(|&end| remainder.is_char_boundary(end))
-        .find(|&end| wildcard_match(rest.as_bytes(), remainder[end..].as_bytes()))
+        .find(|&end| wildcard_match(rest.as_bytes(), &remainder.as_bytes()[end..]))
         .map(|end| remainder[..end].to_owned())
 }
 

@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach to a running Redis and report event-loop stalls until stopped.
-    Attach(AttachArgs),
+    Attach(Box<AttachArgs>),
     /// Check that this machine and these privileges let `attach` work.
     Doctor,
     /// Render a recorded JSON-lines file again: stalls, summary, folded stacks, flamegraph.

@@ -44,6 +44,22 @@ pub fn rfc3339_micros(time: SystemTime) -> String {
     humantime::format_rfc3339_micros(time).to_string()
 }
 
+/// Serializes a time as [`rfc3339_micros`] (for `#[serde(serialize_with)]`).
+pub fn serialize_rfc3339<S: serde::Serializer>(
+    time: &SystemTime,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&rfc3339_micros(*time))
+}
+
+/// Parses a time written by [`serialize_rfc3339`] (for `#[serde(deserialize_with)]`).
+pub fn deserialize_rfc3339<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SystemTime, D::Error> {
+    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
+    humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,20 +79,4 @@ mod tests {
         let time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_500_000_000_123_456);
         assert_eq!(rfc3339_micros(time), "2017-07-14T02:40:00.123456Z");
     }
-}
-
-/// Serializes a time as [`rfc3339_micros`] (for `#[serde(serialize_with)]`).
-pub fn serialize_rfc3339<S: serde::Serializer>(
-    time: &SystemTime,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&rfc3339_micros(*time))
-}
-
-/// Parses a time written by [`serialize_rfc3339`] (for `#[serde(deserialize_with)]`).
-pub fn deserialize_rfc3339<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<SystemTime, D::Error> {
-    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
-    humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
 }

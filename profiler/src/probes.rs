@@ -123,41 +123,28 @@ impl Probes {
             .map_err(|source| ProbeError::Load { cause: source })?;
         let mut probes = Self { ebpf };
         for name in TRACEPOINT_PROGRAMS {
-            probes
-                .program::<TracePoint>(name)?
-                .load()
-                .map_err(|source| ProbeError::LoadProgram {
-                    name,
-                    cause: source,
-                })?;
+            probes.load_program::<TracePoint>(name, |program| program.load())?;
         }
         for name in UPROBE_PROGRAMS {
-            probes
-                .program::<UProbe>(name)?
-                .load()
-                .map_err(|source| ProbeError::LoadProgram {
-                    name,
-                    cause: source,
-                })?;
+            probes.load_program::<UProbe>(name, |program| program.load())?;
         }
         for (name, tracepoint) in SCHEDULER_PROGRAMS {
-            probes
-                .program::<BtfTracePoint>(name)?
-                .load(tracepoint, &btf)
-                .map_err(|source| ProbeError::LoadProgram {
-                    name,
-                    cause: source,
-                })?;
+            probes.load_program::<BtfTracePoint>(name, |program| program.load(tracepoint, &btf))?;
         }
-        let name = SAMPLE_PROGRAM;
-        probes
-            .program::<PerfEvent>(name)?
-            .load()
-            .map_err(|source| ProbeError::LoadProgram {
-                name,
-                cause: source,
-            })?;
+        probes.load_program::<PerfEvent>(SAMPLE_PROGRAM, |program| program.load())?;
         Ok(probes)
+    }
+
+    /// Loads program `name` (of type `P`) into the kernel with `load`.
+    fn load_program<'a, P: 'a>(
+        &'a mut self,
+        name: &'static str,
+        load: impl FnOnce(&mut P) -> Result<(), ProgramError>,
+    ) -> Result<(), ProbeError>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+    {
+        load(self.program::<P>(name)?).map_err(|cause| ProbeError::LoadProgram { name, cause })
     }
 
     fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, ProbeError>

@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use profiler_common::{
     COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED,
     COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
-    COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, EVENT_KIND_OFF_CPU,
+    COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, EVENT_KIND_OFF_CPU, StallEvent,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -20,8 +20,7 @@ use crate::{
     alert::{Alert, AlertCounts, AlertExec, AlertState, ExecSettings, IN_PROGRESS_CHECK_PERIOD},
     attribute::Rules,
     cli::AttachArgs,
-    clock::WallClock,
-    clock::monotonic_now_ns,
+    clock::{WallClock, monotonic_now_ns},
     events::{self, Event},
     histogram::IterationHistogram,
     kernel,
@@ -331,7 +330,7 @@ impl Monitor {
                 }
                 _ = report.tick() => self.report_interval(interval),
                 () = tick(&mut alert_check) => self.check_in_progress(),
-                () = tick(&mut metrics_refresh) => self.refresh_metrics(),
+                () = tick(&mut metrics_refresh) => self.update_histogram(),
                 _ = queue_sample.tick() => self.sample_accept_queues(),
                 _ = accept_housekeeping.tick() => self.report_overflows_outside_stalls(),
                 _ = liveness.tick() => {
@@ -377,30 +376,7 @@ impl Monitor {
     fn drain(&mut self, events: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         while let Some(record) = events.next() {
             match events::decode(&record) {
-                Ok(Event::Stall(event)) => {
-                    let mut stall = self.assembler.stall(&event);
-                    // A sample now covers the stall up to its end.
-                    self.sample_accept_queues()?;
-                    stall.accept = Some(self.accept.tracker.stall(event.start_ns, event.end_ns));
-                    let samples_lost = self.maps.counter(COUNTER_STACK_EVENTS_LOST)?
-                        + self.assembler.dropped_samples;
-                    stall.incomplete = samples_lost > self.samples_lost_at_last_stall;
-                    self.samples_lost_at_last_stall = samples_lost;
-                    self.causes.add(&stall);
-                    self.stalls += 1;
-                    self.interval_stalls += 1;
-                    self.outputs.stall(&stall)?;
-                    if let Some(metrics) = &self.metrics {
-                        metrics.observe_stall(&stall);
-                    }
-                    if self
-                        .alerting
-                        .as_ref()
-                        .is_some_and(|a| stall.duration_us >= a.threshold.as_micros() as u64)
-                    {
-                        self.alert(AlertState::Final, None, stall)?;
-                    }
-                }
+                Ok(Event::Stall(event)) => self.handle_stall(&event)?,
                 Ok(Event::Stack(event)) => self.assembler.add_stack(event),
                 Ok(Event::Madvise(event)) => {
                     let (thread_role, advice) = self.madvise.add(&event);
@@ -419,6 +395,36 @@ impl Monitor {
                     log::warn!("dropped a malformed event: {error}");
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A stall event: the stall with its stacks, accept queues and completeness, to the outputs,
+    /// the metrics and the alerts.
+    fn handle_stall(&mut self, event: &StallEvent) -> anyhow::Result<()> {
+        let mut stall = self.assembler.stall(event);
+        if self.accept.sampler.has_listeners() {
+            // A sample now covers the stall up to its end.
+            self.sample_accept_queues()?;
+            stall.accept = Some(self.accept.tracker.stall(event.start_ns, event.end_ns));
+        }
+        let samples_lost =
+            self.maps.counter(COUNTER_STACK_EVENTS_LOST)? + self.assembler.dropped_samples;
+        stall.incomplete = samples_lost > self.samples_lost_at_last_stall;
+        self.samples_lost_at_last_stall = samples_lost;
+        self.causes.add(&stall);
+        self.stalls += 1;
+        self.interval_stalls += 1;
+        self.outputs.stall(&stall)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_stall(&stall);
+        }
+        let alert_us = self
+            .alerting
+            .as_ref()
+            .map(|alerting| alerting.threshold.as_micros() as u64);
+        if alert_us.is_some_and(|alert_us| stall.duration_us >= alert_us) {
+            self.alert(AlertState::Final, None, stall)?;
         }
         Ok(())
     }
@@ -489,10 +495,6 @@ impl Monitor {
             namespace_listen_overflows: overflows,
             namespace_listen_drops: drops,
         }
-    }
-
-    fn refresh_metrics(&mut self) -> anyhow::Result<()> {
-        self.update_histogram()
     }
 
     /// Gives an in-progress alert once the current iteration has run past `--alert`.

@@ -162,6 +162,9 @@ impl Stall {
     }
 }
 
+/// A stack as it is told apart from others: its kind and its frames, leaf first.
+type DistinctStack = (StackKind, Vec<Rc<str>>);
+
 /// A stack sample waiting for its iteration to end: unwound, not yet named.
 struct PendingSample {
     iteration_start_ns: u64,
@@ -333,7 +336,8 @@ impl StallAssembler {
             .filter(|s| s.iteration_start_ns == start_ns)
             .collect();
         let mut totals_ns: HashMap<StackKind, u64> = HashMap::new();
-        let mut stacks: HashMap<(StackKind, Vec<Rc<str>>), (u64, u64)> = HashMap::new();
+        // (kind, frames) -> (weight, samples)
+        let mut stacks: HashMap<DistinctStack, (u64, u64)> = HashMap::new();
         for sample in &samples {
             let mut frames = symbolizer.kernel_frames(&sample.kernel);
             frames.extend(symbolizer.user_frames(&sample.user, unwinder.memory_map()));

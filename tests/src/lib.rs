@@ -464,6 +464,17 @@ impl Profiler {
     }
 }
 
+/// The `"type"` of each JSON line of `text`.
+pub fn record_types(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|line| {
+            let record: Value = serde_json::from_str(line)
+                .unwrap_or_else(|error| panic!("bad JSON line {line:?}: {error}"));
+            record["type"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
 /// Runs the profiler with `args` to completion (for bad-input checks).
 pub fn run_profiler(args: &[&str]) -> Output {
     Command::new(profiler_bin())

@@ -5,7 +5,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use stallprof_testkit::{RedisServer, profiler_bin, run_profiler};
+use stallprof_testkit::{RedisServer, profiler_bin, record_types, run_profiler};
 
 /// The run failed with exit code 1 and one `error:` line containing `expected`, and no panic.
 fn assert_fails_with(output: &Output, expected: &str) {
@@ -237,15 +237,8 @@ fn the_profiler_keeps_working_when_the_json_goes_to_stdout() {
         "500ms",
     ]);
     assert!(output.status.success());
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let types: Vec<String> = stdout
-        .lines()
-        .map(|line| {
-            serde_json::from_str::<serde_json::Value>(line).unwrap()["type"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(types, ["attached", "summary"]);
+    assert_eq!(
+        record_types(&String::from_utf8_lossy(&output.stdout)),
+        ["attached", "summary"]
+    );
 }

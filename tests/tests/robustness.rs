@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use stallprof_testkit::{Profiler, RedisServer, profiler_bin};
+use stallprof_testkit::{Profiler, RedisServer, profiler_bin, record_types};
 
 #[test]
 fn a_ring_buffer_too_small_for_stacks_loses_them_and_says_so() {
@@ -93,18 +93,7 @@ fn sighup_reopens_the_json_file_after_rotation() {
     let run = profiler.stop();
     assert!(run.status.success(), "{}", run.stderr);
 
-    let types = |path: &std::path::Path| -> Vec<String> {
-        fs::read_to_string(path)
-            .unwrap()
-            .lines()
-            .map(|line| {
-                serde_json::from_str::<serde_json::Value>(line).unwrap()["type"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect()
-    };
+    let types = |path: &std::path::Path| record_types(&fs::read_to_string(path).unwrap());
     assert_eq!(types(&rotated), ["attached", "stall"]);
     assert_eq!(types(&json), ["stall", "summary"]);
 }
