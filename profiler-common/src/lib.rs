@@ -17,6 +17,8 @@ pub const MAP_LOOP_STATE: &str = "LOOP_STATE";
 /// Name of the one-entry `Array<StackEvent>` holding the stacks the event-loop thread left the
 /// CPU with, while it is off the CPU inside an iteration.
 pub const MAP_OFF_CPU_STACKS: &str = "OFF_CPU_STACKS";
+/// Name of the `HashMap<u16, u8>` of the target's listening ports (set by userspace).
+pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
 /// Name of the `Array<u64>` of counters indexed by `COUNTER_*`.
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
 
@@ -56,8 +58,10 @@ pub const COUNTER_UNMATCHED_SWITCH_OUTS: u32 = 5;
 pub const COUNTER_MADVISE_EVENTS_LOST: u32 = 6;
 /// Counter index: madvise calls not timed because the table of calls in flight was full.
 pub const COUNTER_MADVISE_UNTRACKED: u32 = 7;
+/// Counter index: connection and accept events dropped because the ring buffer was full.
+pub const COUNTER_CONNECTION_EVENTS_LOST: u32 = 8;
 /// Number of counter slots.
-pub const COUNTERS: u32 = 8;
+pub const COUNTERS: u32 = 16;
 
 /// Event kind: an event-loop iteration at or above the threshold ([`StallEvent`]).
 pub const EVENT_KIND_STALL: u32 = 1;
@@ -68,6 +72,51 @@ pub const EVENT_KIND_OFF_CPU: u32 = 3;
 
 /// Event kind: a `madvise` call by any thread of the target ([`MadviseEvent`]).
 pub const EVENT_KIND_MADVISE: u32 = 4;
+
+/// Event kind: a connection to a listening port of the target completed its handshake and
+/// entered the accept queue ([`ConnectionEvent`]).
+pub const EVENT_KIND_CONNECTION: u32 = 5;
+/// Event kind: the target accepted a connection ([`AcceptEvent`]).
+pub const EVENT_KIND_ACCEPT: u32 = 6;
+
+/// A connection entered a listener's accept queue (SYN_RECV -> ESTABLISHED).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionEvent {
+    /// Always [`EVENT_KIND_CONNECTION`].
+    pub kind: u32,
+    /// The listening port.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub time_ns: u64,
+    pub client_port: u16,
+    pub _padding: [u8; 6],
+    /// The client's address: 4 bytes for IPv4, 16 for IPv6.
+    pub client_addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnectionEvent>() == 40);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ConnectionEvent {}
+
+/// `accept` or `accept4` of the target returned a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptEvent {
+    /// Always [`EVENT_KIND_ACCEPT`].
+    pub kind: u32,
+    pub tid: u32,
+    pub time_ns: u64,
+    /// The listening socket's file descriptor.
+    pub listen_fd: i64,
+    /// The new connection's file descriptor.
+    pub result: i64,
+}
+const _: () = assert!(core::mem::size_of::<AcceptEvent>() == 32);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for AcceptEvent {}
 
 /// Kernel frames kept per stack (`bpf_get_stack`).
 pub const KERNEL_STACK_DEPTH: usize = 64;

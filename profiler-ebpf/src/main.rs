@@ -31,12 +31,13 @@ mod programs {
         },
     };
     use profiler_common::{
-        COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED,
-        COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
-        COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, EVENT_KIND_MADVISE,
-        EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ITERATION_BUCKETS,
-        KERNEL_STACK_DEPTH, LoopState, MadviseEvent, NO_TARGET, PAGE_BYTES, StackEvent, StallEvent,
-        USER_STACK_BYTES, iteration_bucket,
+        AcceptEvent, COUNTER_BLOCKS_BEFORE_GATE, COUNTER_CONNECTION_EVENTS_LOST,
+        COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS,
+        COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS,
+        COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, ConnectionEvent, EVENT_KIND_ACCEPT,
+        EVENT_KIND_CONNECTION, EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU,
+        EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, LoopState, MadviseEvent,
+        NO_TARGET, PAGE_BYTES, StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
     };
 
     /// GPL-compatible: the stack and memory-read helpers are GPL-only.
@@ -485,6 +486,105 @@ mod programs {
         };
         if EVENTS.output::<MadviseEvent>(&event, 0).is_err() {
             count(COUNTER_MADVISE_EVENTS_LOST);
+        }
+        0
+    }
+
+    /// Listening ports of one Redis (its port, TLS port, cluster bus, ...), with room to spare.
+    const MAX_LISTEN_PORTS: u32 = 64;
+    /// The target's listening ports, written by userspace.
+    #[map]
+    static LISTEN_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
+    /// `accept`/`accept4` calls in flight, by thread id: the listening socket's fd.
+    #[map]
+    static ACCEPT_IN_FLIGHT: HashMap<u32, i64> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+    const IPPROTO_TCP: u16 = 6;
+    const TCP_ESTABLISHED: i32 = 1;
+    const TCP_SYN_RECV: i32 = 3;
+    const AF_INET: u16 = 2;
+
+    /// `sock:inet_sock_set_state`: a connection to one of the target's ports completed its
+    /// handshake (SYN_RECV -> ESTABLISHED) and entered the accept queue. Fires in softirq
+    /// context, so it filters on the port, not the process.
+    #[tracepoint]
+    pub fn handshake_done(ctx: TracePointContext) -> u32 {
+        // SAFETY: offsets of the tracepoint's record (events/sock/inet_sock_set_state/format).
+        let (old_state, new_state, port, family, protocol) = unsafe {
+            (
+                ctx.read_at::<i32>(16).unwrap_or(0),
+                ctx.read_at::<i32>(20).unwrap_or(0),
+                ctx.read_at::<u16>(24).unwrap_or(0),
+                ctx.read_at::<u16>(28).unwrap_or(0),
+                ctx.read_at::<u16>(30).unwrap_or(0),
+            )
+        };
+        // SAFETY: a lookup by value in a map of plain bytes.
+        if protocol != IPPROTO_TCP
+            || old_state != TCP_SYN_RECV
+            || new_state != TCP_ESTABLISHED
+            || unsafe { LISTEN_PORTS.get(&port) }.is_none()
+        {
+            return 0;
+        }
+        let mut client_addr = [0u8; 16];
+        // SAFETY: offsets of daddr (4 bytes) and daddr_v6 (16 bytes) in the record.
+        unsafe {
+            if family == AF_INET {
+                client_addr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(36).unwrap_or([0; 4]));
+            } else {
+                client_addr = ctx.read_at::<[u8; 16]>(56).unwrap_or([0; 16]);
+            }
+        }
+        let event = ConnectionEvent {
+            kind: EVENT_KIND_CONNECTION,
+            port,
+            family,
+            time_ns: now_ns(),
+            // SAFETY: offset of dport in the record.
+            client_port: unsafe { ctx.read_at::<u16>(26) }.unwrap_or(0),
+            _padding: [0; 6],
+            client_addr,
+        };
+        if EVENTS.output::<ConnectionEvent>(&event, 0).is_err() {
+            count(COUNTER_CONNECTION_EVENTS_LOST);
+        }
+        0
+    }
+
+    /// `sys_enter_accept4` / `sys_enter_accept`: remember the listening socket.
+    #[tracepoint]
+    pub fn accept_entry(ctx: TracePointContext) -> u32 {
+        let Some(tid) = target_thread() else { return 0 };
+        // SAFETY: offset of `fd` in the syscall tracepoint's record.
+        let listen_fd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+        let _ = ACCEPT_IN_FLIGHT.insert(&tid, &listen_fd, 0);
+        0
+    }
+
+    /// `sys_exit_accept4` / `sys_exit_accept`: the target took a connection off the queue.
+    #[tracepoint]
+    pub fn accept_return(ctx: TracePointContext) -> u32 {
+        let Some(tid) = target_thread() else { return 0 };
+        // SAFETY: a plain value copied out before the entry is removed.
+        let Some(listen_fd) = (unsafe { ACCEPT_IN_FLIGHT.get(&tid) }).copied() else {
+            return 0;
+        };
+        let _ = ACCEPT_IN_FLIGHT.remove(&tid);
+        // SAFETY: offset of `ret` in the syscall tracepoint's record.
+        let result = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+        if result < 0 {
+            return 0;
+        }
+        let event = AcceptEvent {
+            kind: EVENT_KIND_ACCEPT,
+            tid,
+            time_ns: now_ns(),
+            listen_fd,
+            result,
+        };
+        if EVENTS.output::<AcceptEvent>(&event, 0).is_err() {
+            count(COUNTER_CONNECTION_EVENTS_LOST);
         }
         0
     }

@@ -104,15 +104,15 @@ fn check_tracepoints(
             check(&format!("tracepoint {name}"), verdict);
         }
     }
-    for name in kernel::MADVISE_TRACEPOINTS {
-        let present = kernel::check_syscall_tracepoints(tracefs, &[name]).is_ok();
+    for (category, name) in kernel::OTHER_TRACEPOINTS {
+        let present = kernel::check_tracepoints(tracefs, &[(category, name)]).is_ok();
         let verdict = if present {
-            Verdict::Ok("present (times madvise calls)".into())
+            Verdict::Ok("present".into())
         } else {
-            Verdict::Fail("absent: madvise calls cannot be traced".into())
+            Verdict::Fail("absent".into())
         };
         all_present &= present;
-        check(&format!("tracepoint syscalls:{name}"), verdict);
+        check(&format!("tracepoint {category}:{name}"), verdict);
     }
     all_present
         .then(|| kernel::poll_tracepoints(tracefs).ok())
@@ -146,6 +146,13 @@ fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, V
         "madvise probes",
         match probes.attach_madvise() {
             Ok(()) => Verdict::Ok("syscalls:sys_enter_madvise and sys_exit_madvise attach".into()),
+            Err(error) => Verdict::Fail(error.to_string()),
+        },
+    );
+    check(
+        "connection probes",
+        match probes.attach_connections() {
+            Ok(()) => Verdict::Ok("sock:inet_sock_set_state and the accept tracepoints attach".into()),
             Err(error) => Verdict::Fail(error.to_string()),
         },
     );

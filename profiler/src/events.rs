@@ -1,8 +1,8 @@
 //! Ring-buffer bytes -> typed events. Malformed records become a [`DecodeError`] (counted as
 //! lost by the caller), never a panic.
 use profiler_common::{
-    EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, MadviseEvent,
-    StackEvent, StallEvent,
+    AcceptEvent, ConnectionEvent, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION, EVENT_KIND_MADVISE,
+    EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, MadviseEvent, StackEvent, StallEvent,
 };
 
 /// An event sent by the kernel programs.
@@ -12,6 +12,8 @@ pub enum Event<'a> {
     /// On- or off-CPU stack sample, borrowed from the ring buffer.
     Stack(&'a StackEvent),
     Madvise(MadviseEvent),
+    Connection(ConnectionEvent),
+    Accept(AcceptEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EVENT_KIND_STALL => Ok(Event::Stall(read::<StallEvent>(bytes)?)),
         EVENT_KIND_ON_CPU | EVENT_KIND_OFF_CPU => Ok(Event::Stack(stack_event(bytes)?)),
         EVENT_KIND_MADVISE => Ok(Event::Madvise(read::<MadviseEvent>(bytes)?)),
+        EVENT_KIND_CONNECTION => Ok(Event::Connection(read::<ConnectionEvent>(bytes)?)),
+        EVENT_KIND_ACCEPT => Ok(Event::Accept(read::<AcceptEvent>(bytes)?)),
         kind => Err(DecodeError::UnknownKind { kind }),
     }
 }

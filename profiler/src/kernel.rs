@@ -113,17 +113,29 @@ pub struct PollTracepoint {
     pub entry: bool,
 }
 
-/// The `syscalls` tracepoints timing madvise calls.
-pub const MADVISE_TRACEPOINTS: [&str; 2] = ["sys_enter_madvise", "sys_exit_madvise"];
+/// Tracepoints (category, name) beyond the poll ones that `attach` needs: madvise timing,
+/// handshakes completing on the target's ports, and the target's accepts.
+pub const OTHER_TRACEPOINTS: [(&str, &str); 7] = [
+    ("syscalls", "sys_enter_madvise"),
+    ("syscalls", "sys_exit_madvise"),
+    ("sock", "inet_sock_set_state"),
+    ("syscalls", "sys_enter_accept4"),
+    ("syscalls", "sys_exit_accept4"),
+    ("syscalls", "sys_enter_accept"),
+    ("syscalls", "sys_exit_accept"),
+];
 
-/// Fails unless the kernel has every tracepoint in `names` (category `syscalls`).
-pub fn check_syscall_tracepoints(tracefs: &Path, names: &[&str]) -> Result<(), KernelError> {
-    for name in names {
-        let path = tracefs.join("events/syscalls").join(name).join("id");
+/// Fails unless the kernel has every tracepoint in `tracepoints`.
+pub fn check_tracepoints(
+    tracefs: &Path,
+    tracepoints: &[(&'static str, &str)],
+) -> Result<(), KernelError> {
+    for &(category, name) in tracepoints {
+        let path = tracefs.join("events").join(category).join(name).join("id");
         if !path.exists() {
             return Err(KernelError::MissingTracepoint {
-                category: "syscalls",
-                name: (*name).to_owned(),
+                category,
+                name: name.to_owned(),
                 path,
             });
         }
@@ -161,7 +173,7 @@ pub fn preflight() -> Result<Vec<PollTracepoint>, KernelError> {
     check_btf(Path::new(VMLINUX_BTF))?;
     let tracefs = find_tracefs(&TRACEFS_MOUNTS)?;
     let poll = poll_tracepoints(&tracefs)?;
-    check_syscall_tracepoints(&tracefs, &MADVISE_TRACEPOINTS)?;
+    check_tracepoints(&tracefs, &OTHER_TRACEPOINTS)?;
     Ok(poll)
 }
 

@@ -14,7 +14,8 @@ use aya::{
 use profiler_common::{
     GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS,
     GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, LoopState, MAP_COUNTERS, MAP_EVENTS,
-    MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, StackEvent,
+    MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE,
+    MAP_OFF_CPU_STACKS, StackEvent,
 };
 
 use crate::kernel::PollTracepoint;
@@ -37,7 +38,7 @@ pub enum ProbeError {
         name: &'static str,
         cause: ProgramError,
     },
-    #[error("cannot attach `{program}` to tracepoint `syscalls:{tracepoint}`: {cause}")]
+    #[error("cannot attach `{program}` to tracepoint `{tracepoint}`: {cause}")]
     AttachTracepoint {
         program: &'static str,
         tracepoint: String,
@@ -80,11 +81,22 @@ pub struct ProbeSettings {
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
-const TRACEPOINT_PROGRAMS: [&str; 4] = [
+const TRACEPOINT_PROGRAMS: [&str; 7] = [
     "poll_entry",
     "poll_return",
     "madvise_entry",
     "madvise_return",
+    "handshake_done",
+    "accept_entry",
+    "accept_return",
+];
+/// `(program, tracepoint category, tracepoint)` of the connection tracers.
+const CONNECTION_PROGRAMS: [(&str, &str, &str); 5] = [
+    ("handshake_done", "sock", "inet_sock_set_state"),
+    ("accept_entry", "syscalls", "sys_enter_accept4"),
+    ("accept_entry", "syscalls", "sys_enter_accept"),
+    ("accept_return", "syscalls", "sys_exit_accept4"),
+    ("accept_return", "syscalls", "sys_exit_accept"),
 ];
 /// `(program, syscalls tracepoint)` of the madvise timers.
 const MADVISE_PROGRAMS: [(&str, &str); 2] = [
@@ -166,6 +178,21 @@ impl Probes {
                     program,
                     tracepoint: tracepoint.to_owned(),
                     cause: source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the connection tracers: handshakes completing on the listening ports, and the
+    /// target's accepts.
+    pub fn attach_connections(&mut self) -> Result<(), ProbeError> {
+        for (program, category, tracepoint) in CONNECTION_PROGRAMS {
+            self.program::<TracePoint>(program)?
+                .attach(category, tracepoint)
+                .map_err(|cause| ProbeError::AttachTracepoint {
+                    program,
+                    tracepoint: format!("{category}:{tracepoint}"),
+                    cause,
                 })?;
         }
         Ok(())
@@ -266,6 +293,12 @@ impl Probes {
             counters: self.take_array(MAP_COUNTERS)?,
             loop_state: self.take_array(MAP_LOOP_STATE)?,
             off_cpu_stacks: self.take_array(MAP_OFF_CPU_STACKS)?,
+            listen_ports: aya::maps::HashMap::try_from(self.take_map(MAP_LISTEN_PORTS)?).map_err(
+                |cause| ProbeError::Map {
+                    name: MAP_LISTEN_PORTS,
+                    cause,
+                },
+            )?,
         })
     }
 
@@ -309,6 +342,7 @@ pub struct KernelMaps {
     counters: Array<MapData, u64>,
     loop_state: Array<MapData, LoopState>,
     off_cpu_stacks: Array<MapData, StackEvent>,
+    listen_ports: aya::maps::HashMap<MapData, u16, u8>,
 }
 
 impl KernelMaps {
@@ -362,6 +396,26 @@ impl KernelMaps {
                 cause: source,
             })?;
         Ok(Some(Box::new(stacks)))
+    }
+
+    /// Tells the connection tracer which ports are the target's.
+    pub fn set_listen_ports(&mut self, ports: &[u16]) -> Result<(), ProbeError> {
+        let map_error = |cause| ProbeError::Map {
+            name: MAP_LISTEN_PORTS,
+            cause,
+        };
+        let known: Vec<u16> = self
+            .listen_ports
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error)?;
+        for port in known.iter().filter(|port| !ports.contains(port)) {
+            self.listen_ports.remove(port).map_err(map_error)?;
+        }
+        for port in ports.iter().filter(|port| !known.contains(port)) {
+            self.listen_ports.insert(port, 1, 0).map_err(map_error)?;
+        }
+        Ok(())
     }
 
     /// A kernel-side counter (`profiler_common::COUNTER_*`).

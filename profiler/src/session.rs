@@ -5,9 +5,10 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{
-    COUNTER_BLOCKS_BEFORE_GATE, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED,
-    COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
-    COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES, EVENT_KIND_OFF_CPU, StallEvent,
+    COUNTER_BLOCKS_BEFORE_GATE, COUNTER_CONNECTION_EVENTS_LOST, COUNTER_MADVISE_EVENTS_LOST,
+    COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
+    COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES,
+    EVENT_KIND_OFF_CPU, StallEvent,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -16,7 +17,9 @@ use tokio::{
 };
 
 use crate::{
-    accept::{AcceptSummary, AcceptTracker, QueueSampler, namespace_listen_counters},
+    accept::{
+        AcceptSummary, AcceptTracker, ConnectionTracker, QueueSampler, namespace_listen_counters,
+    },
     alert::{Alert, AlertCounts, AlertExec, AlertState, ExecSettings, IN_PROGRESS_CHECK_PERIOD},
     attribute::Rules,
     cli::AttachArgs,
@@ -116,6 +119,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     })?;
     probes.attach_poll_tracepoints(&tracepoints)?;
     probes.attach_madvise()?;
+    probes.attach_connections()?;
     probes.attach_scheduler()?;
     probes.attach_sampler(target.main_tid, args.freq)?;
     let nested_poll_tracking =
@@ -129,7 +133,8 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
             }
         };
     let events = probes.take_events()?;
-    let maps = probes.take_maps()?;
+    let mut maps = probes.take_maps()?;
+    maps.set_listen_ports(&target.ports)?;
     wait_for_first_poll_return(&maps)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -165,6 +170,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     let accept = AcceptWatch {
         sampler: accept_sampler,
         tracker: AcceptTracker::default(),
+        connections: ConnectionTracker::new(target.pid),
         namespace_counters_at_start: namespace_listen_counters(target.pid),
         clock,
         sampling_failed: false,
@@ -236,6 +242,7 @@ fn wait_for_first_poll_return(maps: &KernelMaps) -> anyhow::Result<()> {
 struct AcceptWatch {
     sampler: QueueSampler,
     tracker: AcceptTracker,
+    connections: ConnectionTracker,
     /// The namespace's (ListenOverflows, ListenDrops) when the run began.
     namespace_counters_at_start: Option<(u64, u64)>,
     clock: WallClock,
@@ -378,6 +385,12 @@ impl Monitor {
             match events::decode(&record) {
                 Ok(Event::Stall(event)) => self.handle_stall(&event)?,
                 Ok(Event::Stack(event)) => self.assembler.add_stack(event),
+                Ok(Event::Connection(event)) => self.accept.connections.connection(&event),
+                Ok(Event::Accept(event)) => {
+                    self.accept
+                        .connections
+                        .accepted(&event, self.accept.sampler.listeners());
+                }
                 Ok(Event::Madvise(event)) => {
                     let (thread_role, advice) = self.madvise.add(&event);
                     self.assembler.add_madvise(&event);
@@ -406,7 +419,10 @@ impl Monitor {
         if self.accept.sampler.has_listeners() {
             // A sample now covers the stall up to its end.
             self.sample_accept_queues()?;
-            stall.accept = Some(self.accept.tracker.stall(event.start_ns, event.end_ns));
+            let mut accept = self.accept.tracker.stall(event.start_ns, event.end_ns);
+            (accept.new_connections, accept.top_clients) =
+                self.accept.connections.stall(event.start_ns, event.end_ns);
+            stall.accept = Some(accept);
         }
         let samples_lost =
             self.maps.counter(COUNTER_STACK_EVENTS_LOST)? + self.assembler.dropped_samples;
@@ -466,6 +482,11 @@ impl Monitor {
     /// the current iteration and than the events still on their way.
     fn report_overflows_outside_stalls(&mut self) -> anyhow::Result<()> {
         self.accept.sampler.refresh_listeners();
+        let mut ports: Vec<u16> = self.accept.sampler.listeners().values().copied().collect();
+        ports.sort_unstable();
+        ports.dedup();
+        self.maps.set_listen_ports(&ports)?;
+        self.accept.connections.forget_listening_fds();
         let iteration_ns = self.maps.loop_state()?.poll_return_ns;
         let mut before_ns = monotonic_now_ns().saturating_sub(ACCEPT_ATTRIBUTION_DELAY_NS);
         if iteration_ns != 0 {
@@ -494,6 +515,7 @@ impl Monitor {
             ports: self.accept.tracker.ports(),
             namespace_listen_overflows: overflows,
             namespace_listen_drops: drops,
+            waits: self.accept.connections.waits(),
         }
     }
 
@@ -564,6 +586,7 @@ impl Monitor {
             stack_events: self.maps.counter(COUNTER_STACK_EVENTS_LOST)?,
             madvise_events: self.maps.counter(COUNTER_MADVISE_EVENTS_LOST)?,
             madvise_untracked: self.maps.counter(COUNTER_MADVISE_UNTRACKED)?,
+            connection_events: self.maps.counter(COUNTER_CONNECTION_EVENTS_LOST)?,
             undecodable: self.decode_errors,
             samples_not_kept: self.assembler.dropped_samples,
         })

@@ -22,8 +22,10 @@ fn a_stall_overflows_a_small_backlog_and_every_drop_is_accounted_for() {
     sleep.args(["-p", &redis.port.to_string(), "DEBUG", "SLEEP", "1"]);
     let sleeping = thread::spawn(move || sleep.output().unwrap());
     thread::sleep(Duration::from_millis(100));
+    let storm_started = std::time::Instant::now();
     let connections = connection_storm(redis.port, 300, Some(&namespace));
     sleeping.join().unwrap();
+    let sleep_remaining_at_storm = storm_started.elapsed();
     thread::sleep(Duration::from_millis(1500)); // drops after the stall are reported within 1 s
     let run = profiler.stop();
     let namespace_overflows = namespace.listen_overflows() - before;
@@ -61,6 +63,25 @@ fn a_stall_overflows_a_small_backlog_and_every_drop_is_accounted_for() {
         number(&summary["namespace_listen_overflows"]),
         namespace_overflows
     );
+
+    // The connections that got into the queue during the sleep, and who made them.
+    assert!(
+        number(&accept["new_connections"]) >= 16,
+        "the queue filled: {accept}"
+    );
+    assert_eq!(accept["top_clients"][0]["addr"], "127.0.0.1");
+    assert_eq!(
+        accept["top_clients"][0]["connections"],
+        accept["new_connections"]
+    );
+    // Those waited in the queue until the sleep ended: the longest wait is the sleep's remainder.
+    let waits = &summary["waits"];
+    let longest_wait = Duration::from_micros(number(&waits["max_us"]));
+    assert!(
+        longest_wait.abs_diff(sleep_remaining_at_storm) < Duration::from_millis(150),
+        "longest wait {longest_wait:?}, the sleep had {sleep_remaining_at_storm:?} left: {waits}"
+    );
+    assert!(number(&waits["accepted"]) >= 16);
     assert!(
         run.stderr.contains("accept queue overflowed"),
         "{}",

@@ -57,9 +57,12 @@ impl Sink for ConsoleSink {
         }
         if let Some(accept) = stall.accept.as_ref().filter(|accept| accept.overflows > 0) {
             line += &format!(
-                ", accept queue overflowed: {} connections dropped (queue {}/{})",
-                accept.overflows, accept.max_queue, accept.limit
+                ", accept queue overflowed: {} connections dropped (queue {}/{}), {} new connections",
+                accept.overflows, accept.max_queue, accept.limit, accept.new_connections
             );
+            if let Some(top) = accept.top_clients.first() {
+                line += &format!(", most from {} ({})", top.addr, top.connections);
+            }
         }
         if stall.incomplete {
             line += " [incomplete: samples were lost]";
@@ -160,11 +163,12 @@ impl Sink for ConsoleSink {
             let lost = &summary.lost;
             writeln!(
                 io::stderr(),
-                "  lost: {} stall events, {} stack events, {} madvise events, {} madvise calls untimed, {} undecodable, {} samples not kept",
+                "  lost: {} stall events, {} stack events, {} madvise events, {} madvise calls untimed, {} connection events, {} undecodable, {} samples not kept",
                 lost.stall_events,
                 lost.stack_events,
                 lost.madvise_events,
                 lost.madvise_untracked,
+                lost.connection_events,
                 lost.undecodable,
                 lost.samples_not_kept,
             )?;
@@ -196,6 +200,16 @@ impl Sink for ConsoleSink {
                 "  namespace: ListenOverflows +{}, ListenDrops +{}",
                 accept.namespace_listen_overflows,
                 accept.namespace_listen_drops
+            )?;
+            let waits = &accept.waits;
+            writeln!(
+                io::stderr(),
+                "  connections: {} entered the accept queues, {} accepted; waited p50 {} p99 {} max {}",
+                waits.connections,
+                waits.accepted,
+                human_duration_ns(waits.p50_us * 1_000),
+                human_duration_ns(waits.p99_us * 1_000),
+                human_duration_ns(waits.max_us * 1_000),
             )?;
         }
         if let Some(alerts) = &summary.alerts {

@@ -157,6 +157,9 @@ pub struct LostEvents {
     pub madvise_events: u64,
     /// madvise calls not timed (too many in flight).
     pub madvise_untracked: u64,
+    /// Connection and accept events the kernel could not send.
+    #[serde(default)]
+    pub connection_events: u64,
     /// Records userspace could not decode.
     pub undecodable: u64,
     /// Stack samples userspace could not keep (too many pending).
@@ -169,6 +172,7 @@ impl LostEvents {
             + self.stack_events
             + self.madvise_events
             + self.madvise_untracked
+            + self.connection_events
             + self.undecodable
             + self.samples_not_kept
     }
