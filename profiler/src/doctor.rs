@@ -152,7 +152,9 @@ fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, V
     check(
         "connection probes",
         match probes.attach_connections() {
-            Ok(()) => Verdict::Ok("sock:inet_sock_set_state and the accept tracepoints attach".into()),
+            Ok(()) => {
+                Verdict::Ok("sock:inet_sock_set_state and the accept tracepoints attach".into())
+            }
             Err(error) => Verdict::Fail(error.to_string()),
         },
     );

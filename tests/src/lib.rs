@@ -401,6 +401,11 @@ impl Profiler {
         profiler
     }
 
+    /// The profiler's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn has_exited(&self) -> bool {
         // SAFETY: waitpid with WNOHANG|WNOWAIT only peeks at our own child's state.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

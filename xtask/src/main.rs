@@ -1,4 +1,4 @@
-//! `cargo xtask setup | demo | test`: everything a fresh machine needs, done by the project.
+//! `cargo xtask setup | demo | test | bench`: everything a fresh machine needs, done by the project.
 //! Every step checks first and skips what is already there, so a second run is quick.
 use std::{
     path::{Path, PathBuf},
@@ -7,6 +7,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod bench;
 mod demo;
 
 /// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
@@ -39,7 +40,12 @@ fn main() -> anyhow::Result<()> {
             build()?;
             test()
         }
-        _ => bail!("usage: cargo xtask setup | demo | test"),
+        "bench" => {
+            setup()?;
+            build()?;
+            bench::run(&workspace_root())
+        }
+        _ => bail!("usage: cargo xtask setup | demo | test | bench"),
     }
 }
 
