@@ -119,6 +119,14 @@ fn check_tracepoints(
         .flatten()
 }
 
+/// Ok with `ok` when attaching worked; a failure otherwise (`attach` needs every one of them).
+fn attach_verdict(result: Result<(), crate::probes::ProbeError>, ok: &str) -> Verdict {
+    match result {
+        Ok(()) => Verdict::Ok(ok.to_owned()),
+        Err(error) => Verdict::Fail(error.to_string()),
+    }
+}
+
 fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, Verdict)) {
     let settings = ProbeSettings {
         pid: NO_TARGET,
@@ -135,42 +143,38 @@ fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, V
     };
     check(
         "eBPF programs",
-        match probes.attach_poll_tracepoints(tracepoints) {
-            Ok(()) => Verdict::Ok(
-                "loaded, and attached to every poll tracepoint (aimed at no process)".into(),
-            ),
-            Err(error) => Verdict::Fail(error.to_string()),
-        },
+        attach_verdict(
+            probes.attach_poll_tracepoints(tracepoints),
+            "loaded, and attached to every poll tracepoint (aimed at no process)",
+        ),
     );
     check(
         "madvise probes",
-        match probes.attach_madvise() {
-            Ok(()) => Verdict::Ok("syscalls:sys_enter_madvise and sys_exit_madvise attach".into()),
-            Err(error) => Verdict::Fail(error.to_string()),
-        },
+        attach_verdict(
+            probes.attach_madvise(),
+            "syscalls:sys_enter_madvise and sys_exit_madvise attach",
+        ),
     );
     check(
         "connection probes",
-        match probes.attach_connections() {
-            Ok(()) => {
-                Verdict::Ok("sock:inet_sock_set_state and the accept tracepoints attach".into())
-            }
-            Err(error) => Verdict::Fail(error.to_string()),
-        },
+        attach_verdict(
+            probes.attach_connections(),
+            "sock:inet_sock_set_state and the accept tracepoints attach",
+        ),
     );
     check(
         "off-CPU probes",
-        match probes.attach_scheduler() {
-            Ok(()) => Verdict::Ok("tp_btf/sched_switch and tp_btf/sched_wakeup attach".into()),
-            Err(error) => Verdict::Fail(error.to_string()),
-        },
+        attach_verdict(
+            probes.attach_scheduler(),
+            "tp_btf/sched_switch and tp_btf/sched_wakeup attach",
+        ),
     );
     check(
         "on-CPU sampler",
-        match probes.attach_sampler(std::process::id(), 1) {
-            Ok(()) => Verdict::Ok("a CPU-clock perf event per thread attaches".into()),
-            Err(error) => Verdict::Fail(error.to_string()),
-        },
+        attach_verdict(
+            probes.attach_sampler(std::process::id(), 1),
+            "a CPU-clock perf event per thread attaches",
+        ),
     );
     // A uprobe on a libc function in this process stands in for the one on Redis's
     // processEventsWhileBlocked; the program filters on a pid that matches no process.
