@@ -325,7 +325,7 @@ pub struct Profiler {
     json: PathBuf,
     /// Keeps a temporary JSON file until the run is collected.
     _temporary: Option<tempfile::NamedTempFile>,
-    /// Collects stderr, unless it goes to our own stderr.
+    /// Collects stderr (taken when the run is collected).
     stderr: Option<thread::JoinHandle<String>>,
 }
 
@@ -334,26 +334,15 @@ impl Profiler {
     pub fn attach(args: &[&str]) -> Self {
         let temporary = tempfile::NamedTempFile::new().expect("temporary file");
         let json = temporary.path().to_owned();
-        Self::spawn(args, json, Some(temporary), false)
+        Self::spawn(args, json, Some(temporary))
     }
 
     /// Starts `redis-stallprof attach ARGS --json JSON` and waits for its `attached` record.
     pub fn attach_writing(args: &[&str], json: &Path) -> Self {
-        Self::spawn(args, json.to_owned(), None, false)
+        Self::spawn(args, json.to_owned(), None)
     }
 
-    /// Starts `redis-stallprof attach ARGS --json JSON` with its console lines on our stderr,
-    /// and waits for its `attached` record.
-    pub fn attach_showing_console(args: &[&str], json: &Path) -> Self {
-        Self::spawn(args, json.to_owned(), None, true)
-    }
-
-    fn spawn(
-        args: &[&str],
-        json: PathBuf,
-        temporary: Option<tempfile::NamedTempFile>,
-        show_console: bool,
-    ) -> Self {
+    fn spawn(args: &[&str], json: PathBuf, temporary: Option<tempfile::NamedTempFile>) -> Self {
         // A file left by an earlier run would show its `attached` record before this run's.
         let _ = fs::remove_file(&json);
         let mut child = Command::new(profiler_bin())
@@ -363,11 +352,7 @@ impl Profiler {
             .arg(&json)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if show_console {
-                Stdio::inherit()
-            } else {
-                Stdio::piped()
-            })
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|error| panic!("start {}: {error}", profiler_bin().display()));
         let stderr = child.stderr.take().map(|stderr| {
