@@ -19,7 +19,7 @@ pub const MAP_LOOP_STATE: &str = "LOOP_STATE";
 pub const MAP_OFF_CPU_STACKS: &str = "OFF_CPU_STACKS";
 /// Name of the `HashMap<u16, u8>` of the target's listening ports (set by userspace).
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
-/// Name of the `Array<u64>` of counters indexed by `COUNTER_*`.
+/// Name of the `PerCpuArray<u64>` of counters indexed by `COUNTER_*` (summed over CPUs).
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
 
 /// Read-only global: thread-group id (pid) of the target.

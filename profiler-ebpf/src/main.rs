@@ -24,7 +24,7 @@ mod programs {
             },
         },
         macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
-        maps::{Array, HashMap, RingBuf},
+        maps::{Array, HashMap, PerCpuArray, RingBuf},
         programs::{
             BtfTracePointContext, PerfEventContext, ProbeContext, RetProbeContext,
             TracePointContext,
@@ -70,7 +70,7 @@ mod programs {
     #[map]
     static ITERATION_MAX: Array<u64> = Array::with_max_entries(1, 0);
     #[map]
-    static COUNTERS_MAP: Array<u64> = Array::with_max_entries(COUNTERS, 0);
+    static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
     /// The event-loop thread's state (one entry: only that thread is followed).
     #[map]
     static LOOP_STATE: Array<LoopState> = Array::with_max_entries(1, 0);
@@ -108,16 +108,21 @@ mod programs {
     /// A map entry as a mutable reference.
     #[inline(always)]
     fn entry<T>(map: &Array<T>, index: u32) -> Option<&mut T> {
-        // SAFETY: array entries are plain data. LOOP_STATE and OFF_CPU_STACKS are written only
-        // on behalf of the one event-loop thread, whose events the kernel serialises.
+        // SAFETY: array entries are plain data. LOOP_STATE, OFF_CPU_STACKS and the iteration
+        // maps change only with the event-loop thread's own transitions (its polls while it
+        // runs; its switch-out, wake-up and switch-in while it does not), which follow one
+        // another, so no two programs write them at once.
         map.get_ptr_mut(index)
             .map(|pointer| unsafe { &mut *pointer })
     }
 
+    /// Adds one to a counter. Counters are bumped from any CPU (handshakes in softirq, any
+    /// thread's madvise), so each CPU has its own (userspace sums them).
     #[inline(always)]
     fn count(counter: u32) {
-        if let Some(value) = entry(&COUNTERS_MAP, counter) {
-            *value += 1;
+        if let Some(pointer) = COUNTERS_MAP.get_ptr_mut(counter) {
+            // SAFETY: this CPU's slot; programs do not migrate while they run.
+            unsafe { *pointer += 1 };
         }
     }
 

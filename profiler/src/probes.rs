@@ -290,7 +290,12 @@ impl Probes {
         Ok(KernelMaps {
             histogram: self.take_array(MAP_ITERATION_HISTOGRAM)?,
             iteration_max: self.take_array(MAP_ITERATION_MAX)?,
-            counters: self.take_array(MAP_COUNTERS)?,
+            counters: aya::maps::PerCpuArray::try_from(self.take_map(MAP_COUNTERS)?).map_err(
+                |cause| ProbeError::Map {
+                    name: MAP_COUNTERS,
+                    cause,
+                },
+            )?,
             loop_state: self.take_array(MAP_LOOP_STATE)?,
             off_cpu_stacks: self.take_array(MAP_OFF_CPU_STACKS)?,
             listen_ports: aya::maps::HashMap::try_from(self.take_map(MAP_LISTEN_PORTS)?).map_err(
@@ -339,7 +344,7 @@ fn raise_memlock_limit() {
 pub struct KernelMaps {
     histogram: Array<MapData, u64>,
     iteration_max: Array<MapData, u64>,
-    counters: Array<MapData, u64>,
+    counters: aya::maps::PerCpuArray<MapData, u64>,
     loop_state: Array<MapData, LoopState>,
     off_cpu_stacks: Array<MapData, StackEvent>,
     listen_ports: aya::maps::HashMap<MapData, u16, u8>,
@@ -418,13 +423,15 @@ impl KernelMaps {
         Ok(())
     }
 
-    /// A kernel-side counter (`profiler_common::COUNTER_*`).
+    /// A kernel-side counter (`profiler_common::COUNTER_*`), summed over the CPUs.
     pub fn counter(&self, index: u32) -> Result<u64, ProbeError> {
-        self.counters
+        let per_cpu = self
+            .counters
             .get(&index, 0)
-            .map_err(|source| ProbeError::Map {
+            .map_err(|cause| ProbeError::Map {
                 name: MAP_COUNTERS,
-                cause: source,
-            })
+                cause,
+            })?;
+        Ok(per_cpu.iter().sum())
     }
 }
