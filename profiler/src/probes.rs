@@ -4,7 +4,7 @@ use std::{num::NonZeroU32, path::Path};
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, MapData, MapError, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, PerfEvent, ProgramError, TracePoint, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -98,10 +98,10 @@ const CONNECTION_PROGRAMS: [(&str, &str, &str); 5] = [
     ("accept_return", "syscalls", "sys_exit_accept4"),
     ("accept_return", "syscalls", "sys_exit_accept"),
 ];
-/// `(program, syscalls tracepoint)` of the madvise timers.
-const MADVISE_PROGRAMS: [(&str, &str); 2] = [
-    ("madvise_entry", "sys_enter_madvise"),
-    ("madvise_return", "sys_exit_madvise"),
+/// `(program, tracepoint category, tracepoint)` of the madvise timers.
+const MADVISE_PROGRAMS: [(&str, &str, &str); 2] = [
+    ("madvise_entry", "syscalls", "sys_enter_madvise"),
+    ("madvise_return", "syscalls", "sys_exit_madvise"),
 ];
 const UPROBE_PROGRAMS: [&str; 2] = ["nested_poll_begin", "nested_poll_end"];
 /// `(program, kernel tracepoint)` of the scheduler programs.
@@ -121,7 +121,7 @@ impl Probes {
     /// program into the kernel (nothing is attached yet).
     pub fn load(settings: ProbeSettings) -> Result<Self, ProbeError> {
         raise_memlock_limit();
-        let btf = Btf::from_sys_fs().map_err(|source| ProbeError::Btf { cause: source })?;
+        let btf = Btf::from_sys_fs().map_err(|cause| ProbeError::Btf { cause })?;
         let ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(GLOBAL_TARGET_PID, &settings.pid, true)
@@ -132,7 +132,7 @@ impl Probes {
             .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
             .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes)
             .load(EBPF_OBJECT)
-            .map_err(|source| ProbeError::Load { cause: source })?;
+            .map_err(|cause| ProbeError::Load { cause })?;
         let mut probes = Self { ebpf };
         for name in TRACEPOINT_PROGRAMS {
             probes.load_program::<TracePoint>(name, |program| program.load())?;
@@ -169,16 +169,27 @@ impl Probes {
             .ok_or(ProbeError::MissingProgram { name })
     }
 
+    /// Attaches `program` to the classic tracepoint `category:tracepoint`.
+    fn attach_tracepoint(
+        &mut self,
+        program: &'static str,
+        category: &str,
+        tracepoint: &str,
+    ) -> Result<(), ProbeError> {
+        self.program::<TracePoint>(program)?
+            .attach(category, tracepoint)
+            .map_err(|cause| ProbeError::AttachTracepoint {
+                program,
+                tracepoint: format!("{category}:{tracepoint}"),
+                cause,
+            })?;
+        Ok(())
+    }
+
     /// Attaches the madvise timers to `syscalls:sys_{enter,exit}_madvise`.
     pub fn attach_madvise(&mut self) -> Result<(), ProbeError> {
-        for (program, tracepoint) in MADVISE_PROGRAMS {
-            self.program::<TracePoint>(program)?
-                .attach("syscalls", tracepoint)
-                .map_err(|source| ProbeError::AttachTracepoint {
-                    program,
-                    tracepoint: tracepoint.to_owned(),
-                    cause: source,
-                })?;
+        for (program, category, tracepoint) in MADVISE_PROGRAMS {
+            self.attach_tracepoint(program, category, tracepoint)?;
         }
         Ok(())
     }
@@ -187,13 +198,7 @@ impl Probes {
     /// target's accepts.
     pub fn attach_connections(&mut self) -> Result<(), ProbeError> {
         for (program, category, tracepoint) in CONNECTION_PROGRAMS {
-            self.program::<TracePoint>(program)?
-                .attach(category, tracepoint)
-                .map_err(|cause| ProbeError::AttachTracepoint {
-                    program,
-                    tracepoint: format!("{category}:{tracepoint}"),
-                    cause,
-                })?;
+            self.attach_tracepoint(program, category, tracepoint)?;
         }
         Ok(())
     }
@@ -203,10 +208,10 @@ impl Probes {
         for (program, tracepoint) in SCHEDULER_PROGRAMS {
             self.program::<BtfTracePoint>(program)?
                 .attach()
-                .map_err(|source| ProbeError::Attach {
+                .map_err(|cause| ProbeError::Attach {
                     program,
                     what: format!("tp_btf/{tracepoint}"),
-                    cause: source,
+                    cause,
                 })?;
         }
         Ok(())
@@ -226,10 +231,10 @@ impl Probes {
                 SamplePolicy::Frequency(frequency_hz),
                 false,
             )
-            .map_err(|source| ProbeError::Attach {
+            .map_err(|cause| ProbeError::Attach {
                 program,
                 what: format!("the CPU clock of thread {tid}"),
-                cause: source,
+                cause,
             })?;
         Ok(())
     }
@@ -245,13 +250,7 @@ impl Probes {
             } else {
                 "poll_return"
             };
-            self.program::<TracePoint>(program)?
-                .attach("syscalls", &tracepoint.name)
-                .map_err(|source| ProbeError::AttachTracepoint {
-                    program,
-                    tracepoint: tracepoint.name.clone(),
-                    cause: source,
-                })?;
+            self.attach_tracepoint(program, "syscalls", &tracepoint.name)?;
         }
         Ok(())
     }
@@ -268,10 +267,10 @@ impl Probes {
         for name in ["nested_poll_begin", "nested_poll_end"] {
             self.program::<UProbe>(name)?
                 .attach(function, exe, scope)
-                .map_err(|source| ProbeError::AttachUprobe {
+                .map_err(|cause| ProbeError::AttachUprobe {
                     function,
                     exe: exe.display().to_string(),
-                    cause: source,
+                    cause,
                 })?;
         }
         Ok(())
@@ -279,49 +278,37 @@ impl Probes {
 
     /// Takes the ring buffer of events out of the object (call once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        RingBuf::try_from(self.take_map(MAP_EVENTS)?).map_err(|source| ProbeError::Map {
-            name: MAP_EVENTS,
-            cause: source,
-        })
+        self.take(MAP_EVENTS)
     }
 
     /// Takes the maps userspace reads out of the object (call once).
     pub fn take_maps(&mut self) -> Result<KernelMaps, ProbeError> {
         Ok(KernelMaps {
-            histogram: self.take_array(MAP_ITERATION_HISTOGRAM)?,
-            iteration_max: self.take_array(MAP_ITERATION_MAX)?,
-            counters: aya::maps::PerCpuArray::try_from(self.take_map(MAP_COUNTERS)?).map_err(
-                |cause| ProbeError::Map {
-                    name: MAP_COUNTERS,
-                    cause,
-                },
-            )?,
-            loop_state: self.take_array(MAP_LOOP_STATE)?,
-            off_cpu_stacks: self.take_array(MAP_OFF_CPU_STACKS)?,
-            listen_ports: aya::maps::HashMap::try_from(self.take_map(MAP_LISTEN_PORTS)?).map_err(
-                |cause| ProbeError::Map {
-                    name: MAP_LISTEN_PORTS,
-                    cause,
-                },
-            )?,
+            histogram: self.take(MAP_ITERATION_HISTOGRAM)?,
+            iteration_max: self.take(MAP_ITERATION_MAX)?,
+            counters: self.take(MAP_COUNTERS)?,
+            loop_state: self.take(MAP_LOOP_STATE)?,
+            off_cpu_stacks: self.take(MAP_OFF_CPU_STACKS)?,
+            listen_ports: self.take(MAP_LISTEN_PORTS)?,
         })
     }
 
-    fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, ProbeError> {
-        self.ebpf
-            .take_map(name)
-            .ok_or(ProbeError::MissingMap { name })
-    }
-
-    fn take_array<T: aya::Pod>(
+    /// Takes map `name` out of the object as an `M`.
+    fn take<M: TryFrom<aya::maps::Map, Error = MapError>>(
         &mut self,
         name: &'static str,
-    ) -> Result<Array<MapData, T>, ProbeError> {
-        Array::try_from(self.take_map(name)?).map_err(|source| ProbeError::Map {
-            name,
-            cause: source,
-        })
+    ) -> Result<M, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(ProbeError::MissingMap { name })?;
+        M::try_from(map).map_err(map_error(name))
     }
+}
+
+/// The error of map `name`.
+fn map_error(name: &'static str) -> impl Fn(MapError) -> ProbeError {
+    move |cause| ProbeError::Map { name, cause }
 }
 
 /// Kernel 6.x accounts BPF memory to the memory cgroup, so a failure here (no
@@ -344,10 +331,10 @@ fn raise_memlock_limit() {
 pub struct KernelMaps {
     histogram: Array<MapData, u64>,
     iteration_max: Array<MapData, u64>,
-    counters: aya::maps::PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
     loop_state: Array<MapData, LoopState>,
     off_cpu_stacks: Array<MapData, StackEvent>,
-    listen_ports: aya::maps::HashMap<MapData, u16, u8>,
+    listen_ports: HashMap<MapData, u16, u8>,
 }
 
 impl KernelMaps {
@@ -356,21 +343,19 @@ impl KernelMaps {
         (0..ITERATION_BUCKETS)
             .map(|bucket| self.histogram.get(&bucket, 0))
             .collect::<Result<_, _>>()
-            .map_err(|source| ProbeError::Map {
-                name: MAP_ITERATION_HISTOGRAM,
-                cause: source,
-            })
+            .map_err(map_error(MAP_ITERATION_HISTOGRAM))
     }
 
     /// The longest iteration since the previous call (ns), and starts a new period. An
     /// iteration that ends between the read and the reset is missed from the maximum only.
     pub fn take_iteration_max_ns(&mut self) -> Result<u64, ProbeError> {
-        let map_error = |source| ProbeError::Map {
-            name: MAP_ITERATION_MAX,
-            cause: source,
-        };
-        let max_ns = self.iteration_max.get(&0, 0).map_err(map_error)?;
-        self.iteration_max.set(0, 0, 0).map_err(map_error)?;
+        let max_ns = self
+            .iteration_max
+            .get(&0, 0)
+            .map_err(map_error(MAP_ITERATION_MAX))?;
+        self.iteration_max
+            .set(0, 0, 0)
+            .map_err(map_error(MAP_ITERATION_MAX))?;
         Ok(max_ns)
     }
 
@@ -378,10 +363,7 @@ impl KernelMaps {
     pub fn loop_state(&self) -> Result<LoopState, ProbeError> {
         self.loop_state
             .get(&0, 0)
-            .map_err(|source| ProbeError::Map {
-                name: MAP_LOOP_STATE,
-                cause: source,
-            })
+            .map_err(map_error(MAP_LOOP_STATE))
     }
 
     /// The stacks the event-loop thread left the CPU with, when `state` says it is off the CPU
@@ -396,29 +378,23 @@ impl KernelMaps {
         let stacks = self
             .off_cpu_stacks
             .get(&0, 0)
-            .map_err(|source| ProbeError::Map {
-                name: MAP_OFF_CPU_STACKS,
-                cause: source,
-            })?;
+            .map_err(map_error(MAP_OFF_CPU_STACKS))?;
         Ok(Some(Box::new(stacks)))
     }
 
     /// Tells the connection tracer which ports are the target's.
     pub fn set_listen_ports(&mut self, ports: &[u16]) -> Result<(), ProbeError> {
-        let map_error = |cause| ProbeError::Map {
-            name: MAP_LISTEN_PORTS,
-            cause,
-        };
+        let map_error = map_error(MAP_LISTEN_PORTS);
         let known: Vec<u16> = self
             .listen_ports
             .keys()
             .collect::<Result<_, _>>()
-            .map_err(map_error)?;
+            .map_err(&map_error)?;
         for port in known.iter().filter(|port| !ports.contains(port)) {
-            self.listen_ports.remove(port).map_err(map_error)?;
+            self.listen_ports.remove(port).map_err(&map_error)?;
         }
         for port in ports.iter().filter(|port| !known.contains(port)) {
-            self.listen_ports.insert(port, 1, 0).map_err(map_error)?;
+            self.listen_ports.insert(port, 1, 0).map_err(&map_error)?;
         }
         Ok(())
     }
@@ -428,10 +404,7 @@ impl KernelMaps {
         let per_cpu = self
             .counters
             .get(&index, 0)
-            .map_err(|cause| ProbeError::Map {
-                name: MAP_COUNTERS,
-                cause,
-            })?;
+            .map_err(map_error(MAP_COUNTERS))?;
         Ok(per_cpu.iter().sum())
     }
 }

@@ -75,19 +75,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
             "{target} has no TCP listener (a unix socket only?); accept queues are watched if one appears"
         );
     }
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(ConsoleSink)];
-    if let Some(path) = &args.json {
-        let sink = JsonSink::create(path)
-            .with_context(|| format!("cannot write the JSON output {path}"))?;
-        sinks.push(Box::new(sink));
-    }
-    if args.folded.is_some() || args.flamegraph.is_some() {
-        let title = flamegraph_title(&target.name, target.pid);
-        let sink =
-            StackFilesSink::create(args.folded.as_deref(), args.flamegraph.as_deref(), title)
-                .context("cannot write the stack files")?;
-        sinks.push(Box::new(sink));
-    }
+    let sinks = open_sinks(args, &target)?;
     // Bound now, so a busy address is reported before attaching (the run goes on without).
     let metrics_listener = args.metrics.and_then(|address| {
         std::net::TcpListener::bind(address)
@@ -100,41 +88,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
             .ok()
     });
 
-    if (args.ring_buffer_kib as usize) * 1024 < size_of::<profiler_common::StackEvent>() + 8 {
-        log::warn!(
-            "--ring-buffer-kib {} holds no stack event ({} bytes each): every stack sample will be lost",
-            args.ring_buffer_kib,
-            size_of::<profiler_common::StackEvent>()
-        );
-    }
-    let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
-    let mut probes = Probes::load(ProbeSettings {
-        pid: target.pid,
-        tid: target.main_tid,
-        threshold_ns: nanos(args.threshold),
-        gate_ns: nanos(args.gate.unwrap_or(args.threshold / 2)),
-        min_block_ns: nanos(args.min_block),
-        user_stack_bytes: args.stack_bytes,
-        ring_buffer_bytes: args.ring_buffer_kib * 1024,
-    })?;
-    probes.attach_poll_tracepoints(&tracepoints)?;
-    probes.attach_madvise()?;
-    probes.attach_connections()?;
-    probes.attach_scheduler()?;
-    probes.attach_sampler(target.main_tid, args.freq)?;
-    let nested_poll_tracking =
-        match probes.attach_nested_poll_markers(NESTED_POLL_FUNCTION, &target.exe, target.pid) {
-            Ok(()) => true,
-            Err(error) => {
-                log::warn!(
-                    "{error}; polls made during a long script or a load will end iterations early"
-                );
-                false
-            }
-        };
-    let events = probes.take_events()?;
-    let mut maps = probes.take_maps()?;
-    maps.set_listen_ports(&target.ports)?;
+    let (probes, events, maps, nested_poll_tracking) = attach_probes(args, &target, &tracepoints)?;
     wait_for_first_poll_return(&maps)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -186,7 +140,6 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         alerting,
         metrics,
         accept,
-        stalls: 0,
         interval_stalls: 0,
         decode_errors: 0,
         reported_lost: 0,
@@ -219,6 +172,69 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     // `probes` stays alive (attached) until the last events are drained.
     drop(probes);
     result
+}
+
+/// The run's outputs, opened (files created) before attaching.
+fn open_sinks(args: &AttachArgs, target: &Target) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(ConsoleSink)];
+    if let Some(path) = &args.json {
+        let sink = JsonSink::create(path)
+            .with_context(|| format!("cannot write the JSON output {path}"))?;
+        sinks.push(Box::new(sink));
+    }
+    if args.folded.is_some() || args.flamegraph.is_some() {
+        let title = flamegraph_title(&target.name, target.pid);
+        let sink =
+            StackFilesSink::create(args.folded.as_deref(), args.flamegraph.as_deref(), title)
+                .context("cannot write the stack files")?;
+        sinks.push(Box::new(sink));
+    }
+    Ok(sinks)
+}
+
+/// The kernel programs loaded with the run's settings and attached to the target; the ring
+/// buffer, the maps, and whether polls nested in long commands are recognised.
+fn attach_probes(
+    args: &AttachArgs,
+    target: &Target,
+    tracepoints: &[kernel::PollTracepoint],
+) -> anyhow::Result<(Probes, RingBuf<MapData>, KernelMaps, bool)> {
+    if (args.ring_buffer_kib as usize) * 1024 < size_of::<profiler_common::StackEvent>() + 8 {
+        log::warn!(
+            "--ring-buffer-kib {} holds no stack event ({} bytes each): every stack sample will be lost",
+            args.ring_buffer_kib,
+            size_of::<profiler_common::StackEvent>()
+        );
+    }
+    let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+    let mut probes = Probes::load(ProbeSettings {
+        pid: target.pid,
+        tid: target.main_tid,
+        threshold_ns: nanos(args.threshold),
+        gate_ns: nanos(args.gate.unwrap_or(args.threshold / 2)),
+        min_block_ns: nanos(args.min_block),
+        user_stack_bytes: args.stack_bytes,
+        ring_buffer_bytes: args.ring_buffer_kib * 1024,
+    })?;
+    probes.attach_poll_tracepoints(tracepoints)?;
+    probes.attach_madvise()?;
+    probes.attach_connections()?;
+    probes.attach_scheduler()?;
+    probes.attach_sampler(target.main_tid, args.freq)?;
+    let nested_poll_tracking =
+        match probes.attach_nested_poll_markers(NESTED_POLL_FUNCTION, &target.exe, target.pid) {
+            Ok(()) => true,
+            Err(error) => {
+                log::warn!(
+                    "{error}; polls made during a long script or a load will end iterations early"
+                );
+                false
+            }
+        };
+    let events = probes.take_events()?;
+    let mut maps = probes.take_maps()?;
+    maps.set_listen_ports(&target.ports)?;
+    Ok((probes, events, maps, nested_poll_tracking))
 }
 
 /// Waits until the kernel has seen the event loop return from a poll, so that the iterations
@@ -285,7 +301,6 @@ struct Monitor {
     alerting: Option<Alerting>,
     metrics: Option<Arc<Metrics>>,
     accept: AcceptWatch,
-    stalls: u64,
     interval_stalls: u64,
     decode_errors: u64,
     /// Lost events already shown in an interval line.
@@ -429,7 +444,6 @@ impl Monitor {
         stall.incomplete = samples_lost > self.samples_lost_at_last_stall;
         self.samples_lost_at_last_stall = samples_lost;
         self.causes.add(&stall);
-        self.stalls += 1;
         self.interval_stalls += 1;
         self.outputs.stall(&stall)?;
         if let Some(metrics) = &self.metrics {
@@ -608,7 +622,7 @@ impl Monitor {
 
     fn summary(&self, stopped: StopReason) -> anyhow::Result<Summary> {
         let counts = RunCounts {
-            stalls: self.stalls,
+            stalls: self.causes.stalls(),
             stack_samples: self.assembler.received_samples,
             lost: self.lost_events()?,
             duration_s: self.started.elapsed().as_secs_f64(),

@@ -125,6 +125,11 @@ impl StallCauses {
         cause.max_us = cause.max_us.max(stall.duration_us);
     }
 
+    /// Stalls counted, whatever their cause.
+    pub fn stalls(&self) -> u64 {
+        self.causes.values().map(|cause| cause.stalls).sum()
+    }
+
     /// Most total time first.
     pub fn summary(&self) -> Vec<CauseSummary> {
         let mut causes: Vec<CauseSummary> = self.causes.values().cloned().collect();
