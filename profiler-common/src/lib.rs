@@ -36,14 +36,24 @@ pub const GLOBAL_MIN_BLOCK_NS: &str = "MIN_BLOCK_NS";
 /// Read-only global: at most this many bytes of user stack are copied (<= [`USER_STACK_BYTES`]).
 pub const GLOBAL_USER_STACK_LIMIT: &str = "USER_STACK_LIMIT";
 
+/// The poll system calls of an event loop: (name, x86_64 syscall number, required). The entry
+/// tracepoint of each (`syscalls:sys_enter_<name>`) ends an iteration; the number tells the
+/// scheduler program that a thread leaving the CPU is blocked inside one. Redis calls
+/// `epoll_wait` (glibc may issue it as `epoll_pwait`); `epoll_pwait2` is newer and optional.
+pub const POLL_SYSCALLS: [(&str, u64, bool); 3] = [
+    ("epoll_wait", 232, true),
+    ("epoll_pwait", 281, true),
+    ("epoll_pwait2", 441, false),
+];
+
 /// A `u32` pid/tid that no task has; the programs then match nothing (used by `doctor`).
 pub const NO_TARGET: u32 = u32::MAX;
 
 /// Counter index: stall events dropped because the ring buffer was full.
 pub const COUNTER_STALL_EVENTS_LOST: u32 = 0;
-/// Counter index: poll entries seen without a poll return before them (attach mid-iteration,
-/// or a return the kernel did not report). Such an iteration is not measured.
-pub const COUNTER_UNPAIRED_POLL_ENTRIES: u32 = 1;
+/// Counter index: polls the event-loop thread blocked in (the next iteration began when it was
+/// back on the CPU, not at the poll's entry).
+pub const COUNTER_BLOCKING_POLLS: u32 = 1;
 /// Counter index: stack events (on- or off-CPU) dropped because the ring buffer was full.
 pub const COUNTER_STACK_EVENTS_LOST: u32 = 2;
 /// Counter index: times off the CPU during an iteration shorter than `--min-block`.
@@ -129,8 +139,10 @@ pub const PAGE_BYTES: usize = 4096;
 /// offset below [`USER_STACK_BYTES`].
 const USER_STACK_BUFFER_BYTES: usize = USER_STACK_BYTES + PAGE_BYTES;
 
-/// One event-loop iteration at or above the threshold: from a poll's return (`start_ns`) to the
-/// next poll's entry (`end_ns`), both `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+/// One event-loop iteration at or above the threshold: from the moment a poll gave the loop
+/// its events (`start_ns`) to the next poll's entry (`end_ns`), both `CLOCK_MONOTONIC`
+/// nanoseconds (`bpf_ktime_get_ns`). A poll that blocked gave them when the thread was back on
+/// the CPU; one that did not, at its entry (so an iteration includes that poll's own short run).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StallEvent {
@@ -138,7 +150,7 @@ pub struct StallEvent {
     pub kind: u32,
     /// Thread id of the event loop that stalled.
     pub tid: u32,
-    /// When the poll that began the iteration returned.
+    /// When the iteration began (see above).
     pub start_ns: u64,
     /// When the next poll was entered.
     pub end_ns: u64,
@@ -154,15 +166,18 @@ unsafe impl aya::Pod for StallEvent {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopState {
-    /// When the last poll returned; 0 while inside a poll (or before the first return).
-    pub poll_return_ns: u64,
-    /// Poll returns seen since attaching.
-    pub poll_returns: u64,
+    /// When the current iteration began (see [`StallEvent`]); 0 before the first poll entry.
+    /// Only the entries of polls are traced (one syscall tracepoint per iteration): a poll
+    /// that does not block starts the next iteration at its entry, one that blocks at the
+    /// thread's return to the CPU.
+    pub iteration_start_ns: u64,
+    /// Poll entries seen since attaching.
+    pub poll_entries: u64,
+    /// 1 while the thread is blocked inside a poll (the loop is idle, no iteration runs).
+    pub blocked_in_poll: u64,
     /// Depth of `processEventsWhileBlocked` calls in progress: polls made there (during a long
     /// script or a load) are not iteration boundaries.
     pub nested_depth: u64,
-    /// The thread's `task_struct` address, to recognise it as `next` in sched_switch.
-    pub task: u64,
     /// When it left the CPU during an iteration; 0 when it is not off the CPU.
     pub switch_out_ns: u64,
     /// When it was woken after that; 0 until then.
@@ -171,6 +186,15 @@ pub struct LoopState {
     pub preempted: u64,
 }
 const _: () = assert!(core::mem::size_of::<LoopState>() == 56);
+
+impl LoopState {
+    /// When the iteration running now began; `None` while the loop idles in a poll (or before
+    /// the first poll entry was seen).
+    pub fn running_iteration_start_ns(&self) -> Option<u64> {
+        (self.iteration_start_ns != 0 && self.blocked_in_poll == 0)
+            .then_some(self.iteration_start_ns)
+    }
+}
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for LoopState {}

@@ -1,7 +1,10 @@
 //! redis-stallprof's kernel programs. They
-//! - time every event-loop iteration of the target's main thread (from a poll's return to the
-//!   next poll's entry), count each into a histogram, and send only iterations at or above the
-//!   threshold to userspace as stall events;
+//! - time every event-loop iteration of the target's main thread (from the moment a poll gave
+//!   the loop its events to the next poll's entry), count each into a histogram, and send only
+//!   iterations at or above the threshold to userspace as stall events. Only poll *entries* are
+//!   traced: a syscall tracepoint costs more than anything the program does, and sched_switch
+//!   tells a poll that blocked (its iteration begins when the thread is back on the CPU) from
+//!   one that did not (its iteration begins at its entry);
 //! - once an iteration is older than a gate, send on-CPU stack samples (perf event) and, when
 //!   the thread ran again after leaving the CPU, its off-CPU and run-queue time with the stacks
 //!   it left with (sched_switch / sched_wakeup).
@@ -19,8 +22,8 @@ mod programs {
         helpers::{
             bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
             generated::{
-                bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_kernel,
-                bpf_probe_read_user, bpf_task_pt_regs,
+                bpf_get_current_task_btf, bpf_get_stack, bpf_get_task_stack,
+                bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
             },
         },
         macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
@@ -31,13 +34,14 @@ mod programs {
         },
     };
     use profiler_common::{
-        AcceptEvent, COUNTER_BLOCKS_BEFORE_GATE, COUNTER_CONNECTION_EVENTS_LOST,
-        COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS,
-        COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS,
-        COUNTER_UNPAIRED_POLL_ENTRIES, COUNTERS, ConnectionEvent, EVENT_KIND_ACCEPT,
+        AcceptEvent, COUNTER_BLOCKING_POLLS, COUNTER_BLOCKS_BEFORE_GATE,
+        COUNTER_CONNECTION_EVENTS_LOST, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED,
+        COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
+        COUNTER_UNMATCHED_SWITCH_OUTS, COUNTERS, ConnectionEvent, EVENT_KIND_ACCEPT,
         EVENT_KIND_CONNECTION, EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU,
         EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, LoopState, MadviseEvent,
-        NO_TARGET, PAGE_BYTES, StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
+        NO_TARGET, PAGE_BYTES, POLL_SYSCALLS, StackEvent, StallEvent, USER_STACK_BYTES,
+        iteration_bucket,
     };
 
     /// GPL-compatible: the stack and memory-read helpers are GPL-only.
@@ -74,7 +78,14 @@ mod programs {
     /// The event-loop thread's state (one entry: only that thread is followed).
     #[map]
     static LOOP_STATE: Array<LoopState> = Array::with_max_entries(1, 0);
-    /// The stacks the thread left the CPU with, kept until it runs again.
+    /// The event-loop thread's `task_struct` address, to recognise it as `next` in
+    /// sched_switch and in sched_wakeup. Every context switch and wake-up on every CPU reads
+    /// it, so it lives apart from LOOP_STATE, which the thread writes every iteration: sharing
+    /// a cache line would bounce it between CPUs at each switch.
+    #[map]
+    static LOOP_TASK: Array<u64> = Array::with_max_entries(1, 0);
+    /// The registers and user stack the thread left the CPU with, kept until it runs again
+    /// (its kernel stack is read then, only if the time off the CPU is reported).
     #[map]
     static OFF_CPU_STACKS: Array<StackEvent> = Array::with_max_entries(1, 0);
 
@@ -131,20 +142,13 @@ mod programs {
         entry(&LOOP_STATE, 0)
     }
 
-    /// `sys_exit_epoll_wait`, `_epoll_pwait`, `_epoll_pwait2`: an iteration begins.
-    #[tracepoint]
-    pub fn poll_return(_ctx: TracePointContext) -> u32 {
-        if is_event_loop_thread()
-            && let Some(state) = loop_state()
-            && state.nested_depth == 0
-        {
-            state.poll_return_ns = now_ns();
-            state.poll_returns += 1;
-        }
-        0
+    #[inline(always)]
+    fn loop_task() -> Option<&'static mut u64> {
+        entry(&LOOP_TASK, 0)
     }
 
-    /// `sys_enter_epoll_wait`, `_epoll_pwait`, `_epoll_pwait2`: the iteration ends.
+    /// `sys_enter_epoll_wait`, `_epoll_pwait`, `_epoll_pwait2`: the iteration in progress ends,
+    /// and the next one begins now unless the thread blocks in this poll (see sched_switch).
     #[tracepoint]
     pub fn poll_entry(_ctx: TracePointContext) -> u32 {
         if !is_event_loop_thread() {
@@ -155,13 +159,17 @@ mod programs {
             return 0;
         }
         let now_ns = now_ns();
-        let start_ns = core::mem::replace(&mut state.poll_return_ns, 0);
-        // Running here means any time off the CPU in this iteration has ended.
-        if core::mem::replace(&mut state.switch_out_ns, 0) != 0 {
+        let start_ns = core::mem::replace(&mut state.iteration_start_ns, now_ns);
+        state.poll_entries += 1;
+        // Running here means any time off the CPU has ended; if its end was not seen, the
+        // iteration's start or off-CPU time is unknown.
+        let unmatched = core::mem::replace(&mut state.switch_out_ns, 0) != 0
+            || core::mem::replace(&mut state.blocked_in_poll, 0) != 0;
+        if unmatched {
             count(COUNTER_UNMATCHED_SWITCH_OUTS);
         }
-        if start_ns == 0 {
-            count(COUNTER_UNPAIRED_POLL_ENTRIES);
+        // The first entry after attaching has no iteration before it.
+        if start_ns == 0 || unmatched {
             return 0;
         }
         let duration_ns = now_ns.saturating_sub(start_ns);
@@ -212,7 +220,7 @@ mod programs {
     /// Fills the stack fields of `event`: kernel instruction pointers from the program's
     /// context, user registers from `user_regs`, and the user stack above the stack pointer.
     #[inline(always)]
-    fn capture_stacks(ctx: *mut core::ffi::c_void, event: &mut StackEvent, user_regs: &pt_regs) {
+    fn capture_stacks(ctx: *mut core::ffi::c_void, event: &mut StackEvent, user_regs: &UserRegs) {
         // SAFETY: the buffer is the event's own kernel_stack array and the size is its size.
         let kernel_bytes = unsafe {
             bpf_get_stack(
@@ -222,15 +230,27 @@ mod programs {
                 0,
             )
         };
-        event.kernel_frames = if kernel_bytes > 0 {
+        event.kernel_frames = frames(kernel_bytes);
+        capture_user_stack(event, user_regs);
+    }
+
+    /// Kernel frames in a stack helper's result (bytes written, or a negative error).
+    #[inline(always)]
+    fn frames(kernel_bytes: i64) -> u32 {
+        if kernel_bytes > 0 {
             (kernel_bytes / 8) as u32
         } else {
             0
-        };
-        event.user_ip = user_regs.rip;
-        event.user_sp = user_regs.rsp;
-        event.user_bp = user_regs.rbp;
-        event.user_stack_len = copy_user_stack(event, user_regs.rsp);
+        }
+    }
+
+    /// Fills the user registers and the user stack above the stack pointer.
+    #[inline(always)]
+    fn capture_user_stack(event: &mut StackEvent, user_regs: &UserRegs) {
+        event.user_ip = user_regs.ip;
+        event.user_sp = user_regs.sp;
+        event.user_bp = user_regs.bp;
+        event.user_stack_len = copy_user_stack(event, user_regs.sp);
     }
 
     /// Copies the user stack from `sp` upwards in chunks that never cross a page: the first up
@@ -270,19 +290,53 @@ mod programs {
         copied.min(limit) as u32
     }
 
-    /// The current task's user registers as saved on kernel entry.
+    /// The user registers an unwinder starts from, and the system call the thread is in.
+    #[derive(Clone, Copy)]
+    struct UserRegs {
+        ip: u64,
+        sp: u64,
+        bp: u64,
+        /// The system call number (`orig_ax`); not a poll's outside one.
+        syscall: u64,
+    }
+
+    impl UserRegs {
+        #[inline(always)]
+        fn from(regs: &pt_regs) -> Self {
+            UserRegs {
+                ip: regs.rip,
+                sp: regs.rsp,
+                bp: regs.rbp,
+                syscall: regs.orig_rax,
+            }
+        }
+
+        /// True inside a poll system call.
+        #[inline(always)]
+        fn in_poll(&self) -> bool {
+            POLL_SYSCALLS[0].1 == self.syscall
+                || POLL_SYSCALLS[1].1 == self.syscall
+                || POLL_SYSCALLS[2].1 == self.syscall
+        }
+    }
+
+    /// The current task's user registers as saved on kernel entry: loads from the kernel's
+    /// `pt_regs` through its BTF-typed pointer, which the verifier checks, rather than a copy
+    /// of the whole struct with a helper (several times slower, on the scheduler's hot path).
+    /// The loads are volatile so the compiler cannot merge them with the loads of a context's
+    /// registers (the verifier refuses one instruction used with two kinds of pointer).
     #[inline(always)]
-    fn current_user_regs() -> Option<pt_regs> {
-        // SAFETY: helpers on the current task; the registers are read with a checked helper.
+    fn current_user_regs() -> UserRegs {
+        // SAFETY: bpf_task_pt_regs returns a trusted pointer to the current task's saved
+        // registers; the verifier turns the field loads into fault-safe ones.
         unsafe {
             let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-            let mut copy: pt_regs = core::mem::zeroed();
-            (bpf_probe_read_kernel(
-                (&mut copy as *mut pt_regs).cast(),
-                size_of::<pt_regs>() as u32,
-                regs.cast(),
-            ) == 0)
-                .then_some(copy)
+            UserRegs {
+                ip: core::ptr::read_volatile(&raw const (*regs).rip),
+                sp: core::ptr::read_volatile(&raw const (*regs).rsp),
+                bp: core::ptr::read_volatile(&raw const (*regs).rbp),
+                syscall: core::ptr::read_volatile(&raw const (*regs).orig_rax),
+            }
         }
     }
 
@@ -294,7 +348,7 @@ mod programs {
             return 0;
         }
         let Some(state) = loop_state() else { return 0 };
-        let iteration_start_ns = state.poll_return_ns;
+        let iteration_start_ns = state.iteration_start_ns;
         let now_ns = now_ns();
         if iteration_start_ns == 0 || now_ns.saturating_sub(iteration_start_ns) < global!(GATE_NS) {
             return 0;
@@ -302,14 +356,11 @@ mod programs {
         // A sample in user mode has the user registers in its context; one in the kernel has
         // them where the kernel saved them on entry.
         // SAFETY: the context of a perf_event program is a bpf_perf_event_data.
-        let sampled_regs = unsafe { (*ctx.ctx).regs };
+        let sampled_regs = unsafe { &(*ctx.ctx).regs };
         let user_regs = if sampled_regs.cs & 3 == 3 {
-            sampled_regs
+            UserRegs::from(sampled_regs)
         } else {
-            match current_user_regs() {
-                Some(regs) => regs,
-                None => return 0,
-            }
+            current_user_regs()
         };
         let Some(mut reserved) = EVENTS.reserve::<StackEvent>(0) else {
             count(COUNTER_STACK_EVENTS_LOST);
@@ -331,46 +382,80 @@ mod programs {
         0
     }
 
-    /// `sched_switch(preempt, prev, next, ...)`: the event-loop thread leaves or regains a CPU.
+    /// Task state of a thread that left the CPU still runnable (preempted, or rescheduled on
+    /// its way back to user mode), as opposed to blocked.
+    const TASK_RUNNING: u64 = 0;
+
+    /// `sched_switch(preempt, prev, next, prev_state)`: the event-loop thread leaves or regains
+    /// a CPU.
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
-        let preempt: u64 = ctx.arg(0);
-        let next: u64 = ctx.arg(2);
         let Some(state) = loop_state() else { return 0 };
         if is_event_loop_thread() {
-            switched_out(&ctx, state, preempt & 1 != 0);
-        } else if state.switch_out_ns != 0 && next == state.task {
-            switched_in(state);
+            let preempt: u64 = ctx.arg(0);
+            let prev_state: u64 = ctx.arg(3);
+            switched_out(&ctx, state, preempt & 1 != 0 || prev_state as u32 as u64 == TASK_RUNNING);
+            return 0;
+        }
+        let next: u64 = ctx.arg(2);
+        if loop_task().is_none_or(|task| next != *task) {
+            return 0;
+        }
+        if state.blocked_in_poll != 0 {
+            // Back from a poll it blocked in: the loop has its events, an iteration begins.
+            state.blocked_in_poll = 0;
+            state.iteration_start_ns = now_ns();
+            count(COUNTER_BLOCKING_POLLS);
+        } else if state.switch_out_ns != 0 {
+            switched_in(&ctx, state);
         }
         0
     }
 
-    /// Remembers when and with which stacks the thread left the CPU inside an iteration (a
-    /// block inside the poll is the loop idling, not a stall).
+    /// The thread leaves the CPU. Inside an outermost poll, the loop is idle: its next
+    /// iteration begins when it is back. Inside an iteration, remember when, and the stacks it
+    /// left with (only the thread itself can read its user memory). A runnable thread's kernel
+    /// stack is read only if its wait is reported (see `switched_in`): unwinding a kernel
+    /// stack costs tens of microseconds here, and such switches are the frequent ones.
     #[inline(always)]
-    fn switched_out(ctx: &BtfTracePointContext, state: &mut LoopState, preempted: bool) {
+    fn switched_out(ctx: &BtfTracePointContext, state: &mut LoopState, runnable: bool) {
         // SAFETY: a helper without arguments.
-        state.task = unsafe { bpf_get_current_task() };
-        if state.poll_return_ns == 0 {
+        let current = unsafe { bpf_get_current_task() };
+        if let Some(task) = loop_task()
+            && *task != current
+        {
+            *task = current;
+        }
+        if state.iteration_start_ns == 0 {
             return;
         }
-        let (Some(stacks), Some(user_regs)) = (entry(&OFF_CPU_STACKS, 0), current_user_regs())
-        else {
+        let user_regs = current_user_regs();
+        if state.nested_depth == 0 && user_regs.in_poll() {
+            state.blocked_in_poll = 1;
+            return;
+        }
+        let Some(stacks) = entry(&OFF_CPU_STACKS, 0) else {
             return;
         };
-        capture_stacks(ctx.as_ptr(), stacks, &user_regs);
+        if runnable {
+            stacks.kernel_frames = 0;
+            capture_user_stack(stacks, &user_regs);
+        } else {
+            capture_stacks(ctx.as_ptr(), stacks, &user_regs);
+        }
         state.switch_out_ns = now_ns();
         state.wakeup_ns = 0;
-        state.preempted = u64::from(preempted);
+        state.preempted = u64::from(runnable);
     }
 
     /// The thread runs again: send its off-CPU and run-queue time with the stacks it left with,
-    /// if the time is worth a record and the iteration is old enough to become a stall.
+    /// if the time is worth a record and the iteration is old enough to become a stall. A
+    /// preempted thread's kernel stack is read now: it has not run since, so it is unchanged.
     #[inline(always)]
-    fn switched_in(state: &mut LoopState) {
+    fn switched_in(ctx: &BtfTracePointContext, state: &mut LoopState) {
         let now_ns = now_ns();
         let out_ns = core::mem::replace(&mut state.switch_out_ns, 0);
-        if state.poll_return_ns == 0 {
+        if state.iteration_start_ns == 0 {
             count(COUNTER_UNMATCHED_SWITCH_OUTS);
             return;
         }
@@ -387,7 +472,7 @@ mod programs {
             count(COUNTER_SHORT_BLOCKS);
             return;
         }
-        if now_ns.saturating_sub(state.poll_return_ns) < global!(GATE_NS) {
+        if now_ns.saturating_sub(state.iteration_start_ns) < global!(GATE_NS) {
             count(COUNTER_BLOCKS_BEFORE_GATE);
             return;
         }
@@ -412,10 +497,22 @@ mod programs {
         }
         // SAFETY: the reservation now holds an initialised StackEvent.
         let event = unsafe { &mut *reserved.as_mut_ptr() };
+        if state.preempted != 0 {
+            // SAFETY: `next` of sched_switch is a trusted task pointer; the buffer is the
+            // event's kernel_stack array and the size is its size.
+            event.kernel_frames = frames(unsafe {
+                bpf_get_task_stack(
+                    ctx.arg::<*mut core::ffi::c_void>(2).cast(),
+                    event.kernel_stack.as_mut_ptr().cast(),
+                    (KERNEL_STACK_DEPTH * 8) as u32,
+                    0,
+                )
+            });
+        }
         event.kind = EVENT_KIND_OFF_CPU;
         event.tid = global!(TARGET_TID);
         event.time_ns = now_ns;
-        event.iteration_start_ns = state.poll_return_ns;
+        event.iteration_start_ns = state.iteration_start_ns;
         event.off_cpu_ns = off_cpu_ns;
         event.runqueue_ns = runqueue_ns;
         event.preempted = state.preempted as u32;
@@ -426,10 +523,10 @@ mod programs {
     #[btf_tracepoint(function = "sched_wakeup")]
     pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
         let task: u64 = ctx.arg(0);
-        if let Some(state) = loop_state()
+        if loop_task().is_some_and(|loop_task| task == *loop_task)
+            && let Some(state) = loop_state()
             && state.switch_out_ns != 0
             && state.wakeup_ns == 0
-            && task == state.task
         {
             state.wakeup_ns = now_ns();
         }
@@ -476,7 +573,7 @@ mod programs {
         // SAFETY: offset of `ret` in the syscall tracepoint's record.
         let result = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
         let iteration_start_ns = match loop_state() {
-            Some(state) if tid == global!(TARGET_TID) => state.poll_return_ns,
+            Some(state) if tid == global!(TARGET_TID) => state.iteration_start_ns,
             _ => 0,
         };
         let event = MadviseEvent {

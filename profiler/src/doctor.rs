@@ -5,7 +5,7 @@ use std::path::Path;
 use profiler_common::NO_TARGET;
 
 use crate::{
-    kernel::{self, PollTracepoint},
+    kernel,
     probes::{ProbeSettings, Probes},
 };
 
@@ -86,23 +86,18 @@ pub fn run_doctor() -> bool {
 fn check_tracepoints(
     tracefs: &Path,
     check: &mut impl FnMut(&str, Verdict),
-) -> Option<Vec<PollTracepoint>> {
+) -> Option<Vec<String>> {
     let mut all_present = true;
-    for (syscall, required) in kernel::POLL_SYSCALLS {
-        for prefix in ["sys_enter_", "sys_exit_"] {
-            let name = format!("syscalls:{prefix}{syscall}");
-            let present = tracefs
-                .join("events/syscalls")
-                .join(format!("{prefix}{syscall}"))
-                .exists();
-            let verdict = match (present, required) {
-                (true, _) => Verdict::Ok("present (times event-loop iterations)".into()),
-                (false, true) => Verdict::Fail("absent: iterations cannot be timed".into()),
-                (false, false) => Verdict::Warn("absent; optional, Redis does not call it".into()),
-            };
-            all_present &= present || !required;
-            check(&format!("tracepoint {name}"), verdict);
-        }
+    for (syscall, _, required) in profiler_common::POLL_SYSCALLS {
+        let name = kernel::poll_tracepoint_name(syscall);
+        let present = kernel::check_tracepoints(tracefs, &[("syscalls", &name)]).is_ok();
+        let verdict = match (present, required) {
+            (true, _) => Verdict::Ok("present (times event-loop iterations)".into()),
+            (false, true) => Verdict::Fail("absent: iterations cannot be timed".into()),
+            (false, false) => Verdict::Warn("absent; optional, Redis does not call it".into()),
+        };
+        all_present &= present || !required;
+        check(&format!("tracepoint syscalls:{name}"), verdict);
     }
     for (category, name) in kernel::OTHER_TRACEPOINTS {
         let present = kernel::check_tracepoints(tracefs, &[(category, name)]).is_ok();
@@ -127,7 +122,7 @@ fn attach_verdict(result: Result<(), crate::probes::ProbeError>, ok: &str) -> Ve
     }
 }
 
-fn check_programs(tracepoints: &[PollTracepoint], check: &mut impl FnMut(&str, Verdict)) {
+fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict)) {
     let settings = ProbeSettings {
         pid: NO_TARGET,
         tid: NO_TARGET,

@@ -6,6 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use profiler_common::POLL_SYSCALLS;
+
 /// `CAP_SYS_ADMIN`: covers BPF and perf events on its own.
 const CAP_SYS_ADMIN: u32 = 21;
 /// `CAP_PERFMON`: perf events and tracing programs (kernel 5.8+).
@@ -17,14 +19,6 @@ const CAP_BPF: u32 = 39;
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Where tracefs is mounted, in the order aya looks.
 pub const TRACEFS_MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-
-/// The poll system calls whose entry and return delimit an event-loop iteration, and whether a
-/// kernel must have them (`epoll_pwait2` arrived in 5.11; Redis does not call it).
-pub const POLL_SYSCALLS: [(&str, bool); 3] = [
-    ("epoll_wait", true),
-    ("epoll_pwait", true),
-    ("epoll_pwait2", false),
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -104,15 +98,6 @@ pub fn find_tracefs(mounts: &[&str]) -> Result<PathBuf, KernelError> {
         .ok_or(KernelError::NoTracefs)
 }
 
-/// A `syscalls` tracepoint on the entry or return of a poll system call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PollTracepoint {
-    /// `sys_enter_<syscall>` or `sys_exit_<syscall>`.
-    pub name: String,
-    /// True for `sys_enter_*`.
-    pub entry: bool,
-}
-
 /// Tracepoints (category, name) beyond the poll ones that `attach` needs: madvise timing,
 /// handshakes completing on the target's ports, and the target's accepts.
 pub const OTHER_TRACEPOINTS: [(&str, &str); 7] = [
@@ -143,24 +128,28 @@ pub fn check_tracepoints(
     Ok(())
 }
 
-/// The poll tracepoints this kernel has; fails naming the first required one it lacks.
-pub fn poll_tracepoints(tracefs: &Path) -> Result<Vec<PollTracepoint>, KernelError> {
+/// The `syscalls` tracepoint on the entry of a poll system call (`sys_enter_<syscall>`).
+pub fn poll_tracepoint_name(syscall: &str) -> String {
+    format!("sys_enter_{syscall}")
+}
+
+/// The poll entry tracepoints (see [`POLL_SYSCALLS`]) this kernel has; fails naming the first
+/// required one it lacks.
+pub fn poll_tracepoints(tracefs: &Path) -> Result<Vec<String>, KernelError> {
     let mut found = Vec::new();
-    for (syscall, required) in POLL_SYSCALLS {
-        for (prefix, entry) in [("sys_enter_", true), ("sys_exit_", false)] {
-            let name = format!("{prefix}{syscall}");
-            let path = tracefs.join("events/syscalls").join(&name).join("id");
-            if path.exists() {
-                found.push(PollTracepoint { name, entry });
-            } else if required {
-                return Err(KernelError::MissingTracepoint {
-                    category: "syscalls",
-                    name,
-                    path,
-                });
-            } else {
-                log::debug!("optional tracepoint syscalls:{name} is absent");
-            }
+    for (syscall, _, required) in POLL_SYSCALLS {
+        let name = poll_tracepoint_name(syscall);
+        let path = tracefs.join("events/syscalls").join(&name).join("id");
+        if path.exists() {
+            found.push(name);
+        } else if required {
+            return Err(KernelError::MissingTracepoint {
+                category: "syscalls",
+                name,
+                path,
+            });
+        } else {
+            log::debug!("optional tracepoint syscalls:{name} is absent");
         }
     }
     Ok(found)
@@ -168,7 +157,7 @@ pub fn poll_tracepoints(tracefs: &Path) -> Result<Vec<PollTracepoint>, KernelErr
 
 /// Runs every check `attach` needs, in the order a user would fix them; returns the poll
 /// tracepoints to attach to.
-pub fn preflight() -> Result<Vec<PollTracepoint>, KernelError> {
+pub fn preflight() -> Result<Vec<String>, KernelError> {
     check_privileges(effective_capabilities()?)?;
     check_btf(Path::new(VMLINUX_BTF))?;
     let tracefs = find_tracefs(&TRACEFS_MOUNTS)?;
@@ -235,11 +224,7 @@ mod tests {
             fs::create_dir_all(&dir).unwrap();
             fs::write(dir.join("id"), "1\n").unwrap();
         };
-        for name in [
-            "sys_enter_epoll_wait",
-            "sys_exit_epoll_wait",
-            "sys_exit_epoll_pwait",
-        ] {
+        for name in ["sys_enter_epoll_wait", "sys_exit_epoll_pwait"] {
             make(name);
         }
         let error = poll_tracepoints(tracefs.path()).unwrap_err().to_string();
@@ -249,10 +234,6 @@ mod tests {
         );
         make("sys_enter_epoll_pwait");
         let found = poll_tracepoints(tracefs.path()).unwrap();
-        assert_eq!(found.len(), 4);
-        assert_eq!(
-            found.iter().filter(|tracepoint| tracepoint.entry).count(),
-            2
-        );
+        assert_eq!(found, ["sys_enter_epoll_wait", "sys_enter_epoll_pwait"]);
     }
 }

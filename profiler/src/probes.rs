@@ -18,7 +18,6 @@ use profiler_common::{
     MAP_OFF_CPU_STACKS, StackEvent,
 };
 
-use crate::kernel::PollTracepoint;
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
@@ -81,9 +80,8 @@ pub struct ProbeSettings {
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
-const TRACEPOINT_PROGRAMS: [&str; 7] = [
+const TRACEPOINT_PROGRAMS: [&str; 6] = [
     "poll_entry",
-    "poll_return",
     "madvise_entry",
     "madvise_return",
     "handshake_done",
@@ -239,18 +237,10 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the iteration timers to the entry and return of every poll system call given.
-    pub fn attach_poll_tracepoints(
-        &mut self,
-        tracepoints: &[PollTracepoint],
-    ) -> Result<(), ProbeError> {
+    /// Attaches the iteration timer to every poll entry tracepoint given (`sys_enter_*`).
+    pub fn attach_poll_tracepoints(&mut self, tracepoints: &[String]) -> Result<(), ProbeError> {
         for tracepoint in tracepoints {
-            let program = if tracepoint.entry {
-                "poll_entry"
-            } else {
-                "poll_return"
-            };
-            self.attach_tracepoint(program, "syscalls", &tracepoint.name)?;
+            self.attach_tracepoint("poll_entry", "syscalls", tracepoint)?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use profiler_common::{
     COUNTER_BLOCKS_BEFORE_GATE, COUNTER_CONNECTION_EVENTS_LOST, COUNTER_MADVISE_EVENTS_LOST,
     COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
-    COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_UNPAIRED_POLL_ENTRIES,
+    COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_BLOCKING_POLLS,
     EVENT_KIND_OFF_CPU, StallEvent,
 };
 use tokio::{
@@ -30,7 +30,7 @@ use crate::{
     madvise::MadviseStats,
     metrics::{self, Metrics},
     output::{
-        Attached, ConsoleSink, IntervalReport, JsonSink, LostEvents, Outputs, RunCounts, Sink,
+        Attached, ConsoleSink, IntervalReport, JsonSink, LostEvents, Outputs, ProfilerCost, RunCounts, Sink,
         StackFilesSink, StallCauses, StopReason, Summary, flamegraph_title,
     },
     probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeSettings, Probes},
@@ -89,7 +89,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     });
 
     let (probes, events, maps, nested_poll_tracking) = attach_probes(args, &target, &tracepoints)?;
-    wait_for_first_poll_return(&maps)?;
+    wait_for_first_poll(&maps)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -197,7 +197,7 @@ fn open_sinks(args: &AttachArgs, target: &Target) -> anyhow::Result<Vec<Box<dyn 
 fn attach_probes(
     args: &AttachArgs,
     target: &Target,
-    tracepoints: &[kernel::PollTracepoint],
+    tracepoints: &[String],
 ) -> anyhow::Result<(Probes, RingBuf<MapData>, KernelMaps, bool)> {
     if (args.ring_buffer_kib as usize) * 1024 < size_of::<profiler_common::StackEvent>() + 8 {
         log::warn!(
@@ -237,14 +237,14 @@ fn attach_probes(
     Ok((probes, events, maps, nested_poll_tracking))
 }
 
-/// Waits until the kernel has seen the event loop return from a poll, so that the iterations
-/// from `attached` on are timed; a loop stalled right now gets a warning instead.
-fn wait_for_first_poll_return(maps: &KernelMaps) -> anyhow::Result<()> {
+/// Waits until the kernel has seen the event loop enter a poll, so that the iterations from
+/// `attached` on are timed; a loop stalled right now gets a warning instead.
+fn wait_for_first_poll(maps: &KernelMaps) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + FIRST_POLL_TIMEOUT;
-    while maps.loop_state()?.poll_returns == 0 {
+    while maps.loop_state()?.poll_entries == 0 {
         if std::time::Instant::now() >= deadline {
             log::warn!(
-                "the event loop has not returned from a poll within {FIRST_POLL_TIMEOUT:?} of attaching (it may be \
+                "the event loop has not entered a poll within {FIRST_POLL_TIMEOUT:?} of attaching (it may be \
                  stalled now); the iteration in progress is not timed"
             );
             return Ok(());
@@ -382,9 +382,10 @@ impl Monitor {
             self.outputs.accept_overflow(&overflow)?;
         }
         log::info!(
-            "kernel counters: unpaired poll entries {}, short blocks {}, blocks before the gate {}, \
+            "kernel counters: polls that blocked {}, short blocks {}, blocks before the gate {}, \
              unmatched switch-outs {}",
-            self.maps.counter(COUNTER_UNPAIRED_POLL_ENTRIES)?,
+            self.maps.counter(COUNTER_BLOCKING_POLLS)?,
+
             self.maps.counter(COUNTER_SHORT_BLOCKS)?,
             self.maps.counter(COUNTER_BLOCKS_BEFORE_GATE)?,
             self.maps.counter(COUNTER_UNMATCHED_SWITCH_OUTS)?,
@@ -501,9 +502,8 @@ impl Monitor {
         ports.dedup();
         self.maps.set_listen_ports(&ports)?;
         self.accept.connections.forget_listening_fds();
-        let iteration_ns = self.maps.loop_state()?.poll_return_ns;
         let mut before_ns = monotonic_now_ns().saturating_sub(ACCEPT_ATTRIBUTION_DELAY_NS);
-        if iteration_ns != 0 {
+        if let Some(iteration_ns) = self.maps.loop_state()?.running_iteration_start_ns() {
             before_ns = before_ns.min(iteration_ns);
         }
         for overflow in self
@@ -539,11 +539,12 @@ impl Monitor {
             return Ok(());
         };
         let state = self.maps.loop_state()?;
-        let iteration_ns = state.poll_return_ns;
+        let Some(iteration_ns) = state.running_iteration_start_ns() else {
+            return Ok(());
+        };
         let now_ns = monotonic_now_ns();
         let elapsed_ns = now_ns.saturating_sub(iteration_ns);
-        if iteration_ns == 0
-            || iteration_ns == alerting.alerted_iteration_ns
+        if iteration_ns == alerting.alerted_iteration_ns
             || elapsed_ns < u64::try_from(alerting.threshold.as_nanos()).unwrap_or(u64::MAX)
         {
             return Ok(());
@@ -626,6 +627,7 @@ impl Monitor {
             stack_samples: self.assembler.received_samples,
             lost: self.lost_events()?,
             duration_s: self.started.elapsed().as_secs_f64(),
+            profiler: self.profiler_cost(),
         };
         let alerts = self.alerting.as_ref().map(|alerting| {
             let mut counts = alerting.counts.clone();
@@ -646,6 +648,18 @@ impl Monitor {
         ))
     }
 
+    /// The assembler's work on stacks so far, and the profiler's peak memory.
+    fn profiler_cost(&self) -> ProfilerCost {
+        let work = &self.assembler.work;
+        ProfilerCost {
+            stacks_unwound: work.stacks_unwound,
+            unwind_us: work.unwind.as_micros() as u64,
+            samples_symbolized: work.samples_symbolized,
+            symbolize_us: work.symbolize.as_micros() as u64,
+            peak_rss_kib: peak_rss_kib(),
+        }
+    }
+
     /// Best effort after a failure: the summary on `sink` alone.
     fn finish(&mut self, stopped: StopReason, sink: &mut dyn Sink) {
         let _ = self.update_histogram();
@@ -653,4 +667,17 @@ impl Monitor {
             let _ = sink.summary(&summary);
         }
     }
+}
+
+/// This process's peak resident memory (`VmHWM` in `/proc/self/status`), in KiB; 0 if unknown.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     rc::Rc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use profiler_common::{EVENT_KIND_ON_CPU, MadviseEvent, StackEvent, StallEvent};
@@ -191,6 +191,17 @@ pub struct StallAssembler {
     pub dropped_samples: u64,
     /// Stack samples received in all.
     pub received_samples: u64,
+    /// The time spent unwinding and symbolizing.
+    pub work: StackWork,
+}
+
+/// The assembler's own work on stacks, timed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StackWork {
+    pub stacks_unwound: u64,
+    pub unwind: Duration,
+    pub samples_symbolized: u64,
+    pub symbolize: Duration,
 }
 
 impl StallAssembler {
@@ -215,6 +226,7 @@ impl StallAssembler {
             pending_madvise: Vec::new(),
             dropped_samples: 0,
             received_samples: 0,
+            work: StackWork::default(),
         }
     }
 
@@ -243,7 +255,10 @@ impl StallAssembler {
             bp: event.user_bp,
             bytes: user_stack,
         };
+        let started = Instant::now();
         let user = self.unwinder.unwind(&recorded).lookup_addresses;
+        self.work.stacks_unwound += 1;
+        self.work.unwind += started.elapsed();
         let kernel = event.kernel_stack
             [..(event.kernel_frames as usize).min(event.kernel_stack.len())]
             .to_vec();
@@ -329,8 +344,10 @@ impl StallAssembler {
             symbolizer,
             unwinder,
             rules,
+            work,
             ..
         } = self;
+        let symbolizing = Instant::now();
         let samples: Vec<&PendingSample> = pending
             .iter()
             .filter(|s| s.iteration_start_ns == start_ns)
@@ -346,6 +363,8 @@ impl StallAssembler {
             *weight_ns += sample.weight_ns;
             *count += 1;
         }
+        work.samples_symbolized += samples.len() as u64;
+        work.symbolize += symbolizing.elapsed();
         let total_us = |kind| totals_ns.get(&kind).copied().unwrap_or(0) / 1_000;
         let stacks: Vec<AttributedStack> = stacks
             .into_iter()

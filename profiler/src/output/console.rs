@@ -159,6 +159,16 @@ impl Sink for ConsoleSink {
             human_duration_ns(summary.max_us * 1_000),
             summary.lost_events,
         )?;
+        let cost = &summary.profiler;
+        writeln!(
+            io::stderr(),
+            "  profiler: {} stacks unwound in {}, {} samples symbolized in {}, peak memory {:.1} MiB",
+            cost.stacks_unwound,
+            human_duration_ns(cost.unwind_us * 1_000),
+            cost.samples_symbolized,
+            human_duration_ns(cost.symbolize_us * 1_000),
+            cost.peak_rss_kib as f64 / 1024.0,
+        )?;
         if summary.lost_events > 0 {
             let lost = &summary.lost;
             writeln!(

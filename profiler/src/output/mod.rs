@@ -92,6 +92,24 @@ pub struct Summary {
     /// With `--alert`: alerts given and `--alert-exec` runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alerts: Option<AlertCounts>,
+    /// What the run cost the profiler itself.
+    #[serde(default)]
+    pub profiler: ProfilerCost,
+}
+
+/// What a run cost the profiler itself: its work on stacks, and its memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfilerCost {
+    /// Stack events whose user stack was unwound.
+    pub stacks_unwound: u64,
+    /// Time spent unwinding them, in microseconds.
+    pub unwind_us: u64,
+    /// Samples whose frames were symbolized (when their stall was assembled).
+    pub samples_symbolized: u64,
+    /// Time spent symbolizing them, in microseconds.
+    pub symbolize_us: u64,
+    /// The profiler's peak resident memory (`VmHWM`), in KiB.
+    pub peak_rss_kib: u64,
 }
 
 /// The stalls of one origin and mechanism.
@@ -149,6 +167,7 @@ pub struct RunCounts {
     pub stack_samples: u64,
     pub lost: LostEvents,
     pub duration_s: f64,
+    pub profiler: ProfilerCost,
 }
 
 /// Events lost, by kind and reason.
@@ -209,6 +228,7 @@ impl Summary {
             causes,
             accept,
             alerts,
+            profiler: counts.profiler,
         }
     }
 }
