@@ -22,8 +22,8 @@ mod programs {
         helpers::{
             bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
             generated::{
-                bpf_get_current_task_btf, bpf_get_stack, bpf_get_task_stack,
-                bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+                bpf_get_current_task_btf, bpf_get_stack, bpf_get_task_stack, bpf_probe_read_kernel,
+                bpf_probe_read_user, bpf_task_pt_regs,
             },
         },
         macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
@@ -394,7 +394,11 @@ mod programs {
         if is_event_loop_thread() {
             let preempt: u64 = ctx.arg(0);
             let prev_state: u64 = ctx.arg(3);
-            switched_out(&ctx, state, preempt & 1 != 0 || prev_state as u32 as u64 == TASK_RUNNING);
+            switched_out(
+                &ctx,
+                state,
+                preempt & 1 != 0 || prev_state as u32 as u64 == TASK_RUNNING,
+            );
             return 0;
         }
         let next: u64 = ctx.arg(2);

@@ -436,6 +436,14 @@ impl ConnectionTracker {
         }
     }
 
+    /// Tracks process `pid` from now on (after a restart), with the waits counted so far.
+    pub fn follow(&mut self, pid: u32) {
+        self.pid = pid;
+        self.queued.clear();
+        self.recent.clear();
+        self.fd_ports.clear();
+    }
+
     /// A connection entered the accept queue of `event.port`.
     pub fn connection(&mut self, event: &ConnectionEvent) {
         self.connections += 1;

@@ -50,6 +50,10 @@ pub struct AttachArgs {
     /// Profile the selected process even if it is not a redis-server or valkey-server.
     #[arg(long)]
     pub force: bool,
+    /// With --port: when the target exits, wait for the next process listening on the port
+    /// (Redis restarting) and profile it too, into the same outputs.
+    #[arg(long, requires = "port")]
+    pub follow: bool,
     /// An event-loop iteration at least this long is a stall (e.g. 500us, 10ms, 2s).
     #[arg(long, default_value = "10ms", value_parser = parse_positive_duration)]
     pub threshold: Duration,

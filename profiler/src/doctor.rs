@@ -83,10 +83,7 @@ pub fn run_doctor() -> bool {
         .any(|verdict| matches!(verdict, Verdict::Fail(_)))
 }
 
-fn check_tracepoints(
-    tracefs: &Path,
-    check: &mut impl FnMut(&str, Verdict),
-) -> Option<Vec<String>> {
+fn check_tracepoints(tracefs: &Path, check: &mut impl FnMut(&str, Verdict)) -> Option<Vec<String>> {
     let mut all_present = true;
     for (syscall, _, required) in profiler_common::POLL_SYSCALLS {
         let name = kernel::poll_tracepoint_name(syscall);

@@ -67,6 +67,11 @@ impl IterationHistogram {
         added_iterations
     }
 
+    /// The kernel's counts start again from zero (new probes after a restart of the target).
+    pub fn restart_kernel_counts(&mut self) {
+        self.previous.clear();
+    }
+
     /// Statistics since the previous call, and starts a new interval.
     pub fn take_interval(&mut self) -> IterationStats {
         let stats = stats(&self.interval, self.interval_max_ns);

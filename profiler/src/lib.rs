@@ -19,6 +19,7 @@ pub mod madvise;
 pub mod memory_map;
 pub mod metrics;
 pub mod output;
+pub mod privileges;
 pub mod probes;
 pub mod report;
 pub mod session;

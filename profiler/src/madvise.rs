@@ -94,6 +94,12 @@ impl MadviseStats {
         }
     }
 
+    /// Counts the calls of process `pid` from now on (after a restart), with the totals so far.
+    pub fn follow(&mut self, pid: u32) {
+        self.pid = pid;
+        self.roles.clear();
+    }
+
     /// Counts a call; returns its thread role and advice name.
     pub fn add(&mut self, event: &MadviseEvent) -> (String, String) {
         let pid = self.pid;

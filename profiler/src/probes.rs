@@ -18,7 +18,6 @@ use profiler_common::{
     MAP_OFF_CPU_STACKS, StackEvent,
 };
 
-
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
 

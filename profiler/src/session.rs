@@ -5,9 +5,9 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{
-    COUNTER_BLOCKS_BEFORE_GATE, COUNTER_CONNECTION_EVENTS_LOST, COUNTER_MADVISE_EVENTS_LOST,
-    COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
-    COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTER_BLOCKING_POLLS,
+    COUNTER_BLOCKING_POLLS, COUNTER_BLOCKS_BEFORE_GATE, COUNTER_CONNECTION_EVENTS_LOST,
+    COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS,
+    COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTERS,
     EVENT_KIND_OFF_CPU, StallEvent,
 };
 use tokio::{
@@ -30,13 +30,14 @@ use crate::{
     madvise::MadviseStats,
     metrics::{self, Metrics},
     output::{
-        Attached, ConsoleSink, IntervalReport, JsonSink, LostEvents, Outputs, ProfilerCost, RunCounts, Sink,
-        StackFilesSink, StallCauses, StopReason, Summary, flamegraph_title,
+        Attached, ConsoleSink, IntervalReport, JsonSink, LostEvents, Outputs, ProfilerCost,
+        RunCounts, Sink, StackFilesSink, StallCauses, StopReason, Summary, flamegraph_title,
     },
+    privileges,
     probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeSettings, Probes},
     stall::StallAssembler,
     symbolize::{BlazeSymbols, Symbolizer},
-    target::{Target, TargetSelector},
+    target::{Target, TargetError, TargetSelector},
     unwind::Unwinder,
 };
 
@@ -46,6 +47,8 @@ const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
 /// the probes attach is not seen returning, so the iteration after it cannot be timed; an idle
 /// Redis returns at least `hz` (10) times a second.
 const FIRST_POLL_TIMEOUT: Duration = Duration::from_secs(1);
+/// With `--follow`, how often to look for the next process on the port.
+const FOLLOW_POLL_PERIOD: Duration = Duration::from_millis(100);
 
 /// How often the accept-queue watch re-reads the target's listeners and reports the drops that
 /// belong to no stall.
@@ -90,13 +93,20 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
 
     let (probes, events, maps, nested_poll_tracking) = attach_probes(args, &target, &tracepoints)?;
     wait_for_first_poll(&maps)?;
+    // Before the run starts threads of its own: they inherit what is left.
+    match privileges::drop_after_attach(args.follow) {
+        Ok(dropped) => log::debug!("capabilities dropped after attaching: {dropped:?}"),
+        Err(error) => {
+            log::warn!("cannot drop capabilities after attaching ({error}); going on with them")
+        }
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let clock = WallClock::new();
-    let assembler = StallAssembler::new(
+    let mut assembler = StallAssembler::new(
         target.pid,
         args.threshold,
         args.freq,
@@ -105,6 +115,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         Symbolizer::new(Box::new(BlazeSymbols::new(target.pid))),
         rules,
     );
+    assembler.warm_up();
     let madvise = MadviseStats::new(target.pid);
     let metrics = metrics_listener
         .as_ref()
@@ -144,34 +155,94 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         decode_errors: 0,
         reported_lost: 0,
         samples_lost_at_last_stall: 0,
+        earlier_counters: [0; COUNTERS as usize],
         started: Instant::now(),
     };
-    let attached = Attached {
-        time: std::time::SystemTime::now(),
-        pid: monitor.target.pid,
-        tid: monitor.target.main_tid,
-        threshold_us: args.threshold.as_micros() as u64,
-        name: monitor.target.name.clone(),
-        ports: monitor.target.ports.clone(),
-        nested_poll_tracking,
-    };
-    let result = runtime.block_on(async {
+    runtime.block_on(async {
         if let (Some(listener), Some(metrics)) = (metrics_listener, &monitor.metrics) {
             let listener =
                 tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
             tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
         }
-        if let Err(error) = monitor.outputs.attached(&attached) {
-            monitor.finish(StopReason::Error, &mut ConsoleSink);
-            return Err(error.into());
+        let (mut probes, mut events, mut nested_poll_tracking) =
+            (probes, events, nested_poll_tracking);
+        loop {
+            let attached = monitor.attached_record(args.threshold, nested_poll_tracking);
+            if let Err(error) = monitor.outputs.attached(&attached) {
+                monitor.finish(StopReason::Error, &mut ConsoleSink);
+                return Err(error.into());
+            }
+            let remaining = args
+                .duration
+                .map(|duration| duration.saturating_sub(monitor.started.elapsed()));
+            let stopped = monitor
+                .watch(events, args.interval, remaining, args.queue_interval)
+                .await?;
+            // The probes stayed attached until the last events were drained.
+            drop(probes);
+            let follow_port = args.port.filter(|_| args.follow);
+            let (StopReason::TargetExited, Some(port)) = (stopped, follow_port) else {
+                return monitor.end(stopped);
+            };
+            log::warn!(
+                "{} exited; waiting for the next process on port {port} (--follow)",
+                monitor.target
+            );
+            let remaining = args
+                .duration
+                .map(|duration| duration.saturating_sub(monitor.started.elapsed()));
+            let target = match wait_for_listener(port, args.force, remaining).await {
+                Ok(Ok(target)) => target,
+                Ok(Err(stopped)) => return monitor.end(stopped),
+                Err(error) => {
+                    monitor.end(StopReason::Error)?;
+                    return Err(error);
+                }
+            };
+            (probes, events, nested_poll_tracking) =
+                match monitor.follow(args, target, &tracepoints) {
+                    Ok(attached) => attached,
+                    Err(error) => {
+                        monitor.end(StopReason::Error)?;
+                        return Err(error);
+                    }
+                };
         }
-        monitor
-            .watch(events, args.interval, args.duration, args.queue_interval)
-            .await
-    });
-    // `probes` stays alive (attached) until the last events are drained.
-    drop(probes);
-    result
+    })
+}
+
+/// After the target exited: the next process listening on `port`, as soon as one does; or why
+/// the run stops instead (a signal, or the end of `--duration` after `remaining`).
+async fn wait_for_listener(
+    port: u16,
+    force: bool,
+    remaining: Option<Duration>,
+) -> anyhow::Result<Result<Target, StopReason>> {
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let deadline = async {
+        match remaining {
+            Some(remaining) => tokio::time::sleep(remaining).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut poll = tokio::time::interval(FOLLOW_POLL_PERIOD);
+    loop {
+        tokio::select! {
+            _ = poll.tick() => match Target::find(TargetSelector::Port(port), force) {
+                Ok(target) => {
+                    log::warn!("following {target}");
+                    return Ok(Ok(target));
+                }
+                Err(error @ TargetError::NotRedis { .. }) => return Err(error.into()),
+                Err(_) => {}
+            },
+            () = &mut deadline => return Ok(Err(StopReason::Duration)),
+            _ = sigint.recv() => return Ok(Err(StopReason::Signal)),
+            _ = sigterm.recv() => return Ok(Err(StopReason::Signal)),
+        }
+    }
 }
 
 /// The run's outputs, opened (files created) before attaching.
@@ -307,6 +378,8 @@ struct Monitor {
     reported_lost: u64,
     /// Stack samples lost (kernel and userspace) when the previous stall was assembled.
     samples_lost_at_last_stall: u64,
+    /// Kernel-side counters of the targets followed before this one (`--follow`).
+    earlier_counters: [u64; COUNTERS as usize],
     started: Instant,
 }
 
@@ -384,15 +457,70 @@ impl Monitor {
         log::info!(
             "kernel counters: polls that blocked {}, short blocks {}, blocks before the gate {}, \
              unmatched switch-outs {}",
-            self.maps.counter(COUNTER_BLOCKING_POLLS)?,
-
-            self.maps.counter(COUNTER_SHORT_BLOCKS)?,
-            self.maps.counter(COUNTER_BLOCKS_BEFORE_GATE)?,
-            self.maps.counter(COUNTER_UNMATCHED_SWITCH_OUTS)?,
+            self.counter(COUNTER_BLOCKING_POLLS)?,
+            self.counter(COUNTER_SHORT_BLOCKS)?,
+            self.counter(COUNTER_BLOCKS_BEFORE_GATE)?,
+            self.counter(COUNTER_UNMATCHED_SWITCH_OUTS)?,
         );
+        Ok(stopped)
+    }
+
+    /// Ends the run: the summary on every output.
+    fn end(&mut self, stopped: StopReason) -> anyhow::Result<StopReason> {
         let summary = self.summary(stopped)?;
         self.outputs.summary(&summary)?;
         Ok(stopped)
+    }
+
+    /// The `attached` record of the current target.
+    fn attached_record(&self, threshold: Duration, nested_poll_tracking: bool) -> Attached {
+        Attached {
+            time: std::time::SystemTime::now(),
+            pid: self.target.pid,
+            tid: self.target.main_tid,
+            threshold_us: threshold.as_micros() as u64,
+            name: self.target.name.clone(),
+            ports: self.target.ports.clone(),
+            nested_poll_tracking,
+        }
+    }
+
+    /// Attaches to `target`, the process that took over the port after the previous target
+    /// exited, and goes on into the same outputs and totals.
+    fn follow(
+        &mut self,
+        args: &AttachArgs,
+        target: Target,
+        tracepoints: &[String],
+    ) -> anyhow::Result<(Probes, RingBuf<MapData>, bool)> {
+        let sampler = QueueSampler::open(target.pid)?;
+        let (probes, events, maps, nested_poll_tracking) =
+            attach_probes(args, &target, tracepoints)?;
+        wait_for_first_poll(&maps)?;
+        for (index, earlier) in self.earlier_counters.iter_mut().enumerate() {
+            *earlier += self.maps.counter(index as u32)?;
+        }
+        self.maps = maps;
+        self.histogram.restart_kernel_counts();
+        self.assembler.follow(
+            target.pid,
+            Unwinder::new(target.pid),
+            Symbolizer::new(Box::new(BlazeSymbols::new(target.pid))),
+        );
+        self.assembler.warm_up();
+        self.madvise.follow(target.pid);
+        self.accept.sampler = sampler;
+        self.accept.connections.follow(target.pid);
+        if let Some(alerting) = &mut self.alerting {
+            alerting.alerted_iteration_ns = 0;
+        }
+        self.target = target;
+        Ok((probes, events, nested_poll_tracking))
+    }
+
+    /// A kernel-side counter (`COUNTER_*`) over the whole run, earlier targets included.
+    fn counter(&self, index: u32) -> anyhow::Result<u64> {
+        Ok(self.maps.counter(index)? + self.earlier_counters[index as usize])
     }
 
     /// Handles every event waiting in the ring buffer.
@@ -441,7 +569,7 @@ impl Monitor {
             stall.accept = Some(accept);
         }
         let samples_lost =
-            self.maps.counter(COUNTER_STACK_EVENTS_LOST)? + self.assembler.dropped_samples;
+            self.counter(COUNTER_STACK_EVENTS_LOST)? + self.assembler.dropped_samples;
         stall.incomplete = samples_lost > self.samples_lost_at_last_stall;
         self.samples_lost_at_last_stall = samples_lost;
         self.causes.add(&stall);
@@ -597,11 +725,11 @@ impl Monitor {
     /// Events the kernel could not send, records that did not decode, samples not kept.
     fn lost_events(&self) -> anyhow::Result<LostEvents> {
         Ok(LostEvents {
-            stall_events: self.maps.counter(COUNTER_STALL_EVENTS_LOST)?,
-            stack_events: self.maps.counter(COUNTER_STACK_EVENTS_LOST)?,
-            madvise_events: self.maps.counter(COUNTER_MADVISE_EVENTS_LOST)?,
-            madvise_untracked: self.maps.counter(COUNTER_MADVISE_UNTRACKED)?,
-            connection_events: self.maps.counter(COUNTER_CONNECTION_EVENTS_LOST)?,
+            stall_events: self.counter(COUNTER_STALL_EVENTS_LOST)?,
+            stack_events: self.counter(COUNTER_STACK_EVENTS_LOST)?,
+            madvise_events: self.counter(COUNTER_MADVISE_EVENTS_LOST)?,
+            madvise_untracked: self.counter(COUNTER_MADVISE_UNTRACKED)?,
+            connection_events: self.counter(COUNTER_CONNECTION_EVENTS_LOST)?,
             undecodable: self.decode_errors,
             samples_not_kept: self.assembler.dropped_samples,
         })

@@ -230,6 +230,22 @@ impl StallAssembler {
         }
     }
 
+    /// Assembles the stalls of process `pid` from now on (after a restart), with its own
+    /// unwinder and symbolizer; the counts so far are kept.
+    pub fn follow(&mut self, pid: u32, unwinder: Unwinder, symbolizer: Symbolizer) {
+        self.pid = pid;
+        self.unwinder = unwinder;
+        self.symbolizer = symbolizer;
+        self.pending.clear();
+        self.pending_madvise.clear();
+    }
+
+    /// Loads the symbols of the target's files and of the kernel now (see
+    /// [`Symbolizer::warm_up`]).
+    pub fn warm_up(&mut self) {
+        self.symbolizer.warm_up(self.unwinder.memory_map());
+    }
+
     /// Unwinds a stack event now and keeps it until its iteration ends.
     pub fn add_stack(&mut self, event: &StackEvent) {
         self.received_samples += 1;

@@ -2,7 +2,10 @@
 //! (debug symbols when present, else ELF symbols); kernel frames: kallsyms. An address no
 //! symbol covers is named `module+0xoffset` (user) or `0xaddress_[k]` (kernel): frames never
 //! vanish. Kernel frames end in `_[k]`. Names are cached per address.
-use std::{collections::HashMap, rc::Rc};
+use std::{
+    collections::{HashMap, HashSet},
+    rc::Rc,
+};
 
 use blazesym::{
     Pid,
@@ -16,8 +19,11 @@ use crate::memory_map::MemoryMap;
 
 /// Suffix of kernel frame names (the folded-stack convention).
 pub const KERNEL_SUFFIX: &str = "_[k]";
-/// Kernel functions that run our probe (BPF dispatch), not the traced thread.
-const PROBE_FRAME_PREFIXES: [&str; 3] = ["bpf_prog_", "bpf_trace_run", "__bpf_trace_"];
+/// Kernel functions that run our probe (tracepoint and BPF dispatch), not the traced thread.
+const PROBE_FRAME_PREFIXES: [&str; 4] =
+    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"];
+/// Any kernel address: naming it loads the kernel's symbols.
+const SOME_KERNEL_ADDRESS: u64 = 0xffff_ffff_8100_0000;
 /// Cached names per address space before the cache is emptied (bounds memory on long runs).
 const CACHE_LIMIT: usize = 200_000;
 
@@ -95,6 +101,22 @@ impl Symbolizer {
             user: HashMap::new(),
             kernel: HashMap::new(),
         }
+    }
+
+    /// Loads the symbols of every file in `memory_map` and the kernel's now, rather than at the
+    /// first stall: that takes tens of milliseconds, which the first stall's record and alert
+    /// would wait for, and a target that exits right after its first stall would leave it
+    /// unnamed.
+    pub fn warm_up(&mut self, memory_map: &MemoryMap) {
+        let mut files = HashSet::new();
+        let addresses: Vec<u64> = memory_map
+            .mappings()
+            .iter()
+            .filter(|mapping| mapping.path.starts_with('/') && files.insert(&mapping.path))
+            .map(|mapping| mapping.start)
+            .collect();
+        self.user_frames(&addresses, memory_map);
+        self.kernel_frames(&[SOME_KERNEL_ADDRESS]);
     }
 
     /// Names user lookup addresses (leaf first); `memory_map` names those without a symbol.

@@ -25,6 +25,30 @@ pub fn profiler_bin() -> PathBuf {
         })
 }
 
+/// The `comm` of process `pid` (empty if it is gone).
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|comm| comm.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The processes whose parent is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -147,6 +171,8 @@ impl Drop for NetworkNamespace {
 /// A throwaway `redis-server` (Debian's), started with the DEBUG command enabled.
 pub struct RedisServer {
     pub port: u16,
+    /// The server's pid as the host sees it.
+    pid: u32,
     child: Child,
     dir: tempfile::TempDir,
     /// The network namespace it runs in, if not ours.
@@ -156,23 +182,45 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server on a free port with `extra` configuration arguments (`--name value`).
     pub fn start(extra: &[&str]) -> Self {
-        Self::start_with(Command::new("redis-server"), extra, None)
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts a server on `port` (e.g. the port of one that was shut down).
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        Self::start_with(Command::new("redis-server"), port, extra, None)
     }
 
     /// Starts a server inside `namespace`; `cli` then runs there too.
     pub fn start_in(namespace: &NetworkNamespace, extra: &[&str]) -> Self {
-        let mut server = Self::start_with(
+        Self::start_with(
             namespace.command("redis-server"),
+            free_port(),
             extra,
             Some(namespace.name.clone()),
-        );
-        server.namespace = Some(namespace.name.clone());
-        server
+        )
+    }
+
+    /// Starts a server as a container would run it: inside `namespace` and in a pid namespace
+    /// of its own (`unshare --pid --fork --mount-proc`), where it is pid 1.
+    pub fn start_contained(namespace: &NetworkNamespace, extra: &[&str]) -> Self {
+        let mut launcher = namespace.command("unshare");
+        launcher.args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            "redis-server",
+        ]);
+        Self::start_with(launcher, free_port(), extra, Some(namespace.name.clone()))
     }
 
     /// Starts a server through `launcher` (e.g. `ip netns exec NS redis-server`).
-    fn start_with(mut launcher: Command, extra: &[&str], namespace: Option<String>) -> Self {
-        let port = free_port();
+    fn start_with(
+        mut launcher: Command,
+        port: u16,
+        extra: &[&str],
+        namespace: Option<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let child = launcher
             .args([
@@ -193,8 +241,9 @@ impl RedisServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("start redis-server (is the redis-server package installed?)");
-        let server = Self {
+        let mut server = Self {
             port,
+            pid: child.id(),
             child,
             dir,
             namespace,
@@ -212,11 +261,18 @@ impl RedisServer {
             );
             thread::sleep(Duration::from_millis(20));
         }
+        // A launcher that forks (unshare) has the server as its child.
+        if comm(server.pid) != "redis-server" {
+            server.pid = children(server.pid)
+                .into_iter()
+                .find(|&pid| comm(pid) == "redis-server")
+                .expect("the launcher's redis-server child");
+        }
         server
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// The server's log file.

@@ -1,5 +1,6 @@
-//! Robustness: lost events are accounted for, outputs survive log rotation (SIGHUP), and a
-//! closed stdout ends the run with a clear message and the summary on stderr.
+//! Robustness: lost events are accounted for, outputs survive log rotation (SIGHUP), a closed
+//! stdout ends the run with a clear message and the summary on stderr, and capabilities not
+//! needed after attaching are dropped.
 use std::{
     fs,
     process::{Command, Stdio},
@@ -119,4 +120,58 @@ fn a_closed_stdout_ends_the_run_with_a_clear_message_and_the_summary_on_stderr()
     );
     assert!(stderr.contains("summary (stopped by an error)"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A capability set of `/proc/PID/status` (`CapEff:`, `CapBnd:`, ...).
+fn capability_set(pid: u32, name: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in {status}"));
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+#[test]
+fn after_attaching_only_the_capabilities_still_needed_remain() {
+    const CAP_KILL: u64 = 1 << 5;
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    let redis = RedisServer::start(&[]);
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+    let effective = capability_set(profiler.pid(), "CapEff:");
+    let permitted = capability_set(profiler.pid(), "CapPrm:");
+    let bounding = capability_set(profiler.pid(), "CapBnd:");
+    assert_eq!(effective, permitted);
+    assert_eq!(
+        effective & (CAP_BPF | CAP_PERFMON),
+        0,
+        "loading is over: {effective:x}"
+    );
+    assert_ne!(
+        effective & CAP_SYS_ADMIN,
+        0,
+        "map_files needs it: {effective:x}"
+    );
+    assert_eq!(
+        bounding & (CAP_BPF | CAP_PERFMON | CAP_KILL | CAP_NET_ADMIN),
+        0,
+        "an --alert-exec command cannot regain them: {bounding:x}"
+    );
+
+    // Profiling goes on: a stall with its kernel and user frames named.
+    redis.cli(&["DEBUG", "SLEEP", "0.1"]);
+    thread::sleep(Duration::from_millis(100));
+    let run = profiler.stop();
+    let stalls = run.of_type("stall");
+    assert_eq!(stalls.len(), 1, "{}", run.stderr);
+    let frames = stalls[0]["stacks"][0]["frames"].to_string();
+    for frame in ["do_nanosleep_[k]", "debugCommand", "main"] {
+        assert!(
+            frames.contains(&format!("\"{frame}\"")),
+            "{frame} in {frames}"
+        );
+    }
 }

@@ -9,10 +9,12 @@ use anyhow::{Context as _, bail};
 
 mod bench;
 mod demo;
+mod poll_loop;
 
 /// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
-/// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests.
-const APT_PACKAGES: [&str; 9] = [
+/// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests,
+/// perf for the benchmark's comparison.
+const APT_PACKAGES: [&str; 10] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -22,6 +24,7 @@ const APT_PACKAGES: [&str; 9] = [
     "iproute2",
     "util-linux",
     "curl",
+    "linux-perf",
 ];
 /// The bpf-linker release that builds against LLVM 22 (see PLATFORM.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -45,6 +48,8 @@ fn main() -> anyhow::Result<()> {
             build()?;
             bench::run(&workspace_root())
         }
+        // The bench's poll microbenchmark target (not for people).
+        "poll-loop" => poll_loop::run(),
         _ => bail!("usage: cargo xtask setup | demo | test | bench"),
     }
 }
