@@ -70,6 +70,8 @@ pub const COUNTER_MADVISE_EVENTS_LOST: u32 = 6;
 pub const COUNTER_MADVISE_UNTRACKED: u32 = 7;
 /// Counter index: connection and accept events dropped because the ring buffer was full.
 pub const COUNTER_CONNECTION_EVENTS_LOST: u32 = 8;
+/// Counter index: exec events dropped because the ring buffer was full.
+pub const COUNTER_EXEC_EVENTS_LOST: u32 = 9;
 /// Number of counter slots.
 pub const COUNTERS: u32 = 16;
 
@@ -88,6 +90,24 @@ pub const EVENT_KIND_MADVISE: u32 = 4;
 pub const EVENT_KIND_CONNECTION: u32 = 5;
 /// Event kind: the target accepted a connection ([`AcceptEvent`]).
 pub const EVENT_KIND_ACCEPT: u32 = 6;
+/// Event kind: the target executed a new program ([`ExecEvent`]).
+pub const EVENT_KIND_EXEC: u32 = 7;
+
+/// The target called `execve` successfully: same pid, new program (Redis re-executes itself
+/// on `DEBUG RESTART`; an in-place upgrade executes a new binary). Its mappings, and so every
+/// address cached by userspace, are new.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    /// Always [`EVENT_KIND_EXEC`].
+    pub kind: u32,
+    pub tid: u32,
+    pub time_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 16);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ExecEvent {}
 
 /// A connection entered a listener's accept queue (SYN_RECV -> ESTABLISHED).
 #[repr(C)]

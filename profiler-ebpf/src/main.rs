@@ -35,13 +35,13 @@ mod programs {
     };
     use profiler_common::{
         AcceptEvent, COUNTER_BLOCKING_POLLS, COUNTER_BLOCKS_BEFORE_GATE,
-        COUNTER_CONNECTION_EVENTS_LOST, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED,
-        COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
-        COUNTER_UNMATCHED_SWITCH_OUTS, COUNTERS, ConnectionEvent, EVENT_KIND_ACCEPT,
-        EVENT_KIND_CONNECTION, EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU,
-        EVENT_KIND_STALL, ITERATION_BUCKETS, KERNEL_STACK_DEPTH, LoopState, MadviseEvent,
-        NO_TARGET, PAGE_BYTES, POLL_SYSCALLS, StackEvent, StallEvent, USER_STACK_BYTES,
-        iteration_bucket,
+        COUNTER_CONNECTION_EVENTS_LOST, COUNTER_EXEC_EVENTS_LOST, COUNTER_MADVISE_EVENTS_LOST,
+        COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST,
+        COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTERS, ConnectionEvent,
+        EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION, EVENT_KIND_EXEC, EVENT_KIND_MADVISE,
+        EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ExecEvent, ITERATION_BUCKETS,
+        KERNEL_STACK_DEPTH, LoopState, MadviseEvent, NO_TARGET, PAGE_BYTES, POLL_SYSCALLS,
+        StackEvent, StallEvent, USER_STACK_BYTES, iteration_bucket,
     };
 
     /// GPL-compatible: the stack and memory-read helpers are GPL-only.
@@ -533,6 +533,22 @@ mod programs {
             && state.wakeup_ns == 0
         {
             state.wakeup_ns = now_ns();
+        }
+        0
+    }
+
+    /// `sched_process_exec`: the target runs a new program (fires only on exec, anywhere).
+    #[btf_tracepoint(function = "sched_process_exec")]
+    pub fn target_exec(_ctx: BtfTracePointContext) -> u32 {
+        if let Some(tid) = target_thread() {
+            let event = ExecEvent {
+                kind: EVENT_KIND_EXEC,
+                tid,
+                time_ns: now_ns(),
+            };
+            if EVENTS.output::<ExecEvent>(&event, 0).is_err() {
+                count(COUNTER_EXEC_EVENTS_LOST);
+            }
         }
         0
     }

@@ -231,11 +231,13 @@ fn check_rule(spec: RuleSpec, kind: &str, text: &str, origin: &str) -> Result<Ru
             format!("mechanism rule `{category}`: `generic` and `caller` are for origins"),
         ));
     }
+    // `*` alone is allowed only under a required caller: it then names that caller's callee.
+    let has_caller = spec.caller.is_some();
     let patterns = |list: Vec<Spanned<String>>| -> Result<Vec<String>, RulesError> {
         list.into_iter()
             .map(|pattern| {
                 let text = pattern.get_ref().trim();
-                if text.is_empty() || text == "*" {
+                if text.is_empty() || (text == "*" && !has_caller) {
                     return Err(invalid(
                         pattern.span(),
                         format!("pattern `{text}` in `{category}` would match every frame"),
@@ -411,6 +413,28 @@ mod tests {
                 &["libjemalloc.so.2+0x87d3f", "zmalloc", "call"]
             ),
             ("command:unknown".into(), "allocator".into())
+        );
+    }
+
+    #[test]
+    fn a_module_command_is_named_after_the_function_the_dispatcher_calls() {
+        assert_eq!(
+            attribute(
+                StackKind::OffCpu,
+                &[
+                    "__GI___nanosleep",
+                    "usleep",
+                    "HelloBlock_RedisCommand",
+                    "RedisModuleCommandDispatcher",
+                    "call",
+                    "processCommand",
+                    "main",
+                ]
+            ),
+            (
+                "command:module:helloblock_rediscommand".into(),
+                "syscall.sleep".into()
+            )
         );
     }
 

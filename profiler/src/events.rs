@@ -1,8 +1,9 @@
 //! Ring-buffer bytes -> typed events. Malformed records become a [`DecodeError`] (counted as
 //! lost by the caller), never a panic.
 use profiler_common::{
-    AcceptEvent, ConnectionEvent, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION, EVENT_KIND_MADVISE,
-    EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, MadviseEvent, StackEvent, StallEvent,
+    AcceptEvent, ConnectionEvent, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION, EVENT_KIND_EXEC,
+    EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ExecEvent,
+    MadviseEvent, StackEvent, StallEvent,
 };
 
 /// An event sent by the kernel programs.
@@ -14,6 +15,7 @@ pub enum Event<'a> {
     Madvise(MadviseEvent),
     Connection(ConnectionEvent),
     Accept(AcceptEvent),
+    Exec(ExecEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +43,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EVENT_KIND_MADVISE => Ok(Event::Madvise(read::<MadviseEvent>(bytes)?)),
         EVENT_KIND_CONNECTION => Ok(Event::Connection(read::<ConnectionEvent>(bytes)?)),
         EVENT_KIND_ACCEPT => Ok(Event::Accept(read::<AcceptEvent>(bytes)?)),
+        EVENT_KIND_EXEC => Ok(Event::Exec(read::<ExecEvent>(bytes)?)),
         kind => Err(DecodeError::UnknownKind { kind }),
     }
 }

@@ -102,9 +102,10 @@ const MADVISE_PROGRAMS: [(&str, &str, &str); 2] = [
 ];
 const UPROBE_PROGRAMS: [&str; 2] = ["nested_poll_begin", "nested_poll_end"];
 /// `(program, kernel tracepoint)` of the scheduler programs.
-const SCHEDULER_PROGRAMS: [(&str, &str); 2] = [
+const SCHEDULER_PROGRAMS: [(&str, &str); 3] = [
     ("sched_switch", "sched_switch"),
     ("sched_wakeup", "sched_wakeup"),
+    ("target_exec", "sched_process_exec"),
 ];
 const SAMPLE_PROGRAM: &str = "on_cpu_sample";
 

@@ -156,6 +156,8 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         reported_lost: 0,
         samples_lost_at_last_stall: 0,
         earlier_counters: [0; COUNTERS as usize],
+        threshold: args.threshold,
+        nested_poll_tracking,
         started: Instant::now(),
     };
     runtime.block_on(async {
@@ -164,10 +166,9 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
                 tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
             tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
         }
-        let (mut probes, mut events, mut nested_poll_tracking) =
-            (probes, events, nested_poll_tracking);
+        let (mut probes, mut events) = (probes, events);
         loop {
-            let attached = monitor.attached_record(args.threshold, nested_poll_tracking);
+            let attached = monitor.attached_record();
             if let Err(error) = monitor.outputs.attached(&attached) {
                 monitor.finish(StopReason::Error, &mut ConsoleSink);
                 return Err(error.into());
@@ -178,12 +179,15 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
             let stopped = monitor
                 .watch(events, args.interval, remaining, args.queue_interval)
                 .await?;
-            // The probes stayed attached until the last events were drained.
-            drop(probes);
             let follow_port = args.port.filter(|_| args.follow);
             let (StopReason::TargetExited, Some(port)) = (stopped, follow_port) else {
-                return monitor.end(stopped);
+                // The summary first: detaching takes a while, and is not part of the run.
+                let ended = monitor.end(stopped);
+                drop(probes);
+                return ended;
             };
+            // The probes stayed attached until the last events were drained.
+            drop(probes);
             log::warn!(
                 "{} exited; waiting for the next process on port {port} (--follow)",
                 monitor.target
@@ -199,14 +203,13 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
                     return Err(error);
                 }
             };
-            (probes, events, nested_poll_tracking) =
-                match monitor.follow(args, target, &tracepoints) {
-                    Ok(attached) => attached,
-                    Err(error) => {
-                        monitor.end(StopReason::Error)?;
-                        return Err(error);
-                    }
-                };
+            (probes, events) = match monitor.follow(args, target, &tracepoints) {
+                Ok(attached) => attached,
+                Err(error) => {
+                    monitor.end(StopReason::Error)?;
+                    return Err(error);
+                }
+            };
         }
     })
 }
@@ -287,10 +290,12 @@ fn attach_probes(
         user_stack_bytes: args.stack_bytes,
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
     })?;
+    // The scheduler programs before the poll entries: an iteration the poll timer starts must
+    // not miss the switch-out that tells it the loop went idle.
+    probes.attach_scheduler()?;
     probes.attach_poll_tracepoints(tracepoints)?;
     probes.attach_madvise()?;
     probes.attach_connections()?;
-    probes.attach_scheduler()?;
     probes.attach_sampler(target.main_tid, args.freq)?;
     let nested_poll_tracking =
         match probes.attach_nested_poll_markers(NESTED_POLL_FUNCTION, &target.exe, target.pid) {
@@ -380,6 +385,9 @@ struct Monitor {
     samples_lost_at_last_stall: u64,
     /// Kernel-side counters of the targets followed before this one (`--follow`).
     earlier_counters: [u64; COUNTERS as usize],
+    threshold: Duration,
+    /// Whether polls nested in long commands are recognised in the current target.
+    nested_poll_tracking: bool,
     started: Instant,
 }
 
@@ -473,16 +481,42 @@ impl Monitor {
     }
 
     /// The `attached` record of the current target.
-    fn attached_record(&self, threshold: Duration, nested_poll_tracking: bool) -> Attached {
+    fn attached_record(&self) -> Attached {
         Attached {
             time: std::time::SystemTime::now(),
             pid: self.target.pid,
             tid: self.target.main_tid,
-            threshold_us: threshold.as_micros() as u64,
+            threshold_us: self.threshold.as_micros() as u64,
             name: self.target.name.clone(),
             ports: self.target.ports.clone(),
-            nested_poll_tracking,
+            nested_poll_tracking: self.nested_poll_tracking,
         }
+    }
+
+    /// The target ran a new program (same pid): its mappings are new, and so are the addresses
+    /// to unwind and name. The outputs get a new `attached` record (its name may differ).
+    fn target_executed(&mut self) -> anyhow::Result<()> {
+        let pid = self.target.pid;
+        let Ok(target) = Target::from_pid(pid) else {
+            return Ok(()); // gone already: the liveness check ends the run
+        };
+        log::warn!(
+            "{} executed a new program ({}); its modules and symbols are reloaded",
+            self.target,
+            target.name
+        );
+        self.assembler.follow(
+            pid,
+            Unwinder::new(pid),
+            Symbolizer::new(Box::new(BlazeSymbols::new(pid))),
+        );
+        self.assembler.warm_up();
+        self.madvise.follow(pid);
+        self.accept.connections.follow(pid);
+        self.target = target;
+        let attached = self.attached_record();
+        self.outputs.attached(&attached)?;
+        Ok(())
     }
 
     /// Attaches to `target`, the process that took over the port after the previous target
@@ -492,7 +526,7 @@ impl Monitor {
         args: &AttachArgs,
         target: Target,
         tracepoints: &[String],
-    ) -> anyhow::Result<(Probes, RingBuf<MapData>, bool)> {
+    ) -> anyhow::Result<(Probes, RingBuf<MapData>)> {
         let sampler = QueueSampler::open(target.pid)?;
         let (probes, events, maps, nested_poll_tracking) =
             attach_probes(args, &target, tracepoints)?;
@@ -515,7 +549,8 @@ impl Monitor {
             alerting.alerted_iteration_ns = 0;
         }
         self.target = target;
-        Ok((probes, events, nested_poll_tracking))
+        self.nested_poll_tracking = nested_poll_tracking;
+        Ok((probes, events))
     }
 
     /// A kernel-side counter (`COUNTER_*`) over the whole run, earlier targets included.
@@ -530,6 +565,7 @@ impl Monitor {
                 Ok(Event::Stall(event)) => self.handle_stall(&event)?,
                 Ok(Event::Stack(event)) => self.assembler.add_stack(event),
                 Ok(Event::Connection(event)) => self.accept.connections.connection(&event),
+                Ok(Event::Exec(_)) => self.target_executed()?,
                 Ok(Event::Accept(event)) => {
                     self.accept
                         .connections

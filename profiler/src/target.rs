@@ -73,7 +73,7 @@ impl Target {
         Ok(target)
     }
 
-    fn from_pid(pid: u32) -> Result<Self, TargetError> {
+    pub fn from_pid(pid: u32) -> Result<Self, TargetError> {
         let process = Path::new("/proc").join(pid.to_string());
         let stat = fs::read_to_string(process.join("stat")).map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {

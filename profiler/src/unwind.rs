@@ -109,15 +109,38 @@ impl Unwinder {
         self.memory_map = memory_map;
     }
 
-    /// Walks the recorded stack. Never fails: an address it cannot follow ends the stack.
-    pub fn unwind(&mut self, stack: &RecordedStack<'_>) -> UserStack {
-        if self.memory_map.find(stack.ip).is_none()
-            && self
-                .last_refresh
-                .is_none_or(|last| last.elapsed() >= REFRESH_PERIOD)
-        {
+    /// Re-reads the mappings unless that was done less than [`REFRESH_PERIOD`] ago; returns
+    /// whether it did.
+    fn refresh_if_due(&mut self) -> bool {
+        let due = self
+            .last_refresh
+            .is_none_or(|last| last.elapsed() >= REFRESH_PERIOD);
+        if due {
             self.refresh();
         }
+        due
+    }
+
+    /// Walks the recorded stack. Never fails: an address it cannot follow ends the stack.
+    pub fn unwind(&mut self, stack: &RecordedStack<'_>) -> UserStack {
+        if self.memory_map.find(stack.ip).is_none() {
+            self.refresh_if_due();
+        }
+        let mut user = self.walk(stack);
+        // A caller in code mapped since the last read of the mappings (a module loaded at run
+        // time) ends the walk at its frame: read them again and walk again.
+        if user
+            .lookup_addresses
+            .last()
+            .is_some_and(|&address| self.memory_map.find(address).is_none())
+            && self.refresh_if_due()
+        {
+            user = self.walk(stack);
+        }
+        user
+    }
+
+    fn walk(&mut self, stack: &RecordedStack<'_>) -> UserStack {
         let mut lookup_addresses = Vec::new();
         let mut read_stack = |address| stack.read(address);
         let mut frames = self.unwinder.iter_frames(

@@ -13,6 +13,9 @@ use std::{
 
 use serde_json::Value;
 
+/// Debian's redis-server, by its absolute path: Redis re-executes `argv[0]` on `DEBUG RESTART`.
+const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
 /// How long a server or the profiler may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -47,6 +50,26 @@ pub fn children(pid: u32) -> Vec<u32> {
             })
         })
         .collect()
+}
+
+/// The profiler's metrics page at `127.0.0.1:PORT` (`--metrics`), fetched with curl.
+pub fn scrape_metrics(port: u16) -> String {
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{port}/metrics"),
+        ])
+        .output()
+        .expect("run curl");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
 }
 
 /// A TCP port nobody listens on right now.
@@ -187,13 +210,13 @@ impl RedisServer {
 
     /// Starts a server on `port` (e.g. the port of one that was shut down).
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
-        Self::start_with(Command::new("redis-server"), port, extra, None)
+        Self::start_with(Command::new(REDIS_SERVER), port, extra, None)
     }
 
     /// Starts a server inside `namespace`; `cli` then runs there too.
     pub fn start_in(namespace: &NetworkNamespace, extra: &[&str]) -> Self {
         Self::start_with(
-            namespace.command("redis-server"),
+            namespace.command(REDIS_SERVER),
             free_port(),
             extra,
             Some(namespace.name.clone()),
@@ -209,7 +232,7 @@ impl RedisServer {
             "--fork",
             "--mount-proc",
             "--kill-child",
-            "redis-server",
+            REDIS_SERVER,
         ]);
         Self::start_with(launcher, free_port(), extra, Some(namespace.name.clone()))
     }
@@ -299,7 +322,8 @@ impl RedisServer {
         }
     }
 
-    fn try_cli(&self, args: &[&str]) -> Option<String> {
+    /// `redis-cli ARGS` against the server: its output, or `None` if it failed.
+    pub fn try_cli(&self, args: &[&str]) -> Option<String> {
         let output = self
             .command("redis-cli")
             .args(["-p", &self.port.to_string()])

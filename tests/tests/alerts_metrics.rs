@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stallprof_testkit::{Profiler, RedisServer, free_port};
+use stallprof_testkit::{Profiler, RedisServer, free_port, scrape_metrics};
 
 fn alerts<'a>(records: &'a [Value], state: &str) -> Vec<&'a Value> {
     records
@@ -160,25 +160,6 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
     samples
 }
 
-fn scrape(port: u16) -> String {
-    let output = Command::new("curl")
-        .args([
-            "-sS",
-            "--fail",
-            "--max-time",
-            "5",
-            &format!("http://127.0.0.1:{port}/metrics"),
-        ])
-        .output()
-        .expect("run curl");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 #[test]
 fn metrics_parse_and_agree_with_the_json_events() {
     let redis = RedisServer::start(&[]);
@@ -188,7 +169,7 @@ fn metrics_parse_and_agree_with_the_json_events() {
     redis.cli(&["DEBUG", "SLEEP", "0.05"]);
     redis.cli(&["DEBUG", "SLEEP", "0.03"]);
     thread::sleep(Duration::from_millis(1500)); // the iteration histogram is refreshed every second
-    let samples = parse_exposition(&scrape(metrics_port));
+    let samples = parse_exposition(&scrape_metrics(metrics_port));
     let run = profiler.stop();
 
     let target = format!("pid=\"{}\",port=\"{}\"", redis.pid(), redis.port);

@@ -6,7 +6,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stallprof_testkit::{NetworkNamespace, Profiler, RedisServer};
+use stallprof_testkit::{NetworkNamespace, Profiler, RedisServer, free_port, scrape_metrics};
 
 fn number(value: &Value) -> u64 {
     value
@@ -174,4 +174,133 @@ fn redis_in_its_own_pid_and_network_namespace_is_profiled_by_its_host_pid() {
         u64::from(redis.port),
         "its accept queue is watched: {accept}"
     );
+}
+
+#[test]
+fn redis_executing_itself_again_is_still_profiled_and_named() {
+    let redis = RedisServer::start(&[]);
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+    redis.cli(&["DEBUG", "SLEEP", "0.1"]);
+    // DEBUG RESTART: Redis closes its descriptors and executes itself again, same pid.
+    let mut client = redis.client();
+    let _: redis::RedisResult<()> = redis::cmd("DEBUG").arg("RESTART").query(&mut client);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis
+        .try_cli(&["PING"])
+        .is_none_or(|reply| reply.trim() != "PONG")
+    {
+        assert!(Instant::now() < deadline, "Redis did not come back");
+        thread::sleep(Duration::from_millis(50));
+    }
+    redis.cli(&["DEBUG", "SLEEP", "0.15"]);
+    thread::sleep(Duration::from_millis(100));
+    let run = profiler.stop();
+
+    assert!(
+        run.stderr.contains("executed a new program"),
+        "{}",
+        run.stderr
+    );
+    let attached = run.of_type("attached");
+    assert_eq!(attached.len(), 2, "{}", run.stderr);
+    assert!(
+        attached
+            .iter()
+            .all(|record| number(&record["pid"]) == u64::from(redis.pid()))
+    );
+    let sleeps: Vec<&Value> = run
+        .of_type("stall")
+        .into_iter()
+        .filter(|stall| stall["mechanism"] == "syscall.sleep")
+        .collect();
+    assert_eq!(sleeps.len(), 2, "{}", run.stderr);
+    assert_debug_sleep(sleeps[0], redis.pid(), 100);
+    assert_debug_sleep(sleeps[1], redis.pid(), 150);
+    assert_eq!(run.summary()["stopped"], "signal");
+}
+
+#[test]
+fn a_thread_started_after_attaching_is_covered() {
+    let redis = RedisServer::start(&["--jemalloc-bg-thread", "no"]);
+    let metrics = free_port();
+    let profiler = Profiler::attach(&[
+        "--pid",
+        &redis.pid().to_string(),
+        "--metrics",
+        &format!("127.0.0.1:{metrics}"),
+    ]);
+    let threads_before = fs_threads(redis.pid());
+    // jemalloc starts its background purging thread now; freeing a data set on the lazy-free
+    // thread leaves dirty pages for it to purge as they decay (over about 10 s).
+    redis.cli(&["CONFIG", "SET", "jemalloc-bg-thread", "yes"]);
+    assert!(
+        fs_threads(redis.pid()) > threads_before,
+        "jemalloc started its thread"
+    );
+    redis.cli(&["DEBUG", "POPULATE", "500000", "key", "200"]);
+    redis.cli(&["FLUSHALL", "ASYNC"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !scrape_metrics(metrics).contains(r#"thread_role="jemalloc_bg_thd""#) {
+        assert!(Instant::now() < deadline, "no purge by the new thread seen");
+        thread::sleep(Duration::from_millis(250));
+    }
+    let run = profiler.stop();
+    let madvise = run.summary()["madvise"].as_array().unwrap().clone();
+    assert!(
+        madvise
+            .iter()
+            .any(|entry| entry["thread_role"] == "jemalloc_bg_thd"
+                && number(&entry["calls"]) > 0
+                && number(&entry["bytes"]) > 0),
+        "the new thread's purges are counted: {madvise:?}"
+    );
+}
+
+/// Threads of process `pid` now.
+fn fs_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |tasks| tasks.count())
+}
+
+#[test]
+fn a_module_loaded_after_attaching_has_its_frames_named() {
+    let directory = tempfile::tempdir().unwrap();
+    let module = directory.path().join("stall_module.so");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/stall_module.c");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-g", "-o"])
+        .arg(&module)
+        .arg(&source)
+        .status()
+        .expect("run cc");
+    assert!(built.success(), "cc {}", source.display());
+    let redis = RedisServer::start(&["--enable-module-command", "yes"]);
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+    assert_eq!(
+        redis
+            .cli(&["MODULE", "LOAD", module.to_str().unwrap()])
+            .trim(),
+        "OK"
+    );
+    redis.cli(&["STALLPROFTEST.SLEEP"]);
+    thread::sleep(Duration::from_millis(100));
+    let run = profiler.stop();
+
+    let stalls = run.of_type("stall");
+    assert_eq!(stalls.len(), 1, "{}", run.stderr);
+    let stall = stalls[0];
+    let duration_ms = number(&stall["duration_us"]) / 1_000;
+    assert!((150..170).contains(&duration_ms), "{stall}");
+    assert_eq!(stall["mechanism"], "syscall.sleep", "{stall}");
+    assert_eq!(
+        stall["origin"], "command:module:stallproftestsleepcommand",
+        "{stall}"
+    );
+    for frame in [
+        "stallprofTestSleep",
+        "StallproftestSleepCommand",
+        "call",
+        "main",
+    ] {
+        assert!(has_frame(stall, frame), "{frame} in {stall}");
+    }
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask setup | demo | test | bench`: everything a fresh machine needs, done by the project.
+//! `cargo xtask setup | demo | test | bench | soak`: everything a fresh machine needs, done by the
+//! project.
 //! Every step checks first and skips what is already there, so a second run is quick.
 use std::{
     path::{Path, PathBuf},
@@ -10,6 +11,7 @@ use anyhow::{Context as _, bail};
 mod bench;
 mod demo;
 mod poll_loop;
+mod soak;
 
 /// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
 /// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests,
@@ -48,9 +50,15 @@ fn main() -> anyhow::Result<()> {
             build()?;
             bench::run(&workspace_root())
         }
+        "soak" => {
+            setup()?;
+            build()?;
+            let minutes = std::env::args().nth(2).map(|m| m.parse()).transpose()?;
+            soak::run(minutes)
+        }
         // The bench's poll microbenchmark target (not for people).
         "poll-loop" => poll_loop::run(),
-        _ => bail!("usage: cargo xtask setup | demo | test | bench"),
+        _ => bail!("usage: cargo xtask setup | demo | test | bench | soak [MINUTES]"),
     }
 }
 

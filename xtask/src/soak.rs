@@ -1,0 +1,141 @@
+//! `cargo xtask soak [MINUTES]`: a compressed long run. Redis serves `redis-benchmark` load while
+//! another client makes it stall in turn by sleeping, by scanning keys on the CPU and by purging
+//! memory, with every output of the profiler on (JSON, folded stacks, flamegraph, metrics,
+//! alerts). Every 30 s it prints the profiler's resident memory; at the end it checks that the
+//! memory stayed bounded: no growth over the second half of the run beyond a small margin.
+use std::{
+    fs,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use stallprof_testkit::{Profiler, RedisServer, free_port};
+
+const DEFAULT_MINUTES: u64 = 10;
+const REPORT_PERIOD: Duration = Duration::from_secs(30);
+/// Growth of resident memory over the second half of the run still called bounded.
+const GROWTH_MARGIN_KIB: u64 = 8 * 1024;
+
+pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
+    let length = Duration::from_secs(60 * minutes.unwrap_or(DEFAULT_MINUTES));
+    let redis = RedisServer::start(&[]);
+    let outputs = tempfile::tempdir()?;
+    let path = |name: &str| outputs.path().join(name).to_string_lossy().into_owned();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let pid = redis.pid().to_string();
+    let profiler = Profiler::attach_writing(
+        &[
+            "--pid",
+            &pid,
+            "--folded",
+            &path("stalls.folded"),
+            "--flamegraph",
+            &path("stalls.svg"),
+            "--metrics",
+            &metrics,
+            "--alert",
+            "50ms",
+            "--interval",
+            "60s",
+        ],
+        &outputs.path().join("stalls.jsonl"),
+    );
+    eprintln!(
+        "soak: {} minutes, redis-server pid {pid}, profiler pid {}",
+        length.as_secs() / 60,
+        profiler.pid()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = thread::spawn({
+        let (stop, port) = (stop.clone(), redis.port.to_string());
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = Command::new("redis-benchmark")
+                    .args([
+                        "-p", &port, "-c", "20", "-n", "100000", "-r", "100000", "-q",
+                    ])
+                    .args(["-t", "set,get,lpush,lpop,incr"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    });
+    let mut client = redis.client();
+    let started = Instant::now();
+    let mut next_report = started;
+    let mut rss_kib: Vec<(Duration, u64)> = Vec::new();
+    let mut round: u64 = 0;
+    while started.elapsed() < length {
+        let command = match round % 4 {
+            0 => redis::cmd("DEBUG").arg("SLEEP").arg(0.03).clone(),
+            1 => redis::cmd("DEBUG").arg("POPULATE").arg(300_000).clone(),
+            2 => redis::cmd("KEYS").arg("no-such-key-*").clone(),
+            _ => redis::cmd("FLUSHALL").clone(),
+        };
+        let _: redis::RedisResult<redis::Value> = command.query(&mut client);
+        round += 1;
+        thread::sleep(Duration::from_millis(200));
+        if Instant::now() >= next_report {
+            let resident = resident_kib(profiler.pid());
+            rss_kib.push((started.elapsed(), resident));
+            eprintln!(
+                "soak: {:>4} s  profiler RSS {:.1} MiB  JSON {:.1} MiB  commands {round}",
+                started.elapsed().as_secs(),
+                resident as f64 / 1024.0,
+                fs::metadata(outputs.path().join("stalls.jsonl")).map_or(0, |m| m.len()) as f64
+                    / (1024.0 * 1024.0)
+            );
+            next_report += REPORT_PERIOD;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.join();
+    let run = profiler.stop();
+    let summary = run.summary();
+    eprintln!(
+        "soak: {} stalls, {} stack samples, {} lost events, {} iterations; profiler peak RSS {:.1} MiB",
+        summary["stalls"],
+        summary["stack_samples"],
+        summary["lost_events"],
+        summary["iterations"],
+        summary["profiler"]["peak_rss_kib"].as_u64().unwrap_or(0) as f64 / 1024.0
+    );
+    let half = length / 2;
+    let at_half = rss_kib
+        .iter()
+        .filter(|(at, _)| *at <= half)
+        .map(|(_, kib)| *kib)
+        .max()
+        .unwrap_or(0);
+    let at_end = rss_kib.last().map_or(0, |(_, kib)| *kib);
+    eprintln!(
+        "soak: RSS at most {:.1} MiB in the first half, {:.1} MiB at the end",
+        at_half as f64 / 1024.0,
+        at_end as f64 / 1024.0
+    );
+    if at_end > at_half + GROWTH_MARGIN_KIB {
+        bail!("the profiler's memory grew over the second half of the soak");
+    }
+    eprintln!("soak: memory bounded");
+    Ok(())
+}
+
+/// `VmRSS` of process `pid`, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
