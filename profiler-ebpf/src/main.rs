@@ -80,8 +80,8 @@ mod programs {
     static LOOP_STATE: Array<LoopState> = Array::with_max_entries(1, 0);
     /// The event-loop thread's `task_struct` address, to recognise it as `next` in
     /// sched_switch and in sched_wakeup. Every context switch and wake-up on every CPU reads
-    /// it, so it lives apart from LOOP_STATE, which the thread writes every iteration: sharing
-    /// a cache line would bounce it between CPUs at each switch.
+    /// it, so it lives apart from LOOP_STATE, which the thread writes every iteration, and is
+    /// written only when it changes.
     #[map]
     static LOOP_TASK: Array<u64> = Array::with_max_entries(1, 0);
     /// The registers and user stack the thread left the CPU with, kept until it runs again
@@ -296,7 +296,7 @@ mod programs {
         ip: u64,
         sp: u64,
         bp: u64,
-        /// The system call number (`orig_ax`); not a poll's outside one.
+        /// The system call the thread is in (`orig_ax`; not a system call number outside one).
         syscall: u64,
     }
 
@@ -384,7 +384,7 @@ mod programs {
 
     /// Task state of a thread that left the CPU still runnable (preempted, or rescheduled on
     /// its way back to user mode), as opposed to blocked.
-    const TASK_RUNNING: u64 = 0;
+    const TASK_RUNNING: u32 = 0;
 
     /// `sched_switch(preempt, prev, next, prev_state)`: the event-loop thread leaves or regains
     /// a CPU.
@@ -392,13 +392,9 @@ mod programs {
     pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
         let Some(state) = loop_state() else { return 0 };
         if is_event_loop_thread() {
-            let preempt: u64 = ctx.arg(0);
-            let prev_state: u64 = ctx.arg(3);
-            switched_out(
-                &ctx,
-                state,
-                preempt & 1 != 0 || prev_state as u32 as u64 == TASK_RUNNING,
-            );
+            let preempt = ctx.arg::<u64>(0) & 1 != 0;
+            let prev_state = ctx.arg::<u64>(3) as u32;
+            switched_out(&ctx, state, preempt || prev_state == TASK_RUNNING);
             return 0;
         }
         let next: u64 = ctx.arg(2);

@@ -436,7 +436,8 @@ impl ConnectionTracker {
         }
     }
 
-    /// Tracks process `pid` from now on (after a restart), with the waits counted so far.
+    /// Tracks process `pid` from now on (after a restart or an exec), with the waits counted
+    /// so far.
     pub fn follow(&mut self, pid: u32) {
         self.pid = pid;
         self.queued.clear();

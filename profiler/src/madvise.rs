@@ -94,7 +94,8 @@ impl MadviseStats {
         }
     }
 
-    /// Counts the calls of process `pid` from now on (after a restart), with the totals so far.
+    /// Counts the calls of process `pid` from now on (after a restart or an exec), with the
+    /// totals so far.
     pub fn follow(&mut self, pid: u32) {
         self.pid = pid;
         self.roles.clear();

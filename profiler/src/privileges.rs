@@ -10,8 +10,9 @@
 //! - CAP_SYSLOG: kernel addresses in `/proc/kallsyms`, to name kernel frames;
 //! - with `--follow`, CAP_BPF and CAP_PERFMON too, to attach to the next process.
 //!
-//! Everything else leaves the effective, permitted, inheritable and bounding sets, so an
-//! `--alert-exec` command (started later, by a thread that inherits them) cannot regain it.
+//! Everything else leaves the effective, permitted, inheritable and bounding sets (the bounding
+//! set when CAP_SETPCAP allows it, as for root), so an `--alert-exec` command (started later,
+//! by a thread that inherits them) cannot regain it.
 //! Capabilities are per thread: this runs before the run starts any thread of its own.
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -36,9 +37,12 @@ fn kept(follow: bool) -> CapsHashSet {
 pub fn drop_after_attach(follow: bool) -> Result<Vec<Capability>, caps::errors::CapsError> {
     let kept = kept(follow);
     let permitted = caps::read(None, CapSet::Permitted)?;
-    // The bounding set first: removing from it needs CAP_SETPCAP, which goes next.
-    for capability in caps::read(None, CapSet::Bounding)?.difference(&kept) {
-        caps::drop(None, CapSet::Bounding, *capability)?;
+    // The bounding set first: removing from it needs CAP_SETPCAP, which goes next. Without it
+    // (capabilities granted to the file, not root) the bounding set stays as it is.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)? {
+        for capability in caps::read(None, CapSet::Bounding)?.difference(&kept) {
+            caps::drop(None, CapSet::Bounding, *capability)?;
+        }
     }
     caps::clear(None, CapSet::Ambient)?;
     caps::clear(None, CapSet::Inheritable)?;

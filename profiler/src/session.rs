@@ -43,9 +43,9 @@ use crate::{
 
 /// How often we check that the target still runs.
 const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
-/// How long to wait after attaching for the loop's first poll return. A poll in flight when
-/// the probes attach is not seen returning, so the iteration after it cannot be timed; an idle
-/// Redis returns at least `hz` (10) times a second.
+/// How long to wait after attaching for the loop's first poll entry: the iteration in progress
+/// when the probes attach has no known start, the ones after that entry are timed. An idle
+/// Redis polls at least `hz` (10) times a second.
 const FIRST_POLL_TIMEOUT: Duration = Duration::from_secs(1);
 /// With `--follow`, how often to look for the next process on the port.
 const FOLLOW_POLL_PERIOD: Duration = Duration::from_millis(100);
@@ -167,17 +167,19 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
             tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
         }
         let (mut probes, mut events) = (probes, events);
+        let started = monitor.started;
+        let remaining = || {
+            args.duration
+                .map(|duration| duration.saturating_sub(started.elapsed()))
+        };
         loop {
             let attached = monitor.attached_record();
             if let Err(error) = monitor.outputs.attached(&attached) {
                 monitor.finish(StopReason::Error, &mut ConsoleSink);
                 return Err(error.into());
             }
-            let remaining = args
-                .duration
-                .map(|duration| duration.saturating_sub(monitor.started.elapsed()));
             let stopped = monitor
-                .watch(events, args.interval, remaining, args.queue_interval)
+                .watch(events, args.interval, remaining(), args.queue_interval)
                 .await?;
             let follow_port = args.port.filter(|_| args.follow);
             let (StopReason::TargetExited, Some(port)) = (stopped, follow_port) else {
@@ -192,10 +194,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
                 "{} exited; waiting for the next process on port {port} (--follow)",
                 monitor.target
             );
-            let remaining = args
-                .duration
-                .map(|duration| duration.saturating_sub(monitor.started.elapsed()));
-            let target = match wait_for_listener(port, args.force, remaining).await {
+            let target = match wait_for_listener(port, args.force, remaining()).await {
                 Ok(Ok(target)) => target,
                 Ok(Err(stopped)) => return monitor.end(stopped),
                 Err(error) => {
@@ -833,15 +832,19 @@ impl Monitor {
     }
 }
 
-/// This process's peak resident memory (`VmHWM` in `/proc/self/status`), in KiB; 0 if unknown.
+/// This process's peak resident memory, in KiB; 0 if unknown. The larger of `VmHWM` and
+/// `VmRSS` in `/proc/self/status`: the kernel updates the high-water mark only when memory is
+/// unmapped, so it can lag behind the current size.
 fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmHWM:"))
-                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    kib("VmHWM:").max(kib("VmRSS:"))
 }

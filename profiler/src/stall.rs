@@ -230,8 +230,8 @@ impl StallAssembler {
         }
     }
 
-    /// Assembles the stalls of process `pid` from now on (after a restart), with its own
-    /// unwinder and symbolizer; the counts so far are kept.
+    /// Assembles the stalls of process `pid` from now on (after a restart or an exec), with
+    /// its own unwinder and symbolizer; the counts so far are kept.
     pub fn follow(&mut self, pid: u32, unwinder: Unwinder, symbolizer: Symbolizer) {
         self.pid = pid;
         self.unwinder = unwinder;

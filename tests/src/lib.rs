@@ -29,14 +29,14 @@ pub fn profiler_bin() -> PathBuf {
 }
 
 /// The `comm` of process `pid` (empty if it is gone).
-pub fn comm(pid: u32) -> String {
+fn comm(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|comm| comm.trim().to_owned())
         .unwrap_or_default()
 }
 
 /// The processes whose parent is `pid`.
-pub fn children(pid: u32) -> Vec<u32> {
+fn children(pid: u32) -> Vec<u32> {
     fs::read_dir("/proc")
         .into_iter()
         .flatten()

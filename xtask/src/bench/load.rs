@@ -53,10 +53,11 @@ impl Observer {
         }
     }
 
-    fn start(self, pid: u32) -> anyhow::Result<Watching> {
+    /// Starts watching process `pid` (the profiler with `--force`, for the poll loop).
+    pub fn start(self, pid: u32) -> anyhow::Result<Watching> {
         let pid = pid.to_string();
         let profiler = |extra: &[&str]| {
-            let mut args = vec!["--pid", pid.as_str(), "--interval", "60s"];
+            let mut args = vec!["--pid", pid.as_str(), "--force", "--interval", "60s"];
             args.extend_from_slice(extra);
             Watching::Profiler(Profiler::attach(&args))
         };
@@ -71,7 +72,7 @@ impl Observer {
 }
 
 /// An observer at work.
-enum Watching {
+pub enum Watching {
     Nothing,
     Profiler(Profiler),
     Perf(Child, PathBuf),
@@ -79,7 +80,7 @@ enum Watching {
 
 impl Watching {
     /// Stops it; for the profiler, returns its run's summary and the CPU time it used (s).
-    fn stop(self) -> Option<(serde_json::Value, f64)> {
+    pub fn stop(self) -> Option<(serde_json::Value, f64)> {
         match self {
             Watching::Nothing => None,
             Watching::Profiler(profiler) => {

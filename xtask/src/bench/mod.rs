@@ -12,6 +12,8 @@
 mod load;
 mod reaction;
 
+use load::Observer;
+
 use std::{
     fmt::Write as _,
     fs,
@@ -179,38 +181,39 @@ impl Drop for PollLoop {
 }
 
 /// The full added cost per poll (tracepoint dispatch and program): zero-timeout `epoll_wait`
-/// calls in a loop, without and with the profiler aimed at the looping thread.
+/// calls in a loop, with nothing watching, then with the profiler and with `perf record`
+/// aimed at the looping thread.
 fn poll_cost(report: &mut String) -> anyhow::Result<()> {
     let mut poll_loop = PollLoop::start()?;
+    let pid = poll_loop.child.id();
     let without = poll_loop.fastest_ns_per_poll()?;
-    let profiler = Profiler::attach(&[
-        "--pid",
-        &poll_loop.child.id().to_string(),
-        "--force",
-        "--interval",
-        "60s",
-    ]);
-    let with = poll_loop.fastest_ns_per_poll()?;
-    profiler.stop();
-    writeln!(
-        report,
-        "## Added cost per poll
-"
-    )?;
+    writeln!(report, "## Added cost per poll\n")?;
     writeln!(
         report,
         "A loop of zero-timeout `epoll_wait` calls (`xtask poll-loop`, pinned to CPU 0), {POLLS_PER_ROUND} calls \
-         per round, the fastest of {POLL_ROUNDS} rounds, without and with `redis-stallprof attach --pid PID --force` \
-         aimed at it. Each call is one event-loop iteration to the profiler.\n"
+         per round, the fastest of {POLL_ROUNDS} rounds, with each observer aimed at it (the profiler with \
+         `--force`: the loop is not Redis). Each call is one event-loop iteration to the profiler; `perf record` \
+         pays per sample (999 a second), not per call.\n"
     )?;
-    writeln!(report, "| ns per poll without | with | added |")?;
+    writeln!(report, "| observer | ns per poll | added |")?;
     writeln!(report, "|---|---|---|")?;
-    writeln!(
-        report,
-        "| {without:.1} | {with:.1} | {:.1} |\n",
-        with - without
-    )?;
-    eprintln!("bench: poll loop {without:.1} ns without, {with:.1} ns with the profiler");
+    writeln!(report, "| nothing | {without:.1} | |")?;
+    for observer in &Observer::ALL[1..] {
+        let watching = observer.start(pid)?;
+        let with = poll_loop.fastest_ns_per_poll()?;
+        watching.stop();
+        writeln!(
+            report,
+            "| {} | {with:.1} | {:+.1} |",
+            observer.label(),
+            with - without
+        )?;
+        eprintln!(
+            "bench: poll loop {without:.1} ns alone, {with:.1} ns with {}",
+            observer.label()
+        );
+    }
+    writeln!(report)?;
     Ok(())
 }
 
