@@ -186,30 +186,30 @@ impl Drop for PollLoop {
 fn poll_cost(report: &mut String) -> anyhow::Result<()> {
     let mut poll_loop = PollLoop::start()?;
     let pid = poll_loop.child.id();
-    let without = poll_loop.fastest_ns_per_poll()?;
     writeln!(report, "## Added cost per poll\n")?;
     writeln!(
         report,
         "A loop of zero-timeout `epoll_wait` calls (`xtask poll-loop`, pinned to CPU 0), {POLLS_PER_ROUND} calls \
-         per round, the fastest of {POLL_ROUNDS} rounds, with each observer aimed at it (the profiler with \
-         `--force`: the loop is not Redis). Each call is one event-loop iteration to the profiler; `perf record` \
-         pays per sample (999 a second), not per call.\n"
+         per round; for each observer, the fastest of {POLL_ROUNDS} rounds with nothing watching, then the fastest \
+         of {POLL_ROUNDS} with it (the machine's speed drifts, so each comparison is made side by side). The \
+         profiler runs with `--force` (the loop is not Redis). Each call is one event-loop iteration to the \
+         profiler; `perf record` pays per sample (999 a second), not per call.\n"
     )?;
-    writeln!(report, "| observer | ns per poll | added |")?;
-    writeln!(report, "|---|---|---|")?;
-    writeln!(report, "| nothing | {without:.1} | |")?;
+    writeln!(report, "| observer | ns per poll alone | with it | added |")?;
+    writeln!(report, "|---|---|---|---|")?;
     for observer in &Observer::ALL[1..] {
+        let alone = poll_loop.fastest_ns_per_poll()?;
         let watching = observer.start(pid)?;
         let with = poll_loop.fastest_ns_per_poll()?;
         watching.stop();
         writeln!(
             report,
-            "| {} | {with:.1} | {:+.1} |",
+            "| {} | {alone:.1} | {with:.1} | {:+.1} |",
             observer.label(),
-            with - without
+            with - alone
         )?;
         eprintln!(
-            "bench: poll loop {without:.1} ns alone, {with:.1} ns with {}",
+            "bench: poll loop {alone:.1} ns alone, {with:.1} ns with {}",
             observer.label()
         );
     }
