@@ -155,10 +155,10 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
         ),
     );
     check(
-        "off-CPU probes",
+        "scheduler probes",
         attach_verdict(
             probes.attach_scheduler(),
-            "tp_btf/sched_switch and tp_btf/sched_wakeup attach",
+            "tp_btf/sched_switch, sched_wakeup and sched_process_exec attach",
         ),
     );
     check(

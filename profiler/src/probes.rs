@@ -201,7 +201,8 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the off-CPU programs to the scheduler's `sched_switch` and `sched_wakeup`.
+    /// Attaches the scheduler programs: `sched_switch` and `sched_wakeup` (blocking polls,
+    /// off-CPU and run-queue time) and `sched_process_exec` (the target running a new program).
     pub fn attach_scheduler(&mut self) -> Result<(), ProbeError> {
         for (program, tracepoint) in SCHEDULER_PROGRAMS {
             self.program::<BtfTracePoint>(program)?

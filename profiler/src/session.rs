@@ -6,9 +6,9 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{
     COUNTER_BLOCKING_POLLS, COUNTER_BLOCKS_BEFORE_GATE, COUNTER_CONNECTION_EVENTS_LOST,
-    COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED, COUNTER_SHORT_BLOCKS,
-    COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST, COUNTER_UNMATCHED_SWITCH_OUTS, COUNTERS,
-    EVENT_KIND_OFF_CPU, StallEvent,
+    COUNTER_EXEC_EVENTS_LOST, COUNTER_MADVISE_EVENTS_LOST, COUNTER_MADVISE_UNTRACKED,
+    COUNTER_SHORT_BLOCKS, COUNTER_STACK_EVENTS_LOST, COUNTER_STALL_EVENTS_LOST,
+    COUNTER_UNMATCHED_SWITCH_OUTS, COUNTERS, EVENT_KIND_OFF_CPU, StallEvent,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -765,6 +765,7 @@ impl Monitor {
             madvise_events: self.counter(COUNTER_MADVISE_EVENTS_LOST)?,
             madvise_untracked: self.counter(COUNTER_MADVISE_UNTRACKED)?,
             connection_events: self.counter(COUNTER_CONNECTION_EVENTS_LOST)?,
+            exec_events: self.counter(COUNTER_EXEC_EVENTS_LOST)?,
             undecodable: self.decode_errors,
             samples_not_kept: self.assembler.dropped_samples,
         })

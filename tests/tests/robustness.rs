@@ -50,6 +50,8 @@ fn a_ring_buffer_too_small_for_stacks_loses_them_and_says_so() {
         "stack_events",
         "madvise_events",
         "madvise_untracked",
+        "connection_events",
+        "exec_events",
         "undecodable",
         "samples_not_kept",
     ]

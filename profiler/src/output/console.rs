@@ -173,12 +173,13 @@ impl Sink for ConsoleSink {
             let lost = &summary.lost;
             writeln!(
                 io::stderr(),
-                "  lost: {} stall events, {} stack events, {} madvise events, {} madvise calls untimed, {} connection events, {} undecodable, {} samples not kept",
+                "  lost: {} stall events, {} stack events, {} madvise events, {} madvise calls untimed, {} connection events, {} exec events, {} undecodable, {} samples not kept",
                 lost.stall_events,
                 lost.stack_events,
                 lost.madvise_events,
                 lost.madvise_untracked,
                 lost.connection_events,
+                lost.exec_events,
                 lost.undecodable,
                 lost.samples_not_kept,
             )?;

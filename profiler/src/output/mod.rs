@@ -184,6 +184,9 @@ pub struct LostEvents {
     /// Connection and accept events the kernel could not send.
     #[serde(default)]
     pub connection_events: u64,
+    /// Exec events of the target the kernel could not send.
+    #[serde(default)]
+    pub exec_events: u64,
     /// Records userspace could not decode.
     pub undecodable: u64,
     /// Stack samples userspace could not keep (too many pending).
@@ -197,6 +200,7 @@ impl LostEvents {
             + self.madvise_events
             + self.madvise_untracked
             + self.connection_events
+            + self.exec_events
             + self.undecodable
             + self.samples_not_kept
     }
