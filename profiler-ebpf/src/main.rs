@@ -161,15 +161,16 @@ mod programs {
         let now_ns = now_ns();
         let start_ns = core::mem::replace(&mut state.iteration_start_ns, now_ns);
         state.poll_entries += 1;
-        // Running here means any time off the CPU has ended; if its end was not seen, the
-        // iteration's start or off-CPU time is unknown.
-        let unmatched = core::mem::replace(&mut state.switch_out_ns, 0) != 0
-            || core::mem::replace(&mut state.blocked_in_poll, 0) != 0;
-        if unmatched {
+        // Running here means any time off the CPU has ended. If the return to the CPU was not
+        // seen, that off-CPU time is not reported; and if the thread had gone idle in a poll,
+        // the iteration's start is unknown, so it is not timed.
+        let missed_switch_in = core::mem::replace(&mut state.switch_out_ns, 0) != 0;
+        let missed_wake_up = core::mem::replace(&mut state.blocked_in_poll, 0) != 0;
+        if missed_switch_in || missed_wake_up {
             count(COUNTER_UNMATCHED_SWITCH_OUTS);
         }
         // The first entry after attaching has no iteration before it.
-        if start_ns == 0 || unmatched {
+        if start_ns == 0 || missed_wake_up {
             return 0;
         }
         let duration_ns = now_ns.saturating_sub(start_ns);
@@ -430,7 +431,10 @@ mod programs {
             return;
         }
         let user_regs = current_user_regs();
-        if state.nested_depth == 0 && user_regs.in_poll() {
+        // Blocked in an outermost poll: the loop is idle. A thread that is still runnable is
+        // not idle even inside a poll system call: it may have been preempted on its way in,
+        // before the poll's entry tracepoint ran, with its iteration still going on.
+        if !runnable && state.nested_depth == 0 && user_regs.in_poll() {
             state.blocked_in_poll = 1;
             return;
         }
