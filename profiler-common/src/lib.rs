@@ -191,8 +191,6 @@ pub struct LoopState {
     /// that does not block starts the next iteration at its entry, one that blocks at the
     /// thread's return to the CPU.
     pub iteration_start_ns: u64,
-    /// Poll entries seen since attaching.
-    pub poll_entries: u64,
     /// 1 while the thread is blocked inside a poll (the loop is idle, no iteration runs).
     pub blocked_in_poll: u64,
     /// Depth of `processEventsWhileBlocked` calls in progress: polls made there (during a long
@@ -205,7 +203,7 @@ pub struct LoopState {
     /// 1 when it left the CPU preempted rather than blocked.
     pub preempted: u64,
 }
-const _: () = assert!(core::mem::size_of::<LoopState>() == 56);
+const _: () = assert!(core::mem::size_of::<LoopState>() == 48);
 
 impl LoopState {
     /// When the iteration running now began; `None` while the loop idles in a poll (or before

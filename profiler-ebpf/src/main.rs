@@ -160,7 +160,6 @@ mod programs {
         }
         let now_ns = now_ns();
         let start_ns = core::mem::replace(&mut state.iteration_start_ns, now_ns);
-        state.poll_entries += 1;
         // Running here means any time off the CPU has ended. If the return to the CPU was not
         // seen, that off-CPU time is not reported; and if the thread had gone idle in a poll,
         // the iteration's start is unknown, so it is not timed.

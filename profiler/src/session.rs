@@ -316,7 +316,8 @@ fn attach_probes(
 /// `attached` on are timed; a loop stalled right now gets a warning instead.
 fn wait_for_first_poll(maps: &KernelMaps) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + FIRST_POLL_TIMEOUT;
-    while maps.loop_state()?.poll_entries == 0 {
+    // The first poll entry sets the start of the iteration after it.
+    while maps.loop_state()?.iteration_start_ns == 0 {
         if std::time::Instant::now() >= deadline {
             log::warn!(
                 "the event loop has not entered a poll within {FIRST_POLL_TIMEOUT:?} of attaching (it may be \
@@ -603,8 +604,11 @@ impl Monitor {
                 self.accept.connections.stall(event.start_ns, event.end_ns);
             stall.accept = Some(accept);
         }
-        let samples_lost =
-            self.counter(COUNTER_STACK_EVENTS_LOST)? + self.assembler.dropped_samples;
+        // Samples the kernel could not send or userspace could not keep, and times off the CPU
+        // whose end the kernel did not see (their record was never made).
+        let samples_lost = self.counter(COUNTER_STACK_EVENTS_LOST)?
+            + self.assembler.dropped_samples
+            + self.counter(COUNTER_UNMATCHED_SWITCH_OUTS)?;
         stall.incomplete = samples_lost > self.samples_lost_at_last_stall;
         self.samples_lost_at_last_stall = samples_lost;
         self.causes.add(&stall);
