@@ -19,7 +19,7 @@ pub const MAP_LOOP_STATE: &str = "LOOP_STATE";
 pub const MAP_OFF_CPU_STACKS: &str = "OFF_CPU_STACKS";
 /// Name of the `HashMap<u16, u8>` of the target's listening ports (set by userspace).
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
-/// Name of the `PerCpuArray<u64>` of counters indexed by `COUNTER_*` (summed over CPUs).
+/// Name of the `PerCpuArray<u64>` of counters indexed by [`Counter`] (summed over CPUs).
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
 
 /// Read-only global: thread-group id (pid) of the target.
@@ -49,31 +49,110 @@ pub const POLL_SYSCALLS: [(&str, u64, bool); 3] = [
 /// A `u32` pid/tid that no task has; the programs then match nothing (used by `doctor`).
 pub const NO_TARGET: u32 = u32::MAX;
 
-/// Counter index: stall events dropped because the ring buffer was full.
-pub const COUNTER_STALL_EVENTS_LOST: u32 = 0;
-/// Counter index: polls the event-loop thread blocked in (the next iteration began when it was
-/// back on the CPU, not at the poll's entry).
-pub const COUNTER_BLOCKING_POLLS: u32 = 1;
-/// Counter index: stack events (on- or off-CPU) dropped because the ring buffer was full.
-pub const COUNTER_STACK_EVENTS_LOST: u32 = 2;
-/// Counter index: times off the CPU during an iteration shorter than `--min-block`.
-pub const COUNTER_SHORT_BLOCKS: u32 = 3;
-/// Counter index: times off the CPU of at least `--min-block` in an iteration younger than
-/// the gate when the thread ran again (not sent: such an iteration is not a stall yet).
-pub const COUNTER_BLOCKS_BEFORE_GATE: u32 = 4;
-/// Counter index: times the thread left the CPU inside an iteration and entered its next poll
-/// without its return to the CPU having been seen; that off-CPU time is not reported.
-pub const COUNTER_UNMATCHED_SWITCH_OUTS: u32 = 5;
-/// Counter index: madvise events dropped because the ring buffer was full.
-pub const COUNTER_MADVISE_EVENTS_LOST: u32 = 6;
-/// Counter index: madvise calls not timed because the table of calls in flight was full.
-pub const COUNTER_MADVISE_UNTRACKED: u32 = 7;
-/// Counter index: connection and accept events dropped because the ring buffer was full.
-pub const COUNTER_CONNECTION_EVENTS_LOST: u32 = 8;
-/// Counter index: exec events dropped because the ring buffer was full.
-pub const COUNTER_EXEC_EVENTS_LOST: u32 = 9;
-/// Number of counter slots.
+/// Slots in the counters map (room for counters added later).
 pub const COUNTERS: u32 = 16;
+
+/// The counters the kernel programs keep, one slot each in [`MAP_COUNTERS`] (a per-CPU array:
+/// userspace sums the CPUs). Some count data lost on its way to userspace ([`Counter::loss_key`]);
+/// the others describe how the loop was seen.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    StallEventsLost = 0,
+    BlockingPolls = 1,
+    StackEventsLost = 2,
+    ShortBlocks = 3,
+    BlocksBeforeGate = 4,
+    UnmatchedSwitchOuts = 5,
+    MadviseEventsLost = 6,
+    MadviseUntracked = 7,
+    ConnectionEventsLost = 8,
+    ExecEventsLost = 9,
+    AcceptsUntracked = 10,
+    OffCpuRecordsUnread = 11,
+}
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; 12] = [
+        Counter::StallEventsLost,
+        Counter::BlockingPolls,
+        Counter::StackEventsLost,
+        Counter::ShortBlocks,
+        Counter::BlocksBeforeGate,
+        Counter::UnmatchedSwitchOuts,
+        Counter::MadviseEventsLost,
+        Counter::MadviseUntracked,
+        Counter::ConnectionEventsLost,
+        Counter::ExecEventsLost,
+        Counter::AcceptsUntracked,
+        Counter::OffCpuRecordsUnread,
+    ];
+
+    /// The counter's slot in [`MAP_COUNTERS`].
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// For a counter of lost data, its key in the summary's `lost` object.
+    pub const fn loss_key(self) -> Option<&'static str> {
+        match self {
+            Counter::StallEventsLost => Some("stall_events"),
+            Counter::StackEventsLost => Some("stack_events"),
+            Counter::MadviseEventsLost => Some("madvise_events"),
+            Counter::MadviseUntracked => Some("madvise_untracked"),
+            Counter::ConnectionEventsLost => Some("connection_events"),
+            Counter::ExecEventsLost => Some("exec_events"),
+            Counter::AcceptsUntracked => Some("accepts_untracked"),
+            Counter::OffCpuRecordsUnread => Some("off_cpu_records_unread"),
+            Counter::BlockingPolls
+            | Counter::ShortBlocks
+            | Counter::BlocksBeforeGate
+            | Counter::UnmatchedSwitchOuts => None,
+        }
+    }
+
+    /// What the counter counts, for people.
+    pub const fn description(self) -> &'static str {
+        match self {
+            Counter::StallEventsLost => "stall events the kernel could not send (ring buffer full)",
+            Counter::BlockingPolls => {
+                "polls the event-loop thread blocked in (its next iteration began when it was \
+                 back on the CPU)"
+            }
+            Counter::StackEventsLost => {
+                "stack events (on- and off-CPU) the kernel could not send (ring buffer full)"
+            }
+            Counter::ShortBlocks => {
+                "times off the CPU inside an iteration shorter than --min-block"
+            }
+            Counter::BlocksBeforeGate => {
+                "times off the CPU of at least --min-block in an iteration younger than the gate"
+            }
+            Counter::UnmatchedSwitchOuts => {
+                "times off the CPU whose return to the CPU was not seen (not reported)"
+            }
+            Counter::MadviseEventsLost => {
+                "madvise events the kernel could not send (ring buffer full)"
+            }
+            Counter::MadviseUntracked => {
+                "madvise calls not timed (the table of calls in flight was full)"
+            }
+            Counter::ConnectionEventsLost => {
+                "connection and accept events the kernel could not send (ring buffer full)"
+            }
+            Counter::ExecEventsLost => "exec events the kernel could not send (ring buffer full)",
+            Counter::AcceptsUntracked => {
+                "accept calls not followed (the table of calls in flight was full)"
+            }
+            Counter::OffCpuRecordsUnread => {
+                "off-CPU records the kernel could not copy into the ring buffer"
+            }
+        }
+    }
+}
+const _: () = assert!(Counter::ALL.len() <= COUNTERS as usize);
 
 /// Event kind: an event-loop iteration at or above the threshold ([`StallEvent`]).
 pub const EVENT_KIND_STALL: u32 = 1;
@@ -375,6 +454,14 @@ mod tests {
             assert_eq!(previous_high, low, "gap before bucket {bucket}");
             assert!(previous_low < low);
             assert!((high - low) * 16 <= low.max(16), "bucket {bucket} too wide");
+        }
+    }
+
+    #[test]
+    fn every_counter_sits_in_its_own_slot() {
+        for (slot, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(counter.index() as usize, slot);
+            assert!(!counter.description().is_empty());
         }
     }
 

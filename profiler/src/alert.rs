@@ -16,49 +16,95 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-
-use crate::stall::Stall;
+use crate::output::record::{Alert, AlertCounts, AlertState, Stall};
 
 /// How often the current iteration's age is checked: an in-progress alert goes out at most
 /// this long after the iteration crosses the alert threshold.
 pub const IN_PROGRESS_CHECK_PERIOD: Duration = Duration::from_millis(10);
 
-/// Whether the stall is over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertState {
-    /// The iteration is still running; the stall's fields cover what was sampled so far.
-    InProgress,
-    /// The stall ended.
-    Final,
+/// `--alert`: the threshold, and `--alert-exec` when given.
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    pub threshold: Duration,
+    pub exec: Option<ExecSettings>,
 }
 
-/// An alert: the stall's fields, its state and, in progress, how long it has run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Alert {
-    pub state: AlertState,
-    /// In progress: how long the iteration has been running.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub elapsed_us: Option<u64>,
-    /// The alert threshold.
-    pub alert_us: u64,
-    #[serde(flatten)]
-    pub stall: Stall,
+/// The alerts of a run: which stalls and iterations get one, their counts, and the
+/// `--alert-exec` runner.
+pub struct Alerting {
+    threshold: Duration,
+    exec: Option<AlertExec>,
+    counts: AlertCounts,
+    /// Start of the iteration an in-progress alert was last given for.
+    alerted_iteration_ns: u64,
 }
 
-/// Counts of alerts for the summary.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AlertCounts {
-    #[serde(rename = "final")]
-    pub finals: u64,
-    pub in_progress: u64,
-    /// `--alert-exec` runs started.
-    pub exec_runs: u64,
-    /// Alerts not given to `--alert-exec` because of `--alert-max-per-minute`.
-    pub exec_suppressed: u64,
-    /// Runs that could not start, failed, or were killed after the timeout.
-    pub exec_failed: u64,
+impl Alerting {
+    pub fn new(settings: AlertSettings) -> Self {
+        Self {
+            threshold: settings.threshold,
+            exec: settings.exec.map(AlertExec::start),
+            counts: AlertCounts::default(),
+            alerted_iteration_ns: 0,
+        }
+    }
+
+    fn alert_us(&self) -> u64 {
+        self.threshold.as_micros() as u64
+    }
+
+    /// The final alert of a stall at least as long as the alert threshold.
+    pub fn final_alert(&mut self, stall: &Stall) -> Option<Alert> {
+        if stall.duration_us < self.alert_us() {
+            return None;
+        }
+        self.counts.finals += 1;
+        Some(self.give(AlertState::Final, None, stall.clone()))
+    }
+
+    /// Whether the iteration that began at `iteration_ns` and still runs at `now_ns` is owed
+    /// an in-progress alert (past the threshold, and not alerted yet).
+    pub fn in_progress_due(&self, iteration_ns: u64, now_ns: u64) -> bool {
+        let elapsed_ns = now_ns.saturating_sub(iteration_ns);
+        iteration_ns != self.alerted_iteration_ns
+            && elapsed_ns >= u64::try_from(self.threshold.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The in-progress alert of the iteration that began at `iteration_ns`, `stall` being
+    /// what it has sampled so far.
+    pub fn in_progress_alert(&mut self, iteration_ns: u64, now_ns: u64, stall: Stall) -> Alert {
+        self.alerted_iteration_ns = iteration_ns;
+        self.counts.in_progress += 1;
+        let elapsed_us = now_ns.saturating_sub(iteration_ns) / 1_000;
+        self.give(AlertState::InProgress, Some(elapsed_us), stall)
+    }
+
+    /// Forgets the iteration last alerted (a new process's iterations start afresh).
+    pub fn forget_iteration(&mut self) {
+        self.alerted_iteration_ns = 0;
+    }
+
+    fn give(&mut self, state: AlertState, elapsed_us: Option<u64>, stall: Stall) -> Alert {
+        let alert = Alert {
+            state,
+            elapsed_us,
+            alert_us: self.alert_us(),
+            stall,
+        };
+        if let Some(exec) = &mut self.exec {
+            exec.submit(&alert);
+        }
+        alert
+    }
+
+    /// The counts for the summary, the `--alert-exec` runs included.
+    pub fn counts(&self) -> AlertCounts {
+        let mut counts = self.counts.clone();
+        if let Some(exec) = &self.exec {
+            exec.count_into(&mut counts);
+        }
+        counts
+    }
 }
 
 /// What `--alert-exec` runs and how.
@@ -72,7 +118,7 @@ pub struct ExecSettings {
 
 /// Runs `--alert-exec` off the event path.
 pub struct AlertExec {
-    sender: mpsc::Sender<Alert>,
+    sender: mpsc::Sender<ExecInput>,
     recent_runs: VecDeque<Instant>,
     max_per_minute: u32,
     failed: Arc<AtomicU64>,
@@ -81,17 +127,10 @@ pub struct AlertExec {
 }
 
 impl AlertExec {
-    /// Starts the runner thread. A program that cannot be found is reported now (profiling goes
-    /// on; each alert then counts as a failed run).
+    /// Starts the runner thread (the program was found when the flags were checked, see
+    /// [`find_program`]).
     pub fn start(settings: ExecSettings) -> Self {
-        if let Some(program) = settings.argv.first()
-            && find_program(program).is_none()
-        {
-            log::warn!(
-                "--alert-exec: program `{program}` not found; alerts are still printed and written"
-            );
-        }
-        let (sender, receiver) = mpsc::channel::<Alert>();
+        let (sender, receiver) = mpsc::channel::<ExecInput>();
         let failed = Arc::new(AtomicU64::new(0));
         let thread_failed = Arc::clone(&failed);
         let ExecSettings {
@@ -102,8 +141,8 @@ impl AlertExec {
         thread::Builder::new()
             .name("alert-exec".into())
             .spawn(move || {
-                for alert in receiver {
-                    if let Err(problem) = run_once(&argv, &alert, timeout) {
+                for input in receiver {
+                    if let Err(problem) = run_once(&argv, &input, timeout) {
                         thread_failed.fetch_add(1, Ordering::Relaxed);
                         log::warn!("--alert-exec: {problem}");
                     }
@@ -136,7 +175,13 @@ impl AlertExec {
         }
         self.recent_runs.push_back(now);
         self.runs += 1;
-        if self.sender.send(alert.clone()).is_err() {
+        let sent = ExecInput::of(alert).and_then(|input| {
+            self.sender
+                .send(input)
+                .map_err(|_| "the runner thread is gone".to_owned())
+        });
+        if let Err(problem) = sent {
+            log::warn!("--alert-exec: {problem}");
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -149,34 +194,50 @@ impl AlertExec {
     }
 }
 
+/// What one `--alert-exec` run is given: the alert's JSON on its standard input and
+/// `REDIS_STALLPROF_*` variables (made on the event path, sent to the runner thread).
+struct ExecInput {
+    json: Vec<u8>,
+    environment: [(&'static str, String); 5],
+}
+
+impl ExecInput {
+    fn of(alert: &Alert) -> Result<Self, String> {
+        let state = match alert.state {
+            AlertState::Final => "final",
+            AlertState::InProgress => "in_progress",
+        };
+        Ok(Self {
+            json: serde_json::to_vec(alert).map_err(|error| error.to_string())?,
+            environment: [
+                ("REDIS_STALLPROF_STATE", state.to_owned()),
+                (
+                    "REDIS_STALLPROF_DURATION_US",
+                    alert.stall.duration_us.to_string(),
+                ),
+                ("REDIS_STALLPROF_ORIGIN", alert.stall.origin.clone()),
+                ("REDIS_STALLPROF_MECHANISM", alert.stall.mechanism.clone()),
+                ("REDIS_STALLPROF_PID", alert.stall.pid.to_string()),
+            ],
+        })
+    }
+}
+
 /// Runs the command once with the alert on stdin and `REDIS_STALLPROF_*` in its environment.
-fn run_once(argv: &[String], alert: &Alert, timeout: Duration) -> Result<(), String> {
+fn run_once(argv: &[String], input: &ExecInput, timeout: Duration) -> Result<(), String> {
     let (program, arguments) = argv.split_first().ok_or("no command given")?;
-    let json = serde_json::to_vec(alert).map_err(|error| error.to_string())?;
     let mut child = Command::new(program)
         .args(arguments)
-        .env(
-            "REDIS_STALLPROF_STATE",
-            if alert.state == AlertState::Final {
-                "final"
-            } else {
-                "in_progress"
-            },
-        )
-        .env(
-            "REDIS_STALLPROF_DURATION_US",
-            alert.stall.duration_us.to_string(),
-        )
-        .env("REDIS_STALLPROF_ORIGIN", &alert.stall.origin)
-        .env("REDIS_STALLPROF_MECHANISM", &alert.stall.mechanism)
-        .env("REDIS_STALLPROF_PID", alert.stall.pid.to_string())
+        .envs(input.environment.iter().map(|(name, value)| (name, value)))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .map_err(|error| format!("cannot run `{program}`: {error}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A command that does not read its input is its own business.
-        let _ = stdin.write_all(&json).and_then(|()| stdin.write_all(b"\n"));
+        let _ = stdin
+            .write_all(&input.json)
+            .and_then(|()| stdin.write_all(b"\n"));
     }
     let deadline = Instant::now() + timeout;
     loop {
@@ -197,7 +258,7 @@ fn run_once(argv: &[String], alert: &Alert, timeout: Duration) -> Result<(), Str
 }
 
 /// The program's path: as given when it has a `/`, else the first match on `PATH`.
-fn find_program(program: &str) -> Option<PathBuf> {
+pub fn find_program(program: &str) -> Option<PathBuf> {
     if program.contains('/') {
         return Path::new(program).is_file().then(|| PathBuf::from(program));
     }
@@ -221,6 +282,10 @@ mod tests {
         }
     }
 
+    fn input(state: AlertState) -> ExecInput {
+        ExecInput::of(&alert(state)).unwrap()
+    }
+
     #[test]
     fn an_alert_is_the_stall_with_its_state() {
         let json = serde_json::to_value(alert(AlertState::Final)).unwrap();
@@ -239,7 +304,7 @@ mod tests {
             out.display()
         );
         let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
-        run_once(&argv, &alert(AlertState::Final), Duration::from_secs(5)).unwrap();
+        run_once(&argv, &input(AlertState::Final), Duration::from_secs(5)).unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
         let (json, environment) = text.split_once('\n').unwrap();
         assert_eq!(
@@ -254,14 +319,14 @@ mod tests {
         let hang = vec!["sleep".to_owned(), "30".to_owned()];
         let started = Instant::now();
         let error =
-            run_once(&hang, &alert(AlertState::Final), Duration::from_millis(200)).unwrap_err();
+            run_once(&hang, &input(AlertState::Final), Duration::from_millis(200)).unwrap_err();
         assert!(
             error.contains("killed it") && started.elapsed() < Duration::from_secs(5),
             "{error}"
         );
         let missing = vec!["/nonexistent/notify".to_owned()];
         assert!(
-            run_once(&missing, &alert(AlertState::Final), Duration::from_secs(1))
+            run_once(&missing, &input(AlertState::Final), Duration::from_secs(1))
                 .unwrap_err()
                 .contains("cannot run")
         );

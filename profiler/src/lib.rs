@@ -1,16 +1,20 @@
 //! redis-stallprof: an eBPF latency profiler for a live Redis. It times every iteration of the
 //! event loop in the kernel and reports the ones longer than a threshold (stalls).
 //!
-//! Pipeline: [`cli`] flags -> [`kernel`] checks and [`target`] -> [`probes`] attached ->
-//! ring-buffer bytes decoded by [`events`] -> [`stall`]s and the [`histogram`] -> [`output`]
-//! sinks, with stack events turned into stacks by [`unwind`] (over [`memory_map`]) and
-//! [`symbolize`]; [`session`] drives an `attach` run, [`doctor`] checks a machine and
-//! [`report`] renders a recorded run again.
+//! Pipeline: [`cli`] flags -> [`config`] -> [`kernel`] checks and [`target`] -> [`probes`]
+//! attached -> ring-buffer bytes decoded by [`events`] -> stack events unwound ([`unwind`],
+//! over [`memory_map`]) and assembled into stalls, then symbolized ([`symbolize`]) and
+//! attributed ([`attribute`]) by [`stall`] into typed [`stack`] frames -> records
+//! ([`output::record`]) to the [`output`] sinks, [`metrics`] and [`alert`]s. [`attach`]
+//! drives a run; [`accept`] watches the accept queues, [`madvise`] and [`histogram`] keep
+//! their totals; [`doctor`] checks a machine and [`report`] renders a recorded run again.
 pub mod accept;
 pub mod alert;
+pub mod attach;
 pub mod attribute;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod doctor;
 pub mod events;
 pub mod histogram;
@@ -22,7 +26,7 @@ pub mod output;
 pub mod privileges;
 pub mod probes;
 pub mod report;
-pub mod session;
+pub mod stack;
 pub mod stall;
 pub mod symbolize;
 pub mod target;
@@ -39,7 +43,7 @@ pub const EXIT_FAILURE: u8 = 1;
 pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Attach(args) => {
-            session::run_attach(args)?;
+            attach::run_attach(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor => Ok(if doctor::run_doctor() {
@@ -52,4 +56,16 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// An error and its causes on one line, `outer: inner: ...` (as `anyhow` prints them).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }

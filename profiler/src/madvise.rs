@@ -8,7 +8,8 @@ use std::{
 
 use hdrhistogram::Histogram;
 use profiler_common::MadviseEvent;
-use serde::{Deserialize, Serialize};
+
+use crate::output::record::MadviseSummary;
 
 /// `MADV_*` names by value (Linux `include/uapi/asm-generic/mman-common.h`).
 const ADVICE_NAMES: [(i32, &str); 26] = [
@@ -57,18 +58,6 @@ pub fn thread_role(pid: u32, tid: u32, name: &str) -> String {
         return name.to_owned();
     }
     "other".to_owned()
-}
-
-/// One line of the madvise summary.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MadviseSummary {
-    pub thread_role: String,
-    pub advice: String,
-    pub calls: u64,
-    pub bytes: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub max_us: u64,
 }
 
 struct Totals {

@@ -3,6 +3,8 @@
 //! symbol (`module+0xoffset`).
 use std::{fs, io, path::PathBuf};
 
+use crate::stack::Frame;
+
 /// One executable, file-backed mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapping {
@@ -90,16 +92,15 @@ impl MemoryMap {
         (address < mapping.end).then_some(mapping)
     }
 
-    /// `module+0xoffset` (file offset) for an address no symbol covers; `[unknown]` outside
-    /// every mapping.
-    pub fn describe(&self, address: u64) -> String {
+    /// The frame of an address no symbol covers: its module and file offset, or unknown
+    /// outside every mapping.
+    pub fn unnamed_frame(&self, address: u64) -> Frame {
         match self.find(address) {
-            Some(mapping) => format!(
-                "{}+{:#x}",
-                mapping.module_name(),
-                address - mapping.start + mapping.file_offset
-            ),
-            None => "[unknown]".to_owned(),
+            Some(mapping) => Frame::Unnamed {
+                module: mapping.module_name().into(),
+                offset: address - mapping.start + mapping.file_offset,
+            },
+            None => Frame::Unknown,
         }
     }
 }
@@ -151,13 +152,26 @@ mod tests {
         );
     }
 
+    fn unnamed(module: &str, offset: u64) -> Frame {
+        Frame::Unnamed {
+            module: module.into(),
+            offset,
+        }
+    }
+
     #[test]
     fn addresses_are_described_by_module_and_file_offset() {
         let map = MemoryMap::parse(MAPS);
-        assert_eq!(map.describe(0x55d0c4a4b010), "redis-check-rdb+0x4b010");
-        assert_eq!(map.describe(0x7f1e2b028000), "libc.so.6+0x28000");
-        assert_eq!(map.describe(0x7f1e2b17d000), "[unknown]");
-        assert_eq!(map.describe(0), "[unknown]");
+        assert_eq!(
+            map.unnamed_frame(0x55d0c4a4b010),
+            unnamed("redis-check-rdb", 0x4b010)
+        );
+        assert_eq!(
+            map.unnamed_frame(0x7f1e2b028000),
+            unnamed("libc.so.6", 0x28000)
+        );
+        assert_eq!(map.unnamed_frame(0x7f1e2b17d000), Frame::Unknown);
+        assert_eq!(map.unnamed_frame(0), Frame::Unknown);
         assert_eq!(map.find(0x7f1e2b200000).unwrap().module_name(), "a file");
     }
 
@@ -165,7 +179,13 @@ mod tests {
     fn the_process_executable_is_named_after_the_process() {
         let mut map = MemoryMap::parse(MAPS);
         map.name_executable("/usr/bin/redis-check-rdb", "redis-server");
-        assert_eq!(map.describe(0x55d0c4a4b010), "redis-server+0x4b010");
-        assert_eq!(map.describe(0x7f1e2b028000), "libc.so.6+0x28000");
+        assert_eq!(
+            map.unnamed_frame(0x55d0c4a4b010),
+            unnamed("redis-server", 0x4b010)
+        );
+        assert_eq!(
+            map.unnamed_frame(0x7f1e2b028000),
+            unnamed("libc.so.6", 0x28000)
+        );
     }
 }

@@ -18,7 +18,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::stall::Stall;
+use crate::output::record::Stall;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {

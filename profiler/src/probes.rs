@@ -12,9 +12,9 @@ use aya::{
     },
 };
 use profiler_common::{
-    GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS,
-    GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, LoopState, MAP_COUNTERS, MAP_EVENTS,
-    MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE,
+    Counter, GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID,
+    GLOBAL_THRESHOLD_NS, GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, LoopState, MAP_COUNTERS,
+    MAP_EVENTS, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE,
     MAP_OFF_CPU_STACKS, StackEvent,
 };
 
@@ -390,11 +390,11 @@ impl KernelMaps {
         Ok(())
     }
 
-    /// A kernel-side counter (`profiler_common::COUNTER_*`), summed over the CPUs.
-    pub fn counter(&self, index: u32) -> Result<u64, ProbeError> {
+    /// A kernel-side counter, summed over the CPUs.
+    pub fn counter(&self, counter: Counter) -> Result<u64, ProbeError> {
         let per_cpu = self
             .counters
-            .get(&index, 0)
+            .get(&counter.index(), 0)
             .map_err(map_error(MAP_COUNTERS))?;
         Ok(per_cpu.iter().sum())
     }

@@ -10,8 +10,10 @@ use serde_json::Value;
 
 use crate::{
     cli::ReportArgs,
-    output::{ConsoleSink, FoldedStacks, Sink, Summary, flamegraph_title},
-    stall::Stall,
+    output::{
+        ConsoleSink, FoldedStacks, Sink, flamegraph_title,
+        record::{Stall, Summary},
+    },
 };
 
 pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {

@@ -1,11 +1,8 @@
-//! Code addresses -> frame names. User frames: blazesym on the target's own mapped files
+//! Code addresses -> typed [`Frame`]s. User frames: blazesym on the target's own mapped files
 //! (debug symbols when present, else ELF symbols); kernel frames: kallsyms. An address no
-//! symbol covers is named `module+0xoffset` (user) or `0xaddress_[k]` (kernel): frames never
-//! vanish. Kernel frames end in `_[k]`. Names are cached per address.
-use std::{
-    collections::{HashMap, HashSet},
-    rc::Rc,
-};
+//! symbol covers keeps its module and offset (user) or its address (kernel): frames never
+//! vanish. Frames are cached per address.
+use std::collections::{HashMap, HashSet};
 
 use blazesym::{
     Pid,
@@ -15,10 +12,8 @@ use blazesym::{
     },
 };
 
-use crate::memory_map::MemoryMap;
+use crate::{memory_map::MemoryMap, stack::Frame};
 
-/// Suffix of kernel frame names (the folded-stack convention).
-pub const KERNEL_SUFFIX: &str = "_[k]";
 /// Kernel functions that run our probe (tracepoint and BPF dispatch), not the traced thread.
 const PROBE_FRAME_PREFIXES: [&str; 4] =
     ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"];
@@ -90,8 +85,8 @@ impl SymbolSource for BlazeSymbols {
 /// Names frames, with a cache per address space in front of a [`SymbolSource`].
 pub struct Symbolizer {
     source: Box<dyn SymbolSource>,
-    user: HashMap<u64, Rc<str>>,
-    kernel: HashMap<u64, Rc<str>>,
+    user: HashMap<u64, Frame>,
+    kernel: HashMap<u64, Frame>,
 }
 
 impl Symbolizer {
@@ -119,39 +114,41 @@ impl Symbolizer {
         self.kernel_frames(&[SOME_KERNEL_ADDRESS]);
     }
 
-    /// Names user lookup addresses (leaf first); `memory_map` names those without a symbol.
-    pub fn user_frames(&mut self, addresses: &[u64], memory_map: &MemoryMap) -> Vec<Rc<str>> {
+    /// The frames of user lookup addresses (leaf first); `memory_map` places those without a
+    /// symbol.
+    pub fn user_frames(&mut self, addresses: &[u64], memory_map: &MemoryMap) -> Vec<Frame> {
         let source = &mut self.source;
         name_all(
             &mut self.user,
             addresses,
             |missing| source.user(missing),
             |address, name| match name {
-                Some(name) => name,
-                None => memory_map.describe(address),
+                Some(name) => Frame::User(name.into()),
+                None => memory_map.unnamed_frame(address),
             },
         )
     }
 
-    /// Names kernel addresses (leaf first), each ending in [`KERNEL_SUFFIX`]; the frames of
-    /// our own probe that took the stack (leading `bpf_prog_*`, `bpf_trace_run*`) are left out.
-    pub fn kernel_frames(&mut self, addresses: &[u64]) -> Vec<Rc<str>> {
+    /// The frames of kernel addresses (leaf first); the frames of our own probe that took the
+    /// stack (leading `bpf_prog_*`, `bpf_trace_run*`) are left out.
+    pub fn kernel_frames(&mut self, addresses: &[u64]) -> Vec<Frame> {
         let source = &mut self.source;
         let mut frames = name_all(
             &mut self.kernel,
             addresses,
             |missing| source.kernel(missing),
             |address, name| match name {
-                Some(name) => format!("{name}{KERNEL_SUFFIX}"),
-                None => format!("{address:#x}{KERNEL_SUFFIX}"),
+                Some(name) => Frame::Kernel(name.into()),
+                None => Frame::KernelAddress(address),
             },
         );
         let probe_frames = frames
             .iter()
-            .take_while(|frame| {
-                PROBE_FRAME_PREFIXES
+            .take_while(|frame| match frame {
+                Frame::Kernel(name) => PROBE_FRAME_PREFIXES
                     .iter()
-                    .any(|prefix| frame.starts_with(prefix))
+                    .any(|prefix| name.starts_with(prefix)),
+                _ => false,
             })
             .count();
         frames.drain(..probe_frames);
@@ -160,13 +157,13 @@ impl Symbolizer {
 }
 
 /// Looks every address up in `cache`, asks `lookup` for the missing ones in one batch, and
-/// names them with `format`.
+/// makes their frames with `frame`.
 fn name_all(
-    cache: &mut HashMap<u64, Rc<str>>,
+    cache: &mut HashMap<u64, Frame>,
     addresses: &[u64],
     lookup: impl FnOnce(&[u64]) -> Vec<Option<String>>,
-    format: impl Fn(u64, Option<String>) -> String,
-) -> Vec<Rc<str>> {
+    frame: impl Fn(u64, Option<String>) -> Frame,
+) -> Vec<Frame> {
     let mut missing: Vec<u64> = addresses
         .iter()
         .copied()
@@ -181,12 +178,12 @@ fn name_all(
         let names = lookup(&missing);
         for (index, &address) in missing.iter().enumerate() {
             let name = names.get(index).cloned().flatten();
-            cache.insert(address, format(address, name).into());
+            cache.insert(address, frame(address, name));
         }
     }
     addresses
         .iter()
-        .map(|address| Rc::clone(&cache[address]))
+        .map(|address| cache[address].clone())
         .collect()
 }
 
@@ -197,7 +194,7 @@ pub(crate) mod tests {
     /// Names from a table; counts lookups.
     pub(crate) struct TableSymbols {
         pub(crate) names: HashMap<u64, &'static str>,
-        pub(crate) lookups: Rc<std::cell::Cell<usize>>,
+        pub(crate) lookups: std::rc::Rc<std::cell::Cell<usize>>,
     }
 
     impl SymbolSource for TableSymbols {
@@ -216,7 +213,7 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_frames_keep_their_module_and_offset_and_names_are_cached() {
-        let lookups = Rc::new(std::cell::Cell::new(0));
+        let lookups = std::rc::Rc::new(std::cell::Cell::new(0));
         let names = HashMap::from([
             (0x1010, "main"),
             (0xffff_1000, "do_nanosleep"),
@@ -224,12 +221,21 @@ pub(crate) mod tests {
         ]);
         let mut symbolizer = Symbolizer::new(Box::new(TableSymbols {
             names,
-            lookups: Rc::clone(&lookups),
+            lookups: std::rc::Rc::clone(&lookups),
         }));
         let map = MemoryMap::parse("1000-3000 r-xp 00002000 fe:01 7 /usr/bin/redis-server\n");
         let frames = symbolizer.user_frames(&[0x1010, 0x2000, 0x9999], &map);
-        let frames: Vec<&str> = frames.iter().map(|frame| &**frame).collect();
-        assert_eq!(frames, ["main", "redis-server+0x3000", "[unknown]"]);
+        assert_eq!(
+            frames,
+            [
+                Frame::User("main".into()),
+                Frame::Unnamed {
+                    module: "redis-server".into(),
+                    offset: 0x3000
+                },
+                Frame::Unknown
+            ]
+        );
         symbolizer.user_frames(&[0x2000, 0x1010], &map);
         assert_eq!(lookups.get(), 1, "the second call is served from the cache");
         let kernel = symbolizer.kernel_frames(&[0xffff_3000, 0xffff_1000, 0xffff_2000]);
@@ -238,8 +244,8 @@ pub(crate) mod tests {
             2,
             "the probe's own frame is left out: {kernel:?}"
         );
-        assert_eq!(&*kernel[0], "do_nanosleep_[k]");
-        assert_eq!(&*kernel[1], "0xffff2000_[k]");
+        assert_eq!(kernel[0], Frame::Kernel("do_nanosleep".into()));
+        assert_eq!(kernel[1], Frame::KernelAddress(0xffff_2000));
     }
 
     #[test]

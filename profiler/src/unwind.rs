@@ -1,7 +1,8 @@
 //! User-stack unwinding without frame pointers: the registers and stack bytes a sample copied
-//! -> the chain of code addresses, found with framehop from each module's `.eh_frame`,
-//! `.eh_frame_hdr` and `.debug_frame`. Modules come from `/proc/PID/maps`, are loaded once per
-//! mapping, and are refreshed when an address falls outside every known module.
+//! -> the chain of code addresses. [`StackUnwinder`] is the seam stall assembly sees;
+//! [`DwarfUnwinder`] walks with framehop from each module's `.eh_frame`, `.eh_frame_hdr` and
+//! `.debug_frame`. Modules come from `/proc/PID/maps`, are loaded once per mapping, and are
+//! refreshed when an address falls outside every known module.
 use std::{collections::BTreeMap, fs, time::Instant};
 
 use framehop::{
@@ -47,8 +48,16 @@ impl RecordedStack<'_> {
     }
 }
 
-/// Unwinds the user stacks of one process.
-pub struct Unwinder {
+/// Turns the recorded user stacks of one process into code addresses.
+pub trait StackUnwinder {
+    /// Walks the recorded stack. Never fails: an address it cannot follow ends the stack.
+    fn unwind(&mut self, stack: &RecordedStack<'_>) -> UserStack;
+    /// The process's executable mappings as last read.
+    fn memory_map(&self) -> &MemoryMap;
+}
+
+/// Unwinds the user stacks of one process with their modules' DWARF unwind tables.
+pub struct DwarfUnwinder {
     pid: u32,
     memory_map: MemoryMap,
     /// Modules given to framehop, by mapping start.
@@ -58,7 +67,17 @@ pub struct Unwinder {
     last_refresh: Option<Instant>,
 }
 
-impl Unwinder {
+impl StackUnwinder for DwarfUnwinder {
+    fn unwind(&mut self, stack: &RecordedStack<'_>) -> UserStack {
+        DwarfUnwinder::unwind(self, stack)
+    }
+
+    fn memory_map(&self) -> &MemoryMap {
+        &self.memory_map
+    }
+}
+
+impl DwarfUnwinder {
     pub fn new(pid: u32) -> Self {
         let mut unwinder = Self {
             pid,
@@ -70,11 +89,6 @@ impl Unwinder {
         };
         unwinder.refresh();
         unwinder
-    }
-
-    /// The process's executable mappings as last read.
-    pub fn memory_map(&self) -> &MemoryMap {
-        &self.memory_map
     }
 
     /// Re-reads `/proc/PID/maps`: loads new modules, forgets unmapped ones.
@@ -121,7 +135,7 @@ impl Unwinder {
         due
     }
 
-    /// Walks the recorded stack. Never fails: an address it cannot follow ends the stack.
+    /// Walks the recorded stack (see [`StackUnwinder::unwind`]).
     pub fn unwind(&mut self, stack: &RecordedStack<'_>) -> UserStack {
         if self.memory_map.find(stack.ip).is_none() {
             self.refresh_if_due();
@@ -267,7 +281,7 @@ mod tests {
     fn our_own_stack_unwinds_through_several_frames_into_the_test_harness() {
         let mut bytes = Vec::new();
         let (ip, sp, bp) = record_own_stack(&mut bytes);
-        let mut unwinder = Unwinder::new(std::process::id());
+        let mut unwinder = DwarfUnwinder::new(std::process::id());
         let stack = unwinder.unwind(&RecordedStack {
             ip,
             sp,
@@ -298,7 +312,7 @@ mod tests {
     fn a_truncated_copy_cuts_the_stack_without_failing() {
         let mut bytes = Vec::new();
         let (ip, sp, bp) = record_own_stack(&mut bytes);
-        let mut unwinder = Unwinder::new(std::process::id());
+        let mut unwinder = DwarfUnwinder::new(std::process::id());
         let full = unwinder.unwind(&RecordedStack {
             ip,
             sp,
@@ -317,7 +331,7 @@ mod tests {
 
     #[test]
     fn registers_that_point_nowhere_give_one_unknown_frame() {
-        let mut unwinder = Unwinder::new(std::process::id());
+        let mut unwinder = DwarfUnwinder::new(std::process::id());
         for (ip, sp) in [(0, 0), (0xdead_beef, 0x10), (u64::MAX, u64::MAX - 4)] {
             let stack = unwinder.unwind(&RecordedStack {
                 ip,
@@ -331,7 +345,7 @@ mod tests {
 
     #[test]
     fn a_process_that_is_gone_unwinds_nothing_and_does_not_fail() {
-        let mut unwinder = Unwinder::new(u32::MAX - 1);
+        let mut unwinder = DwarfUnwinder::new(u32::MAX - 1);
         let stack = unwinder.unwind(&RecordedStack {
             ip: 0x1000,
             sp: 0x2000,
@@ -372,7 +386,7 @@ mod tests {
         use proptest::{
             collection::vec, num::u8, num::u64, strategy::Strategy, test_runner::TestRunner,
         };
-        let unwinder = std::cell::RefCell::new(Unwinder::new(std::process::id()));
+        let unwinder = std::cell::RefCell::new(DwarfUnwinder::new(std::process::id()));
         let code = arbitrary_registers_and_bytes_unwind_without_failing as *const () as u64;
         let registers = (u64::ANY, u64::ANY, u64::ANY, vec(u8::ANY, 0..512));
         // Half the cases start in real code of this binary with a stack of random words.

@@ -19,6 +19,13 @@ const REDIS_SERVER: &str = "/usr/bin/redis-server";
 /// How long a server or the profiler may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A JSON number that must be a whole one.
+pub fn number(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a number: {value}"))
+}
+
 /// The profiler binary: `$REDIS_STALLPROF_BIN`, else the workspace's release build.
 pub fn profiler_bin() -> PathBuf {
     std::env::var_os("REDIS_STALLPROF_BIN")
@@ -384,6 +391,18 @@ impl Run {
             .iter()
             .filter(|record| record["type"] == kind)
             .collect()
+    }
+
+    /// The one `stall` record.
+    pub fn only_stall(&self) -> &Value {
+        let stalls = self.of_type("stall");
+        assert_eq!(
+            stalls.len(),
+            1,
+            "one stall expected: {stalls:?}\n{}",
+            self.stderr
+        );
+        stalls[0]
     }
 
     /// The one `summary` record.

@@ -2,14 +2,7 @@
 //! so that no other traffic moves the namespace's counters.
 use std::{thread, time::Duration};
 
-use serde_json::Value;
-use stallprof_testkit::{NetworkNamespace, Profiler, RedisServer, connection_storm};
-
-fn number(value: &Value) -> u64 {
-    value
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a number: {value}"))
-}
+use stallprof_testkit::{NetworkNamespace, Profiler, RedisServer, connection_storm, number};
 
 #[test]
 fn a_stall_overflows_a_small_backlog_and_every_drop_is_accounted_for() {

@@ -212,12 +212,12 @@ fn metrics_parse_and_agree_with_the_json_events() {
 }
 
 #[test]
-fn a_busy_metrics_address_a_missing_or_hanging_alert_command_do_not_stop_profiling() {
+fn a_busy_metrics_address_a_failing_or_hanging_alert_command_do_not_stop_profiling() {
     let redis = RedisServer::start(&[]);
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_address = busy.local_addr().unwrap().to_string();
     let pid = redis.pid().to_string();
-    let missing = Profiler::attach(&[
+    let failing = Profiler::attach(&[
         "--pid",
         &pid,
         "--metrics",
@@ -225,7 +225,7 @@ fn a_busy_metrics_address_a_missing_or_hanging_alert_command_do_not_stop_profili
         "--alert",
         "20ms",
         "--alert-exec",
-        "/nonexistent/notify --now",
+        "false",
     ]);
     let hanging = Profiler::attach(&[
         "--pid",
@@ -239,30 +239,23 @@ fn a_busy_metrics_address_a_missing_or_hanging_alert_command_do_not_stop_profili
     ]);
     redis.cli(&["DEBUG", "SLEEP", "0.05"]);
     thread::sleep(Duration::from_millis(800));
-    let (missing, hanging) = (missing.stop(), hanging.stop());
+    let (failing, hanging) = (failing.stop(), hanging.stop());
 
-    assert!(missing.status.success());
+    assert!(failing.status.success());
     assert!(
-        missing
+        failing
             .stderr
             .contains(&format!("cannot serve metrics on {busy_address}")),
         "{}",
-        missing.stderr
-    );
-    assert!(
-        missing
-            .stderr
-            .contains("program `/nonexistent/notify` not found"),
-        "{}",
-        missing.stderr
+        failing.stderr
     );
     assert_eq!(
-        missing.of_type("stall").len(),
+        failing.of_type("stall").len(),
         1,
         "still profiling: {}",
-        missing.stderr
+        failing.stderr
     );
-    assert!(missing.summary()["alerts"]["exec_failed"].as_u64().unwrap() >= 1);
+    assert!(failing.summary()["alerts"]["exec_failed"].as_u64().unwrap() >= 1);
 
     assert!(hanging.status.success());
     assert!(
@@ -271,5 +264,25 @@ fn a_busy_metrics_address_a_missing_or_hanging_alert_command_do_not_stop_profili
         hanging.stderr
     );
     assert_eq!(hanging.of_type("stall").len(), 1);
-    assert!(!missing.stderr.contains("panicked") && !hanging.stderr.contains("panicked"));
+    assert!(!failing.stderr.contains("panicked") && !hanging.stderr.contains("panicked"));
+}
+
+#[test]
+fn an_alert_command_that_does_not_exist_is_refused_before_attaching() {
+    let redis = RedisServer::start(&[]);
+    let output = stallprof_testkit::run_profiler(&[
+        "attach",
+        "--pid",
+        &redis.pid().to_string(),
+        "--alert",
+        "20ms",
+        "--alert-exec",
+        "/nonexistent/notify --now",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "redis-stallprof: error: --alert-exec: program `/nonexistent/notify` not found"
+    );
 }

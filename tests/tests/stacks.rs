@@ -3,13 +3,7 @@
 use std::{fs, process::Command, thread, time::Duration};
 
 use serde_json::Value;
-use stallprof_testkit::{Profiler, RedisServer, run_profiler};
-
-fn number(value: &Value) -> u64 {
-    value
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a number: {value}"))
-}
+use stallprof_testkit::{Profiler, RedisServer, number, run_profiler};
 
 fn frames(stack: &Value) -> Vec<&str> {
     stack["frames"]

@@ -6,13 +6,9 @@ use std::{
 };
 
 use serde_json::Value;
-use stallprof_testkit::{NetworkNamespace, Profiler, RedisServer, free_port, scrape_metrics};
-
-fn number(value: &Value) -> u64 {
-    value
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a number: {value}"))
-}
+use stallprof_testkit::{
+    NetworkNamespace, Profiler, RedisServer, free_port, number, scrape_metrics,
+};
 
 /// Whether any frame of any of the stall's stacks is `function`.
 fn has_frame(stall: &Value, function: &str) -> bool {

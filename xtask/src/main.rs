@@ -3,10 +3,11 @@
 //! Every step checks first and skips what is already there, so a second run is quick.
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitCode},
 };
 
 use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
@@ -31,34 +32,69 @@ const APT_PACKAGES: [&str; 10] = [
 /// The bpf-linker release that builds against LLVM 22 (see PLATFORM.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-fn main() -> anyhow::Result<()> {
-    let task = std::env::args().nth(1).unwrap_or_default();
-    match task.as_str() {
-        "setup" => setup(),
-        "demo" => {
+/// Set-up, demo, test and benchmark tasks for redis-stallprof; each installs what is missing
+/// first.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker; mount tracefs.
+    Setup,
+    /// Build, start a throwaway redis-server, make it stall, profile it, write the report.
+    Demo,
+    /// Build and run every test (unit and integration, against real redis-servers).
+    Test,
+    /// Measure the profiler's cost and speed and write BENCHMARKS.md.
+    Bench,
+    /// Profile a server under a long storm of stalls and check that memory stays bounded.
+    Soak {
+        /// How long, in minutes.
+        minutes: Option<u64>,
+    },
+    /// The bench's poll microbenchmark target (not for people).
+    #[command(hide = true)]
+    PollLoop,
+}
+
+fn main() -> ExitCode {
+    match run_task(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup => setup(),
+        Task::Demo => {
             setup()?;
             build()?;
             demo::run(&workspace_root().join("stallprof-demo"))
         }
-        "test" => {
+        Task::Test => {
             setup()?;
             build()?;
             test()
         }
-        "bench" => {
+        Task::Bench => {
             setup()?;
             build()?;
             bench::run(&workspace_root())
         }
-        "soak" => {
+        Task::Soak { minutes } => {
             setup()?;
             build()?;
-            let minutes = std::env::args().nth(2).map(|m| m.parse()).transpose()?;
             soak::run(minutes)
         }
-        // The bench's poll microbenchmark target (not for people).
-        "poll-loop" => poll_loop::run(),
-        _ => bail!("usage: cargo xtask setup | demo | test | bench | soak [MINUTES]"),
+        Task::PollLoop => poll_loop::run(),
     }
 }
 

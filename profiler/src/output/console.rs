@@ -1,13 +1,13 @@
 //! Human lines on stderr: one per stall, one per interval, the summary at exit.
 use std::io::{self, IsTerminal, Write};
 
-use super::{Attached, IntervalReport, Sink, StopReason, Summary, human_duration_ns};
-use crate::{
-    accept::AcceptOverflow,
-    alert::{Alert, AlertState},
-    clock::rfc3339_micros,
-    stall::Stall,
+use super::{
+    Sink, frame_text, human_duration_ns, human_duration_us,
+    record::{
+        AcceptOverflow, Alert, AlertState, Attached, IntervalReport, Stall, StopReason, Summary,
+    },
 };
+use crate::clock::rfc3339_micros;
 
 /// Frames of the heaviest stack shown under a stall, leaf first.
 const TOP_FRAMES: usize = 12;
@@ -68,11 +68,11 @@ impl Sink for ConsoleSink {
             line += " [incomplete: samples were lost]";
         }
         if let Some(heaviest) = stall.stacks.first() {
-            let frames: Vec<&str> = heaviest
+            let frames: Vec<String> = heaviest
                 .frames
                 .iter()
                 .take(TOP_FRAMES)
-                .map(String::as_str)
+                .map(frame_text::render)
                 .collect();
             line += &format!(
                 "\n    heaviest stack, {} {} ({} / {}): {}",
@@ -153,10 +153,10 @@ impl Sink for ConsoleSink {
             summary.duration_s,
             summary.stalls,
             summary.stack_samples,
-            human_duration_ns(summary.p50_us * 1_000),
-            human_duration_ns(summary.p99_us * 1_000),
-            human_duration_ns(summary.p999_us * 1_000),
-            human_duration_ns(summary.max_us * 1_000),
+            human_duration_us(summary.p50_us),
+            human_duration_us(summary.p99_us),
+            human_duration_us(summary.p999_us),
+            human_duration_us(summary.max_us),
             summary.lost_events,
         )?;
         let cost = &summary.profiler;
@@ -169,20 +169,14 @@ impl Sink for ConsoleSink {
             human_duration_ns(cost.symbolize_us * 1_000),
             cost.peak_rss_kib as f64 / 1024.0,
         )?;
-        if summary.lost_events > 0 {
-            let lost = &summary.lost;
-            writeln!(
-                io::stderr(),
-                "  lost: {} stall events, {} stack events, {} madvise events, {} madvise calls untimed, {} connection events, {} exec events, {} undecodable, {} samples not kept",
-                lost.stall_events,
-                lost.stack_events,
-                lost.madvise_events,
-                lost.madvise_untracked,
-                lost.connection_events,
-                lost.exec_events,
-                lost.undecodable,
-                lost.samples_not_kept,
-            )?;
+        let lost: Vec<String> = summary
+            .lost
+            .described()
+            .into_iter()
+            .map(|(count, what)| format!("{count} {what}"))
+            .collect();
+        if !lost.is_empty() {
+            writeln!(io::stderr(), "  lost: {}", lost.join("; "))?;
         }
         for cause in &summary.causes {
             writeln!(

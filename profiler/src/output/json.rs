@@ -7,8 +7,11 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Attached, IntervalReport, Sink, Summary};
-use crate::{accept::AcceptOverflow, alert::Alert, cli::OutputPath, stall::Stall};
+use super::{
+    Sink,
+    record::{AcceptOverflow, Alert, Attached, Stall, Summary},
+};
+use crate::cli::OutputPath;
 
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -61,10 +64,6 @@ impl Sink for JsonSink {
 
     fn accept_overflow(&mut self, overflow: &AcceptOverflow) -> io::Result<()> {
         self.write(&Record::AcceptOverflow(overflow))
-    }
-
-    fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {
-        Ok(())
     }
 
     fn summary(&mut self, summary: &Summary) -> io::Result<()> {

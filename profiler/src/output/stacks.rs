@@ -11,8 +11,11 @@ use std::{
 
 use inferno::flamegraph::{self, color::PaletteMap};
 
-use super::{Attached, IntervalReport, Sink, Summary};
-use crate::stall::{StackKind, Stall};
+use super::{
+    Sink, frame_text,
+    record::{Stall, Summary},
+};
+use crate::stack::StackKind;
 
 /// The flamegraph's title for a target.
 pub fn flamegraph_title(name: &str, pid: u32) -> String {
@@ -43,7 +46,8 @@ impl FoldedStacks {
             for frame in stack.frames.iter().rev() {
                 folded.push(';');
                 // `;` separates frames and the last space the weight: keep them out of names.
-                folded.extend(frame.chars().map(|c| if c == ';' { ':' } else { c }));
+                let text = frame_text::render(frame);
+                folded.extend(text.chars().map(|c| if c == ';' { ':' } else { c }));
             }
             *self.weights.entry(folded).or_default() += stack.weight_us;
         }
@@ -112,7 +116,7 @@ fn mark_off_cpu_frames(line: &str) -> String {
     };
     let frames: Vec<String> = frames
         .split(';')
-        .map(|frame| format!("{}_[i]", frame.trim_end_matches("_[k]")))
+        .map(|frame| format!("{}_[i]", frame.trim_end_matches(frame_text::KERNEL_SUFFIX)))
         .collect();
     format!("{root};{} {weight}", frames.join(";"))
 }
@@ -146,24 +150,8 @@ impl StackFilesSink {
 }
 
 impl Sink for StackFilesSink {
-    fn attached(&mut self, _attached: &Attached) -> io::Result<()> {
-        Ok(())
-    }
-
     fn stall(&mut self, stall: &Stall) -> io::Result<()> {
         self.stacks.add_stall(stall);
-        Ok(())
-    }
-
-    fn alert(&mut self, _alert: &crate::alert::Alert) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn accept_overflow(&mut self, _overflow: &crate::accept::AcceptOverflow) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {
         Ok(())
     }
 
@@ -202,7 +190,7 @@ impl Sink for StackFilesSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stall::WeightedStack;
+    use crate::output::record::WeightedStack;
 
     fn stall(stacks: Vec<WeightedStack>) -> Stall {
         Stall {
@@ -218,7 +206,7 @@ mod tests {
             origin: "unknown".into(),
             mechanism: "cpu".into(),
             samples: 1,
-            frames: frames.iter().map(|f| f.to_string()).collect(),
+            frames: frames.iter().map(|f| frame_text::parse(f)).collect(),
         }
     }
 

@@ -1,0 +1,122 @@
+//! Connections to the target's listening ports: each one entering an accept queue (its
+//! handshake completed) and each one the target takes off a queue (`accept`/`accept4`).
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use profiler_common::{
+    AcceptEvent, ConnectionEvent, Counter, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION,
+};
+
+use super::{ACCEPT_IN_FLIGHT, LISTEN_PORTS, count, now_ns, send, target_thread};
+
+const IPPROTO_TCP: u16 = 6;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_RECV: i32 = 3;
+const AF_INET: u16 = 2;
+
+/// Offsets in `events/sock/inet_sock_set_state/format`.
+mod set_state {
+    pub const OLD_STATE: usize = 16;
+    pub const NEW_STATE: usize = 20;
+    /// `sport`: the listener's port, on the server side of the connection.
+    pub const PORT: usize = 24;
+    /// `dport`: the client's port.
+    pub const CLIENT_PORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    /// `daddr[4]`: the client's IPv4 address.
+    pub const CLIENT_ADDR_V4: usize = 36;
+    /// `daddr_v6[16]`: the client's IPv6 address.
+    pub const CLIENT_ADDR_V6: usize = 56;
+}
+/// Offset of `int fd` (8 bytes wide) in `events/syscalls/sys_enter_accept4/format` (and
+/// `sys_enter_accept`).
+const ACCEPT_FD_OFFSET: usize = 16;
+/// Offset of `long ret` in `events/syscalls/sys_exit_accept4/format` (and `sys_exit_accept`).
+const ACCEPT_RET_OFFSET: usize = 16;
+
+/// `sock:inet_sock_set_state`: a connection to one of the target's ports completed its
+/// handshake (SYN_RECV -> ESTABLISHED) and entered the accept queue. Fires in softirq context,
+/// so it filters on the port, not the process.
+#[tracepoint]
+pub fn handshake_done(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets of fields of the tracepoint's record (see `set_state`).
+    let (old_state, new_state, port, family, protocol) = unsafe {
+        (
+            ctx.read_at::<i32>(set_state::OLD_STATE).unwrap_or(0),
+            ctx.read_at::<i32>(set_state::NEW_STATE).unwrap_or(0),
+            ctx.read_at::<u16>(set_state::PORT).unwrap_or(0),
+            ctx.read_at::<u16>(set_state::FAMILY).unwrap_or(0),
+            ctx.read_at::<u16>(set_state::PROTOCOL).unwrap_or(0),
+        )
+    };
+    // SAFETY: a lookup by value in a map of plain bytes.
+    if protocol != IPPROTO_TCP
+        || old_state != TCP_SYN_RECV
+        || new_state != TCP_ESTABLISHED
+        || unsafe { LISTEN_PORTS.get(&port) }.is_none()
+    {
+        return 0;
+    }
+    let mut client_addr = [0u8; 16];
+    // SAFETY: offsets of fields of the tracepoint's record (see `set_state`).
+    unsafe {
+        if family == AF_INET {
+            client_addr[..4].copy_from_slice(
+                &ctx.read_at::<[u8; 4]>(set_state::CLIENT_ADDR_V4)
+                    .unwrap_or([0; 4]),
+            );
+        } else {
+            client_addr = ctx
+                .read_at::<[u8; 16]>(set_state::CLIENT_ADDR_V6)
+                .unwrap_or([0; 16]);
+        }
+    }
+    let event = ConnectionEvent {
+        kind: EVENT_KIND_CONNECTION,
+        port,
+        family,
+        time_ns: now_ns(),
+        // SAFETY: offset of a field of the tracepoint's record (see `set_state`).
+        client_port: unsafe { ctx.read_at::<u16>(set_state::CLIENT_PORT) }.unwrap_or(0),
+        _padding: [0; 6],
+        client_addr,
+    };
+    send(&event, Counter::ConnectionEventsLost);
+    0
+}
+
+/// `sys_enter_accept4` / `sys_enter_accept`: remember the listening socket.
+#[tracepoint]
+pub fn accept_entry(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else { return 0 };
+    // SAFETY: offset of a field of the tracepoint's record (see the constant).
+    let listen_fd = unsafe { ctx.read_at::<i64>(ACCEPT_FD_OFFSET) }.unwrap_or(-1);
+    if ACCEPT_IN_FLIGHT.insert(&tid, &listen_fd, 0).is_err() {
+        count(Counter::AcceptsUntracked);
+    }
+    0
+}
+
+/// `sys_exit_accept4` / `sys_exit_accept`: the target took a connection off the queue.
+#[tracepoint]
+pub fn accept_return(ctx: TracePointContext) -> u32 {
+    let Some(tid) = target_thread() else { return 0 };
+    // SAFETY: a plain value copied out before the entry is removed.
+    let Some(listen_fd) = (unsafe { ACCEPT_IN_FLIGHT.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = ACCEPT_IN_FLIGHT.remove(&tid);
+    // SAFETY: offset of a field of the tracepoint's record (see the constant).
+    let result = unsafe { ctx.read_at::<i64>(ACCEPT_RET_OFFSET) }.unwrap_or(-1);
+    if result < 0 {
+        return 0;
+    }
+    let event = AcceptEvent {
+        kind: EVENT_KIND_ACCEPT,
+        tid,
+        time_ns: now_ns(),
+        listen_fd,
+        result,
+    };
+    send(&event, Counter::ConnectionEventsLost);
+    0
+}

@@ -1,0 +1,209 @@
+//! The target's listening sockets sampled with netlink sock_diag, in the target's own network
+//! namespace: each listener's accept queue, its limit and its drop counter.
+use std::{collections::HashMap, fs, io, os::fd::AsRawFd};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+use crate::target::listening_sockets;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("cannot enter the network namespace of process {pid} (`/proc/{pid}/ns/net`)")]
+    Namespace {
+        pid: u32,
+        #[source]
+        cause: io::Error,
+    },
+    #[error("cannot ask the kernel for socket diagnostics (netlink sock_diag)")]
+    Netlink {
+        #[source]
+        cause: io::Error,
+    },
+}
+
+/// One listening socket at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerSample {
+    /// The socket's inode: a port often has two listeners (IPv4 and IPv6).
+    pub inode: u64,
+    pub port: u16,
+    /// Connections waiting in the accept queue.
+    pub queue: u32,
+    /// The queue's limit (the listen backlog).
+    pub limit: u32,
+    /// The listener's drop counter (connections dropped with the queue full, among others).
+    pub drops: u64,
+}
+
+/// Asks sock_diag about the target's listeners, in the target's network namespace.
+pub struct QueueSampler {
+    pid: u32,
+    socket: Socket,
+    /// The target's listening sockets: inode -> port.
+    listeners: HashMap<u64, u16>,
+}
+
+impl QueueSampler {
+    /// Opens a sock_diag socket in the network namespace of `pid` (a socket keeps the namespace
+    /// it was created in; `setns` moves only the short-lived thread that creates it).
+    pub fn open(pid: u32) -> Result<Self, AcceptError> {
+        let namespace = fs::File::open(format!("/proc/{pid}/ns/net"))
+            .map_err(|cause| AcceptError::Namespace { pid, cause })?;
+        let socket = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on this thread alone, with a namespace fd we own.
+                    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(AcceptError::Namespace {
+                            pid,
+                            cause: io::Error::last_os_error(),
+                        });
+                    }
+                    let mut socket = Socket::new(NETLINK_SOCK_DIAG)
+                        .map_err(|cause| AcceptError::Netlink { cause })?;
+                    socket
+                        .bind_auto()
+                        .map_err(|cause| AcceptError::Netlink { cause })?;
+                    socket
+                        .connect(&SocketAddr::new(0, 0))
+                        .map_err(|cause| AcceptError::Netlink { cause })?;
+                    Ok(socket)
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(AcceptError::Netlink {
+                        cause: io::Error::other("the namespace thread failed"),
+                    })
+                })
+        })?;
+        let mut sampler = Self {
+            pid,
+            socket,
+            listeners: HashMap::new(),
+        };
+        sampler.refresh_listeners();
+        Ok(sampler)
+    }
+
+    /// Re-reads which sockets the target listens on (listeners come and go).
+    pub fn refresh_listeners(&mut self) {
+        if let Ok(listeners) = listening_sockets(self.pid) {
+            self.listeners = listeners;
+        }
+    }
+
+    pub fn has_listeners(&self) -> bool {
+        !self.listeners.is_empty()
+    }
+
+    /// The target's listening sockets: inode -> port.
+    pub fn listeners(&self) -> &HashMap<u64, u16> {
+        &self.listeners
+    }
+
+    /// The target's listeners now.
+    pub fn sample(&mut self) -> Result<Vec<ListenerSample>, AcceptError> {
+        let mut samples = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            self.dump(family, &mut samples)?;
+        }
+        Ok(samples)
+    }
+
+    fn dump(&mut self, family: u8, samples: &mut Vec<ListenerSample>) -> Result<(), AcceptError> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let socket_id = if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        };
+        let request = InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::SKMEMINFO,
+            states: StateFlags::LISTEN,
+            socket_id,
+        };
+        let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+        packet.finalize();
+        let mut buffer = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buffer);
+        self.socket
+            .send(&buffer, 0)
+            .map_err(|cause| AcceptError::Netlink { cause })?;
+
+        let mut received = Vec::with_capacity(64 * 1024);
+        loop {
+            received.clear();
+            self.socket
+                .recv(&mut received, 0)
+                .map_err(|cause| AcceptError::Netlink { cause })?;
+            let mut offset = 0;
+            while offset < received.len() {
+                let message = NetlinkMessage::<SockDiagMessage>::deserialize(&received[offset..])
+                    .map_err(|error| AcceptError::Netlink {
+                    cause: io::Error::other(error.to_string()),
+                })?;
+                let length = message.header.length as usize;
+                match message.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                        let inode = u64::from(response.header.inode);
+                        if let Some(&port) = self.listeners.get(&inode) {
+                            let drops = response.nlas.iter().find_map(|nla| match nla {
+                                Nla::MemInfo(info) => Some(u64::from(info.drops)),
+                                _ => None,
+                            });
+                            samples.push(ListenerSample {
+                                inode,
+                                port,
+                                queue: response.header.recv_queue,
+                                limit: response.header.send_queue,
+                                drops: drops.unwrap_or(0),
+                            });
+                        }
+                    }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(error) => {
+                        return Err(AcceptError::Netlink {
+                            cause: io::Error::other(format!("{error:?}")),
+                        });
+                    }
+                    _ => {}
+                }
+                if length == 0 {
+                    break;
+                }
+                offset += length;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_listener_is_sampled_with_its_queue_and_limit() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _waiting = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut sampler = QueueSampler::open(std::process::id()).unwrap();
+        let samples = sampler.sample().unwrap();
+        let ours = samples
+            .iter()
+            .find(|s| s.port == port)
+            .expect("our listener");
+        assert_eq!(ours.queue, 1, "one connection waits to be accepted");
+        assert!(ours.limit >= 128, "std's backlog: {ours:?}");
+    }
+}

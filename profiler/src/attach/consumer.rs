@@ -1,0 +1,379 @@
+//! The consumer of a run: one `handle_*` per kind of kernel event, the periodic work the driver
+//! asks for (interval lines, histogram, in-progress alerts, accept queues), and `end` with
+//! the summary. The target's life (exec, `--follow`) is in `target_life`.
+use std::{sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use profiler_common::{
+    AcceptEvent, COUNTERS, ConnectionEvent, Counter, EVENT_KIND_OFF_CPU, MadviseEvent, StackEvent,
+    StallEvent,
+};
+use tokio::time::Instant;
+
+use crate::{
+    accept::AcceptWatch,
+    alert::Alerting,
+    clock::monotonic_now_ns,
+    events::{self, Event},
+    histogram::IterationHistogram,
+    madvise::MadviseStats,
+    metrics::Metrics,
+    output::{
+        Outputs, Sink,
+        record::{
+            Alert, Attached, IntervalReport, LostEvents, ProfilerCost, StallCauses, StopReason,
+            Summary, UserLoss,
+        },
+    },
+    probes::{KernelMaps, ProbeError},
+    stall::{StallContext, StallPipeline},
+    target::Target,
+};
+
+/// Drops this recent may still belong to a stall whose event is on its way.
+const ACCEPT_ATTRIBUTION_DELAY_NS: u64 = 100_000_000;
+
+/// The state of a run while it watches its target.
+pub struct Consumer {
+    pub(super) target: Target,
+    pub(super) maps: KernelMaps,
+    /// Whether polls nested in long commands are recognised in the current target.
+    pub(super) nested_poll_tracking: bool,
+    pub(super) outputs: Outputs,
+    pub(super) histogram: IterationHistogram,
+    pub(super) stalls: StallPipeline,
+    pub(super) madvise: MadviseStats,
+    pub(super) accept: AcceptWatch,
+    pub(super) alerting: Option<Alerting>,
+    pub(super) metrics: Option<Arc<Metrics>>,
+    pub(super) causes: StallCauses,
+    pub(super) threshold: Duration,
+    pub(super) started: Instant,
+    interval_stalls: u64,
+    decode_errors: u64,
+    /// Lost events already shown in an interval line.
+    reported_lost: u64,
+    /// Stack samples lost (kernel and userspace) when the previous stall was assembled.
+    samples_lost_at_last_stall: u64,
+    /// Kernel-side counters of the targets followed before this one (`--follow`).
+    pub(super) earlier_counters: [u64; COUNTERS as usize],
+}
+
+/// The parts a consumer starts with.
+pub struct ConsumerParts {
+    pub target: Target,
+    pub maps: KernelMaps,
+    pub nested_poll_tracking: bool,
+    pub outputs: Outputs,
+    pub stalls: StallPipeline,
+    pub accept: AcceptWatch,
+    pub alerting: Option<Alerting>,
+    pub metrics: Option<Arc<Metrics>>,
+    pub threshold: Duration,
+}
+
+impl Consumer {
+    pub fn new(parts: ConsumerParts) -> Self {
+        Self {
+            madvise: MadviseStats::new(parts.target.pid),
+            target: parts.target,
+            maps: parts.maps,
+            nested_poll_tracking: parts.nested_poll_tracking,
+            outputs: parts.outputs,
+            histogram: IterationHistogram::default(),
+            stalls: parts.stalls,
+            accept: parts.accept,
+            alerting: parts.alerting,
+            metrics: parts.metrics,
+            causes: StallCauses::default(),
+            threshold: parts.threshold,
+            started: Instant::now(),
+            interval_stalls: 0,
+            decode_errors: 0,
+            reported_lost: 0,
+            samples_lost_at_last_stall: 0,
+            earlier_counters: [0; COUNTERS as usize],
+        }
+    }
+
+    /// Handles every event waiting in the ring buffer.
+    pub fn drain(&mut self, events: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        while let Some(record) = events.next() {
+            match events::decode(&record) {
+                Ok(Event::Stall(event)) => self.handle_stall(&event)?,
+                Ok(Event::Stack(event)) => self.handle_stack(event),
+                Ok(Event::Madvise(event)) => self.handle_madvise(&event),
+                Ok(Event::Connection(event)) => self.handle_connection(&event),
+                Ok(Event::Accept(event)) => self.handle_accept(&event),
+                Ok(Event::Exec(_)) => self.handle_exec()?,
+                Err(error) => {
+                    self.decode_errors += 1;
+                    log::warn!("dropped a malformed event: {error}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A stall event: the stall with its stacks, accept queues and completeness, to the
+    /// outputs, the metrics and the alerts.
+    fn handle_stall(&mut self, event: &StallEvent) -> anyhow::Result<()> {
+        let accept = self
+            .accept
+            .stall(event.start_ns, event.end_ns, self.metrics.as_deref());
+        // Samples the kernel could not send or userspace could not keep, and times off the CPU
+        // whose end the kernel did not see (their record was never made).
+        let samples_lost = self.counter(Counter::StackEventsLost)?
+            + self.counter(Counter::OffCpuRecordsUnread)?
+            + self.counter(Counter::UnmatchedSwitchOuts)?
+            + self.stalls.counts().samples_not_kept;
+        let incomplete = samples_lost > self.samples_lost_at_last_stall;
+        self.samples_lost_at_last_stall = samples_lost;
+        let stall = self
+            .stalls
+            .stall(event, StallContext { accept, incomplete });
+        self.causes.add(&stall);
+        self.interval_stalls += 1;
+        self.outputs.stall(&stall)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_stall(&stall);
+        }
+        let alert = self
+            .alerting
+            .as_mut()
+            .and_then(|alerting| alerting.final_alert(&stall));
+        if let Some(alert) = alert {
+            self.outputs.alert(&alert)?;
+        }
+        Ok(())
+    }
+
+    fn handle_stack(&mut self, event: &StackEvent) {
+        self.stalls.add_stack(event);
+    }
+
+    fn handle_madvise(&mut self, event: &MadviseEvent) {
+        let (thread_role, advice) = self.madvise.add(event);
+        self.stalls.add_madvise(event);
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_madvise(
+                &thread_role,
+                &advice,
+                event.len,
+                event.duration_ns as f64 / 1e9,
+            );
+        }
+    }
+
+    fn handle_connection(&mut self, event: &ConnectionEvent) {
+        self.accept.connection(event);
+    }
+
+    fn handle_accept(&mut self, event: &AcceptEvent) {
+        self.accept.accepted(event);
+    }
+
+    /// A kernel counter over the whole run, earlier targets included.
+    pub(super) fn counter(&self, counter: Counter) -> Result<u64, ProbeError> {
+        Ok(self.maps.counter(counter)? + self.earlier_counters[counter.index() as usize])
+    }
+
+    /// Takes in the kernel's iteration histogram (and gives it to the metrics).
+    pub fn refresh_histogram(&mut self) -> anyhow::Result<()> {
+        let buckets = self.maps.histogram()?;
+        let max_ns = self.maps.take_iteration_max_ns()?;
+        let added = self.histogram.update(&buckets, max_ns);
+        if let Some(metrics) = &self.metrics {
+            for (midpoint_ns, count) in added {
+                metrics.observe_iterations(midpoint_ns as f64 / 1e9, count);
+            }
+            metrics.set_lost_events(self.lost_events()?.total());
+        }
+        Ok(())
+    }
+
+    /// Samples the accept queues.
+    pub fn sample_accept_queues(&mut self) {
+        self.accept.sample(self.metrics.as_deref());
+    }
+
+    /// Re-reads the listeners (telling the kernel their ports), and reports drops that no
+    /// stall can claim any more: older than the current iteration and than the events still
+    /// on their way.
+    pub fn report_overflows_outside_stalls(&mut self) -> anyhow::Result<()> {
+        let ports = self.accept.refresh_listeners();
+        self.maps.set_listen_ports(&ports)?;
+        let mut before_ns = monotonic_now_ns().saturating_sub(ACCEPT_ATTRIBUTION_DELAY_NS);
+        if let Some(iteration_ns) = self.maps.loop_state()?.running_iteration_start_ns() {
+            before_ns = before_ns.min(iteration_ns);
+        }
+        self.report_overflows_before(before_ns)
+    }
+
+    fn report_overflows_before(&mut self, before_ns: u64) -> anyhow::Result<()> {
+        for overflow in self.accept.overflows_outside_stalls(before_ns) {
+            self.outputs.accept_overflow(&overflow)?;
+        }
+        Ok(())
+    }
+
+    /// Gives an in-progress alert once the current iteration has run past `--alert`.
+    pub fn check_in_progress(&mut self) -> anyhow::Result<()> {
+        let Some(alerting) = &self.alerting else {
+            return Ok(());
+        };
+        let state = self.maps.loop_state()?;
+        let Some(iteration_ns) = state.running_iteration_start_ns() else {
+            return Ok(());
+        };
+        let now_ns = monotonic_now_ns();
+        if !alerting.in_progress_due(iteration_ns, now_ns) {
+            return Ok(());
+        }
+        let mut blocked = self.maps.pending_off_cpu_stacks(&state)?;
+        if let Some(stacks) = &mut blocked {
+            stacks.kind = EVENT_KIND_OFF_CPU;
+            stacks.iteration_start_ns = iteration_ns;
+            stacks.off_cpu_ns = now_ns.saturating_sub(state.switch_out_ns);
+            stacks.runqueue_ns = 0;
+        }
+        let stall = self.stalls.in_progress(
+            iteration_ns,
+            now_ns,
+            self.target.main_tid,
+            blocked.as_deref(),
+        );
+        let alert: Option<Alert> = self
+            .alerting
+            .as_mut()
+            .map(|alerting| alerting.in_progress_alert(iteration_ns, now_ns, stall));
+        if let Some(alert) = alert {
+            self.outputs.alert(&alert)?;
+        }
+        Ok(())
+    }
+
+    /// The interval line.
+    pub fn report_interval(&mut self, interval: Duration) -> anyhow::Result<()> {
+        self.refresh_histogram()?;
+        let lost = self.lost_events()?.total();
+        let report = IntervalReport {
+            seconds: interval.as_secs_f64(),
+            stats: self.histogram.take_interval(),
+            stalls: std::mem::take(&mut self.interval_stalls),
+            lost_events: lost - self.reported_lost,
+        };
+        self.reported_lost = lost;
+        self.outputs.interval(&report)?;
+        Ok(())
+    }
+
+    /// The `attached` record of the current target.
+    pub fn attached_record(&self) -> Attached {
+        Attached {
+            time: std::time::SystemTime::now(),
+            pid: self.target.pid,
+            tid: self.target.main_tid,
+            threshold_us: self.threshold.as_micros() as u64,
+            name: self.target.name.clone(),
+            ports: self.target.ports.clone(),
+            nested_poll_tracking: self.nested_poll_tracking,
+        }
+    }
+
+    /// After the last events of the current target were drained: its last iterations and
+    /// accept figures (before its maps go).
+    pub fn flush_target(&mut self) -> anyhow::Result<()> {
+        self.refresh_histogram()?;
+        self.sample_accept_queues();
+        self.report_overflows_before(u64::MAX)?;
+        log::info!(
+            "kernel counters: {}",
+            Counter::ALL
+                .iter()
+                .filter(|counter| counter.loss_key().is_none())
+                .map(|&counter| format!(
+                    "{} {}",
+                    counter.description(),
+                    self.counter(counter).unwrap_or(0)
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        Ok(())
+    }
+
+    /// Ends the run: the summary on every output.
+    pub fn end(&mut self, stopped: StopReason) -> anyhow::Result<StopReason> {
+        let summary = self.summary(stopped)?;
+        self.outputs.summary(&summary)?;
+        Ok(stopped)
+    }
+
+    /// Best effort after a failure: the summary on `sink` alone.
+    pub fn finish_after_error(&mut self, sink: &mut dyn Sink) {
+        let _ = self.refresh_histogram();
+        if let Ok(summary) = self.summary(StopReason::Error) {
+            let _ = sink.summary(&summary);
+        }
+    }
+
+    /// Events the kernel could not send, records that did not decode, samples not kept.
+    fn lost_events(&self) -> Result<LostEvents, ProbeError> {
+        let mut kernel = [0; COUNTERS as usize];
+        for counter in Counter::ALL {
+            kernel[counter.index() as usize] = self.counter(counter)?;
+        }
+        let counts = self.stalls.counts();
+        Ok(LostEvents::new(
+            |counter| kernel[counter.index() as usize],
+            |loss| match loss {
+                UserLoss::Undecodable => self.decode_errors,
+                UserLoss::SamplesNotKept => counts.samples_not_kept,
+                UserLoss::MadviseNotKept => counts.madvise_not_kept,
+            },
+        ))
+    }
+
+    fn summary(&self, stopped: StopReason) -> Result<Summary, ProbeError> {
+        let mut summary = Summary::new(&self.histogram.total(), self.lost_events()?, stopped);
+        summary.stalls = self.causes.stalls();
+        summary.stack_samples = self.stalls.counts().received_samples;
+        summary.duration_s = self.started.elapsed().as_secs_f64();
+        summary.madvise = self.madvise.summary();
+        summary.causes = self.causes.summary();
+        summary.accept = Some(self.accept.summary());
+        summary.alerts = self.alerting.as_ref().map(Alerting::counts);
+        summary.profiler = self.profiler_cost();
+        Ok(summary)
+    }
+
+    /// The work on stacks so far, and the profiler's peak memory.
+    fn profiler_cost(&self) -> ProfilerCost {
+        let (assembly, work) = (self.stalls.counts(), self.stalls.work());
+        ProfilerCost {
+            stacks_unwound: assembly.stacks_unwound,
+            unwind_us: assembly.unwind.as_micros() as u64,
+            samples_symbolized: work.samples_symbolized,
+            symbolize_us: work.symbolize.as_micros() as u64,
+            peak_rss_kib: peak_rss_kib(),
+        }
+    }
+}
+
+/// This process's peak resident memory, in KiB; 0 if unknown. The larger of `VmHWM` and
+/// `VmRSS` in `/proc/self/status`: the kernel updates the high-water mark only when memory is
+/// unmapped, so it can lag behind the current size.
+fn peak_rss_kib() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    kib("VmHWM:").max(kib("VmRSS:"))
+}

@@ -1,0 +1,111 @@
+//! The target's life: a new program in the same process (exec), and with `--follow` the next
+//! process on the port after the target exited. Either way the same stall pipeline, madvise
+//! and accept-queue state are bound to the process anew (`retarget`), the totals kept.
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use profiler_common::Counter;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{attachment::Attachment, consumer::Consumer};
+use crate::{
+    accept::QueueSampler,
+    config::ProbeTuning,
+    output::record::StopReason,
+    probes::Probes,
+    target::{Target, TargetError, TargetSelector},
+};
+
+/// With `--follow`, how often to look for the next process on the port.
+const FOLLOW_POLL_PERIOD: Duration = Duration::from_millis(100);
+
+impl Consumer {
+    /// Binds every per-process part to `target`; `sampler` is the accept-queue sampler of a
+    /// new process, `None` after an exec (same process, same sockets).
+    fn retarget(&mut self, target: Target, sampler: Option<QueueSampler>) {
+        self.stalls.retarget(target.pid);
+        self.madvise.follow(target.pid);
+        self.accept.retarget(target.pid, sampler);
+        self.target = target;
+    }
+
+    /// The target ran a new program (same pid): its mappings are new, and so are the addresses
+    /// to unwind and name. The outputs get a new `attached` record (its name may differ).
+    pub(super) fn handle_exec(&mut self) -> anyhow::Result<()> {
+        let Ok(target) = Target::from_pid(self.target.pid) else {
+            return Ok(()); // gone already: the liveness check ends the run
+        };
+        log::warn!(
+            "{} executed a new program ({}); its modules and symbols are reloaded",
+            self.target,
+            target.name
+        );
+        self.retarget(target, None);
+        let attached = self.attached_record();
+        self.outputs.attached(&attached)?;
+        Ok(())
+    }
+
+    /// Attaches to `target`, the process that took over the port after the previous target
+    /// exited, and goes on into the same outputs and totals.
+    pub(super) fn follow(
+        &mut self,
+        tuning: &ProbeTuning,
+        target: Target,
+        tracepoints: &[String],
+    ) -> anyhow::Result<(Probes, RingBuf<MapData>)> {
+        let sampler = QueueSampler::open(target.pid)?;
+        let Attachment {
+            probes,
+            events,
+            maps,
+            nested_poll_tracking,
+        } = Attachment::attach(tuning, &target, tracepoints)?;
+        for counter in Counter::ALL {
+            self.earlier_counters[counter.index() as usize] += self.maps.counter(counter)?;
+        }
+        self.maps = maps;
+        self.histogram.restart_kernel_counts();
+        if let Some(alerting) = &mut self.alerting {
+            alerting.forget_iteration();
+        }
+        self.nested_poll_tracking = nested_poll_tracking;
+        self.retarget(target, Some(sampler));
+        Ok((probes, events))
+    }
+}
+
+/// After the target exited: the next process listening on `port`, as soon as one does; or why
+/// the run stops instead (a signal, or the end of `--duration` after `remaining`).
+pub(super) async fn wait_for_listener(
+    port: u16,
+    force: bool,
+    remaining: Option<Duration>,
+) -> anyhow::Result<Result<Target, StopReason>> {
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let deadline = async {
+        match remaining {
+            Some(remaining) => tokio::time::sleep(remaining).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut poll = tokio::time::interval(FOLLOW_POLL_PERIOD);
+    loop {
+        tokio::select! {
+            _ = poll.tick() => match Target::find(TargetSelector::Port(port), force) {
+                Ok(target) => {
+                    log::warn!("following {target}");
+                    return Ok(Ok(target));
+                }
+                Err(error @ TargetError::NotRedis { .. }) => return Err(error.into()),
+                Err(_) => {}
+            },
+            () = &mut deadline => return Ok(Err(StopReason::Duration)),
+            _ = sigint.recv() => return Ok(Err(StopReason::Signal)),
+            _ = sigterm.recv() => return Ok(Err(StopReason::Signal)),
+        }
+    }
+}

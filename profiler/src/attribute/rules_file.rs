@@ -1,0 +1,216 @@
+//! The rules file (TOML; `rules.toml` is compiled in, `--rules` replaces it) -> checked
+//! [`Rules`], or an error naming the file and line. The file's own comments say how rules
+//! match.
+use std::{fs, path::Path};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Rule, Rules};
+
+/// The rules compiled into the binary.
+pub const DEFAULT_RULES: &str = include_str!("rules.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("cannot read the rules file `{path}`: {cause}")]
+    Read { path: String, cause: std::io::Error },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin} line {line}: {message}")]
+    Invalid {
+        origin: String,
+        line: usize,
+        message: String,
+    },
+}
+
+/// One rule as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSpec {
+    category: Spanned<String>,
+    #[serde(default)]
+    functions: Vec<Spanned<String>>,
+    #[serde(default)]
+    kernel_functions: Vec<Spanned<String>>,
+    #[serde(default)]
+    modules: Vec<Spanned<String>>,
+    #[serde(default)]
+    caller: Option<String>,
+    #[serde(default)]
+    generic: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    origin: Vec<RuleSpec>,
+    #[serde(default)]
+    mechanism: Vec<RuleSpec>,
+}
+
+impl Rules {
+    /// The rules compiled into the binary.
+    pub fn builtin() -> Self {
+        Self::parse(DEFAULT_RULES, "the built-in rules")
+            .expect("the built-in rules are valid (tested)")
+    }
+
+    /// Reads a rules file.
+    pub fn load(path: &Path) -> Result<Self, RulesError> {
+        let text = fs::read_to_string(path).map_err(|source| RulesError::Read {
+            path: path.display().to_string(),
+            cause: source,
+        })?;
+        Self::parse(&text, &format!("`{}`", path.display()))
+    }
+
+    /// Parses rules; `origin` names the text in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, RulesError> {
+        let file: RulesFile = toml::from_str(text).map_err(|error| {
+            let line = error.span().map(|span| line_of(text, span.start));
+            let message = error.message().trim().to_owned();
+            match line {
+                Some(line) => RulesError::Invalid {
+                    origin: origin.to_owned(),
+                    line,
+                    message,
+                },
+                None => RulesError::Parse {
+                    origin: origin.to_owned(),
+                    message,
+                },
+            }
+        })?;
+        let check = |specs: Vec<RuleSpec>, kind: &str| -> Result<Vec<Rule>, RulesError> {
+            specs
+                .into_iter()
+                .map(|spec| check_rule(spec, kind, text, origin))
+                .collect()
+        };
+        Ok(Self {
+            origins: check(file.origin, "origin")?,
+            mechanisms: check(file.mechanism, "mechanism")?,
+        })
+    }
+}
+
+fn check_rule(spec: RuleSpec, kind: &str, text: &str, origin: &str) -> Result<Rule, RulesError> {
+    let invalid = |span: std::ops::Range<usize>, message: String| RulesError::Invalid {
+        origin: origin.to_owned(),
+        line: line_of(text, span.start),
+        message,
+    };
+    let category = spec.category.get_ref().trim().to_owned();
+    if category.is_empty() || category.matches('*').count() > 1 {
+        return Err(invalid(
+            spec.category.span(),
+            format!("{kind} category `{category}` must be a name with at most one `*`"),
+        ));
+    }
+    if spec.functions.is_empty() && spec.kernel_functions.is_empty() && spec.modules.is_empty() {
+        return Err(invalid(
+            spec.category.span(),
+            format!("{kind} rule `{category}` has no functions, kernel_functions or modules"),
+        ));
+    }
+    if kind == "mechanism" && (spec.generic || spec.caller.is_some()) {
+        return Err(invalid(
+            spec.category.span(),
+            format!("mechanism rule `{category}`: `generic` and `caller` are for origins"),
+        ));
+    }
+    // `*` alone is allowed only under a required caller: it then names that caller's callee.
+    let has_caller = spec.caller.is_some();
+    let patterns = |list: Vec<Spanned<String>>| -> Result<Vec<String>, RulesError> {
+        list.into_iter()
+            .map(|pattern| {
+                let text = pattern.get_ref().trim();
+                if text.is_empty() || (text == "*" && !has_caller) {
+                    return Err(invalid(
+                        pattern.span(),
+                        format!("pattern `{text}` in `{category}` would match every frame"),
+                    ));
+                }
+                Ok(text.to_owned())
+            })
+            .collect()
+    };
+    Ok(Rule {
+        functions: patterns(spec.functions)?,
+        kernel_functions: patterns(spec.kernel_functions)?,
+        modules: patterns(spec.modules)?,
+        caller: spec.caller,
+        generic: spec.generic,
+        category,
+    })
+}
+
+/// 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{output::frame_text, stack::StackKind};
+
+    #[test]
+    fn a_bad_rules_file_is_an_error_naming_its_line() {
+        let broken = "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\"\n";
+        let error = Rules::parse(broken, "`r.toml`").unwrap_err().to_string();
+        assert!(error.starts_with("`r.toml` line "), "{error}");
+        let unknown_field = "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\"]\nwhatever = 1\n";
+        let error = Rules::parse(unknown_field, "`r.toml`")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("line 4") && error.contains("whatever"),
+            "{error}"
+        );
+        let empty = "[[mechanism]]\ncategory = \"disk\"\n\n[[mechanism]]\ncategory = \"cpu\"\nfunctions = []\n";
+        let error = Rules::parse(empty, "`r.toml`").unwrap_err().to_string();
+        assert!(
+            error.contains("line 2") && error.contains("has no functions"),
+            "{error}"
+        );
+        let everything = "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\",\n  \"*\"]\n";
+        let error = Rules::parse(everything, "`r.toml`")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("line 4") && error.contains("every frame"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_builtin_rules_parse() {
+        let rules = Rules::builtin();
+        assert!(rules.origins.len() > 10 && rules.mechanisms.len() > 5);
+    }
+
+    proptest::proptest! {
+        /// Fuzzing: any text is rules or one clean error.
+        #[test]
+        fn any_text_parses_or_fails_cleanly(text in "\\PC{0,300}") {
+            let _ = Rules::parse(&text, "fuzz");
+        }
+
+        /// Rules-shaped text with arbitrary patterns and frames.
+        #[test]
+        fn any_patterns_match_any_frames_without_failing(
+            pattern in "[a-z*_\\[\\]]{1,20}",
+            frames in proptest::collection::vec("[a-zA-Z_*+0-9x.\\[\\]]{0,30}", 0..20),
+        ) {
+            let text = format!("[[origin]]\ncategory = \"o*\"\nfunctions = [\"{pattern}\"]\n[[mechanism]]\ncategory = \"m\"\nkernel_functions = [\"{pattern}\"]\nmodules = [\"{pattern}\"]\n");
+            if let Ok(rules) = Rules::parse(&text, "fuzz") {
+                let frames: Vec<_> = frames.iter().map(|text| frame_text::parse(text)).collect();
+                let _ = rules.attribute(StackKind::OnCpu, &frames);
+            }
+        }
+    }
+}

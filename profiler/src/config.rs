@@ -1,0 +1,189 @@
+//! The one conversion from `attach`'s checked flags to a run's configuration: which target,
+//! the attribution rules, the kernel programs' settings, the outputs, the metrics address and
+//! the alerts. Everything that can be refused before attaching (a rules file, an alert
+//! program) is refused here.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::{
+    alert::{AlertSettings, ExecSettings, find_program},
+    attribute::{Rules, RulesError},
+    cli::{AttachArgs, OutputPath},
+    probes::ProbeSettings,
+    stall::StallSettings,
+    target::TargetSelector,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    #[error("--alert-exec: program `{program}` not found")]
+    AlertProgramNotFound { program: String },
+}
+
+/// How the kernel programs are tuned, whatever the target (see [`ProbeSettings`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeTuning {
+    pub threshold_ns: u64,
+    pub gate_ns: u64,
+    pub min_block_ns: u64,
+    pub user_stack_bytes: u32,
+    pub ring_buffer_bytes: u32,
+    /// On-CPU sampling frequency.
+    pub frequency_hz: u64,
+}
+
+impl ProbeTuning {
+    /// The settings for the process `pid` whose event loop runs on thread `tid`.
+    pub fn for_target(&self, pid: u32, tid: u32) -> ProbeSettings {
+        ProbeSettings {
+            pid,
+            tid,
+            threshold_ns: self.threshold_ns,
+            gate_ns: self.gate_ns,
+            min_block_ns: self.min_block_ns,
+            user_stack_bytes: self.user_stack_bytes,
+            ring_buffer_bytes: self.ring_buffer_bytes,
+        }
+    }
+}
+
+/// Where the run's records go, besides the console.
+#[derive(Debug, Clone, Default)]
+pub struct OutputPaths {
+    pub json: Option<OutputPath>,
+    pub folded: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
+}
+
+/// An `attach` run, checked.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub selector: TargetSelector,
+    /// Profile a process that is not a Redis server.
+    pub force: bool,
+    /// With `--follow`: the port whose next process is attached to when the target exits.
+    pub follow_port: Option<u16>,
+    pub probes: ProbeTuning,
+    pub stall: StallSettings,
+    pub outputs: OutputPaths,
+    pub metrics: Option<SocketAddr>,
+    pub alert: Option<AlertSettings>,
+    /// How often the console gets an interval line.
+    pub interval: Duration,
+    /// How often the accept queues are sampled.
+    pub queue_interval: Duration,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+}
+
+impl RunConfig {
+    /// The run `args` ask for; reads the rules file and looks the alert program up.
+    pub fn from_args(args: &AttachArgs) -> Result<Self, ConfigError> {
+        let rules = match &args.rules {
+            Some(path) => Rules::load(path)?,
+            None => Rules::builtin(),
+        };
+        let selector = match (args.pid, args.port) {
+            (Some(pid), _) => TargetSelector::Pid(pid),
+            (None, Some(port)) => TargetSelector::Port(port),
+            (None, None) => TargetSelector::Only,
+        };
+        let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let alert = match args.alert {
+            Some(threshold) => Some(AlertSettings {
+                threshold,
+                exec: args
+                    .alert_exec
+                    .as_ref()
+                    .map(|command| alert_exec(args, &command.0))
+                    .transpose()?,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            selector,
+            force: args.force,
+            follow_port: args.port.filter(|_| args.follow),
+            probes: ProbeTuning {
+                threshold_ns: nanos(args.threshold),
+                gate_ns: nanos(args.gate.unwrap_or(args.threshold / 2)),
+                min_block_ns: nanos(args.min_block),
+                user_stack_bytes: args.stack_bytes,
+                ring_buffer_bytes: args.ring_buffer_kib * 1024,
+                frequency_hz: args.freq,
+            },
+            stall: StallSettings {
+                threshold: args.threshold,
+                frequency_hz: args.freq,
+                rules,
+            },
+            outputs: OutputPaths {
+                json: args.json.clone(),
+                folded: args.folded.clone(),
+                flamegraph: args.flamegraph.clone(),
+            },
+            metrics: args.metrics,
+            alert,
+            interval: args.interval,
+            queue_interval: args.queue_interval,
+            duration: args.duration,
+        })
+    }
+}
+
+/// `--alert-exec`'s settings, once its program is found.
+fn alert_exec(args: &AttachArgs, argv: &[String]) -> Result<ExecSettings, ConfigError> {
+    let program = argv.first().cloned().unwrap_or_default();
+    if find_program(&program).is_none() {
+        return Err(ConfigError::AlertProgramNotFound { program });
+    }
+    Ok(ExecSettings {
+        argv: argv.to_vec(),
+        timeout: args.alert_timeout,
+        max_per_minute: args.alert_max_per_minute,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn config(flags: &[&str]) -> Result<RunConfig, ConfigError> {
+        let cli = Cli::try_parse_from(["redis-stallprof", "attach"].iter().chain(flags)).unwrap();
+        let Command::Attach(args) = cli.command else {
+            unreachable!("attach was parsed")
+        };
+        RunConfig::from_args(&args)
+    }
+
+    #[test]
+    fn the_gate_defaults_to_half_the_threshold_and_follow_needs_its_port() {
+        let run = config(&["--port", "6379", "--follow", "--threshold", "4ms"]).unwrap();
+        assert_eq!(run.probes.gate_ns, 2_000_000);
+        assert_eq!(run.follow_port, Some(6379));
+        assert_eq!(run.selector, TargetSelector::Port(6379));
+        assert_eq!(config(&[]).unwrap().selector, TargetSelector::Only);
+    }
+
+    #[test]
+    fn an_alert_program_that_does_not_exist_is_refused() {
+        let error = config(&["--alert", "1s", "--alert-exec", "/nonexistent/notify --now"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "--alert-exec: program `/nonexistent/notify` not found"
+        );
+        let run = config(&["--alert", "1s", "--alert-exec", "sh -c true"]).unwrap();
+        assert_eq!(
+            run.alert
+                .and_then(|alert| alert.exec)
+                .map(|exec| exec.argv.len()),
+            Some(3)
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! Every record a run writes (the JSON schema in the README) and `report` reads back: the
+//! `attached` record, stalls with their stacks, alerts, accept-queue overflows outside stalls,
+//! and the [`summary`]. Fields added later are `#[serde(default)]`, so older recordings read.
+mod summary;
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+pub use summary::{
+    AcceptSummary, AcceptWaits, AlertCounts, CauseSummary, LostEvents, MadviseSummary,
+    PortOverflows, ProfilerCost, StallCauses, StopReason, Summary, UserLoss,
+};
+
+use crate::{
+    clock::{deserialize_rfc3339, serialize_rfc3339},
+    stack::{Frame, StackKind},
+};
+
+/// Origin or mechanism when nothing matches / no time was sampled.
+pub use crate::attribute::UNKNOWN;
+
+/// Sent once every probe is live.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attached {
+    #[serde(serialize_with = "serialize_rfc3339")]
+    pub time: SystemTime,
+    pub pid: u32,
+    pub tid: u32,
+    pub threshold_us: u64,
+    /// `comm` of the target.
+    pub name: String,
+    /// TCP ports the target listens on.
+    pub ports: Vec<u16>,
+    /// Whether polls from inside long commands (`processEventsWhileBlocked`) are recognised.
+    pub nested_poll_tracking: bool,
+}
+
+/// One event-loop iteration at or above the threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stall {
+    /// When the iteration began (the poll before it returned).
+    #[serde(
+        rename = "time",
+        serialize_with = "serialize_rfc3339",
+        deserialize_with = "deserialize_rfc3339"
+    )]
+    pub start: SystemTime,
+    pub pid: u32,
+    pub tid: u32,
+    pub duration_us: u64,
+    pub threshold_us: u64,
+    /// What Redis was doing: the origin carrying the most time.
+    #[serde(default = "unknown")]
+    pub origin: String,
+    /// Where the time went: the mechanism carrying the most time.
+    #[serde(default = "unknown")]
+    pub mechanism: String,
+    /// Every (origin, mechanism) pair with its time, heaviest first.
+    #[serde(default)]
+    pub breakdown: Vec<BreakdownEntry>,
+    /// On-CPU samples times the sampling period (sampling starts at the gate).
+    #[serde(default)]
+    pub on_cpu_us: u64,
+    /// Time blocked off the CPU, in blocks of at least `--min-block`.
+    #[serde(default)]
+    pub off_cpu_us: u64,
+    /// Time runnable, waiting for a CPU.
+    #[serde(default)]
+    pub runqueue_us: u64,
+    /// Stack samples taken in the stall (on-CPU ticks and off-CPU records).
+    #[serde(default)]
+    pub samples: u64,
+    /// The heaviest distinct stacks, heaviest first.
+    #[serde(default)]
+    pub stacks: Vec<WeightedStack>,
+    /// The event-loop thread's madvise calls inside the stall.
+    #[serde(default)]
+    pub madvise: MadviseTotals,
+    /// The listening sockets' accept queues during the stall (when they are watched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept: Option<StallAccept>,
+    /// True when stack samples may be missing from this stall (the ring buffer was full, or too
+    /// many were pending): its times and stacks are then lower bounds.
+    #[serde(default)]
+    pub incomplete: bool,
+}
+
+fn unknown() -> String {
+    UNKNOWN.to_owned()
+}
+
+/// One distinct stack of a stall and the time spent in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightedStack {
+    pub weight_us: u64,
+    pub kind: StackKind,
+    /// What Redis was doing (see [`crate::attribute`]).
+    #[serde(default = "unknown")]
+    pub origin: String,
+    /// Where the time went.
+    #[serde(default = "unknown")]
+    pub mechanism: String,
+    /// Stack samples behind it (on-CPU ticks, off-CPU records).
+    pub samples: u64,
+    /// Leaf first: kernel frames, then user frames down to `main`.
+    #[serde(with = "super::frame_text::frames")]
+    pub frames: Vec<Frame>,
+}
+
+/// The time of one (origin, mechanism) pair in a stall.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BreakdownEntry {
+    pub origin: String,
+    pub mechanism: String,
+    pub us: u64,
+    /// Fraction of the stall's sampled time.
+    pub share: f64,
+}
+
+/// madvise calls summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadviseTotals {
+    pub calls: u64,
+    pub bytes: u64,
+    pub us: u64,
+}
+
+/// The accept queues during a stall.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StallAccept {
+    /// Connections dropped by the listeners during the stall.
+    pub overflows: u64,
+    /// Longest accept queue seen.
+    pub max_queue: u32,
+    /// Its limit.
+    pub limit: u32,
+    /// Connections that completed their handshake (entered an accept queue) during the stall.
+    #[serde(default)]
+    pub new_connections: u64,
+    /// Their clients, most connections first.
+    #[serde(default)]
+    pub top_clients: Vec<ClientConnections>,
+}
+
+/// Connections of one client address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientConnections {
+    pub addr: String,
+    pub connections: u64,
+}
+
+/// Drops outside any stall, reported on their own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptOverflow {
+    #[serde(
+        serialize_with = "serialize_rfc3339",
+        deserialize_with = "deserialize_rfc3339"
+    )]
+    pub time: SystemTime,
+    pub port: u16,
+    pub overflows: u64,
+    pub max_queue: u32,
+    pub limit: u32,
+}
+
+/// Whether the stall is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    /// The iteration is still running; the stall's fields cover what was sampled so far.
+    InProgress,
+    /// The stall ended.
+    Final,
+}
+
+/// An alert: the stall's fields, its state and, in progress, how long it has run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Alert {
+    pub state: AlertState,
+    /// In progress: how long the iteration has been running.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub elapsed_us: Option<u64>,
+    /// The alert threshold.
+    pub alert_us: u64,
+    #[serde(flatten)]
+    pub stall: Stall,
+}
+
+/// One `--interval` period (console only).
+#[derive(Debug, Clone)]
+pub struct IntervalReport {
+    pub seconds: f64,
+    pub stats: crate::histogram::IterationStats,
+    pub stalls: u64,
+    pub lost_events: u64,
+}
+
+#[cfg(test)]
+impl Stall {
+    /// A stall for tests: `duration_us` long, with this diagnosis and nothing sampled.
+    pub(crate) fn example(origin: &str, mechanism: &str, duration_us: u64) -> Self {
+        Self {
+            start: SystemTime::UNIX_EPOCH,
+            pid: 42,
+            tid: 42,
+            duration_us,
+            threshold_us: 10_000,
+            origin: origin.into(),
+            mechanism: mechanism.into(),
+            breakdown: Vec::new(),
+            on_cpu_us: 0,
+            off_cpu_us: 0,
+            runqueue_us: 0,
+            samples: 0,
+            stacks: Vec::new(),
+            madvise: MadviseTotals::default(),
+            accept: None,
+            incomplete: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stall line written by the version before typed frames.
+    const RECORDED: &str = r#"{"type":"stall","time":"2026-11-23T10:00:00.000000Z","pid":7,"tid":7,"duration_us":250300,"threshold_us":10000,"origin":"command:debug","mechanism":"syscall.sleep","breakdown":[{"origin":"command:debug","mechanism":"syscall.sleep","us":250000,"share":1.0}],"on_cpu_us":0,"off_cpu_us":250000,"runqueue_us":0,"samples":1,"stacks":[{"weight_us":250000,"kind":"off_cpu","origin":"command:debug","mechanism":"syscall.sleep","samples":1,"frames":["do_nanosleep_[k]","__GI___nanosleep","debugCommand","redis-server+0x64ef7","main"]}],"madvise":{"calls":0,"bytes":0,"us":0},"incomplete":false}"#;
+
+    #[test]
+    fn a_recorded_stall_reads_with_typed_frames_and_writes_back_the_same() {
+        let stall: Stall = serde_json::from_str(RECORDED).unwrap();
+        let frames = &stall.stacks[0].frames;
+        assert_eq!(frames[0], Frame::Kernel("do_nanosleep".into()));
+        assert_eq!(
+            frames[3],
+            Frame::Unnamed {
+                module: "redis-server".into(),
+                offset: 0x64ef7
+            }
+        );
+        let mut written = serde_json::to_value(&stall).unwrap();
+        written["type"] = "stall".into();
+        let recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        assert_eq!(written, recorded);
+    }
+}
