@@ -44,20 +44,23 @@ pub fn rfc3339_micros(time: SystemTime) -> String {
     humantime::format_rfc3339_micros(time).to_string()
 }
 
-/// Serializes a time as [`rfc3339_micros`] (for `#[serde(serialize_with)]`).
-pub fn serialize_rfc3339<S: serde::Serializer>(
-    time: &SystemTime,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&rfc3339_micros(*time))
-}
+/// serde for a time as [`rfc3339_micros`] (`#[serde(with = "crate::clock::rfc3339")]`).
+pub mod rfc3339 {
+    use std::time::SystemTime;
 
-/// Parses a time written by [`serialize_rfc3339`] (for `#[serde(deserialize_with)]`).
-pub fn deserialize_rfc3339<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<SystemTime, D::Error> {
-    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
-    humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    pub fn serialize<S: serde::Serializer>(
+        time: &SystemTime,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::rfc3339_micros(*time))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<SystemTime, D::Error> {
+        let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::path::Path;
 use profiler_common::NO_TARGET;
 
 use crate::{
-    kernel,
+    error_chain, kernel,
     probes::{ProbeSettings, Probes},
 };
 
@@ -41,14 +41,14 @@ pub fn run_doctor() -> bool {
             Ok(()) => {
                 Verdict::Ok("CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are effective".into())
             }
-            Err(error) => Verdict::Fail(error.to_string()),
+            Err(error) => Verdict::Fail(error_chain(&error)),
         },
     );
     check(
         "kernel BTF",
         match kernel::check_btf(Path::new(kernel::VMLINUX_BTF)) {
             Ok(()) => Verdict::Ok(format!("`{}` is present", kernel::VMLINUX_BTF)),
-            Err(error) => Verdict::Fail(error.to_string()),
+            Err(error) => Verdict::Fail(error_chain(&error)),
         },
     );
     let tracepoints = match kernel::find_tracefs(&kernel::TRACEFS_MOUNTS) {
@@ -60,7 +60,7 @@ pub fn run_doctor() -> bool {
             check_tracepoints(&tracefs, &mut check)
         }
         Err(error) => {
-            check("tracefs", Verdict::Fail(error.to_string()));
+            check("tracefs", Verdict::Fail(error_chain(&error)));
             None
         }
     };
@@ -73,9 +73,10 @@ pub fn run_doctor() -> bool {
             Ok(_) => Verdict::Ok(
                 "netlink sock_diag answers (listening sockets' accept queues and drops)".into(),
             ),
-            Err(error) => {
-                Verdict::Warn(format!("{error}; accept-queue overflows cannot be watched"))
-            }
+            Err(error) => Verdict::Warn(format!(
+                "{}; accept-queue overflows cannot be watched",
+                error_chain(&error)
+            )),
         },
     );
     !verdicts
@@ -115,7 +116,7 @@ fn check_tracepoints(tracefs: &Path, check: &mut impl FnMut(&str, Verdict)) -> O
 fn attach_verdict(result: Result<(), crate::probes::ProbeError>, ok: &str) -> Verdict {
     match result {
         Ok(()) => Verdict::Ok(ok.to_owned()),
-        Err(error) => Verdict::Fail(error.to_string()),
+        Err(error) => Verdict::Fail(error_chain(&error)),
     }
 }
 
@@ -131,7 +132,7 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
     };
     let mut probes = match Probes::load(settings) {
         Ok(probes) => probes,
-        Err(error) => return check("eBPF programs", Verdict::Fail(error.to_string())),
+        Err(error) => return check("eBPF programs", Verdict::Fail(error_chain(&error))),
     };
     check(
         "eBPF programs",
@@ -168,17 +169,19 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
             "a CPU-clock perf event per thread attaches",
         ),
     );
-    // A uprobe on a libc function in this process stands in for the one on Redis's
-    // processEventsWhileBlocked; the program filters on a pid that matches no process.
-    check(
-        "uprobes",
-        match probes.attach_nested_poll_markers("getpid", Path::new("libc"), std::process::id()) {
-            Ok(()) => Verdict::Ok(
-                "attach (used to recognise polls made inside long scripts and loads)".into(),
-            ),
-            Err(error) => Verdict::Warn(format!(
-                "{error}; a long script or a load will read as many short iterations"
-            )),
-        },
-    );
+    check("uprobes", uprobe_verdict(&mut probes));
+}
+
+/// A uprobe on a libc function in this process stands in for the one on Redis's
+/// processEventsWhileBlocked; the program filters on a pid that matches no process.
+fn uprobe_verdict(probes: &mut Probes) -> Verdict {
+    match probes.attach_nested_poll_markers("getpid", Path::new("libc"), std::process::id()) {
+        Ok(()) => Verdict::Ok(
+            "attach (used to recognise polls made inside long scripts and loads)".into(),
+        ),
+        Err(error) => Verdict::Warn(format!(
+            "{}; a long script or a load will read as many short iterations",
+            error_chain(&error)
+        )),
+    }
 }

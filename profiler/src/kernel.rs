@@ -27,8 +27,11 @@ pub enum KernelError {
          run as root or grant them with `setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep`"
     )]
     MissingPrivileges { missing: String },
-    #[error("cannot read our own capabilities from `/proc/self/status`: {cause}")]
-    CapabilitiesUnreadable { cause: io::Error },
+    #[error("cannot read our own capabilities from `/proc/self/status`")]
+    CapabilitiesUnreadable {
+        #[source]
+        cause: io::Error,
+    },
     #[error(
         "kernel BTF not found at `{path}`: this kernel was built without CONFIG_DEBUG_INFO_BTF, \
          which redis-stallprof needs"

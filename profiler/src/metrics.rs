@@ -65,62 +65,64 @@ impl Metrics {
         // 1 ms .. ~33 s, doubling.
         let stalls_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let madvise_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 14));
-        let stalls = Family::<CauseLabels, Counter>::default();
-        let madvise_bytes = Family::<MadviseLabels, Counter>::default();
-        let lost_events = Counter::default();
-        let accept_overflows = Family::<PortLabels, Counter>::default();
-        let accept_queue = Family::<PortLabels, Gauge>::default();
+        let mut metrics = Self {
+            registry: Registry::default(),
+            iterations,
+            stalls_seconds,
+            stalls: Family::default(),
+            madvise_bytes: Family::default(),
+            madvise_seconds,
+            lost_events: Counter::default(),
+            accept_overflows: Family::default(),
+            accept_queue: Family::default(),
+        };
+        metrics.register_all(&mut registry);
+        metrics.registry = registry;
+        metrics
+    }
+
+    /// Registers every metric (clones share their values) with its name and help.
+    fn register_all(&self, registry: &mut Registry) {
         registry.register(
             "eventloop_iteration_seconds",
             "Event-loop iterations of the Redis main thread",
-            iterations.clone(),
+            self.iterations.clone(),
         );
         registry.register(
             "stall_seconds",
             "Event-loop iterations at or above the stall threshold",
-            stalls_seconds.clone(),
+            self.stalls_seconds.clone(),
         );
         registry.register(
             "stalls",
             "Stalls by what Redis was doing and where the time went",
-            stalls.clone(),
+            self.stalls.clone(),
         );
         registry.register(
             "madvise_bytes",
             "Bytes advised by madvise calls, by thread role and advice",
-            madvise_bytes.clone(),
+            self.madvise_bytes.clone(),
         );
         registry.register(
             "madvise_seconds",
             "Duration of madvise calls of every thread",
-            madvise_seconds.clone(),
+            self.madvise_seconds.clone(),
         );
         registry.register(
             "lost_events",
             "Events the kernel could not send or userspace could not keep",
-            lost_events.clone(),
+            self.lost_events.clone(),
         );
         registry.register(
             "accept_queue_overflows",
             "Connections a listening port dropped with its accept queue full",
-            accept_overflows.clone(),
+            self.accept_overflows.clone(),
         );
         registry.register(
             "accept_queue_length",
             "Connections waiting in a listening port's accept queue",
-            accept_queue.clone(),
+            self.accept_queue.clone(),
         );
-        Self {
-            registry,
-            iterations,
-            stalls_seconds,
-            stalls,
-            madvise_bytes,
-            madvise_seconds,
-            lost_events,
-            accept_overflows,
-            accept_queue,
-        }
     }
 
     /// Adds `count` iterations of about `seconds` each.

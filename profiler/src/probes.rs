@@ -27,39 +27,53 @@ pub const NESTED_POLL_FUNCTION: &str = "processEventsWhileBlocked";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("cannot load the eBPF programs: {cause}")]
-    Load { cause: EbpfError },
+    #[error("cannot load the eBPF programs")]
+    Load {
+        #[source]
+        cause: EbpfError,
+    },
     #[error("the eBPF object has no program `{name}`")]
     MissingProgram { name: &'static str },
-    #[error("cannot load program `{name}` into the kernel: {cause}")]
+    #[error("cannot load program `{name}` into the kernel")]
     LoadProgram {
         name: &'static str,
+        #[source]
         cause: ProgramError,
     },
-    #[error("cannot attach `{program}` to tracepoint `{tracepoint}`: {cause}")]
+    #[error("cannot attach `{program}` to tracepoint `{tracepoint}`")]
     AttachTracepoint {
         program: &'static str,
         tracepoint: String,
+        #[source]
         cause: ProgramError,
     },
-    #[error("cannot attach a uprobe to `{function}` in `{exe}`: {cause}")]
+    #[error("cannot attach a uprobe to `{function}` in `{exe}`")]
     AttachUprobe {
         function: &'static str,
         exe: String,
+        #[source]
         cause: ProgramError,
     },
-    #[error("cannot read the kernel's BTF: {cause}")]
-    Btf { cause: aya::BtfError },
-    #[error("cannot attach `{program}` to `{what}`: {cause}")]
+    #[error("cannot read the kernel's BTF")]
+    Btf {
+        #[source]
+        cause: aya::BtfError,
+    },
+    #[error("cannot attach `{program}` to `{what}`")]
     Attach {
         program: &'static str,
         what: String,
+        #[source]
         cause: ProgramError,
     },
     #[error("the eBPF object has no map `{name}`")]
     MissingMap { name: &'static str },
-    #[error("cannot use map `{name}`: {cause}")]
-    Map { name: &'static str, cause: MapError },
+    #[error("cannot use map `{name}`")]
+    Map {
+        name: &'static str,
+        #[source]
+        cause: MapError,
+    },
 }
 
 /// What the kernel programs need to know about the run.

@@ -35,8 +35,12 @@ pub enum TargetError {
     SeveralRedis { servers: String },
     #[error("no process listens on TCP port {port}")]
     NoListener { port: u16 },
-    #[error("cannot read `{path}`: {cause}")]
-    Proc { path: PathBuf, cause: io::Error },
+    #[error("cannot read `{path}`")]
+    Proc {
+        path: PathBuf,
+        #[source]
+        cause: io::Error,
+    },
 }
 
 /// The process being profiled.

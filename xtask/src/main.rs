@@ -35,7 +35,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Set-up, demo, test and benchmark tasks for redis-stallprof; each installs what is missing
 /// first.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about, long_about = None)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     task: Task,

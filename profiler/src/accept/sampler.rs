@@ -147,44 +147,57 @@ impl QueueSampler {
             self.socket
                 .recv(&mut received, 0)
                 .map_err(|cause| AcceptError::Netlink { cause })?;
-            let mut offset = 0;
-            while offset < received.len() {
-                let message = NetlinkMessage::<SockDiagMessage>::deserialize(&received[offset..])
-                    .map_err(|error| AcceptError::Netlink {
-                    cause: io::Error::other(error.to_string()),
-                })?;
-                let length = message.header.length as usize;
-                match message.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                        let inode = u64::from(response.header.inode);
-                        if let Some(&port) = self.listeners.get(&inode) {
-                            let drops = response.nlas.iter().find_map(|nla| match nla {
-                                Nla::MemInfo(info) => Some(u64::from(info.drops)),
-                                _ => None,
-                            });
-                            samples.push(ListenerSample {
-                                inode,
-                                port,
-                                queue: response.header.recv_queue,
-                                limit: response.header.send_queue,
-                                drops: drops.unwrap_or(0),
-                            });
-                        }
-                    }
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(error) => {
-                        return Err(AcceptError::Netlink {
-                            cause: io::Error::other(format!("{error:?}")),
-                        });
-                    }
-                    _ => {}
-                }
-                if length == 0 {
-                    break;
-                }
-                offset += length;
+            if self.read_listeners(&received, samples)? {
+                return Ok(());
             }
         }
+    }
+
+    /// Reads one batch of sock_diag answers into `samples` (the target's listeners only);
+    /// returns whether the dump is done.
+    fn read_listeners(
+        &self,
+        received: &[u8],
+        samples: &mut Vec<ListenerSample>,
+    ) -> Result<bool, AcceptError> {
+        let mut offset = 0;
+        while offset < received.len() {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&received[offset..])
+                .map_err(|error| AcceptError::Netlink {
+                    cause: io::Error::other(error.to_string()),
+                })?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let inode = u64::from(response.header.inode);
+                    if let Some(&port) = self.listeners.get(&inode) {
+                        let drops = response.nlas.iter().find_map(|nla| match nla {
+                            Nla::MemInfo(info) => Some(u64::from(info.drops)),
+                            _ => None,
+                        });
+                        samples.push(ListenerSample {
+                            inode,
+                            port,
+                            queue: response.header.recv_queue,
+                            limit: response.header.send_queue,
+                            drops: drops.unwrap_or(0),
+                        });
+                    }
+                }
+                NetlinkPayload::Done(_) => return Ok(true),
+                NetlinkPayload::Error(error) => {
+                    return Err(AcceptError::Netlink {
+                        cause: io::Error::other(format!("{error:?}")),
+                    });
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+        Ok(false)
     }
 }
 

@@ -26,7 +26,7 @@ use crate::{
         },
     },
     probes::{KernelMaps, ProbeError},
-    stall::{StallContext, StallPipeline},
+    stall::{RunningIteration, StallContext, StallPipeline},
     target::Target,
 };
 
@@ -237,12 +237,12 @@ impl Consumer {
             stacks.off_cpu_ns = now_ns.saturating_sub(state.switch_out_ns);
             stacks.runqueue_ns = 0;
         }
-        let stall = self.stalls.in_progress(
-            iteration_ns,
+        let iteration = RunningIteration {
+            start_ns: iteration_ns,
             now_ns,
-            self.target.main_tid,
-            blocked.as_deref(),
-        );
+            tid: self.target.main_tid,
+        };
+        let stall = self.stalls.in_progress(iteration, blocked.as_deref());
         let alert: Option<Alert> = self
             .alerting
             .as_mut()

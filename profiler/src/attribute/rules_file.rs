@@ -13,8 +13,12 @@ pub const DEFAULT_RULES: &str = include_str!("rules.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    #[error("cannot read the rules file `{path}`: {cause}")]
-    Read { path: String, cause: std::io::Error },
+    #[error("cannot read the rules file `{path}`")]
+    Read {
+        path: String,
+        #[source]
+        cause: std::io::Error,
+    },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("{origin} line {line}: {message}")]

@@ -50,6 +50,14 @@ pub struct UnresolvedStall {
     pub madvise: MadviseTotals,
 }
 
+/// An iteration still running: when it began, now, and its thread.
+#[derive(Debug, Clone, Copy)]
+pub struct RunningIteration {
+    pub start_ns: u64,
+    pub now_ns: u64,
+    pub tid: u32,
+}
+
 /// What the assembler received, kept and did, for the summary.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AssemblyCounts {
@@ -152,16 +160,19 @@ impl StallAssembler {
         }
     }
 
-    /// The iteration that began at `start_ns` and still runs at `now_ns`, from what was
-    /// sampled so far (kept for its final stall) and, when the thread is blocked now, the
-    /// stacks it blocked with (`blocked`, whose `off_cpu_ns` says for how long so far).
+    /// The iteration still running, from what was sampled so far (kept for its final stall)
+    /// and, when the thread is blocked now, the stacks it blocked with (`blocked`, whose
+    /// `off_cpu_ns` says for how long so far).
     pub fn in_progress(
         &mut self,
-        start_ns: u64,
-        now_ns: u64,
-        tid: u32,
+        iteration: RunningIteration,
         blocked: Option<&StackEvent>,
     ) -> UnresolvedStall {
+        let RunningIteration {
+            start_ns,
+            now_ns,
+            tid,
+        } = iteration;
         let mut samples: Vec<PendingSample> = self
             .pending
             .iter()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use profiler_common::{MadviseEvent, StackEvent, StallEvent};
 
-pub use assemble::{AssemblyCounts, StallAssembler, UnresolvedStall};
+pub use assemble::{AssemblyCounts, RunningIteration, StallAssembler, UnresolvedStall};
 pub use resolve::{StallContext, StallResolver, SymbolizeWork};
 
 use crate::{
@@ -92,15 +92,13 @@ impl StallPipeline {
             .resolve(unresolved, self.assembler.memory_map(), context)
     }
 
-    /// The stall still running since `start_ns` (see [`StallAssembler::in_progress`]).
+    /// The stall still running (see [`StallAssembler::in_progress`]).
     pub fn in_progress(
         &mut self,
-        start_ns: u64,
-        now_ns: u64,
-        tid: u32,
+        iteration: RunningIteration,
         blocked: Option<&StackEvent>,
     ) -> Stall {
-        let unresolved = self.assembler.in_progress(start_ns, now_ns, tid, blocked);
+        let unresolved = self.assembler.in_progress(iteration, blocked);
         self.resolver.resolve(
             unresolved,
             self.assembler.memory_map(),

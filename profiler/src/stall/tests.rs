@@ -253,7 +253,12 @@ fn a_stall_in_progress_keeps_its_samples_for_the_final_one() {
     pipeline.add_stack(&stack_event(EVENT_KIND_ON_CPU, 1_000, &[], &SLEEP));
     let mut blocked = stack_event(EVENT_KIND_OFF_CPU, 1_000, &[0xffff_0010], &SLEEP);
     blocked.off_cpu_ns = 150_000_000;
-    let so_far = pipeline.in_progress(1_000, 151_001_000, 9, Some(&blocked));
+    let running = RunningIteration {
+        start_ns: 1_000,
+        now_ns: 151_001_000,
+        tid: 9,
+    };
+    let so_far = pipeline.in_progress(running, Some(&blocked));
     assert_eq!((so_far.samples, so_far.off_cpu_us), (2, 150_000));
     assert_eq!(so_far.origin, "command:debug");
     let last = pipeline.stall(&stall_event(1_000, 300_001_000), StallContext::default());

@@ -13,7 +13,7 @@ pub use summary::{
 };
 
 use crate::{
-    clock::{deserialize_rfc3339, serialize_rfc3339},
+    clock::rfc3339,
     stack::{Frame, StackKind},
 };
 
@@ -23,7 +23,7 @@ pub use crate::attribute::UNKNOWN;
 /// Sent once every probe is live.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attached {
-    #[serde(serialize_with = "serialize_rfc3339")]
+    #[serde(with = "rfc3339")]
     pub time: SystemTime,
     pub pid: u32,
     pub tid: u32,
@@ -40,11 +40,7 @@ pub struct Attached {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stall {
     /// When the iteration began (the poll before it returned).
-    #[serde(
-        rename = "time",
-        serialize_with = "serialize_rfc3339",
-        deserialize_with = "deserialize_rfc3339"
-    )]
+    #[serde(rename = "time", with = "rfc3339")]
     pub start: SystemTime,
     pub pid: u32,
     pub tid: u32,
@@ -153,10 +149,7 @@ pub struct ClientConnections {
 /// Drops outside any stall, reported on their own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcceptOverflow {
-    #[serde(
-        serialize_with = "serialize_rfc3339",
-        deserialize_with = "deserialize_rfc3339"
-    )]
+    #[serde(with = "rfc3339")]
     pub time: SystemTime,
     pub port: u16,
     pub overflows: u64,
