@@ -18,6 +18,14 @@ use profiler_common::{
     MAP_OFF_CPU_STACKS, StackEvent,
 };
 
+/// The kernel programs' log (aya-log): their rare-path messages, read into our log.
+pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
+/// aya-log's global holding the level of the kernel programs' log.
+const GLOBAL_KERNEL_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+/// aya-log's level numbers: 0 turns the kernel programs' log off, 4 lets `debug!` through.
+const KERNEL_LOG_OFF: u8 = 0;
+const KERNEL_LOG_DEBUG: u8 = 4;
+
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
 
@@ -134,6 +142,12 @@ impl Probes {
     pub fn load(settings: ProbeSettings) -> Result<Self, ProbeError> {
         raise_memlock_limit();
         let btf = Btf::from_sys_fs().map_err(|cause| ProbeError::Btf { cause })?;
+        // The kernel programs log only on rare paths, and only when our log shows debug.
+        let kernel_log_level = if log::log_enabled!(log::Level::Debug) {
+            KERNEL_LOG_DEBUG
+        } else {
+            KERNEL_LOG_OFF
+        };
         let ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(GLOBAL_TARGET_PID, &settings.pid, true)
@@ -142,6 +156,7 @@ impl Probes {
             .override_global(GLOBAL_GATE_NS, &settings.gate_ns, true)
             .override_global(GLOBAL_MIN_BLOCK_NS, &settings.min_block_ns, true)
             .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
+            .override_global(GLOBAL_KERNEL_LOG_LEVEL, &kernel_log_level, true)
             .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .map_err(|cause| ProbeError::Load { cause })?;
@@ -279,6 +294,14 @@ impl Probes {
                 })?;
         }
         Ok(())
+    }
+
+    /// Takes the kernel programs' log out of the object (call once); `None`, said at debug
+    /// level, when it cannot be read.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+            .map_err(|error| log::debug!("the kernel programs' log cannot be read: {error}"))
+            .ok()
     }
 
     /// Takes the ring buffer of events out of the object (call once).

@@ -175,7 +175,8 @@ fn redis_in_its_own_pid_and_network_namespace_is_profiled_by_its_host_pid() {
 #[test]
 fn redis_executing_itself_again_is_still_profiled_and_named() {
     let redis = RedisServer::start(&[]);
-    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+    // -vv: the kernel programs' own messages (aya-log) reach the log too.
+    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "-vv"]);
     redis.cli(&["DEBUG", "SLEEP", "0.1"]);
     // DEBUG RESTART: Redis closes its descriptors and executes itself again, same pid.
     let mut client = redis.client();
@@ -197,6 +198,11 @@ fn redis_executing_itself_again_is_still_profiled_and_named() {
         "{}",
         run.stderr
     );
+    let kernel_message = format!(
+        "redis-stallprof: debug: thread {} of the target executed a new program",
+        redis.pid()
+    );
+    assert!(run.stderr.contains(&kernel_message), "{}", run.stderr);
     let attached = run.of_type("attached");
     assert_eq!(attached.len(), 2, "{}", run.stderr);
     assert!(

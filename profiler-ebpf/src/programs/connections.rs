@@ -1,6 +1,7 @@
 //! Connections to the target's listening ports: each one entering an accept queue (its
 //! handshake completed) and each one the target takes off a queue (`accept`/`accept4`).
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_log_ebpf::debug;
 use profiler_common::{
     AcceptEvent, ConnectionEvent, Counter, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION,
 };
@@ -92,6 +93,10 @@ pub fn accept_entry(ctx: TracePointContext) -> u32 {
     let listen_fd = unsafe { ctx.read_at::<i64>(ACCEPT_FD_OFFSET) }.unwrap_or(-1);
     if ACCEPT_IN_FLIGHT.insert(&tid, &listen_fd, 0).is_err() {
         count(Counter::AcceptsUntracked);
+        debug!(
+            &ctx,
+            "accept of thread {} not followed: the calls in flight fill their table", tid
+        );
     }
     0
 }

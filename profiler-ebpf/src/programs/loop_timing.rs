@@ -19,6 +19,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint, uprobe, uretprobe},
     programs::{BtfTracePointContext, ProbeContext, RetProbeContext, TracePointContext},
 };
+use aya_log_ebpf::debug;
 use profiler_common::{
     Counter, EVENT_KIND_EXEC, EVENT_KIND_STALL, ExecEvent, StallEvent, iteration_bucket,
 };
@@ -35,7 +36,7 @@ const TASK_RUNNING: u32 = 0;
 /// `sys_enter_epoll_wait`, `_epoll_pwait`, `_epoll_pwait2`: the iteration in progress ends,
 /// and the next one begins now unless the thread blocks in this poll (see sched_switch).
 #[tracepoint]
-pub fn poll_entry(_ctx: TracePointContext) -> u32 {
+pub fn poll_entry(ctx: TracePointContext) -> u32 {
     if !is_event_loop_thread() {
         return 0;
     }
@@ -52,6 +53,12 @@ pub fn poll_entry(_ctx: TracePointContext) -> u32 {
     let missed_wake_up = core::mem::replace(&mut state.blocked_in_poll, 0) != 0;
     if missed_switch_in || missed_wake_up {
         super::count(Counter::UnmatchedSwitchOuts);
+        debug!(
+            &ctx,
+            "poll entered without the switch-in after a switch-out (in an iteration: {}, idle: {})",
+            u8::from(missed_switch_in),
+            u8::from(missed_wake_up)
+        );
     }
     // The first entry after attaching has no iteration before it.
     if start_ns == 0 || missed_wake_up {
@@ -142,8 +149,9 @@ pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
 
 /// `sched_process_exec`: the target runs a new program (fires only on exec, anywhere).
 #[btf_tracepoint(function = "sched_process_exec")]
-pub fn target_exec(_ctx: BtfTracePointContext) -> u32 {
+pub fn target_exec(ctx: BtfTracePointContext) -> u32 {
     if let Some(tid) = target_thread() {
+        debug!(&ctx, "thread {} of the target executed a new program", tid);
         let event = ExecEvent {
             kind: EVENT_KIND_EXEC,
             tid,

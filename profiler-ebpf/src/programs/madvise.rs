@@ -1,6 +1,7 @@
 //! `madvise` calls of every thread of the target, timed from entry to return and sent with
 //! their length and advice (jemalloc gives memory back to the kernel this way).
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_log_ebpf::debug;
 use profiler_common::{Counter, EVENT_KIND_MADVISE, MadviseEvent};
 
 use super::{MADVISE_IN_FLIGHT, count, loop_state, now_ns, send, target_thread};
@@ -28,6 +29,10 @@ pub fn madvise_entry(ctx: TracePointContext) -> u32 {
         .is_err()
     {
         count(Counter::MadviseUntracked);
+        debug!(
+            &ctx,
+            "madvise of thread {} not timed: the calls in flight fill their table", tid
+        );
     }
     0
 }

@@ -14,6 +14,7 @@ use aya_ebpf::{
     macros::perf_event,
     programs::{BtfTracePointContext, PerfEventContext},
 };
+use aya_log_ebpf::debug;
 use profiler_common::{
     Counter, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, KERNEL_STACK_DEPTH, LoopState, PAGE_BYTES,
     POLL_SYSCALLS, StackEvent, USER_STACK_BYTES,
@@ -196,6 +197,7 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, state: &mut LoopState) {
     if copied != 0 {
         reserved.discard(0);
         count(Counter::OffCpuRecordsUnread);
+        debug!(ctx, "cannot copy the off-CPU record: error {}", copied);
         return;
     }
     // SAFETY: the reservation now holds an initialised StackEvent.

@@ -6,7 +6,7 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     config::ProbeTuning,
-    probes::{KernelMaps, NESTED_POLL_FUNCTION, ProbeError, Probes},
+    probes::{KernelLog, KernelMaps, NESTED_POLL_FUNCTION, ProbeError, Probes},
     target::Target,
 };
 
@@ -20,6 +20,8 @@ pub struct Attachment {
     pub probes: Probes,
     pub events: RingBuf<MapData>,
     pub maps: KernelMaps,
+    /// The programs' rare-path messages (`-vv`).
+    pub kernel_log: Option<KernelLog>,
     /// Whether polls nested in long commands are recognised.
     pub nested_poll_tracking: bool,
 }
@@ -61,6 +63,7 @@ impl Attachment {
                 false
             }
         };
+        let kernel_log = probes.take_kernel_log();
         let events = probes.take_events()?;
         let mut maps = probes.take_maps()?;
         maps.set_listen_ports(&target.ports)?;
@@ -69,6 +72,7 @@ impl Attachment {
             probes,
             events,
             maps,
+            kernel_log,
             nested_poll_tracking,
         })
     }

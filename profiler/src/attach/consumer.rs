@@ -25,7 +25,7 @@ use crate::{
             Summary, UserLoss,
         },
     },
-    probes::{KernelMaps, ProbeError},
+    probes::{KernelLog, KernelMaps, ProbeError},
     stall::{RunningIteration, StallContext, StallPipeline},
     target::Target,
 };
@@ -37,6 +37,7 @@ const ACCEPT_ATTRIBUTION_DELAY_NS: u64 = 100_000_000;
 pub struct Consumer {
     pub(super) target: Target,
     pub(super) maps: KernelMaps,
+    pub(super) kernel_log: Option<KernelLog>,
     /// Whether polls nested in long commands are recognised in the current target.
     pub(super) nested_poll_tracking: bool,
     pub(super) outputs: Outputs,
@@ -63,6 +64,7 @@ pub struct Consumer {
 pub struct ConsumerParts {
     pub target: Target,
     pub maps: KernelMaps,
+    pub kernel_log: Option<KernelLog>,
     pub nested_poll_tracking: bool,
     pub outputs: Outputs,
     pub stalls: StallPipeline,
@@ -78,6 +80,7 @@ impl Consumer {
             madvise: MadviseStats::new(parts.target.pid),
             target: parts.target,
             maps: parts.maps,
+            kernel_log: parts.kernel_log,
             nested_poll_tracking: parts.nested_poll_tracking,
             outputs: parts.outputs,
             histogram: IterationHistogram::default(),
@@ -171,6 +174,13 @@ impl Consumer {
 
     fn handle_accept(&mut self, event: &AcceptEvent) {
         self.accept.accepted(event);
+    }
+
+    /// Moves the kernel programs' messages into our log.
+    pub fn flush_kernel_log(&mut self) {
+        if let Some(kernel_log) = &mut self.kernel_log {
+            kernel_log.flush();
+        }
     }
 
     /// A kernel counter over the whole run, earlier targets included.
@@ -284,6 +294,7 @@ impl Consumer {
     /// After the last events of the current target were drained: its last iterations and
     /// accept figures (before its maps go).
     pub fn flush_target(&mut self) -> anyhow::Result<()> {
+        self.flush_kernel_log();
         self.refresh_histogram()?;
         self.sample_accept_queues();
         self.report_overflows_before(u64::MAX)?;

@@ -103,6 +103,7 @@ pub async fn watch(
             }
             _ = timers.accept_housekeeping.tick() => consumer.report_overflows_outside_stalls(),
             _ = timers.liveness.tick() => {
+                consumer.flush_kernel_log();
                 if !consumer.target.is_alive() {
                     break StopReason::TargetExited;
                 }

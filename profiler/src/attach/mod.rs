@@ -45,6 +45,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         probes,
         events,
         maps,
+        kernel_log,
         nested_poll_tracking,
     } = Attachment::attach(&config.probes, &target, &tracepoints)?;
     // Before the run starts threads of its own: they inherit what is left.
@@ -65,6 +66,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         stalls: StallPipeline::new(target.pid, config.stall.clone(), clock),
         target,
         maps,
+        kernel_log,
         nested_poll_tracking,
         outputs,
         accept,

@@ -60,12 +60,14 @@ impl Consumer {
             probes,
             events,
             maps,
+            kernel_log,
             nested_poll_tracking,
         } = Attachment::attach(tuning, &target, tracepoints)?;
         for counter in Counter::ALL {
             self.earlier_counters[counter.index() as usize] += self.maps.counter(counter)?;
         }
         self.maps = maps;
+        self.kernel_log = kernel_log;
         self.histogram.restart_kernel_counts();
         if let Some(alerting) = &mut self.alerting {
             alerting.forget_iteration();
