@@ -2,7 +2,6 @@
 //! redis-stallprof (defaults, and sampling at 999 Hz with a 1 ms threshold), and `perf record`
 //! (DWARF and frame-pointer call graphs); on a healthy Redis and under a storm of stalls.
 use std::{
-    fmt::Write as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -18,12 +17,71 @@ use stallprof_testkit::{Profiler, RedisServer};
 
 /// Alternations of every comparison (the issue asks for at least 5; throughput here drifts by
 /// several percent from run to run, so a few more).
-const ROUNDS: usize = 7;
+pub const ROUNDS: usize = 7;
 const CLIENTS: u32 = 50;
 /// The storm: a stall this long ...
-const STORM_STALL: Duration = Duration::from_millis(20);
+pub const STORM_STALL: Duration = Duration::from_millis(20);
 /// ... every this often.
-const STORM_PERIOD: Duration = Duration::from_millis(100);
+pub const STORM_PERIOD: Duration = Duration::from_millis(100);
+
+/// The loads of the healthy-Redis comparison: no pipelining, and pipelines of 16.
+pub const HEALTHY_LOADS: [Load; 2] = [
+    Load {
+        pipeline: 1,
+        requests: 100_000,
+    },
+    Load {
+        pipeline: 16,
+        requests: 500_000,
+    },
+];
+/// The load under the storm.
+pub const STORM_LOAD: Load = Load {
+    pipeline: 1,
+    requests: 100_000,
+};
+
+/// The tests `redis-benchmark` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Test {
+    Get,
+    Set,
+}
+
+impl Test {
+    pub const ALL: [Test; 2] = [Test::Get, Test::Set];
+
+    /// Its name in `redis-benchmark`'s output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Test::Get => "GET",
+            Test::Set => "SET",
+        }
+    }
+}
+
+/// One value per test.
+#[derive(Debug, Clone, Default)]
+pub struct ByTest<T> {
+    pub get: T,
+    pub set: T,
+}
+
+impl<T> ByTest<T> {
+    pub fn of(&self, test: Test) -> &T {
+        match test {
+            Test::Get => &self.get,
+            Test::Set => &self.set,
+        }
+    }
+
+    fn of_mut(&mut self, test: Test) -> &mut T {
+        match test {
+            Test::Get => &mut self.get,
+            Test::Set => &mut self.set,
+        }
+    }
+}
 
 /// What watches Redis during a load run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,8 +202,8 @@ impl Load {
         )
     }
 
-    /// Runs it; the figures of GET and of SET.
-    pub fn run(&self, port: u16) -> anyhow::Result<[LoadFigures; 2]> {
+    /// Runs it; the figures of each test.
+    pub fn run(&self, port: u16) -> anyhow::Result<ByTest<LoadFigures>> {
         let output = Command::new("taskset")
             .args(["-c", "1", "redis-benchmark", "-p", &port.to_string()])
             .args(["-c", &CLIENTS.to_string(), "-P", &self.pipeline.to_string()])
@@ -155,18 +213,18 @@ impl Load {
             .context("cannot run redis-benchmark")?;
         let text = String::from_utf8_lossy(&output.stdout);
         // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms",...
-        let figures = |test: &str| {
+        let figures = |test: Test| {
             text.lines().find_map(|line| {
                 let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
-                (fields.first() == Some(&test)).then_some(())?;
+                (fields.first() == Some(&test.name())).then_some(())?;
                 Some(LoadFigures {
                     ops_per_second: fields.get(1)?.parse().ok()?,
                     p99_ms: fields.get(6)?.parse().ok()?,
                 })
             })
         };
-        match (figures("GET"), figures("SET")) {
-            (Some(get), Some(set)) => Ok([get, set]),
+        match (figures(Test::Get), figures(Test::Set)) {
+            (Some(get), Some(set)) => Ok(ByTest { get, set }),
             _ => bail!("redis-benchmark printed no GET and SET figures: {text}"),
         }
     }
@@ -175,8 +233,8 @@ impl Load {
 /// The figures of many runs of one load with one observer.
 #[derive(Debug, Default)]
 pub struct Runs {
-    /// Per test (GET, SET): every run's figures.
-    pub tests: [Vec<LoadFigures>; 2],
+    /// Per test: every run's figures.
+    pub tests: ByTest<Vec<LoadFigures>>,
     /// Every run's Redis main-thread CPU time per request, in ns: what the observer costs
     /// Redis itself, whatever the load generator's share of a noisy machine.
     pub cpu_ns_per_request: Vec<f64>,
@@ -187,25 +245,29 @@ pub struct Runs {
 }
 
 impl Runs {
-    fn median(&self, test: usize, field: fn(&LoadFigures) -> f64) -> f64 {
-        let mut values: Vec<f64> = self.tests[test].iter().map(field).collect();
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(0.0)
+    pub fn median_ops(&self, test: Test) -> f64 {
+        median(
+            self.tests
+                .of(test)
+                .iter()
+                .map(|figures| figures.ops_per_second),
+        )
     }
 
-    pub fn median_ops(&self, test: usize) -> f64 {
-        self.median(test, |figures| figures.ops_per_second)
-    }
-
-    pub fn median_p99_ms(&self, test: usize) -> f64 {
-        self.median(test, |figures| figures.p99_ms)
+    pub fn median_p99_ms(&self, test: Test) -> f64 {
+        median(self.tests.of(test).iter().map(|figures| figures.p99_ms))
     }
 
     pub fn median_cpu_ns_per_request(&self) -> f64 {
-        let mut values = self.cpu_ns_per_request.clone();
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(0.0)
+        median(self.cpu_ns_per_request.iter().copied())
     }
+}
+
+/// The median of `values` (0 for none).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// [`ROUNDS`] alternations of `load` under each of `observers`, in turn, in a rotating order.
@@ -223,12 +285,13 @@ pub fn alternate(
             let started = std::time::Instant::now();
             let watching = observer.start(redis.pid())?;
             let cpu_before = super::main_thread_cpu_ns(redis.pid())?;
-            let [get, set] = load.run(redis.port)?;
+            let figures = load.run(redis.port)?;
             let cpu_ns = super::main_thread_cpu_ns(redis.pid())?.saturating_sub(cpu_before);
             runs.cpu_ns_per_request
-                .push(cpu_ns as f64 / (2 * load.requests) as f64);
-            runs.tests[0].push(get);
-            runs.tests[1].push(set);
+                .push(cpu_ns as f64 / (Test::ALL.len() as u32 * load.requests) as f64);
+            for test in Test::ALL {
+                runs.tests.of_mut(test).push(*figures.of(test));
+            }
             if let Some((summary, cpu_s)) = watching.stop() {
                 runs.summaries.push(summary);
                 runs.profiler_cpu_s.push(cpu_s);
@@ -238,8 +301,8 @@ pub fn alternate(
                 round + 1,
                 load.pipeline,
                 observer.label(),
-                get.ops_per_second,
-                set.ops_per_second,
+                figures.get.ops_per_second,
+                figures.set.ops_per_second,
                 started.elapsed().as_secs_f64()
             );
         }
@@ -247,96 +310,35 @@ pub fn alternate(
     Ok(runs)
 }
 
-/// Throughput and p99 with each observer, healthy Redis, pipelines 1 and 16.
-pub fn throughput(redis: &RedisServer, report: &mut String) -> anyhow::Result<()> {
-    writeln!(report, "## Throughput and latency, healthy Redis\n")?;
-    writeln!(
-        report,
-        "{ROUNDS} alternations of each observer; medians. Each cell: ops/s relative to no observer (p99 ms). \
-         `perf record` is given `-e cpu-clock -p PID` (this VM has no hardware counters).\n"
-    )?;
-    write!(report, "| load | test | nothing: ops/s (p99 ms) |")?;
-    for observer in &Observer::ALL[1..] {
-        write!(report, " {} |", observer.label())?;
-    }
-    writeln!(report, "\n|---|---|---|---|---|---|---|")?;
-    let (mut losses, mut cpu_costs) = (Vec::new(), Vec::new());
-    for load in [
-        Load {
-            pipeline: 1,
-            requests: 100_000,
-        },
-        Load {
-            pipeline: 16,
-            requests: 500_000,
-        },
-    ] {
-        let runs = alternate(redis, load, &Observer::ALL)?;
-        for (test, name) in ["GET", "SET"].into_iter().enumerate() {
-            let baseline = runs[0].median_ops(test);
-            write!(
-                report,
-                "| `{}` | {name} | {baseline:.0} ({:.3}) |",
-                load.command(),
-                runs[0].median_p99_ms(test)
-            )?;
-            for (observer, runs) in Observer::ALL.iter().zip(&runs).skip(1) {
-                let ratio = runs.median_ops(test) / baseline;
-                losses.push((*observer, 1.0 - ratio));
-                write!(report, " {ratio:.3} ({:.3}) |", runs.median_p99_ms(test))?;
-            }
-            writeln!(report)?;
-        }
-        let baseline = runs[0].median_cpu_ns_per_request();
-        write!(
-            report,
-            "| `{}` | Redis CPU per request | {baseline:.0} ns |",
-            load.command()
-        )?;
-        for (observer, runs) in Observer::ALL.iter().zip(&runs).skip(1) {
-            let ratio = runs.median_cpu_ns_per_request() / baseline;
-            cpu_costs.push((*observer, ratio - 1.0));
-            write!(report, " {ratio:.3} |")?;
-        }
-        writeln!(report)?;
-    }
-    let mean = |figures: &[(Observer, f64)], observer| {
-        let values: Vec<f64> = figures
-            .iter()
-            .filter(|(o, _)| *o == observer)
-            .map(|(_, value)| *value)
-            .collect();
-        values.iter().sum::<f64>() / values.len().max(1) as f64 * 100.0
-    };
-    writeln!(report)?;
-    for (what, figures, note) in [
-        (
-            "Mean ops/s loss over the four load rows",
-            &losses,
-            "run-to-run noise of throughput here is several %",
-        ),
-        (
-            "Mean increase of Redis's CPU time per request over the two loads",
-            &cpu_costs,
-            "the cost to Redis itself, whoever else competes for the CPUs",
-        ),
-    ] {
-        writeln!(
-            report,
-            "{what}: `attach` {:.1}%, `attach --freq 999 --threshold 1ms` {:.1}%, `perf record --call-graph dwarf` \
-             {:.1}%, `perf record -g` {:.1}% ({note}).\n",
-            mean(figures, Observer::Defaults),
-            mean(figures, Observer::Sampling),
-            mean(figures, Observer::PerfDwarf),
-            mean(figures, Observer::PerfFramePointers),
-        )?;
-    }
-    Ok(())
+/// One load's runs under each observer.
+pub struct LoadComparison {
+    pub load: Load,
+    /// In the order of [`Observer::ALL`].
+    pub runs: Vec<Runs>,
 }
 
-/// Throughput with a stall of [`STORM_STALL`] every [`STORM_PERIOD`] (`DEBUG SLEEP` from another
-/// client), without and with the profiler; the profiler's peak memory and stalls seen.
-pub fn storm(redis: &RedisServer, report: &mut String) -> anyhow::Result<()> {
+/// Throughput and p99 with each observer, healthy Redis, each of [`HEALTHY_LOADS`].
+pub fn throughput(redis: &RedisServer) -> anyhow::Result<Vec<LoadComparison>> {
+    HEALTHY_LOADS
+        .into_iter()
+        .map(|load| {
+            Ok(LoadComparison {
+                load,
+                runs: alternate(redis, load, &Observer::ALL)?,
+            })
+        })
+        .collect()
+}
+
+/// The storm's runs without and with the profiler.
+pub struct Storm {
+    pub without: Runs,
+    pub with: Runs,
+}
+
+/// [`STORM_LOAD`] with a stall of [`STORM_STALL`] every [`STORM_PERIOD`] (`DEBUG SLEEP` from
+/// another client), without and with the profiler.
+pub fn storm(redis: &RedisServer) -> anyhow::Result<Storm> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut client = redis.client();
     let storm = thread::spawn({
@@ -351,68 +353,12 @@ pub fn storm(redis: &RedisServer, report: &mut String) -> anyhow::Result<()> {
             }
         }
     });
-    let load = Load {
-        pipeline: 1,
-        requests: 100_000,
-    };
-    let runs = alternate(redis, load, &[Observer::Nothing, Observer::Defaults]);
+    let runs = alternate(redis, STORM_LOAD, &[Observer::Nothing, Observer::Defaults]);
     stop.store(true, Ordering::Relaxed);
     let _ = storm.join();
-    let runs = runs?;
-    writeln!(report, "## Under a storm of stalls\n")?;
-    writeln!(
-        report,
-        "`{}` while another client sends `DEBUG SLEEP {}` every {} ms (a {} ms stall every {} ms); \
-         {ROUNDS} alternations, medians.\n",
-        load.command(),
-        STORM_STALL.as_secs_f64(),
-        STORM_PERIOD.as_millis(),
-        STORM_STALL.as_millis(),
-        STORM_PERIOD.as_millis()
-    )?;
-    writeln!(
-        report,
-        "| test | ops/s without | ops/s with `attach` | ratio | p99 ms without | p99 ms with |"
-    )?;
-    writeln!(report, "|---|---|---|---|---|---|")?;
-    for (test, name) in ["GET", "SET"].into_iter().enumerate() {
-        writeln!(
-            report,
-            "| {name} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} |",
-            runs[0].median_ops(test),
-            runs[1].median_ops(test),
-            runs[1].median_ops(test) / runs[0].median_ops(test),
-            runs[0].median_p99_ms(test),
-            runs[1].median_p99_ms(test)
-        )?;
+    let mut runs = runs?.into_iter();
+    match (runs.next(), runs.next()) {
+        (Some(without), Some(with)) => Ok(Storm { without, with }),
+        _ => bail!("the storm ran without both observers"),
     }
-    let (cpu_without, cpu_with) = (
-        runs[0].median_cpu_ns_per_request(),
-        runs[1].median_cpu_ns_per_request(),
-    );
-    let profiler_cpu_s: f64 = runs[1].profiler_cpu_s.iter().sum::<f64>() / ROUNDS as f64;
-    writeln!(
-        report,
-        "\nRedis's main-thread CPU time per request: {cpu_without:.0} ns without, {cpu_with:.0} ns with ({:.3}). \
-         The profiler itself used {profiler_cpu_s:.2} s of CPU per run (its process, all threads).",
-        cpu_with / cpu_without
-    )?;
-    let summaries = &runs[1].summaries;
-    let field = |summary: &serde_json::Value, path: &str| {
-        summary.pointer(path).and_then(|v| v.as_u64()).unwrap_or(0)
-    };
-    let stalls: u64 = summaries.iter().map(|s| field(s, "/stalls")).sum();
-    let lost: u64 = summaries.iter().map(|s| field(s, "/lost_events")).sum();
-    let peak_kib = summaries
-        .iter()
-        .map(|s| field(s, "/profiler/peak_rss_kib"))
-        .max()
-        .unwrap_or(0);
-    writeln!(
-        report,
-        "\nThe profiler reported {stalls} stalls over the {ROUNDS} runs, lost {lost} events; its peak resident memory \
-         was {:.1} MiB.\n",
-        peak_kib as f64 / 1024.0
-    )?;
-    Ok(())
 }

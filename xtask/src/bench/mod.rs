@@ -8,14 +8,16 @@
 //! 2. the same under a storm of stalls, with the profiler's peak memory;
 //! 3. userspace unwinding and symbolizing speed, and time to alert (module `reaction`).
 //!
-//! Redis runs on CPU 0, the load generator on CPU 1.
+//! Redis runs on CPU 0, the load generator on CPU 1. [`measure`] takes the figures, `render`
+//! writes them as Markdown.
 mod load;
 mod reaction;
+mod render;
 
-use load::Observer;
+use load::{LoadComparison, Observer, Storm};
+use reaction::{AlertTimes, UserspaceSpeed};
 
 use std::{
-    fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
@@ -28,49 +30,44 @@ use anyhow::{Context as _, bail};
 use stallprof_testkit::{Profiler, RedisServer};
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
-    let report = measure()?;
+    let report = render::markdown(&measure()?);
     fs::write(root.join("BENCHMARKS.md"), &report)?;
     eprintln!("{report}");
     eprintln!("bench: written to {}", root.join("BENCHMARKS.md").display());
     Ok(())
 }
 
-fn measure() -> anyhow::Result<String> {
+/// Everything the benchmark measured.
+pub struct Figures {
+    pub date: String,
+    pub machine: String,
+    pub poll: Vec<PollCost>,
+    pub kernel: KernelSide,
+    pub throughput: Vec<LoadComparison>,
+    pub storm: Storm,
+    pub userspace: UserspaceSpeed,
+    pub alerts: AlertTimes,
+    /// How long the measurements took.
+    pub seconds: f64,
+}
+
+fn measure() -> anyhow::Result<Figures> {
     // Redis on CPU 0, the load generator on CPU 1.
     let redis = RedisServer::start(&[]);
     pin(redis.pid(), 0)?;
-    let mut report = String::new();
-    writeln!(report, "# Benchmarks\n")?;
-    writeln!(
-        report,
-        "Written by `cargo xtask bench` on {} ({}).",
-        today(),
-        machine()
-    )?;
-    writeln!(
-        report,
-        "Redis: Debian's redis-server 7.0.15, pinned to CPU 0; every load generator (`redis-benchmark`) pinned to \
-         CPU 1. The machine is a shared VM: back-to-back throughput runs vary by several percent.\n"
-    )?;
     let started = Instant::now();
-
-    poll_cost(&mut report)?;
-    kernel_side(&redis, &mut report)?;
-    load::throughput(&redis, &mut report)?;
-    load::storm(&redis, &mut report)?;
-    reaction::userspace_speed(&redis, &mut report)?;
-    reaction::time_to_alert(&redis, &mut report)?;
-    writeln!(
-        report,
-        "The measurements took {:.0} s.\n",
-        started.elapsed().as_secs_f64()
-    )?;
-    report.push_str(HISTORY);
-    Ok(report)
+    Ok(Figures {
+        date: today(),
+        machine: machine(),
+        poll: poll_cost()?,
+        kernel: kernel_side(&redis)?,
+        throughput: load::throughput(&redis)?,
+        storm: load::storm(&redis)?,
+        userspace: reaction::userspace_speed(&redis)?,
+        alerts: reaction::time_to_alert(&redis)?,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
-
-/// Figures of earlier designs, measured by this benchmark at the commits they name.
-const HISTORY: &str = include_str!("history.md");
 
 /// The load under which the kernel programs' run time is taken.
 const KERNEL_SIDE_LOAD: load::Load = load::Load {
@@ -78,8 +75,29 @@ const KERNEL_SIDE_LOAD: load::Load = load::Load {
     requests: 200_000,
 };
 
+/// One kernel program's run time over the load.
+pub struct ProgramCost {
+    pub name: String,
+    pub runs: u64,
+    pub ns: u64,
+}
+
+/// The kernel programs' own cost under [`KERNEL_SIDE_LOAD`].
+pub struct KernelSide {
+    pub iterations: u64,
+    pub redis_cpu_ns: u64,
+    pub programs: Vec<ProgramCost>,
+}
+
+impl KernelSide {
+    /// All programs' run time.
+    pub fn total_ns(&self) -> u64 {
+        self.programs.iter().map(|program| program.ns).sum()
+    }
+}
+
 /// The profiler's programs' own cost per iteration under load, and as a share of Redis's CPU.
-fn kernel_side(redis: &RedisServer, report: &mut String) -> anyhow::Result<()> {
+fn kernel_side(redis: &RedisServer) -> anyhow::Result<KernelSide> {
     // Only for this measurement: the accounting itself adds a clock read to every run.
     let _stats = BpfStats::enable()?;
     let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "--interval", "60s"]);
@@ -89,49 +107,26 @@ fn kernel_side(redis: &RedisServer, report: &mut String) -> anyhow::Result<()> {
     let after_programs = program_stats(profiler.pid())?;
     let after_cpu = main_thread_cpu_ns(redis.pid())?;
     let run = profiler.stop();
-    let iterations = run.summary()["iterations"].as_u64().unwrap_or(0).max(1);
-    let redis_cpu_ns = after_cpu.saturating_sub(before_cpu).max(1);
-
-    writeln!(report, "## Kernel side under load\n")?;
-    writeln!(
-        report,
-        "`kernel.bpf_stats_enabled=1`; run time of each program (its own, not the tracepoint dispatch around it) \
-         over one `{}`: {iterations} event-loop iterations, \
-         Redis main thread CPU {:.2} s.\n",
-        KERNEL_SIDE_LOAD.command(),
-        redis_cpu_ns as f64 / 1e9
-    )?;
-    writeln!(
-        report,
-        "| program | runs | ns per run | ns per iteration | share of Redis CPU |"
-    )?;
-    writeln!(report, "|---|---|---|---|---|")?;
-    let mut total_ns = 0;
-    for (name, (after_ns, after_runs)) in &after_programs {
-        let (before_ns, before_runs) = before_programs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or((0, 0), |(_, v)| *v);
-        let (ns, runs) = (after_ns - before_ns, after_runs - before_runs);
-        if runs == 0 {
-            continue;
-        }
-        total_ns += ns;
-        writeln!(
-            report,
-            "| `{name}` | {runs} | {:.0} | {:.1} | {:.3}% |",
-            ns as f64 / runs as f64,
-            ns as f64 / iterations as f64,
-            ns as f64 * 100.0 / redis_cpu_ns as f64
-        )?;
-    }
-    writeln!(
-        report,
-        "| all | | | {:.1} | {:.3}% |\n",
-        total_ns as f64 / iterations as f64,
-        total_ns as f64 * 100.0 / redis_cpu_ns as f64
-    )?;
-    Ok(())
+    let programs = after_programs
+        .into_iter()
+        .map(|(name, (after_ns, after_runs))| {
+            let (before_ns, before_runs) = before_programs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or((0, 0), |(_, v)| *v);
+            ProgramCost {
+                name,
+                runs: after_runs - before_runs,
+                ns: after_ns - before_ns,
+            }
+        })
+        .filter(|program| program.runs > 0)
+        .collect();
+    Ok(KernelSide {
+        iterations: run.summary()["iterations"].as_u64().unwrap_or(0).max(1),
+        redis_cpu_ns: after_cpu.saturating_sub(before_cpu).max(1),
+        programs,
+    })
 }
 
 /// Rounds of the poll microbenchmark per setting; the minimum is kept (the least disturbed).
@@ -180,41 +175,36 @@ impl Drop for PollLoop {
     }
 }
 
+/// The poll loop's ns per call alone and with one observer, side by side.
+pub struct PollCost {
+    pub observer: Observer,
+    pub alone_ns: f64,
+    pub with_ns: f64,
+}
+
 /// The full added cost per poll (tracepoint dispatch and program): zero-timeout `epoll_wait`
 /// calls in a loop, with nothing watching, then with the profiler and with `perf record`
 /// aimed at the looping thread.
-fn poll_cost(report: &mut String) -> anyhow::Result<()> {
+fn poll_cost() -> anyhow::Result<Vec<PollCost>> {
     let mut poll_loop = PollLoop::start()?;
     let pid = poll_loop.child.id();
-    writeln!(report, "## Added cost per poll\n")?;
-    writeln!(
-        report,
-        "A loop of zero-timeout `epoll_wait` calls (`xtask poll-loop`, pinned to CPU 0), {POLLS_PER_ROUND} calls \
-         per round; for each observer, the fastest of {POLL_ROUNDS} rounds with nothing watching, then the fastest \
-         of {POLL_ROUNDS} with it (the machine's speed drifts, so each comparison is made side by side). The \
-         profiler runs with `--force` (the loop is not Redis). Each call is one event-loop iteration to the \
-         profiler; `perf record` pays per sample (999 a second), not per call.\n"
-    )?;
-    writeln!(report, "| observer | ns per poll alone | with it | added |")?;
-    writeln!(report, "|---|---|---|---|")?;
-    for observer in &Observer::ALL[1..] {
-        let alone = poll_loop.fastest_ns_per_poll()?;
+    let mut costs = Vec::new();
+    for &observer in &Observer::ALL[1..] {
+        let alone_ns = poll_loop.fastest_ns_per_poll()?;
         let watching = observer.start(pid)?;
-        let with = poll_loop.fastest_ns_per_poll()?;
+        let with_ns = poll_loop.fastest_ns_per_poll()?;
         watching.stop();
-        writeln!(
-            report,
-            "| {} | {alone:.1} | {with:.1} | {:+.1} |",
-            observer.label(),
-            with - alone
-        )?;
         eprintln!(
-            "bench: poll loop {alone:.1} ns alone, {with:.1} ns with {}",
+            "bench: poll loop {alone_ns:.1} ns alone, {with_ns:.1} ns with {}",
             observer.label()
         );
+        costs.push(PollCost {
+            observer,
+            alone_ns,
+            with_ns,
+        });
     }
-    writeln!(report)?;
-    Ok(())
+    Ok(costs)
 }
 
 /// `kernel.bpf_stats_enabled=1` while it lives.

@@ -1,7 +1,6 @@
 //! How fast the profiler's userspace turns samples into stacks, and how soon an alert follows a
 //! stall.
 use std::{
-    fmt::Write as _,
     fs::File,
     io::{BufRead as _, BufReader},
     path::Path,
@@ -13,17 +12,47 @@ use anyhow::Context as _;
 use stallprof_testkit::{Profiler, RedisServer};
 
 /// Keys scanned by each CPU-bound stall (`KEYS` with a pattern that matches none).
-const KEYS: u32 = 1_000_000;
+pub const KEYS: u32 = 1_000_000;
 /// CPU-bound stalls sampled for the userspace figures.
-const SCANS: usize = 30;
+pub const SCANS: usize = 30;
 /// Stalls timed for the alert figures.
-const ALERTS: usize = 5;
-const ALERT_THRESHOLD: Duration = Duration::from_millis(100);
-const ALERT_STALL: Duration = Duration::from_millis(300);
+pub const ALERTS: usize = 5;
+pub const ALERT_THRESHOLD: Duration = Duration::from_millis(100);
+pub const ALERT_STALL: Duration = Duration::from_millis(300);
+
+/// The profiler's own account of its work on stacks (the `profiler` object of its summary).
+pub struct UserspaceSpeed {
+    pub stacks_unwound: u64,
+    pub unwind_us: u64,
+    pub samples_symbolized: u64,
+    pub symbolize_us: u64,
+    pub peak_rss_kib: u64,
+}
+
+impl UserspaceSpeed {
+    pub fn unwind_us_each(&self) -> f64 {
+        self.unwind_us as f64 / self.stacks_unwound.max(1) as f64
+    }
+
+    pub fn symbolize_us_each(&self) -> f64 {
+        self.symbolize_us as f64 / self.samples_symbolized.max(1) as f64
+    }
+
+    /// Stacks unwound and symbolized per second on one core.
+    pub fn stacks_per_second(&self) -> f64 {
+        1e6 / (self.unwind_us_each() + self.symbolize_us_each()).max(f64::MIN_POSITIVE)
+    }
+}
+
+/// How long after the fact each alert line appeared, in ms.
+pub struct AlertTimes {
+    pub in_progress_ms: Vec<f64>,
+    pub final_ms: Vec<f64>,
+}
 
 /// Unwinding and symbolizing speed on real samples: CPU-bound stalls sampled at 999 Hz, and
 /// the profiler's own account of the time it spent on them (`profiler` in its summary).
-pub fn userspace_speed(redis: &RedisServer, report: &mut String) -> anyhow::Result<()> {
+pub fn userspace_speed(redis: &RedisServer) -> anyhow::Result<UserspaceSpeed> {
     redis.cli(&["DEBUG", "POPULATE", &KEYS.to_string()]);
     let profiler = Profiler::attach(&[
         "--pid",
@@ -49,34 +78,15 @@ pub fn userspace_speed(redis: &RedisServer, report: &mut String) -> anyhow::Resu
             .and_then(|value| value.as_u64())
             .unwrap_or(0)
     };
-    let (stacks, unwind_us) = (field("stacks_unwound"), field("unwind_us"));
-    let (samples, symbolize_us) = (field("samples_symbolized"), field("symbolize_us"));
-    let per_stack_us =
-        unwind_us as f64 / stacks.max(1) as f64 + symbolize_us as f64 / samples.max(1) as f64;
-    writeln!(report, "## Userspace speed\n")?;
-    writeln!(
-        report,
-        "{SCANS} CPU-bound stalls (`KEYS no-such-key-*` over {KEYS} keys) under `attach --freq 999`; the \
-         profiler times its own unwinding and symbolizing (the `profiler` object of its summary), on one thread.\n"
-    )?;
-    writeln!(
-        report,
-        "| stacks unwound | µs each | samples symbolized | µs each | stacks per second on one core | peak RSS |"
-    )?;
-    writeln!(report, "|---|---|---|---|---|---|")?;
-    writeln!(
-        report,
-        "| {stacks} | {:.1} | {samples} | {:.1} | {:.0} | {:.1} MiB |\n",
-        unwind_us as f64 / stacks.max(1) as f64,
-        symbolize_us as f64 / samples.max(1) as f64,
-        1e6 / per_stack_us.max(f64::MIN_POSITIVE),
-        field("peak_rss_kib") as f64 / 1024.0
-    )?;
-    eprintln!(
-        "bench: userspace {:.0} stacks/s",
-        1e6 / per_stack_us.max(f64::MIN_POSITIVE)
-    );
-    Ok(())
+    let speed = UserspaceSpeed {
+        stacks_unwound: field("stacks_unwound"),
+        unwind_us: field("unwind_us"),
+        samples_symbolized: field("samples_symbolized"),
+        symbolize_us: field("symbolize_us"),
+        peak_rss_kib: field("peak_rss_kib"),
+    };
+    eprintln!("bench: userspace {:.0} stacks/s", speed.stacks_per_second());
+    Ok(speed)
 }
 
 /// New JSON lines of a file, as they are written.
@@ -107,7 +117,7 @@ impl Tail {
 
 /// From a stall's end to its `final` alert line, and from the iteration passing `--alert` to
 /// its `in_progress` alert line, as a reader of the JSON file sees them.
-pub fn time_to_alert(redis: &RedisServer, report: &mut String) -> anyhow::Result<()> {
+pub fn time_to_alert(redis: &RedisServer) -> anyhow::Result<AlertTimes> {
     let directory = tempfile::tempdir()?;
     let json = directory.path().join("alerts.jsonl");
     let profiler = Profiler::attach_writing(
@@ -156,36 +166,8 @@ pub fn time_to_alert(redis: &RedisServer, report: &mut String) -> anyhow::Result
         thread::sleep(Duration::from_millis(200));
     }
     profiler.stop();
-    let describe = |values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        match (values.get(values.len() / 2), values.last()) {
-            (Some(median), Some(max)) => {
-                format!("{median:.1} | {max:.1} | {}/{ALERTS}", values.len())
-            }
-            _ => format!("- | - | 0/{ALERTS}"),
-        }
-    };
-    writeln!(report, "## Time to alert\n")?;
-    writeln!(
-        report,
-        "`attach --alert {}ms --json FILE`, {ALERTS} stalls of `DEBUG SLEEP {}`; a reader polling the file every \
-         0.2 ms notes when each alert line appears.\n",
-        ALERT_THRESHOLD.as_millis(),
-        ALERT_STALL.as_secs_f64()
-    )?;
-    writeln!(report, "| alert | from | median ms | max ms | seen |")?;
-    writeln!(report, "|---|---|---|---|---|")?;
-    writeln!(
-        report,
-        "| `in_progress` | the iteration passing {} ms (command sent + {} ms) | {} |",
-        ALERT_THRESHOLD.as_millis(),
-        ALERT_THRESHOLD.as_millis(),
-        describe(&mut in_progress_ms)
-    )?;
-    writeln!(
-        report,
-        "| `final` | the stall's end (the client has its reply) | {} |\n",
-        describe(&mut final_ms)
-    )?;
-    Ok(())
+    Ok(AlertTimes {
+        in_progress_ms,
+        final_ms,
+    })
 }
