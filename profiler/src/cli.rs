@@ -25,6 +25,18 @@ pub enum Command {
     Report(ReportArgs),
 }
 
+/// What the folded stacks and the flamegraph are rooted at.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StackRoot {
+    /// The stack's kind: `[on-cpu]`, `[off-cpu]` or `[runqueue]`.
+    #[default]
+    Kind,
+    /// The stall's origin, then the kind.
+    Origin,
+    /// The stall's origin and mechanism, then the kind.
+    Cause,
+}
+
 /// Flags of `redis-stallprof report`.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -36,6 +48,10 @@ pub struct ReportArgs {
     /// Write a flamegraph SVG to PATH.
     #[arg(long, value_name = "PATH")]
     pub flamegraph: Option<PathBuf>,
+    /// Root the folded stacks and the flamegraph at the stack's kind, or at its stall's origin
+    /// (and mechanism) first.
+    #[arg(long, value_enum, default_value_t)]
+    pub stack_root: StackRoot,
 }
 
 /// Flags of `redis-stallprof attach`.
@@ -72,6 +88,10 @@ pub struct AttachArgs {
     /// Write the stalls' stacks as a flamegraph SVG at exit.
     #[arg(long, value_name = "PATH")]
     pub flamegraph: Option<PathBuf>,
+    /// Root the folded stacks and the flamegraph at the stack's kind, or at its stall's origin
+    /// (and mechanism) first.
+    #[arg(long, value_enum, default_value_t)]
+    pub stack_root: StackRoot,
     /// On-CPU sampling frequency of the event-loop thread, in Hz.
     #[arg(long, default_value_t = 999, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub freq: u64,

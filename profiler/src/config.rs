@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use crate::{
     alert::{AlertSettings, ExecSettings, find_program},
     attribute::{Rules, RulesError},
-    cli::{AttachArgs, OutputPath},
+    cli::{AttachArgs, OutputPath, StackRoot},
     probes::ProbeSettings,
     stall::StallSettings,
     target::TargetSelector,
@@ -54,6 +54,7 @@ pub struct OutputPaths {
     pub json: Option<OutputPath>,
     pub folded: Option<PathBuf>,
     pub flamegraph: Option<PathBuf>,
+    pub stack_root: StackRoot,
 }
 
 /// An `attach` run, checked.
@@ -122,6 +123,7 @@ impl RunConfig {
                 json: args.json.clone(),
                 folded: args.folded.clone(),
                 flamegraph: args.flamegraph.clone(),
+                stack_root: args.stack_root,
             },
             metrics: args.metrics,
             alert,

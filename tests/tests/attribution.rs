@@ -188,4 +188,23 @@ fn custom_rules_replace_the_builtin_ones_and_a_bad_file_names_its_line() {
         )),
         "{stderr}"
     );
+
+    // An empty file (a typo'd path to the wrong file, a truncated copy) is no rules at all.
+    fs::write(&rules, "# nothing here\n").unwrap();
+    let output = run_profiler(&[
+        "attach",
+        "--pid",
+        &redis.pid().to_string(),
+        "--rules",
+        rules.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "redis-stallprof: error: `{}` has no rules (no [[origin]] or [[mechanism]] table): every stall would read `unknown`",
+            rules.display()
+        )
+    );
 }

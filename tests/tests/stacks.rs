@@ -231,6 +231,23 @@ fn flamegraph_and_folded_files_hold_the_frames_and_report_reproduces_them() {
         String::from_utf8_lossy(&output.stderr).contains("STALL"),
         "report prints the stalls"
     );
+
+    // Rooted at each stall's origin and mechanism, the picture shows the attribution.
+    let by_cause = run_profiler(&["report", json.to_str().unwrap(), "--stack-root", "cause"]);
+    let by_cause = String::from_utf8_lossy(&by_cause.stdout);
+    assert!(
+        by_cause
+            .lines()
+            .any(|l| l.starts_with("command:debug;syscall.sleep;[off-cpu];")
+                && l.contains(";debugCommand;")),
+        "{by_cause}"
+    );
+    assert!(
+        by_cause
+            .lines()
+            .any(|l| l.starts_with("command:keys;cpu;[on-cpu];") && l.contains(";keysCommand")),
+        "{by_cause}"
+    );
 }
 
 #[test]

@@ -141,9 +141,13 @@ fn open_sinks(paths: &OutputPaths, target: &Target) -> anyhow::Result<Vec<Box<dy
     }
     if paths.folded.is_some() || paths.flamegraph.is_some() {
         let title = flamegraph_title(&target.name, target.pid);
-        let sink =
-            StackFilesSink::create(paths.folded.as_deref(), paths.flamegraph.as_deref(), title)
-                .context("cannot write the stack files")?;
+        let sink = StackFilesSink::create(
+            paths.folded.as_deref(),
+            paths.flamegraph.as_deref(),
+            title,
+            paths.stack_root,
+        )
+        .context("cannot write the stack files")?;
         sinks.push(Box::new(sink));
     }
     Ok(sinks)

@@ -21,6 +21,10 @@ pub enum RulesError {
     },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
+    #[error(
+        "{origin} has no rules (no [[origin]] or [[mechanism]] table): every stall would read `unknown`"
+    )]
+    Empty { origin: String },
     #[error("{origin} line {line}: {message}")]
     Invalid {
         origin: String,
@@ -94,10 +98,16 @@ impl Rules {
                 .map(|spec| check_rule(spec, kind, text, origin))
                 .collect()
         };
-        Ok(Self {
+        let rules = Self {
             origins: check(file.origin, "origin")?,
             mechanisms: check(file.mechanism, "mechanism")?,
-        })
+        };
+        if rules.origins.is_empty() && rules.mechanisms.is_empty() {
+            return Err(RulesError::Empty {
+                origin: origin.to_owned(),
+            });
+        }
+        Ok(rules)
     }
 }
 
@@ -189,6 +199,14 @@ mod tests {
             error.contains("line 4") && error.contains("every frame"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_file_without_rules_is_refused() {
+        for text in ["", "# only a comment\n", "\n\n"] {
+            let error = Rules::parse(text, "`r.toml`").unwrap_err().to_string();
+            assert!(error.starts_with("`r.toml` has no rules"), "{error}");
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The stalls' stacks as folded lines (Brendan Gregg's format: frames root first, joined by
 //! `;`, then the weight in microseconds) and as a flamegraph SVG (inferno). Each stack is
 //! rooted in a frame naming its kind, `[on-cpu]`, `[off-cpu]` or `[runqueue]`, so off-CPU time
-//! stands apart from on-CPU time, and those roots have their own colours in the SVG.
+//! stands apart from on-CPU time, and those roots have their own colours in the SVG. With
+//! `--stack-root origin` or `cause`, the stall's origin (and mechanism) come before the kind,
+//! so the picture shows the attribution at a glance.
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -15,7 +17,7 @@ use super::{
     Sink, frame_text,
     record::{Stall, Summary},
 };
-use crate::stack::StackKind;
+use crate::{cli::StackRoot, stack::StackKind};
 
 /// The flamegraph's title for a target.
 pub fn flamegraph_title(name: &str, pid: u32) -> String {
@@ -25,6 +27,8 @@ pub fn flamegraph_title(name: &str, pid: u32) -> String {
 /// Folded stacks summed over stalls.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FoldedStacks {
+    /// What the stacks are rooted at.
+    root: StackRoot,
     /// Folded stack (root first) -> microseconds.
     weights: BTreeMap<String, u64>,
 }
@@ -38,17 +42,57 @@ pub fn kind_frame(kind: StackKind) -> &'static str {
     }
 }
 
+/// A frame's text made safe for a folded line: `;` separates frames and the last space the
+/// weight.
+fn folded_frame(text: &str) -> String {
+    text.chars()
+        .map(|c| if c == ';' { ':' } else { c })
+        .collect()
+}
+
 impl FoldedStacks {
+    /// Stacks rooted at `root`.
+    pub fn new(root: StackRoot) -> Self {
+        Self {
+            root,
+            weights: BTreeMap::new(),
+        }
+    }
+
+    /// The frames above the kind frame for a stack of `stall`.
+    fn root_frames(&self, stall: &Stall) -> Vec<String> {
+        match self.root {
+            StackRoot::Kind => Vec::new(),
+            StackRoot::Origin => vec![folded_frame(&stall.origin)],
+            StackRoot::Cause => vec![folded_frame(&stall.origin), folded_frame(&stall.mechanism)],
+        }
+    }
+
+    /// How many frames come before the kind frame.
+    fn root_depth(&self) -> usize {
+        match self.root {
+            StackRoot::Kind => 0,
+            StackRoot::Origin => 1,
+            StackRoot::Cause => 2,
+        }
+    }
+
     /// Adds every stack of `stall`.
     pub fn add_stall(&mut self, stall: &Stall) {
+        let root = self.root_frames(stall);
         for stack in &stall.stacks {
-            let mut folded = kind_frame(stack.kind).to_owned();
-            for frame in stack.frames.iter().rev() {
-                folded.push(';');
-                // `;` separates frames and the last space the weight: keep them out of names.
-                let text = frame_text::render(frame);
-                folded.extend(text.chars().map(|c| if c == ';' { ':' } else { c }));
-            }
+            let frames = root
+                .iter()
+                .cloned()
+                .chain([kind_frame(stack.kind).to_owned()])
+                .chain(
+                    stack
+                        .frames
+                        .iter()
+                        .rev()
+                        .map(|frame| folded_frame(&frame_text::render(frame))),
+                );
+            let folded = frames.collect::<Vec<String>>().join(";");
             *self.weights.entry(folded).or_default() += stack.weight_us;
         }
     }
@@ -77,7 +121,7 @@ impl FoldedStacks {
         let lines: Vec<String> = self
             .lines()
             .iter()
-            .map(|line| mark_off_cpu_frames(line))
+            .map(|line| mark_off_cpu_frames(line, self.root_depth()))
             .collect();
         let mut palette = PaletteMap::default();
         for (kind, (r, g, b)) in [
@@ -99,26 +143,35 @@ impl FoldedStacks {
     }
 }
 
-/// A folded line for the SVG: the frames of an off-CPU or run-queue stack annotated `_[i]`.
-fn mark_off_cpu_frames(line: &str) -> String {
-    let off_cpu_roots = [
+/// A folded line for the SVG: the frames of an off-CPU or run-queue stack (below its kind
+/// frame, the `root_depth`-th) annotated `_[i]`.
+fn mark_off_cpu_frames(line: &str, root_depth: usize) -> String {
+    let off_cpu_kinds = [
         kind_frame(StackKind::OffCpu),
         kind_frame(StackKind::Runqueue),
     ];
-    let Some((root, rest)) = line
-        .split_once(';')
-        .filter(|(root, _)| off_cpu_roots.contains(root))
-    else {
+    let Some((frames, weight)) = line.rsplit_once(' ') else {
         return line.to_owned();
     };
-    let Some((frames, weight)) = rest.rsplit_once(' ') else {
+    let frames: Vec<&str> = frames.split(';').collect();
+    if frames
+        .get(root_depth)
+        .is_none_or(|kind| !off_cpu_kinds.contains(kind))
+    {
         return line.to_owned();
-    };
-    let frames: Vec<String> = frames
-        .split(';')
-        .map(|frame| format!("{}_[i]", frame.trim_end_matches(frame_text::KERNEL_SUFFIX)))
+    }
+    let marked: Vec<String> = frames
+        .iter()
+        .enumerate()
+        .map(|(index, frame)| {
+            if index <= root_depth {
+                (*frame).to_owned()
+            } else {
+                format!("{}_[i]", frame.trim_end_matches(frame_text::KERNEL_SUFFIX))
+            }
+        })
         .collect();
-    format!("{root};{} {weight}", frames.join(";"))
+    format!("{} {weight}", marked.join(";"))
 }
 
 /// Writes the folded file and the flamegraph at the end of a run. The files are created when
@@ -135,6 +188,7 @@ impl StackFilesSink {
         folded: Option<&Path>,
         flamegraph: Option<&Path>,
         title: String,
+        root: StackRoot,
     ) -> io::Result<Self> {
         let open = |path: Option<&Path>| -> io::Result<Option<(PathBuf, File)>> {
             path.map(|path| Ok((path.to_owned(), File::create(path)?)))
@@ -144,7 +198,7 @@ impl StackFilesSink {
             folded: open(folded)?,
             flamegraph: open(flamegraph)?,
             title,
-            stacks: FoldedStacks::default(),
+            stacks: FoldedStacks::new(root),
         })
     }
 }
@@ -233,17 +287,43 @@ mod tests {
     #[test]
     fn off_cpu_frames_are_marked_for_the_svg_only() {
         assert_eq!(
-            mark_off_cpu_frames("[off-cpu];main;do_nanosleep_[k] 5"),
+            mark_off_cpu_frames("[off-cpu];main;do_nanosleep_[k] 5", 0),
             "[off-cpu];main_[i];do_nanosleep_[i] 5"
         );
         assert_eq!(
-            mark_off_cpu_frames("[runqueue];main 7"),
+            mark_off_cpu_frames("[runqueue];main 7", 0),
             "[runqueue];main_[i] 7"
         );
         assert_eq!(
-            mark_off_cpu_frames("[on-cpu];main;read_[k] 5"),
+            mark_off_cpu_frames("[on-cpu];main;read_[k] 5", 0),
             "[on-cpu];main;read_[k] 5"
         );
+    }
+
+    #[test]
+    fn stacks_can_be_rooted_at_their_stall_s_origin_and_mechanism() {
+        let sleeping = Stall {
+            stacks: vec![stack(
+                StackKind::OffCpu,
+                290_000,
+                &["do_nanosleep_[k]", "debugCommand", "main"],
+            )],
+            ..Stall::example("command:debug", "syscall.sleep", 300_000)
+        };
+        let mut by_cause = FoldedStacks::new(StackRoot::Cause);
+        by_cause.add_stall(&sleeping);
+        let lines = by_cause.lines();
+        assert_eq!(
+            lines,
+            ["command:debug;syscall.sleep;[off-cpu];main;debugCommand;do_nanosleep_[k] 290000"]
+        );
+        assert_eq!(
+            mark_off_cpu_frames(&lines[0], 2),
+            "command:debug;syscall.sleep;[off-cpu];main_[i];debugCommand_[i];do_nanosleep_[i] 290000"
+        );
+        let mut by_origin = FoldedStacks::new(StackRoot::Origin);
+        by_origin.add_stall(&sleeping);
+        assert!(by_origin.lines()[0].starts_with("command:debug;[off-cpu];main;"));
     }
 
     #[test]
