@@ -92,15 +92,17 @@ pub struct AttachArgs {
     /// (and mechanism) first.
     #[arg(long, value_enum, default_value_t)]
     pub stack_root: StackRoot,
-    /// On-CPU sampling frequency of the event-loop thread, in Hz.
-    #[arg(long, default_value_t = 999, value_parser = clap::value_parser!(u64).range(1..=10_000))]
-    pub freq: u64,
+    /// On-CPU sampling frequency of the event-loop thread, in Hz (default: 999, more for a short
+    /// threshold so that a stall just past it is sampled).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub freq: Option<u64>,
     /// Capture stacks only once the current iteration is this old (default: half the threshold).
     #[arg(long, value_parser = parse_positive_duration)]
     pub gate: Option<Duration>,
-    /// Times off the CPU shorter than this are only counted, not recorded with their stacks.
-    #[arg(long, default_value = "1ms", value_parser = parse_positive_duration)]
-    pub min_block: Duration,
+    /// Times off the CPU shorter than this are only counted, not recorded with their stacks
+    /// (default: 1ms, or a tenth of a shorter threshold).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub min_block: Option<Duration>,
     /// Bytes of user stack copied per sample (the unwinder walks only what was copied).
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(512..=16384))]
     pub stack_bytes: u32,

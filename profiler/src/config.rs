@@ -13,6 +13,28 @@ use crate::{
     target::TargetSelector,
 };
 
+/// On-CPU sampling frequency when the threshold leaves room for it.
+const DEFAULT_FREQUENCY_HZ: u64 = 999;
+/// Highest sampling frequency chosen for a short threshold (each sample costs the event loop a
+/// program run while it runs).
+const MAX_DERIVED_FREQUENCY_HZ: u64 = 10_000;
+/// Sampling periods in the part of a stall just past the threshold that is sampled (from the
+/// gate to the threshold): any span of one period holds a tick of the thread's CPU clock, so
+/// two leave room for the clock's jitter and every stall on the CPU carries a stack.
+const SAMPLES_PER_SAMPLED_SPAN: u64 = 2;
+/// The shortest time off the CPU recorded with its stacks, by default ...
+const DEFAULT_MIN_BLOCK: Duration = Duration::from_millis(1);
+/// ... or this fraction of a threshold shorter than ten times that.
+const MIN_BLOCK_PER_THRESHOLD: u32 = 10;
+
+/// The sampling frequency for a run with this threshold and gate: 999 Hz, or enough for
+/// [`SAMPLES_PER_SAMPLED_SPAN`] samples between the gate and the threshold.
+fn derived_frequency_hz(threshold_ns: u64, gate_ns: u64) -> u64 {
+    let sampled_ns = threshold_ns.saturating_sub(gate_ns).max(1);
+    let wanted = (SAMPLES_PER_SAMPLED_SPAN * 1_000_000_000).div_ceil(sampled_ns);
+    wanted.clamp(DEFAULT_FREQUENCY_HZ, MAX_DERIVED_FREQUENCY_HZ)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -91,6 +113,13 @@ impl RunConfig {
             (None, None) => TargetSelector::Only,
         };
         let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let gate_ns = nanos(args.gate.unwrap_or(args.threshold / 2));
+        let frequency_hz = args
+            .freq
+            .unwrap_or_else(|| derived_frequency_hz(nanos(args.threshold), gate_ns));
+        let min_block = args
+            .min_block
+            .unwrap_or(DEFAULT_MIN_BLOCK.min(args.threshold / MIN_BLOCK_PER_THRESHOLD));
         let alert = match args.alert {
             Some(threshold) => Some(AlertSettings {
                 threshold,
@@ -108,15 +137,15 @@ impl RunConfig {
             follow_port: args.port.filter(|_| args.follow),
             probes: ProbeTuning {
                 threshold_ns: nanos(args.threshold),
-                gate_ns: nanos(args.gate.unwrap_or(args.threshold / 2)),
-                min_block_ns: nanos(args.min_block),
+                gate_ns,
+                min_block_ns: nanos(min_block),
                 user_stack_bytes: args.stack_bytes,
                 ring_buffer_bytes: args.ring_buffer_kib * 1024,
-                frequency_hz: args.freq,
+                frequency_hz,
             },
             stall: StallSettings {
                 threshold: args.threshold,
-                frequency_hz: args.freq,
+                frequency_hz,
                 rules,
             },
             outputs: OutputPaths {
@@ -169,6 +198,29 @@ mod tests {
         assert_eq!(run.follow_port, Some(6379));
         assert_eq!(run.selector, TargetSelector::Port(6379));
         assert_eq!(config(&[]).unwrap().selector, TargetSelector::Only);
+    }
+
+    #[test]
+    fn a_short_threshold_samples_faster_and_keeps_shorter_blocks() {
+        let default = config(&[]).unwrap();
+        assert_eq!(default.probes.frequency_hz, 999);
+        assert_eq!(default.probes.min_block_ns, 1_000_000);
+        let short = config(&["--threshold", "1ms"]).unwrap();
+        // Two samples in the half millisecond between the gate and the threshold.
+        assert_eq!(short.probes.frequency_hz, 4_000);
+        assert_eq!(short.probes.min_block_ns, 100_000);
+        assert_eq!(
+            config(&["--threshold", "200us"])
+                .unwrap()
+                .probes
+                .frequency_hz,
+            10_000
+        );
+        let chosen = config(&["--threshold", "1ms", "--freq", "99", "--min-block", "2ms"]).unwrap();
+        assert_eq!(
+            (chosen.probes.frequency_hz, chosen.probes.min_block_ns),
+            (99, 2_000_000)
+        );
     }
 
     #[test]

@@ -13,8 +13,14 @@ use std::{
 
 use serde_json::Value;
 
+pub mod builds;
+
+pub use builds::Build;
+
 /// Debian's redis-server, by its absolute path: Redis re-executes `argv[0]` on `DEBUG RESTART`.
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
+/// Process names of the servers.
+const SERVER_NAMES: [&str; 2] = ["redis-server", "valkey-server"];
 
 /// How long a server or the profiler may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -217,13 +223,30 @@ impl RedisServer {
 
     /// Starts a server on `port` (e.g. the port of one that was shut down).
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
-        Self::start_with(Command::new(REDIS_SERVER), port, extra, None)
+        Self::start_with(
+            with_debug_command(Command::new(REDIS_SERVER)),
+            port,
+            extra,
+            None,
+        )
+    }
+
+    /// Starts a server of `build` on a free port with `extra` configuration arguments.
+    pub fn start_build(build: &Build, extra: &[&str]) -> Self {
+        let launcher = Command::new(build.server());
+        // Older servers allow DEBUG without the flag, and refuse the flag.
+        let launcher = if build.debug_flag {
+            with_debug_command(launcher)
+        } else {
+            launcher
+        };
+        Self::start_with(launcher, free_port(), extra, None)
     }
 
     /// Starts a server inside `namespace`; `cli` then runs there too.
     pub fn start_in(namespace: &NetworkNamespace, extra: &[&str]) -> Self {
         Self::start_with(
-            namespace.command(REDIS_SERVER),
+            with_debug_command(namespace.command(REDIS_SERVER)),
             free_port(),
             extra,
             Some(namespace.name.clone()),
@@ -241,7 +264,12 @@ impl RedisServer {
             "--kill-child",
             REDIS_SERVER,
         ]);
-        Self::start_with(launcher, free_port(), extra, Some(namespace.name.clone()))
+        Self::start_with(
+            with_debug_command(launcher),
+            free_port(),
+            extra,
+            Some(namespace.name.clone()),
+        )
     }
 
     /// Starts a server through `launcher` (e.g. `ip netns exec NS redis-server`).
@@ -263,7 +291,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
-            .args(["--enable-debug-command", "yes", "--dir"])
+            .arg("--dir")
             .arg(dir.path())
             .args(["--logfile", "redis.log"])
             .args(extra)
@@ -292,10 +320,10 @@ impl RedisServer {
             thread::sleep(Duration::from_millis(20));
         }
         // A launcher that forks (unshare) has the server as its child.
-        if comm(server.pid) != "redis-server" {
+        if !SERVER_NAMES.contains(&comm(server.pid).as_str()) {
             server.pid = children(server.pid)
                 .into_iter()
-                .find(|&pid| comm(pid) == "redis-server")
+                .find(|&pid| SERVER_NAMES.contains(&comm(pid).as_str()))
                 .expect("the launcher's redis-server child");
         }
         server
@@ -374,6 +402,12 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `launcher` (of a server that knows the flag) with the DEBUG command enabled.
+fn with_debug_command(mut launcher: Command) -> Command {
+    launcher.args(["--enable-debug-command", "yes"]);
+    launcher
 }
 
 /// A finished profiler run.

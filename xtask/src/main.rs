@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod builds;
 mod demo;
 mod poll_loop;
 mod soak;
@@ -43,7 +44,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker; mount tracefs.
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker, the extra Redis
+    /// and Valkey builds; mount tracefs.
     Setup,
     /// Build, start a throwaway redis-server, make it stall, profile it, write the report.
     Demo,
@@ -123,7 +125,8 @@ fn stdout_of(command: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-/// Installs what is missing: Debian packages, nightly `rust-src`, bpf-linker; mounts tracefs.
+/// Installs what is missing: Debian packages, nightly `rust-src`, bpf-linker, the extra server
+/// builds; mounts tracefs.
 fn setup() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .into_iter()
@@ -182,6 +185,8 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path))?;
     }
+
+    builds::fetch()?;
 
     let tracefs = Path::new("/sys/kernel/tracing");
     if std::fs::read_dir(tracefs)

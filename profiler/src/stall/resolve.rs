@@ -109,7 +109,7 @@ impl StallResolver {
         }
         self.work.samples_symbolized += stall.samples.len() as u64;
         self.work.symbolize += started.elapsed();
-        let stacks: Vec<AttributedStack> = distinct
+        let mut stacks: Vec<AttributedStack> = distinct
             .into_iter()
             .map(|((kind, frames), (weight_ns, samples))| AttributedStack {
                 attribution: self.rules.attribute(kind, &frames),
@@ -119,6 +119,7 @@ impl StallResolver {
                 samples,
             })
             .collect();
+        name_the_unnamed_command(&mut stacks);
         let (origin, mechanism, breakdown) = breakdown(&stacks);
         let total_us = |kind| totals_ns.get(&kind).copied().unwrap_or(0) / 1_000;
         Stall {
@@ -138,6 +139,31 @@ impl StallResolver {
             madvise: stall.madvise,
             accept: context.accept,
             incomplete: context.incomplete,
+        }
+    }
+}
+
+/// An origin inside a command whose frames do not say which (work `call` does around it, a
+/// frame without a name below it).
+const UNNAMED_COMMAND: &str = "command:unknown";
+
+/// Work inside `call` whose command the frames do not name belongs to the command the stall's
+/// other stacks name, when they name exactly one: a stall's iteration runs one long command
+/// (what `call` does after it, such as a first latency histogram's allocation, is its work).
+fn name_the_unnamed_command(stacks: &mut [AttributedStack]) {
+    let mut named = stacks
+        .iter()
+        .map(|stack| &stack.attribution.origin)
+        .filter(|origin| origin.starts_with("command:") && origin.as_str() != UNNAMED_COMMAND);
+    let Some(command) = named.next().cloned() else {
+        return;
+    };
+    if named.any(|other| *other != command) {
+        return;
+    }
+    for stack in stacks {
+        if stack.attribution.origin == UNNAMED_COMMAND {
+            stack.attribution.origin = command.clone();
         }
     }
 }
@@ -220,6 +246,49 @@ fn heaviest_stacks(mut stacks: Vec<AttributedStack>) -> Vec<WeightedStack> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn attributed(origin: &str, weight_ns: u64) -> AttributedStack {
+        AttributedStack {
+            kind: StackKind::OnCpu,
+            frames: vec![Frame::User(origin.into())],
+            attribution: Attribution {
+                origin: origin.into(),
+                mechanism: "cpu".into(),
+            },
+            weight_ns,
+            samples: 1,
+        }
+    }
+
+    #[test]
+    fn work_in_an_unnamed_command_goes_to_the_one_command_named_in_the_stall() {
+        let mut one = vec![
+            attributed("command:del|unlink", 10),
+            attributed(UNNAMED_COMMAND, 30),
+            attributed("cron.other", 5),
+        ];
+        name_the_unnamed_command(&mut one);
+        let origins: Vec<&str> = one.iter().map(|s| s.attribution.origin.as_str()).collect();
+        assert_eq!(
+            origins,
+            ["command:del|unlink", "command:del|unlink", "cron.other"]
+        );
+
+        let mut two = vec![
+            attributed("command:keys", 10),
+            attributed("command:get", 10),
+            attributed(UNNAMED_COMMAND, 30),
+        ];
+        name_the_unnamed_command(&mut two);
+        assert_eq!(
+            two[2].attribution.origin, UNNAMED_COMMAND,
+            "two commands: no guess"
+        );
+
+        let mut none = vec![attributed(UNNAMED_COMMAND, 30)];
+        name_the_unnamed_command(&mut none);
+        assert_eq!(none[0].attribution.origin, UNNAMED_COMMAND);
+    }
 
     #[test]
     fn stacks_beyond_the_limit_are_summed_per_kind_and_attribution() {

