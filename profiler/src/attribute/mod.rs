@@ -93,6 +93,19 @@ impl Rules {
     }
 }
 
+/// Suffixes GCC gives the copies it makes of a function (`foo.constprop.0`, `foo.isra.0`,
+/// `foo.part.0`, `foo.cold`): the copy is still `foo`.
+const CLONE_SUFFIXES: [&str; 5] = [".constprop.", ".isra.", ".part.", ".cold", ".lto_priv."];
+
+/// `name` without a clone suffix.
+fn without_clone_suffix(name: &str) -> &str {
+    CLONE_SUFFIXES
+        .iter()
+        .filter_map(|suffix| name.find(suffix))
+        .min()
+        .map_or(name, |end| &name[..end])
+}
+
 impl Rule {
     /// The category this rule gives `frame` (called by `caller`), if it matches.
     /// A required caller is a user function of that name.
@@ -108,9 +121,12 @@ impl Rule {
         let captured = match frame {
             Frame::Kernel(function) => first_match(&self.kernel_functions, function),
             Frame::Unnamed { module, .. } => first_match(&self.modules, module),
-            // Redis's bundled jemalloc prefixes its functions with `je_`.
-            Frame::User(function) => first_match(&self.functions, function)
-                .or_else(|| first_match(&self.functions, function.strip_prefix("je_")?)),
+            Frame::User(function) => {
+                let function = without_clone_suffix(function);
+                // Redis's bundled jemalloc prefixes its functions with `je_`.
+                first_match(&self.functions, function)
+                    .or_else(|| first_match(&self.functions, function.strip_prefix("je_")?))
+            }
             Frame::KernelAddress(_) | Frame::Unknown | Frame::OtherStacks => None,
         }?;
         Some(match self.category.split_once('*') {
@@ -369,6 +385,30 @@ mod tests {
         // A command that calls the shared implementation (no tail call) is named itself.
         let direct = ["delGenericCommand", "unlinkCommand", "call"];
         assert_eq!(attribute(StackKind::OnCpu, &direct).0, "command:unlink");
+    }
+
+    #[test]
+    fn a_compiler_s_copy_of_a_function_is_that_function() {
+        assert_eq!(
+            without_clone_suffix("sunionDiffGenericCommand.constprop.0"),
+            "sunionDiffGenericCommand"
+        );
+        assert_eq!(
+            without_clone_suffix("zslInsertNode.isra.0.cold"),
+            "zslInsertNode"
+        );
+        assert_eq!(without_clone_suffix("keysCommand"), "keysCommand");
+        // Recorded on Valkey 8.1.
+        let sunion = [
+            "hashtableNext",
+            "sunionDiffGenericCommand.constprop.0",
+            "call",
+            "processCommand",
+        ];
+        assert_eq!(
+            attribute(StackKind::OnCpu, &sunion).0,
+            "command:sdiff|sdiffstore|sunion|sunionstore"
+        );
     }
 
     #[test]
