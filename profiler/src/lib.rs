@@ -29,6 +29,7 @@ pub mod report;
 pub mod stack;
 pub mod stall;
 pub mod symbolize;
+pub mod tail_calls;
 pub mod target;
 pub mod unwind;
 

@@ -38,6 +38,13 @@ pub enum Frame {
     User(Rc<str>),
     /// User code no symbol covers: the module's name and the address's offset in its file.
     Unnamed { module: Rc<str>, offset: u64 },
+    /// User code no symbol covers, in a function that these commands jump to at their end
+    /// (`del|unlink`; see `tail_calls`).
+    TailCalled {
+        module: Rc<str>,
+        offset: u64,
+        commands: Rc<str>,
+    },
     /// A user address outside every known mapping.
     Unknown,
     /// The lighter stacks of a stall beyond the listed ones, summed.

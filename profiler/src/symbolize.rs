@@ -12,7 +12,7 @@ use blazesym::{
     },
 };
 
-use crate::{memory_map::MemoryMap, stack::Frame};
+use crate::{memory_map::MemoryMap, stack::Frame, tail_calls::TailCallTargets};
 
 /// Kernel functions that run our probe (tracepoint and BPF dispatch), not the traced thread.
 const PROBE_FRAME_PREFIXES: [&str; 4] =
@@ -87,6 +87,8 @@ pub struct Symbolizer {
     source: Box<dyn SymbolSource>,
     user: HashMap<u64, Frame>,
     kernel: HashMap<u64, Frame>,
+    /// With the target's pid: the functions of its executable that commands tail-call.
+    tail_calls: Option<(u32, Option<TailCallTargets>)>,
 }
 
 impl Symbolizer {
@@ -95,6 +97,45 @@ impl Symbolizer {
             source,
             user: HashMap::new(),
             kernel: HashMap::new(),
+            tail_calls: None,
+        }
+    }
+
+    /// Also tells unnamed code of process `pid`'s executable that commands reach by a tail
+    /// call (see [`crate::tail_calls`]).
+    pub fn with_tail_calls(mut self, pid: u32) -> Self {
+        self.tail_calls = Some((pid, None));
+        self
+    }
+
+    /// `frame`, a tail-called function's when it is unnamed code that commands jump to.
+    fn tail_called(&mut self, frame: Frame, address: u64, memory_map: &MemoryMap) -> Frame {
+        let (Some((pid, targets)), Frame::Unnamed { module, offset }) =
+            (&mut self.tail_calls, &frame)
+        else {
+            return frame;
+        };
+        let Some(mapping) = memory_map
+            .find(address)
+            .filter(|mapping| mapping.name.is_some())
+        else {
+            return frame; // only the process's own executable has commands
+        };
+        let targets = targets.get_or_insert_with(|| {
+            let data = mapping
+                .openable_paths(*pid)
+                .iter()
+                .find_map(|path| std::fs::read(path).ok());
+            data.map(|data| TailCallTargets::of_file(&data))
+                .unwrap_or_default()
+        });
+        match targets.commands_at(*offset) {
+            Some(commands) => Frame::TailCalled {
+                module: module.clone(),
+                offset: *offset,
+                commands: commands.clone(),
+            },
+            None => frame,
         }
     }
 
@@ -118,7 +159,7 @@ impl Symbolizer {
     /// symbol.
     pub fn user_frames(&mut self, addresses: &[u64], memory_map: &MemoryMap) -> Vec<Frame> {
         let source = &mut self.source;
-        name_all(
+        let frames = name_all(
             &mut self.user,
             addresses,
             |missing| source.user(missing),
@@ -126,7 +167,12 @@ impl Symbolizer {
                 Some(name) => Frame::User(name.into()),
                 None => memory_map.unnamed_frame(address),
             },
-        )
+        );
+        frames
+            .into_iter()
+            .zip(addresses)
+            .map(|(frame, &address)| self.tail_called(frame, address, memory_map))
+            .collect()
     }
 
     /// The frames of kernel addresses (leaf first); the frames of our own probe that took the

@@ -23,6 +23,8 @@ struct Rule {
     modules: Vec<String>,
     caller: Option<String>,
     generic: bool,
+    /// Matches code that commands reach by a tail call; `*` is those commands.
+    tail_called: bool,
 }
 
 /// The attribution rules.
@@ -120,7 +122,10 @@ impl Rule {
         };
         let captured = match frame {
             Frame::Kernel(function) => first_match(&self.kernel_functions, function),
-            Frame::Unnamed { module, .. } => first_match(&self.modules, module),
+            Frame::TailCalled { commands, .. } if self.tail_called => Some(commands.to_string()),
+            Frame::Unnamed { module, .. } | Frame::TailCalled { module, .. } => {
+                first_match(&self.modules, module)
+            }
             Frame::User(function) => {
                 let function = without_clone_suffix(function);
                 // Redis's bundled jemalloc prefixes its functions with `je_`.
@@ -379,6 +384,14 @@ mod tests {
             attribute(StackKind::OnCpu, &sunion).0,
             "command:sdiff|sdiffstore|sunion|sunionstore"
         );
+        // What `call` does after the command is no command of its own.
+        let after = [
+            "firePostExecutionUnitJobs",
+            "afterCommand",
+            "call",
+            "processCommand",
+        ];
+        assert_eq!(attribute(StackKind::OnCpu, &after).0, "command:unknown");
         // Not in the table: named after its prefix.
         let other = ["fooGenericCommand", "call", "main"];
         assert_eq!(attribute(StackKind::OnCpu, &other).0, "command:foo");

@@ -48,6 +48,8 @@ struct RuleSpec {
     caller: Option<String>,
     #[serde(default)]
     generic: bool,
+    #[serde(default)]
+    tail_called: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,16 +126,22 @@ fn check_rule(spec: RuleSpec, kind: &str, text: &str, origin: &str) -> Result<Ru
             format!("{kind} category `{category}` must be a name with at most one `*`"),
         ));
     }
-    if spec.functions.is_empty() && spec.kernel_functions.is_empty() && spec.modules.is_empty() {
+    if spec.functions.is_empty()
+        && spec.kernel_functions.is_empty()
+        && spec.modules.is_empty()
+        && !spec.tail_called
+    {
         return Err(invalid(
             spec.category.span(),
             format!("{kind} rule `{category}` has no functions, kernel_functions or modules"),
         ));
     }
-    if kind == "mechanism" && (spec.generic || spec.caller.is_some()) {
+    if kind == "mechanism" && (spec.generic || spec.caller.is_some() || spec.tail_called) {
         return Err(invalid(
             spec.category.span(),
-            format!("mechanism rule `{category}`: `generic` and `caller` are for origins"),
+            format!(
+                "mechanism rule `{category}`: `generic`, `caller` and `tail_called` are for origins"
+            ),
         ));
     }
     // `*` alone is allowed only under a required caller: it then names that caller's callee.
@@ -158,6 +166,7 @@ fn check_rule(spec: RuleSpec, kind: &str, text: &str, origin: &str) -> Result<Ru
         modules: patterns(spec.modules)?,
         caller: spec.caller,
         generic: spec.generic,
+        tail_called: spec.tail_called,
         category,
     })
 }

@@ -1,6 +1,7 @@
 //! Frames as text, the folded-stack convention every output uses: kernel functions end in
-//! `_[k]`, unnamed user code is `module+0xoffset`, an address outside every mapping is
-//! `[unknown]`. Parsing gives a recorded frame its type back (`report`).
+//! `_[k]`, unnamed user code is `module+0xoffset` (`module+0xoffset [tail of del|unlink]` in a
+//! function those commands jump to), an address outside every mapping is `[unknown]`. Parsing
+//! gives a recorded frame its type back (`report`).
 use std::rc::Rc;
 
 use crate::stack::Frame;
@@ -9,6 +10,8 @@ use crate::stack::Frame;
 pub const KERNEL_SUFFIX: &str = "_[k]";
 const UNKNOWN: &str = "[unknown]";
 const OTHER_STACKS: &str = "[other stacks]";
+/// Between unnamed code and the commands that tail-call it.
+const TAIL_OF: &str = " [tail of ";
 
 /// A frame's text.
 pub fn render(frame: &Frame) -> String {
@@ -17,6 +20,11 @@ pub fn render(frame: &Frame) -> String {
         Frame::KernelAddress(address) => format!("{address:#x}{KERNEL_SUFFIX}"),
         Frame::User(name) => name.to_string(),
         Frame::Unnamed { module, offset } => format!("{module}+{offset:#x}"),
+        Frame::TailCalled {
+            module,
+            offset,
+            commands,
+        } => format!("{module}+{offset:#x}{TAIL_OF}{commands}]"),
         Frame::Unknown => UNKNOWN.to_owned(),
         Frame::OtherStacks => OTHER_STACKS.to_owned(),
     }
@@ -24,6 +32,17 @@ pub fn render(frame: &Frame) -> String {
 
 /// The frame a text stands for (the inverse of [`render`]).
 pub fn parse(text: &str) -> Frame {
+    if let Some((unnamed, commands)) = text
+        .strip_suffix(']')
+        .and_then(|text| text.split_once(TAIL_OF))
+        && let Frame::Unnamed { module, offset } = parse(unnamed)
+    {
+        return Frame::TailCalled {
+            module,
+            offset,
+            commands: commands.into(),
+        };
+    }
     if let Some(kernel) = text.strip_suffix(KERNEL_SUFFIX) {
         return match kernel
             .strip_prefix("0x")
@@ -83,6 +102,11 @@ mod tests {
             },
             Frame::Unknown,
             Frame::OtherStacks,
+            Frame::TailCalled {
+                module: "redis-server".into(),
+                offset: 0x14507b,
+                commands: "fcall|fcall_ro".into(),
+            },
         ];
         let texts: Vec<String> = frames.iter().map(render).collect();
         assert_eq!(
@@ -94,7 +118,8 @@ mod tests {
                 "operator+",
                 "libjemalloc.so.2+0x94ee7",
                 "[unknown]",
-                "[other stacks]"
+                "[other stacks]",
+                "redis-server+0x14507b [tail of fcall|fcall_ro]"
             ]
         );
         for (frame, text) in frames.iter().zip(&texts) {

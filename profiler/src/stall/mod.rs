@@ -119,9 +119,11 @@ impl StallPipeline {
 fn process_parts(pid: u32) -> (Box<dyn StackUnwinder>, Symbolizer) {
     (
         Box::new(DwarfUnwinder::new(pid)),
-        Symbolizer::new(Box::new(BlazeSymbols::new(pid))),
+        Symbolizer::new(Box::new(BlazeSymbols::new(pid))).with_tail_calls(pid),
     )
 }
 
+#[cfg(test)]
+mod corpus_tests;
 #[cfg(test)]
 mod tests;

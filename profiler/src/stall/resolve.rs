@@ -143,6 +143,27 @@ impl StallResolver {
     }
 }
 
+/// The origin and mechanism of a stall made of `stacks` (kind, frames, weight in ns), as
+/// [`StallResolver::resolve`] names it.
+#[cfg(test)]
+pub(crate) fn diagnose(
+    rules: &Rules,
+    stacks: impl Iterator<Item = (StackKind, Vec<Frame>, u64)>,
+) -> (String, String) {
+    let mut attributed: Vec<AttributedStack> = stacks
+        .map(|(kind, frames, weight_ns)| AttributedStack {
+            attribution: rules.attribute(kind, &frames),
+            kind,
+            frames,
+            weight_ns,
+            samples: 1,
+        })
+        .collect();
+    name_the_unnamed_command(&mut attributed);
+    let (origin, mechanism, _) = breakdown(&attributed);
+    (origin, mechanism)
+}
+
 /// An origin inside a command whose frames do not say which (work `call` does around it, a
 /// frame without a name below it).
 const UNNAMED_COMMAND: &str = "command:unknown";

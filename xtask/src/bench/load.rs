@@ -106,7 +106,7 @@ impl Observer {
         match self {
             Observer::Nothing => "nothing",
             Observer::Defaults => "`attach`",
-            Observer::Sampling => "`attach --freq 999 --threshold 1ms`",
+            Observer::Sampling => "`attach --threshold 1ms` (samples at 4 kHz)",
             Observer::PerfDwarf => "`perf record -F 999 --call-graph dwarf`",
             Observer::PerfFramePointers => "`perf record -F 999 -g`",
         }
@@ -123,7 +123,7 @@ impl Observer {
         Ok(match self {
             Observer::Nothing => Watching::Nothing,
             Observer::Defaults => profiler(&[]),
-            Observer::Sampling => profiler(&["--freq", "999", "--threshold", "1ms"]),
+            Observer::Sampling => profiler(&["--threshold", "1ms"]),
             Observer::PerfDwarf => perf_record(&pid, &["--call-graph", "dwarf"])?,
             Observer::PerfFramePointers => perf_record(&pid, &["-g"])?,
         })
