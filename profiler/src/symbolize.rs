@@ -19,6 +19,9 @@ const PROBE_FRAME_PREFIXES: [&str; 4] =
     ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"];
 /// Any kernel address: naming it loads the kernel's symbols.
 const SOME_KERNEL_ADDRESS: u64 = 0xffff_ffff_8100_0000;
+/// The Redis function that runs a command (`c->cmd->proc(c)`): a frame it calls directly is
+/// a command's work, or that of a function the command tail-called.
+const COMMAND_DISPATCHER: &str = "call";
 /// Cached names per address space before the cache is emptied (bounds memory on long runs).
 const CACHE_LIMIT: usize = 200_000;
 
@@ -168,10 +171,26 @@ impl Symbolizer {
                 None => memory_map.unnamed_frame(address),
             },
         );
+        // Only where `call` called it: that is where a command's own frame is missing.
+        let called_by_call: Vec<bool> = (0..frames.len())
+            .map(|index| {
+                frames
+                    .get(index + 1)
+                    .and_then(Frame::user_function)
+                    .is_some_and(|caller| caller == COMMAND_DISPATCHER)
+            })
+            .collect();
         frames
             .into_iter()
             .zip(addresses)
-            .map(|(frame, &address)| self.tail_called(frame, address, memory_map))
+            .zip(called_by_call)
+            .map(|((frame, &address), by_call)| {
+                if by_call {
+                    self.tail_called(frame, address, memory_map)
+                } else {
+                    frame
+                }
+            })
             .collect()
     }
 
