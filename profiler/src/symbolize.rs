@@ -12,7 +12,11 @@ use blazesym::{
     },
 };
 
-use crate::{memory_map::MemoryMap, stack::Frame, tail_calls::TailCallTargets};
+use crate::{
+    memory_map::{Mapping, MemoryMap},
+    stack::Frame,
+    tail_calls::TailCallTargets,
+};
 
 /// Kernel functions that run our probe (tracepoint and BPF dispatch), not the traced thread.
 const PROBE_FRAME_PREFIXES: [&str; 4] =
@@ -113,9 +117,7 @@ impl Symbolizer {
 
     /// `frame`, a tail-called function's when it is unnamed code that commands jump to.
     fn tail_called(&mut self, frame: Frame, address: u64, memory_map: &MemoryMap) -> Frame {
-        let (Some((pid, targets)), Frame::Unnamed { module, offset }) =
-            (&mut self.tail_calls, &frame)
-        else {
+        let Frame::Unnamed { module, offset } = &frame else {
             return frame;
         };
         let Some(mapping) = memory_map
@@ -124,26 +126,36 @@ impl Symbolizer {
         else {
             return frame; // only the process's own executable has commands
         };
-        let targets = targets.get_or_insert_with(|| {
+        let (module, offset) = (module.clone(), *offset);
+        let mapping = mapping.clone();
+        let commands = self
+            .tail_call_targets(&mapping)
+            .and_then(|targets| targets.commands_at(offset).cloned());
+        match commands {
+            Some(commands) => Frame::TailCalled {
+                module,
+                offset,
+                commands,
+            },
+            None => frame,
+        }
+    }
+
+    /// The tail-call targets of the executable `mapping` comes from, read the first time.
+    fn tail_call_targets(&mut self, mapping: &Mapping) -> Option<&TailCallTargets> {
+        let (pid, targets) = self.tail_calls.as_mut()?;
+        Some(targets.get_or_insert_with(|| {
             let data = mapping
                 .openable_paths(*pid)
                 .iter()
                 .find_map(|path| std::fs::read(path).ok());
             data.map(|data| TailCallTargets::of_file(&data))
                 .unwrap_or_default()
-        });
-        match targets.commands_at(*offset) {
-            Some(commands) => Frame::TailCalled {
-                module: module.clone(),
-                offset: *offset,
-                commands: commands.clone(),
-            },
-            None => frame,
-        }
+        }))
     }
 
-    /// Loads the symbols of every file in `memory_map` and the kernel's now, rather than at the
-    /// first stall: that takes tens of milliseconds, which the first stall's record and alert
+    /// Loads the symbols of every file in `memory_map` and the kernel's, and reads the
+    /// executable's tail calls, now rather than at the first stall: that takes tens of milliseconds, which the first stall's record and alert
     /// would wait for, and a target that exits right after its first stall would leave it
     /// unnamed.
     pub fn warm_up(&mut self, memory_map: &MemoryMap) {
@@ -156,6 +168,13 @@ impl Symbolizer {
             .collect();
         self.user_frames(&addresses, memory_map);
         self.kernel_frames(&[SOME_KERNEL_ADDRESS]);
+        if let Some(executable) = memory_map
+            .mappings()
+            .iter()
+            .find(|mapping| mapping.name.is_some())
+        {
+            self.tail_call_targets(executable);
+        }
     }
 
     /// The frames of user lookup addresses (leaf first); `memory_map` places those without a
