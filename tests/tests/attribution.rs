@@ -143,6 +143,20 @@ fn idle_clients_with_big_query_buffers_stall_cron_in_an_allocator_purge() {
     drop(clients);
 }
 
+/// The one-line error of `attach --rules RULES`, which must exit with 1.
+fn refused(redis: &RedisServer, rules: &std::path::Path) -> String {
+    let output = run_profiler(&[
+        "attach",
+        "--pid",
+        &redis.pid().to_string(),
+        "--rules",
+        rules.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 #[test]
 fn custom_rules_replace_the_builtin_ones_and_a_bad_file_names_its_line() {
     let redis = RedisServer::start(&[]);
@@ -172,15 +186,7 @@ fn custom_rules_replace_the_builtin_ones_and_a_bad_file_names_its_line() {
         "[[origin]]\ncategory = \"x\"\nfunctions = [\"a\"]\n\n[[mechanism]]\ncategory = \"y\"\n",
     )
     .unwrap();
-    let output = run_profiler(&[
-        "attach",
-        "--pid",
-        &redis.pid().to_string(),
-        "--rules",
-        rules.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let stderr = refused(&redis, &rules);
     assert!(
         stderr.contains(&format!(
             "`{}` line 6: mechanism rule `y` has no functions",
@@ -191,15 +197,7 @@ fn custom_rules_replace_the_builtin_ones_and_a_bad_file_names_its_line() {
 
     // An empty file (a typo'd path to the wrong file, a truncated copy) is no rules at all.
     fs::write(&rules, "# nothing here\n").unwrap();
-    let output = run_profiler(&[
-        "attach",
-        "--pid",
-        &redis.pid().to_string(),
-        "--rules",
-        rules.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let stderr = refused(&redis, &rules);
     assert_eq!(
         stderr.trim(),
         format!(

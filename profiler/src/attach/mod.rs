@@ -41,13 +41,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     let outputs = Outputs::new(open_sinks(&config.outputs, &target)?);
     // Bound now, so a busy address is reported before attaching (the run goes on without).
     let metrics_listener = config.metrics.and_then(bind_metrics);
-    let Attachment {
-        probes,
-        events,
-        maps,
-        kernel_log,
-        nested_poll_tracking,
-    } = Attachment::attach(&config.probes, &target, &tracepoints)?;
+    let attachment = Attachment::attach(&config.probes, &target, &tracepoints)?;
     // Before the run starts threads of its own: they inherit what is left.
     match privileges::drop_after_attach(config.follow_port.is_some()) {
         Ok(dropped) => log::debug!("capabilities dropped after attaching: {dropped:?}"),
@@ -65,9 +59,9 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     let consumer = Consumer::new(ConsumerParts {
         stalls: StallPipeline::new(target.pid, config.stall.clone(), clock),
         target,
-        maps,
-        kernel_log,
-        nested_poll_tracking,
+        maps: attachment.maps,
+        kernel_log: attachment.kernel_log,
+        nested_poll_tracking: attachment.nested_poll_tracking,
         outputs,
         accept,
         alerting: config.alert.clone().map(Alerting::new),
@@ -80,7 +74,14 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
                 tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
             tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
         }
-        run(consumer, &config, probes, events, &tracepoints).await
+        run(
+            consumer,
+            &config,
+            attachment.probes,
+            attachment.events,
+            &tracepoints,
+        )
+        .await
     })
 }
 

@@ -56,25 +56,19 @@ impl Consumer {
         tracepoints: &[String],
     ) -> anyhow::Result<(Probes, RingBuf<MapData>)> {
         let sampler = QueueSampler::open(target.pid)?;
-        let Attachment {
-            probes,
-            events,
-            maps,
-            kernel_log,
-            nested_poll_tracking,
-        } = Attachment::attach(tuning, &target, tracepoints)?;
+        let attachment = Attachment::attach(tuning, &target, tracepoints)?;
         for counter in Counter::ALL {
             self.earlier_counters[counter.index() as usize] += self.maps.counter(counter)?;
         }
-        self.maps = maps;
-        self.kernel_log = kernel_log;
+        self.maps = attachment.maps;
+        self.kernel_log = attachment.kernel_log;
         self.histogram.restart_kernel_counts();
         if let Some(alerting) = &mut self.alerting {
             alerting.forget_iteration();
         }
-        self.nested_poll_tracking = nested_poll_tracking;
+        self.nested_poll_tracking = attachment.nested_poll_tracking;
         self.retarget(target, Some(sampler));
-        Ok((probes, events))
+        Ok((attachment.probes, attachment.events))
     }
 }
 

@@ -1,21 +1,23 @@
 //! Loading the embedded eBPF object with the run's settings, attaching its programs to the
-//! target, and handing out the maps userspace reads.
+//! target, and handing out the maps userspace reads ([`maps`]).
+mod maps;
+
 use std::{num::NonZeroU32, path::Path};
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{MapData, MapError, RingBuf},
     programs::{
         BtfTracePoint, PerfEvent, ProgramError, TracePoint, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::UProbeScope,
     },
 };
+pub use maps::KernelMaps;
 use profiler_common::{
-    Counter, GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID,
-    GLOBAL_THRESHOLD_NS, GLOBAL_USER_STACK_LIMIT, ITERATION_BUCKETS, LoopState, MAP_COUNTERS,
-    MAP_EVENTS, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE,
-    MAP_OFF_CPU_STACKS, StackEvent,
+    GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS,
+    GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX,
+    MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_OFF_CPU_STACKS,
 };
 
 /// The kernel programs' log (aya-log): their rare-path messages, read into our log.
@@ -335,7 +337,7 @@ impl Probes {
 }
 
 /// The error of map `name`.
-fn map_error(name: &'static str) -> impl Fn(MapError) -> ProbeError {
+pub(crate) fn map_error(name: &'static str) -> impl Fn(MapError) -> ProbeError {
     move |cause| ProbeError::Map { name, cause }
 }
 
@@ -352,87 +354,5 @@ fn raise_memlock_limit() {
             "cannot raise RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()
         );
-    }
-}
-
-/// The maps the kernel programs fill and userspace reads (the ring buffer aside).
-pub struct KernelMaps {
-    histogram: Array<MapData, u64>,
-    iteration_max: Array<MapData, u64>,
-    counters: PerCpuArray<MapData, u64>,
-    loop_state: Array<MapData, LoopState>,
-    off_cpu_stacks: Array<MapData, StackEvent>,
-    listen_ports: HashMap<MapData, u16, u8>,
-}
-
-impl KernelMaps {
-    /// The iteration histogram's cumulative bucket counts (see `profiler_common::iteration_bucket`).
-    pub fn histogram(&self) -> Result<Vec<u64>, ProbeError> {
-        (0..ITERATION_BUCKETS)
-            .map(|bucket| self.histogram.get(&bucket, 0))
-            .collect::<Result<_, _>>()
-            .map_err(map_error(MAP_ITERATION_HISTOGRAM))
-    }
-
-    /// The longest iteration since the previous call (ns), and starts a new period. An
-    /// iteration that ends between the read and the reset is missed from the maximum only.
-    pub fn take_iteration_max_ns(&mut self) -> Result<u64, ProbeError> {
-        let max_ns = self
-            .iteration_max
-            .get(&0, 0)
-            .map_err(map_error(MAP_ITERATION_MAX))?;
-        self.iteration_max
-            .set(0, 0, 0)
-            .map_err(map_error(MAP_ITERATION_MAX))?;
-        Ok(max_ns)
-    }
-
-    /// The event loop's state as the kernel last saw it.
-    pub fn loop_state(&self) -> Result<LoopState, ProbeError> {
-        self.loop_state
-            .get(&0, 0)
-            .map_err(map_error(MAP_LOOP_STATE))
-    }
-
-    /// The stacks the event-loop thread left the CPU with, when `state` says it is off the CPU
-    /// inside an iteration now.
-    pub fn pending_off_cpu_stacks(
-        &self,
-        state: &LoopState,
-    ) -> Result<Option<Box<StackEvent>>, ProbeError> {
-        if state.switch_out_ns == 0 {
-            return Ok(None);
-        }
-        let stacks = self
-            .off_cpu_stacks
-            .get(&0, 0)
-            .map_err(map_error(MAP_OFF_CPU_STACKS))?;
-        Ok(Some(Box::new(stacks)))
-    }
-
-    /// Tells the connection tracer which ports are the target's.
-    pub fn set_listen_ports(&mut self, ports: &[u16]) -> Result<(), ProbeError> {
-        let map_error = map_error(MAP_LISTEN_PORTS);
-        let known: Vec<u16> = self
-            .listen_ports
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(&map_error)?;
-        for port in known.iter().filter(|port| !ports.contains(port)) {
-            self.listen_ports.remove(port).map_err(&map_error)?;
-        }
-        for port in ports.iter().filter(|port| !known.contains(port)) {
-            self.listen_ports.insert(port, 1, 0).map_err(&map_error)?;
-        }
-        Ok(())
-    }
-
-    /// A kernel-side counter, summed over the CPUs.
-    pub fn counter(&self, counter: Counter) -> Result<u64, ProbeError> {
-        let per_cpu = self
-            .counters
-            .get(&counter.index(), 0)
-            .map_err(map_error(MAP_COUNTERS))?;
-        Ok(per_cpu.iter().sum())
     }
 }
