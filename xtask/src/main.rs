@@ -53,6 +53,15 @@ enum Task {
     Test,
     /// Measure the profiler's cost and speed and write BENCHMARKS.md.
     Bench,
+    /// Compare the added cost per poll of another build of the profiler with this one's, side
+    /// by side in alternation.
+    ComparePoll {
+        /// The other build's `redis-stallprof` binary (e.g. built at an earlier commit).
+        other: PathBuf,
+        /// Alternations.
+        #[arg(default_value_t = 6)]
+        rounds: usize,
+    },
     /// Profile a server under a long storm of stalls and check that memory stays bounded.
     Soak {
         /// How long, in minutes.
@@ -90,6 +99,11 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             setup()?;
             build()?;
             bench::run(&workspace_root())
+        }
+        Task::ComparePoll { other, rounds } => {
+            setup()?;
+            build()?;
+            bench::compare::run(&other, rounds)
         }
         Task::Soak { minutes } => {
             setup()?;

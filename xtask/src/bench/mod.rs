@@ -10,6 +10,7 @@
 //!
 //! Redis runs on CPU 0, the load generator on CPU 1. [`measure`] takes the figures, `render`
 //! writes them as Markdown.
+pub mod compare;
 mod load;
 mod reaction;
 mod render;
