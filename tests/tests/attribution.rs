@@ -127,7 +127,25 @@ fn idle_clients_with_big_query_buffers_stall_cron_in_an_allocator_purge() {
         run.stderr
     );
     for stall in &resizes {
-        assert_eq!(stall["mechanism"], "allocator.purge", "{stall}");
+        // The purge is where the resize's time went. The file's other tests run beside this one
+        // and keep both CPUs busy: the time Redis then waited for a CPU is `runqueue`, and may
+        // be the larger share of a stall just past the threshold, so it is set aside here.
+        let running = stall["breakdown"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|entry| entry["mechanism"] != "runqueue")
+            .max_by_key(|entry| number(&entry["us"]))
+            .unwrap_or_else(|| panic!("no time sampled on or off the CPU: {stall}"));
+        assert_eq!(
+            (&running["origin"], &running["mechanism"]),
+            (&"cron.querybuf_resize".into(), &"allocator.purge".into()),
+            "{stall}"
+        );
+        assert!(
+            ["allocator.purge", "runqueue"].contains(&stall["mechanism"].as_str().unwrap()),
+            "{stall}"
+        );
         assert!(number(&stall["duration_us"]) >= 3_000);
         assert!(
             number(&stall["madvise"]["bytes"]) >= 16 << 20,
