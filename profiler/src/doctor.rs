@@ -5,7 +5,8 @@ use std::path::Path;
 use profiler_common::NO_TARGET;
 
 use crate::{
-    error_chain, kernel,
+    error_chain::error_chain,
+    kernel,
     probes::{ProbeSettings, Probes},
 };
 

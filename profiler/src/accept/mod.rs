@@ -78,7 +78,7 @@ impl AcceptWatch {
                 if !std::mem::replace(&mut self.sampling_failed, true) {
                     log::warn!(
                         "{}; accept-queue figures may be incomplete",
-                        crate::error_chain(&error)
+                        crate::error_chain::error_chain(&error)
                     );
                 }
                 return;

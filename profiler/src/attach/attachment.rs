@@ -58,7 +58,7 @@ impl Attachment {
             Err(error) => {
                 log::warn!(
                     "{}; polls made during a long script or a load will end iterations early",
-                    crate::error_chain(&error)
+                    crate::error_chain::error_chain(&error)
                 );
                 false
             }
