@@ -402,9 +402,10 @@ fn pin(tid: u32, cpu: u32, all: bool) {
 fn run_scenario(scenario: &Scenario, build: &Build, threshold: &str) -> Outcome {
     let redis = RedisServer::start_build(build, scenario.config);
     (scenario.setup)(&redis);
-    // Redis's event loop on one CPU, the profiler on the other: at 1 ms, CPU contention
-    // between them would be stalls of its own (`runqueue`). Redis's other threads (lazy free)
-    // are left free.
+    // Redis's event loop alone on one CPU; its other threads (lazy free, AOF fsync) and the
+    // profiler on the other: at 1 ms, CPU contention with them would be stalls of its own
+    // (`runqueue`), and the background threads' work must not show as the loop's.
+    pin(redis.pid(), 1, true);
     pin(redis.pid(), 0, false);
     let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "--threshold", threshold]);
     pin(profiler.pid(), 1, true);
