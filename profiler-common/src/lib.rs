@@ -253,8 +253,13 @@ pub struct StallEvent {
     pub start_ns: u64,
     /// When the next poll was entered.
     pub end_ns: u64,
+    /// 1 when another thread made the poll the iteration began or ended with: the loop handed
+    /// its poll to an io thread (Valkey 8 and later, under load) and turned without blocking
+    /// until it was made.
+    pub poll_handed_off: u32,
+    pub _padding: u32,
 }
-const _: () = assert!(core::mem::size_of::<StallEvent>() == 24);
+const _: () = assert!(core::mem::size_of::<StallEvent>() == 32);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for StallEvent {}
@@ -281,8 +286,13 @@ pub struct LoopState {
     pub wakeup_ns: u64,
     /// 1 when it left the CPU preempted rather than blocked.
     pub preempted: u64,
+    /// The epoll descriptor the loop thread polls; 0 until its first poll. Another thread of
+    /// the target polling it makes the loop's poll (Valkey's io threads do, under load).
+    pub poll_fd: u64,
+    /// 1 when the current iteration began at such a poll.
+    pub poll_handed_off: u64,
 }
-const _: () = assert!(core::mem::size_of::<LoopState>() == 48);
+const _: () = assert!(core::mem::size_of::<LoopState>() == 64);
 
 impl LoopState {
     /// When the iteration running now began; `None` while the loop idles in a poll (or before

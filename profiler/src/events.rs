@@ -111,6 +111,8 @@ mod tests {
         bytes.extend(event.tid.to_ne_bytes());
         bytes.extend(event.start_ns.to_ne_bytes());
         bytes.extend(event.end_ns.to_ne_bytes());
+        bytes.extend(event.poll_handed_off.to_ne_bytes());
+        bytes.extend(event._padding.to_ne_bytes());
         bytes
     }
 
@@ -125,6 +127,8 @@ mod tests {
             tid: 7,
             start_ns: 100,
             end_ns: 250_000_100,
+            poll_handed_off: 1,
+            _padding: 0,
         };
         assert!(matches!(decode(&bytes_of(&event)), Ok(Event::Stall(decoded)) if decoded == event));
     }
@@ -136,13 +140,15 @@ mod tests {
             tid: 7,
             start_ns: 1,
             end_ns: 2,
+            poll_handed_off: 0,
+            _padding: 0,
         };
         let bytes = bytes_of(&event);
         assert_eq!(
             error_of(&bytes[..20]),
             DecodeError::TooShort {
                 len: 20,
-                needed: 24
+                needed: 32
             }
         );
         assert_eq!(

@@ -115,8 +115,16 @@ impl Symbolizer {
         self
     }
 
-    /// `frame`, a tail-called function's when it is unnamed code that commands jump to.
-    fn tail_called(&mut self, frame: Frame, address: u64, memory_map: &MemoryMap) -> Frame {
+    /// `frame`, named by the executable's jumps when it is unnamed code: a tail-called
+    /// function's that commands jump to (where `call` called it: there a command's own frame
+    /// is missing), or the unnamed part of a function that jumps to it.
+    fn named_by_jumps(
+        &mut self,
+        frame: Frame,
+        address: u64,
+        memory_map: &MemoryMap,
+        called_by_call: bool,
+    ) -> Frame {
         let Frame::Unnamed { module, offset } = &frame else {
             return frame;
         };
@@ -128,16 +136,20 @@ impl Symbolizer {
         };
         let (module, offset) = (module.clone(), *offset);
         let mapping = mapping.clone();
-        let commands = self
-            .tail_call_targets(&mapping)
-            .and_then(|targets| targets.commands_at(offset).cloned());
-        match commands {
-            Some(commands) => Frame::TailCalled {
+        let Some(targets) = self.tail_call_targets(&mapping) else {
+            return frame;
+        };
+        if let Some(commands) = targets.commands_at(offset).filter(|_| called_by_call) {
+            Frame::TailCalled {
                 module,
                 offset,
-                commands,
-            },
-            None => frame,
+                commands: commands.clone(),
+            }
+        } else if let Some(function) = targets.part_of(offset) {
+            // Named as GCC names the copy; rules match it as the function.
+            Frame::User(format!("{function}.part").into())
+        } else {
+            frame
         }
     }
 
@@ -190,7 +202,7 @@ impl Symbolizer {
                 None => memory_map.unnamed_frame(address),
             },
         );
-        // Only where `call` called it: that is where a command's own frame is missing.
+        // Which frames `call` called: only there can a command's own frame be missing.
         let called_by_call: Vec<bool> = (0..frames.len())
             .map(|index| {
                 frames
@@ -204,11 +216,7 @@ impl Symbolizer {
             .zip(addresses)
             .zip(called_by_call)
             .map(|((frame, &address), by_call)| {
-                if by_call {
-                    self.tail_called(frame, address, memory_map)
-                } else {
-                    frame
-                }
+                self.named_by_jumps(frame, address, memory_map, by_call)
             })
             .collect()
     }

@@ -6,6 +6,11 @@
 //! called by `call`, is the work of one of those commands. A function is a command's only if
 //! its name is one of the command names the executable holds as strings (its command table's):
 //! helpers such as `processCommand` or `commandlogPushCurrentCommand` are not commands.
+//!
+//! Other functions split the same way: GCC inlines a function's first test into its callers
+//! and moves the rest to a copy (`foo.part.0`) the function jumps to, which a stripped build
+//! does not name. Unnamed code that exactly one named function jumps to is that function's
+//! part.
 use std::{
     collections::{HashMap, HashSet},
     rc::Rc,
@@ -25,12 +30,16 @@ const MAX_COMMANDS_PER_TARGET: usize = 7;
 /// Longest command name looked for among the executable's strings.
 const MAX_COMMAND_NAME: usize = 40;
 
-/// The functions of one executable that commands reach by a tail call.
+/// The functions of one executable that commands reach by a tail call, and the unnamed parts
+/// of other functions.
 #[derive(Debug, Default)]
 pub struct TailCallTargets {
     /// (start, end) as file offsets, and the commands that jump there (`del|unlink`), sorted by
     /// start.
     functions: Vec<(u64, u64, Rc<str>)>,
+    /// (start, end) as file offsets, and the one named function that jumps there, sorted by
+    /// start.
+    parts: Vec<(u64, u64, Rc<str>)>,
 }
 
 impl TailCallTargets {
@@ -41,54 +50,80 @@ impl TailCallTargets {
         };
         let functions = function_ranges(&file);
         let known_names = command_name_strings(&file);
+        let named: HashSet<u64> = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .filter(|symbol| symbol.kind() == SymbolKind::Text)
+            .map(|symbol| symbol.address())
+            .collect();
+        // Jump target -> the commands, and the other named functions, that jump there.
         let mut commands: HashMap<u64, Vec<String>> = HashMap::new();
+        let mut callers: HashMap<u64, Vec<String>> = HashMap::new();
         for symbol in file.symbols().chain(file.dynamic_symbols()) {
             let (Ok(name), SymbolKind::Text) = (symbol.name(), symbol.kind()) else {
-                continue;
-            };
-            let Some(command) = name
-                .strip_suffix("Command")
-                .and_then(|command| command_name(&known_names, command))
-            else {
                 continue;
             };
             let Some(code) = code_of(&file, symbol.address(), symbol.size()) else {
                 continue;
             };
+            let command = name
+                .strip_suffix("Command")
+                .and_then(|command| command_name(&known_names, command));
             for target in jump_targets(symbol.address(), code) {
-                if functions.contains_key(&target) && target != symbol.address() {
-                    let names = commands.entry(target).or_default();
-                    if !names.contains(&command) {
-                        names.push(command.clone());
-                    }
+                if !functions.contains_key(&target) || target == symbol.address() {
+                    continue;
+                }
+                let (jumpers, name) = match &command {
+                    Some(command) => (&mut commands, command.as_str()),
+                    None if !named.contains(&target) => (&mut callers, name),
+                    None => continue,
+                };
+                let names = jumpers.entry(target).or_default();
+                if !names.iter().any(|known| known == name) {
+                    names.push(name.to_owned());
                 }
             }
         }
-        let mut targets: Vec<(u64, u64, Rc<str>)> = commands
-            .into_iter()
-            .filter(|(_, names)| names.len() <= MAX_COMMANDS_PER_TARGET)
-            .filter_map(|(start, names)| {
-                let end = start + functions.get(&start)?;
-                Some((file_offset(&file, start)?, file_offset(&file, end)?, {
-                    let mut names = names;
+        let ranges = |jumpers: HashMap<u64, Vec<String>>, most: usize| {
+            let mut ranges: Vec<(u64, u64, Rc<str>)> = jumpers
+                .into_iter()
+                .filter(|(_, names)| names.len() <= most)
+                .filter_map(|(start, mut names)| {
+                    let end = start + functions.get(&start)?;
                     names.sort();
-                    names.join("|").into()
-                }))
-            })
-            .collect();
-        targets.sort();
-        Self { functions: targets }
+                    let (start, end) = (file_offset(&file, start)?, file_offset(&file, end)?);
+                    Some((start, end, names.join("|").into()))
+                })
+                .collect();
+            ranges.sort();
+            ranges
+        };
+        // Code a command jumps to is that command's.
+        callers.retain(|target, _| !commands.contains_key(target));
+        Self {
+            parts: ranges(callers, 1),
+            functions: ranges(commands, MAX_COMMANDS_PER_TARGET),
+        }
     }
 
     /// The commands whose tail call leads to the code at file offset `offset`.
     pub fn commands_at(&self, offset: u64) -> Option<&Rc<str>> {
-        let index = self
-            .functions
-            .partition_point(|(start, _, _)| *start <= offset)
-            .checked_sub(1)?;
-        let (_, end, commands) = &self.functions[index];
-        (offset < *end).then_some(commands)
+        holder_of(&self.functions, offset)
     }
+
+    /// The function whose unnamed part holds the code at file offset `offset`.
+    pub fn part_of(&self, offset: u64) -> Option<&Rc<str>> {
+        holder_of(&self.parts, offset)
+    }
+}
+
+/// The name of the range of `ranges` (sorted by start) that holds `offset`.
+fn holder_of(ranges: &[(u64, u64, Rc<str>)], offset: u64) -> Option<&Rc<str>> {
+    let index = ranges
+        .partition_point(|(start, _, _)| *start <= offset)
+        .checked_sub(1)?;
+    let (_, end, name) = &ranges[index];
+    (offset < *end).then_some(name)
 }
 
 /// The strings of the executable's read-only data that could be command names (lowercase
@@ -219,6 +254,7 @@ mod tests {
                 (0x100, 0x180, "del|unlink".into()),
                 (0x200, 0x220, "get".into()),
             ],
+            parts: vec![],
         };
         assert_eq!(targets.commands_at(0x17f).map(|c| &**c), Some("del|unlink"));
         assert_eq!(targets.commands_at(0x180), None);
@@ -245,6 +281,13 @@ mod tests {
         assert!(
             all.iter().all(|commands| commands.split('|').count() <= 7),
             "{all:?}"
+        );
+        // `handleClientsWithPendingReadsUsingThreads` tests whether io threads are active and
+        // jumps to the rest of itself, a copy without a symbol.
+        let parts: Vec<&str> = targets.parts.iter().map(|(_, _, f)| &**f).collect();
+        assert!(
+            parts.contains(&"handleClientsWithPendingReadsUsingThreads"),
+            "{parts:?}"
         );
     }
 }

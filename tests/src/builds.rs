@@ -18,6 +18,9 @@ pub struct Build {
     pub functions: bool,
     /// Its allocator is jemalloc (purges with madvise); the wheels' builds use libc's malloc.
     pub jemalloc: bool,
+    /// Its key space is a `dict` that the cron rehashes a millisecond at a time (Redis);
+    /// Valkey 8.1 and later keep keys in a `hashtable` resized along with the deletes.
+    pub dict_keyspace: bool,
 }
 
 /// Debian's redis-server 7.0, by its absolute path: Redis re-executes `argv[0]` on `DEBUG
@@ -28,6 +31,7 @@ pub const DEBIAN: Build = Build {
     debug_flag: true,
     functions: true,
     jemalloc: true,
+    dict_keyspace: true,
 };
 
 /// Every build: Debian's first.
@@ -39,6 +43,7 @@ pub const BUILDS: [Build; 4] = [
         debug_flag: false,
         functions: false,
         jemalloc: false,
+        dict_keyspace: true,
     },
     Build {
         name: "valkey-8.1",
@@ -50,6 +55,7 @@ pub const BUILDS: [Build; 4] = [
         debug_flag: true,
         functions: true,
         jemalloc: false,
+        dict_keyspace: false,
     },
     Build {
         name: "valkey-9.1",
@@ -61,6 +67,7 @@ pub const BUILDS: [Build; 4] = [
         debug_flag: true,
         functions: true,
         jemalloc: false,
+        dict_keyspace: false,
     },
 ];
 

@@ -398,7 +398,12 @@ impl RedisServer {
 }
 
 impl Drop for RedisServer {
+    /// Kills the server and the children it forked (a background save's would outlive it).
     fn drop(&mut self) {
+        for child in children(self.pid) {
+            // SAFETY: kill(2) on a pid; the child is the server's fork.
+            unsafe { libc::kill(child as libc::pid_t, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

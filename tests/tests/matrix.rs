@@ -63,8 +63,8 @@ struct Scenario {
     config: &'static [&'static str],
     /// Before attaching.
     setup: fn(&RedisServer),
-    /// While profiled: what stalls the loop.
-    provoke: fn(&RedisServer),
+    /// While profiled: what stalls the loop (on the server of that build).
+    provoke: fn(&RedisServer, &Build),
     /// Origins that are right: the ambiguity group the frames may give, or a build's more
     /// precise name (the command itself, where it does not tail-call its implementation).
     origins: &'static [&'static str],
@@ -116,12 +116,17 @@ fn populate(redis: &RedisServer) {
 
 const NO_LAZY_FREE: &[&str] = &["--lazyfree-lazy-user-del", "no"];
 
+/// Where a fork's time goes: copying the page tables, the faults after it, and the CPU the
+/// child takes: it inherits the loop's (the matrix pins the loop to a CPU of its own), and the
+/// loop waits for it (`runqueue`), as on a host with fewer CPUs than busy threads.
+const FORK: &[&str] = &["fork", "page_fault", "runqueue"];
+
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "keys",
         config: &[],
         setup: populate,
-        provoke: |redis| run(redis, &["KEYS", "no-such-key-*"]),
+        provoke: |redis, _| run(redis, &["KEYS", "no-such-key-*"]),
         origins: &["command:keys"],
         mechanisms: &["cpu"],
         runs_on: any_build,
@@ -131,7 +136,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "sort",
         config: &[],
         setup: |redis| fill(redis, "list", 300_000, "RPUSH"),
-        provoke: |redis| run(redis, &["SORT", "list"]),
+        provoke: |redis, _| run(redis, &["SORT", "list"]),
         origins: &["command:sort|sort_ro", "command:sort"],
         mechanisms: &["cpu", "allocator", "page_fault"],
         runs_on: any_build,
@@ -144,7 +149,7 @@ const SCENARIOS: &[Scenario] = &[
             fill(redis, "a", 300_000, "SADD");
             fill(redis, "b", 300_000, "SADD");
         },
-        provoke: |redis| run(redis, &["SUNIONSTORE", "dest", "a", "b"]),
+        provoke: |redis, _| run(redis, &["SUNIONSTORE", "dest", "a", "b"]),
         // Valkey 9.1's SDIFF does not end in the shared implementation: only two reach it.
         origins: &[
             "command:sdiff|sdiffstore|sunion|sunionstore",
@@ -161,7 +166,7 @@ const SCENARIOS: &[Scenario] = &[
             fill(redis, "a", 200_000, "zadd");
             fill(redis, "b", 200_000, "zadd");
         },
-        provoke: |redis| run(redis, &["ZUNIONSTORE", "dest", "2", "a", "b"]),
+        provoke: |redis, _| run(redis, &["ZUNIONSTORE", "dest", "2", "a", "b"]),
         origins: &["command:zdiff|zdiffstore|zinter|zintercard|zinterstore|zunion|zunionstore"],
         mechanisms: &["cpu", "allocator"],
         runs_on: any_build,
@@ -173,7 +178,7 @@ const SCENARIOS: &[Scenario] = &[
         setup: |redis| fill(redis, "list", 1_000_000, "RPUSH"),
         // The reply is left unread while Redis builds it: a client parsing 1 M elements at
         // the same time would compete with Redis for the CPUs.
-        provoke: |redis| {
+        provoke: |redis, _| {
             let mut client =
                 std::net::TcpStream::connect(("127.0.0.1", redis.port)).expect("connect");
             std::io::Write::write_all(
@@ -192,7 +197,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "del-set",
         config: NO_LAZY_FREE,
         setup: |redis| fill(redis, "set", 800_000, "SADD"),
-        provoke: |redis| run(redis, &["DEL", "set"]),
+        provoke: |redis, _| run(redis, &["DEL", "set"]),
         origins: &["command:del|unlink"],
         mechanisms: &["cpu", "allocator"],
         runs_on: any_build,
@@ -202,7 +207,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "del-hash",
         config: NO_LAZY_FREE,
         setup: |redis| fill(redis, "hash", 800_000, "hset"),
-        provoke: |redis| run(redis, &["DEL", "hash"]),
+        provoke: |redis, _| run(redis, &["DEL", "hash"]),
         origins: &["command:del|unlink"],
         mechanisms: &["cpu", "allocator"],
         runs_on: any_build,
@@ -212,7 +217,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "del-zset",
         config: NO_LAZY_FREE,
         setup: |redis| fill(redis, "zset", 500_000, "zadd"),
-        provoke: |redis| run(redis, &["DEL", "zset"]),
+        provoke: |redis, _| run(redis, &["DEL", "zset"]),
         origins: &["command:del|unlink"],
         mechanisms: &["cpu", "allocator"],
         runs_on: any_build,
@@ -222,7 +227,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "flushall-sync",
         config: &[],
         setup: populate,
-        provoke: |redis| run(redis, &["FLUSHALL", "SYNC"]),
+        provoke: |redis, _| run(redis, &["FLUSHALL", "SYNC"]),
         origins: &["command:flushall"],
         mechanisms: &["cpu", "allocator"],
         runs_on: any_build,
@@ -232,7 +237,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "eval",
         config: &[],
         setup: |_| {},
-        provoke: |redis| {
+        provoke: |redis, _| {
             let mut client = redis.client();
             let _: i64 = redis::cmd("EVAL")
                 .arg("local x = 0 for i = 1, 30000000 do x = x + i end return 1")
@@ -264,7 +269,7 @@ const SCENARIOS: &[Scenario] = &[
                 .query(&mut client)
                 .expect("FUNCTION LOAD");
         },
-        provoke: |redis| run(redis, &["FCALL", "spin", "0"]),
+        provoke: |redis, _| run(redis, &["FCALL", "spin", "0"]),
         origins: &["command:fcall|fcall_ro", "command:fcall"],
         mechanisms: &["cpu"],
         runs_on: with_functions,
@@ -274,7 +279,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "debug-sleep",
         config: &[],
         setup: |_| {},
-        provoke: |redis| run(redis, &["DEBUG", "SLEEP", "0.05"]),
+        provoke: |redis, _| run(redis, &["DEBUG", "SLEEP", "0.05"]),
         origins: &["command:debug"],
         mechanisms: &["syscall.sleep"],
         runs_on: any_build,
@@ -293,7 +298,7 @@ const SCENARIOS: &[Scenario] = &[
                 .expect("PEXPIRE");
         },
         // The keys expire 1.5 s after the setup; the slow cycle takes them in serverCron.
-        provoke: |_| thread::sleep(Duration::from_secs(3)),
+        provoke: |_, _| thread::sleep(Duration::from_secs(3)),
         // At 1 ms the fast cycles before the loop sleeps are stalls too, and so is the cron's
         // work on the emptied key space (shrinking its tables, giving their memory back; in a
         // build without the resizing functions' names, under `databasesCron` itself).
@@ -311,7 +316,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "unlink",
         config: &[],
         setup: |redis| fill(redis, "set", 800_000, "SADD"),
-        provoke: |redis| run(redis, &["UNLINK", "set"]),
+        provoke: |redis, _| run(redis, &["UNLINK", "set"]),
         origins: &["command:del|unlink", "command:unlink"],
         mechanisms: &["cpu", "allocator"],
         runs_on: any_build,
@@ -321,7 +326,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "flushall-async",
         config: &[],
         setup: populate,
-        provoke: |redis| run(redis, &["FLUSHALL", "ASYNC"]),
+        provoke: |redis, _| run(redis, &["FLUSHALL", "ASYNC"]),
         origins: &["command:flushall"],
         mechanisms: &["cpu", "allocator"],
         runs_on: any_build,
@@ -332,12 +337,12 @@ const SCENARIOS: &[Scenario] = &[
         config: &[],
         // Enough memory that copying its page tables takes well over 1 ms.
         setup: |redis| run(redis, &["DEBUG", "POPULATE", "4000000"]),
-        provoke: |redis| {
+        provoke: |redis, _| {
             run(redis, &["BGSAVE"]);
             thread::sleep(Duration::from_millis(200));
         },
         origins: &["command:bgsave"],
-        mechanisms: &["fork", "page_fault"],
+        mechanisms: FORK,
         runs_on: any_build,
         stalls: Stalls::AtOneMillisecond,
     },
@@ -345,7 +350,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "aof-always",
         config: &["--appendonly", "yes", "--appendfsync", "always"],
         setup: |_| {},
-        provoke: |redis| {
+        provoke: |redis, _| {
             let mut client = redis.client();
             for index in 0..300 {
                 let _: () = redis::cmd("SET")
@@ -361,7 +366,209 @@ const SCENARIOS: &[Scenario] = &[
         // An fdatasync on this kind of VM's disk takes well under 1 ms.
         stalls: Stalls::Maybe,
     },
+    Scenario {
+        name: "bgrewriteaof-fork",
+        config: &[],
+        setup: |redis| run(redis, &["DEBUG", "POPULATE", "4000000"]),
+        provoke: |redis, _| {
+            run(redis, &["BGREWRITEAOF"]);
+            thread::sleep(Duration::from_millis(200));
+        },
+        origins: &["command:bgrewriteaof"],
+        mechanisms: FORK,
+        runs_on: any_build,
+        stalls: Stalls::AtOneMillisecond,
+    },
+    Scenario {
+        name: "replica-full-sync",
+        // Diskless (Redis 7 and Valkey): the fork waits a second for more replicas, then
+        // happens in the replication cron; on disk (Redis 6.2's default): in PSYNC itself.
+        config: &["--repl-diskless-sync-delay", "1"],
+        setup: |redis| run(redis, &["DEBUG", "POPULATE", "4000000"]),
+        provoke: |redis, build| {
+            let replica = RedisServer::start_build(build, &[]);
+            pin(replica.pid(), 1, true);
+            run(
+                &replica,
+                &["REPLICAOF", "127.0.0.1", &redis.port.to_string()],
+            );
+            wait_for(Duration::from_secs(30), "the replica's full sync", || {
+                redis.cli(&["INFO", "replication"]).contains("state=online")
+            });
+        },
+        origins: &["replication.full_sync", "command:psync|sync"],
+        // The fork, and sending the snapshot through the loop (diskless: read from the child's
+        // pipe, written to the replica).
+        mechanisms: &["fork", "page_fault", "runqueue", "cpu"],
+        runs_on: any_build,
+        stalls: Stalls::AtOneMillisecond,
+    },
+    Scenario {
+        name: "cow-page-faults",
+        // The child saves slowly (50 us a key), so the script writes pages it still shares.
+        config: &["--rdb-key-save-delay", "50", "--rdbcompression", "no"],
+        setup: |redis| {
+            run(redis, &["DEBUG", "POPULATE", "100000", "key", "4096"]);
+            run(redis, &["BGSAVE"]);
+        },
+        // One byte in each 4 KiB value: one copy-on-write fault a key.
+        provoke: |redis, _| {
+            run(
+                redis,
+                &[
+                    "EVAL",
+                    "for i = 0, 99999 do redis.call('SETRANGE', 'key:' .. i, 0, 'x') end",
+                    "0",
+                ],
+            );
+        },
+        origins: &[
+            "command:eval|eval_ro|evalsha|evalsha_ro",
+            "command:eval|eval_ro",
+            "command:eval",
+        ],
+        mechanisms: &["page_fault"],
+        runs_on: any_build,
+        stalls: Stalls::Always,
+    },
+    Scenario {
+        name: "eviction",
+        // No time limit on an eviction (tenacity 100) and no lazy free: all that one command
+        // evicts is one stall.
+        config: &[
+            "--maxmemory-policy",
+            "noeviction",
+            "--maxmemory-eviction-tenacity",
+            "100",
+            "--lazyfree-lazy-eviction",
+            "no",
+        ],
+        setup: |redis| {
+            populate(redis);
+            let used = redis.info_number("memory", "used_memory");
+            run(
+                redis,
+                &["CONFIG", "SET", "maxmemory", &(used * 6 / 10).to_string()],
+            );
+        },
+        // Evicting is allowed from now on: the next command first evicts 40% of the memory.
+        // (`redis-cli`, which sends that command alone: a client library's handshake commands
+        // would do the evicting, leaving the allocator's work on what they freed to the SET.)
+        provoke: |redis, _| {
+            redis.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-random"]);
+            redis.cli(&["SET", "one-more", "key"]);
+        },
+        origins: &["eviction"],
+        mechanisms: &["cpu", "allocator"],
+        runs_on: any_build,
+        stalls: Stalls::Always,
+    },
+    Scenario {
+        name: "rehash",
+        // The cron (once a second here) shrinks the emptied key space's table, then moves its
+        // keys a millisecond at a time. (Valkey's hashtable shrinks in the deletes themselves,
+        // and is done before the profiler attaches.)
+        config: &["--hz", "1"],
+        setup: |redis| {
+            populate(redis);
+            run(
+                redis,
+                &[
+                    "EVAL",
+                    "for i = 0, 999999 do if i % 20 ~= 0 then redis.call('DEL', 'key:' .. i) end end",
+                    "0",
+                ],
+            );
+        },
+        provoke: |_, _| thread::sleep(Duration::from_secs(3)),
+        origins: &["cron.rehash"],
+        mechanisms: &["cpu", "allocator", "allocator.purge"],
+        runs_on: |build| build.dict_keyspace,
+        stalls: Stalls::AtOneMillisecond,
+    },
+    Scenario {
+        name: "active-defrag",
+        config: &[],
+        // Every other key freed: half-empty allocator pages for the defragmenter to move.
+        setup: |redis| {
+            populate(redis);
+            run(
+                redis,
+                &[
+                    "EVAL",
+                    "for i = 0, 999999, 2 do redis.call('DEL', 'key:' .. i) end",
+                    "0",
+                ],
+            );
+            for (name, value) in [
+                ("active-defrag-ignore-bytes", "1mb"),
+                ("active-defrag-threshold-lower", "1"),
+                ("activedefrag", "yes"),
+            ] {
+                run(redis, &["CONFIG", "SET", name, value]);
+            }
+        },
+        provoke: |_, _| thread::sleep(Duration::from_secs(3)),
+        origins: &["cron.defrag"],
+        mechanisms: &["cpu", "allocator"],
+        runs_on: with_active_defrag,
+        stalls: Stalls::Maybe,
+    },
+    Scenario {
+        name: "io-threads",
+        // Valkey ignores the second option (its io threads always read).
+        config: &["--io-threads", "2", "--io-threads-do-reads", "yes"],
+        setup: |_| {},
+        // Clients' load; the io thread shares its CPU with them.
+        provoke: |redis, _| {
+            let status = std::process::Command::new("taskset")
+                .args(["-c", "1", "redis-benchmark", "-p", &redis.port.to_string()])
+                .args(["-c", "50", "-n", "200000", "-P", "8", "-t", "get,set", "-q"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("redis-benchmark");
+            assert!(status.success(), "redis-benchmark");
+        },
+        // The hand-offs, the waits for the io threads, and the commands themselves.
+        origins: &[
+            "io_threads.wait",
+            "io_threads.reads",
+            "io_threads.writes",
+            "command:get",
+            "command:set",
+            "before_sleep.expire",
+        ],
+        mechanisms: &["cpu", "allocator"],
+        runs_on: any_build,
+        stalls: Stalls::Maybe,
+    },
 ];
+
+/// Whether the build's allocator can defragment (Redis's own jemalloc): Debian's system
+/// jemalloc and libc's malloc cannot, and the server refuses `activedefrag yes`.
+fn with_active_defrag(build: &Build) -> bool {
+    let redis = RedisServer::start_build(build, &[]);
+    let reply = redis
+        .try_cli(&["CONFIG", "SET", "activedefrag", "yes"])
+        .unwrap_or_default();
+    let supported = reply.trim() == "OK";
+    if !supported {
+        eprintln!("active defrag: not on {}: {}", build.name, reply.trim());
+    }
+    supported
+}
+
+/// Waits until `done` holds, at most `timeout`.
+fn wait_for(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not end within {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
 
 /// What one scenario gave on one build at one threshold.
 struct Outcome {
@@ -375,6 +582,9 @@ struct Outcome {
     must_stall: bool,
     /// The work must not stall the loop.
     must_not_stall: bool,
+    /// What else the run saw, for a failure: every stall's time, duration and names, the
+    /// scenario's window, and the summary's losses.
+    context: String,
 }
 
 impl Outcome {
@@ -416,11 +626,22 @@ fn run_scenario(scenario: &Scenario, build: &Build, threshold: &str) -> Outcome 
     let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "--threshold", threshold]);
     pin(profiler.pid(), 1, true);
     let from = rfc3339(SystemTime::now());
-    (scenario.provoke)(&redis);
+    (scenario.provoke)(&redis, build);
     let to = rfc3339(SystemTime::now());
     thread::sleep(Duration::from_millis(100));
     let run = profiler.stop();
     assert!(run.status.success(), "{}", run.stderr);
+    let context = format!(
+        "window {from} .. {to}; all stalls: {:?}; lost: {}",
+        run.of_type("stall")
+            .iter()
+            .map(|stall| format!(
+                "{} {}us {} / {}",
+                stall["time"], stall["duration_us"], stall["origin"], stall["mechanism"]
+            ))
+            .collect::<Vec<_>>(),
+        run.summary()["lost"]
+    );
     // The stalls that began while the scenario ran, but for its aftermath.
     let stalls: Vec<Value> = run
         .of_type("stall")
@@ -481,6 +702,7 @@ fn run_scenario(scenario: &Scenario, build: &Build, threshold: &str) -> Outcome 
         must_stall: scenario.stalls == Stalls::Always
             || (scenario.stalls == Stalls::AtOneMillisecond && threshold == "1ms"),
         must_not_stall: scenario.stalls == Stalls::Never,
+        context,
     }
 }
 
@@ -527,7 +749,7 @@ fn every_latency_source_is_named_on_every_build() {
                 eprintln!("{line}");
                 let _ = writeln!(table, "{line}");
                 if !outcome.holds() {
-                    failures.push(line);
+                    failures.push(format!("{line}\n       {}", outcome.context));
                 }
             }
         }

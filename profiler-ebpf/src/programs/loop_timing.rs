@@ -14,14 +14,16 @@
 //! | the thread runs again                        | `switch_out_ns != 0`      | off-CPU record if long enough and past the gate (`stacks`)      |
 //! | poll entered with a switch-in never seen     | off the CPU, or idle      | count `UnmatchedSwitchOuts`; an idle loop's iteration is not timed |
 //! | `processEventsWhileBlocked` entered / left   | any                       | `nested_depth` +1 / -1: its polls are not boundaries           |
+//! | another thread polls the loop's epoll fd     | iteration running         | time it: the loop's poll, handed off (Valkey's io threads)     |
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, tracepoint, uprobe, uretprobe},
     programs::{BtfTracePointContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
-    Counter, EVENT_KIND_EXEC, EVENT_KIND_STALL, ExecEvent, StallEvent, iteration_bucket,
+    Counter, EVENT_KIND_EXEC, EVENT_KIND_STALL, ExecEvent, LoopState, StallEvent, iteration_bucket,
 };
 
 use super::{
@@ -33,19 +35,47 @@ use super::{
 /// way back to user mode), as opposed to blocked.
 const TASK_RUNNING: u32 = 0;
 
+/// Offset of the epoll descriptor (`int epfd`, the first argument) in the `sys_enter_epoll_wait`,
+/// `_epoll_pwait` and `_epoll_pwait2` records (`/sys/kernel/tracing/events/syscalls/*/format`).
+const POLL_FD_OFFSET: usize = 16;
+
 /// `sys_enter_epoll_wait`, `_epoll_pwait`, `_epoll_pwait2`: the iteration in progress ends,
 /// and the next one begins now unless the thread blocks in this poll (see sched_switch).
+/// Another thread of the target polling the loop's own epoll descriptor makes the loop's poll
+/// for it (Valkey 8 and later hand it to an io thread under load): that ends the iteration too.
 #[tracepoint]
 pub fn poll_entry(ctx: TracePointContext) -> u32 {
-    if !is_event_loop_thread() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 != global!(TARGET_PID) {
         return 0;
     }
+    let on_loop_thread = pid_tgid as u32 == global!(TARGET_TID);
     let Some(state) = loop_state() else { return 0 };
+    // SAFETY: a tracepoint program may load its record directly; the descriptor is an int at
+    // its documented offset.
+    let poll_fd = unsafe {
+        *(ctx.as_ptr() as *const u8)
+            .add(POLL_FD_OFFSET)
+            .cast::<u32>()
+    };
+    if on_loop_thread {
+        state.poll_fd = u64::from(poll_fd);
+    } else if state.poll_fd == 0
+        || u64::from(poll_fd) != state.poll_fd
+        || state.blocked_in_poll != 0
+    {
+        // Another descriptor (an io thread's own loop), or the loop is idle in its own poll.
+        return 0;
+    }
     if state.nested_depth > 0 {
         return 0;
     }
     let now_ns = now_ns();
-    let start_ns = core::mem::replace(&mut state.iteration_start_ns, now_ns);
+    if !on_loop_thread {
+        // The loop's trips off the CPU are the loop thread's programs' to follow.
+        time_iteration(state, now_ns, true);
+        return 0;
+    }
     // Running here means any time off the CPU has ended. If the return to the CPU was not
     // seen, that off-CPU time is not reported; and if the thread had gone idle in a poll, the
     // iteration's start is unknown, so it is not timed.
@@ -60,9 +90,26 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
             u8::from(missed_wake_up)
         );
     }
-    // The first entry after attaching has no iteration before it.
-    if start_ns == 0 || missed_wake_up {
+    // The first entry after attaching has no iteration before it; after a poll it went idle
+    // in, the iteration's start is unknown.
+    if missed_wake_up {
+        state.iteration_start_ns = now_ns;
+        state.poll_handed_off = 0;
         return 0;
+    }
+    time_iteration(state, now_ns, false);
+    0
+}
+
+/// The iteration in progress ends at `now_ns` and the next begins, at a poll another thread
+/// made for the loop when `handed_off`: it is counted in the histogram, and sent as a stall
+/// when it reached the threshold.
+#[inline(always)]
+fn time_iteration(state: &mut LoopState, now_ns: u64, handed_off: bool) {
+    let start_ns = core::mem::replace(&mut state.iteration_start_ns, now_ns);
+    let began_handed_off = core::mem::replace(&mut state.poll_handed_off, u64::from(handed_off));
+    if start_ns == 0 {
+        return;
     }
     let duration_ns = now_ns.saturating_sub(start_ns);
     if let Some(bucket) = entry(&ITERATION_HISTOGRAM, iteration_bucket(duration_ns)) {
@@ -76,13 +123,16 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     if duration_ns >= global!(THRESHOLD_NS) {
         let event = StallEvent {
             kind: EVENT_KIND_STALL,
-            tid: bpf_get_current_pid_tgid() as u32,
+            tid: global!(TARGET_TID),
             start_ns,
             end_ns: now_ns,
+            // The loop hands its poll off in before-sleep and turns until an io thread makes
+            // it: an iteration that ends at that poll waited for it too.
+            poll_handed_off: u32::from(began_handed_off != 0 || handed_off),
+            _padding: 0,
         };
         send(&event, Counter::StallEventsLost);
     }
-    0
 }
 
 /// Uprobe on `processEventsWhileBlocked`: polls from here on are nested in one iteration.

@@ -209,14 +209,19 @@ impl Consumer {
 
     /// Re-reads the listeners (telling the kernel their ports), and reports drops that no
     /// stall can claim any more: older than the current iteration and than the events still
-    /// on their way.
-    pub fn report_overflows_outside_stalls(&mut self) -> anyhow::Result<()> {
+    /// on their way. A stall that ended before the loop's state was read may still wait in
+    /// `events`: it is taken in first, with the drops it claims.
+    pub fn report_overflows_outside_stalls(
+        &mut self,
+        events: &mut RingBuf<MapData>,
+    ) -> anyhow::Result<()> {
         let ports = self.accept.refresh_listeners();
         self.maps.set_listen_ports(&ports)?;
         let mut before_ns = monotonic_now_ns().saturating_sub(ACCEPT_ATTRIBUTION_DELAY_NS);
         if let Some(iteration_ns) = self.maps.loop_state()?.running_iteration_start_ns() {
             before_ns = before_ns.min(iteration_ns);
         }
+        self.drain(events)?;
         self.report_overflows_before(before_ns)
     }
 
@@ -251,6 +256,7 @@ impl Consumer {
             start_ns: iteration_ns,
             now_ns,
             tid: self.target.main_tid,
+            poll_handed_off: state.poll_handed_off != 0,
         };
         let stall = self.stalls.in_progress(iteration, blocked.as_deref());
         let alert: Option<Alert> = self

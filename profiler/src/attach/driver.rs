@@ -101,7 +101,9 @@ pub async fn watch(
                 consumer.sample_accept_queues();
                 Ok(())
             }
-            _ = timers.accept_housekeeping.tick() => consumer.report_overflows_outside_stalls(),
+            _ = timers.accept_housekeeping.tick() => {
+                consumer.report_overflows_outside_stalls(events.get_mut())
+            }
             _ = timers.liveness.tick() => {
                 consumer.flush_kernel_log();
                 if !consumer.target.is_alive() {

@@ -55,13 +55,16 @@ impl Rules {
         // From the root (last frame) towards the leaf.
         for index in (0..frames.len()).rev() {
             let caller = frames.get(index + 1);
-            for rule in &self.origins {
-                if let Some(category) = rule.matches(&frames[index], caller) {
-                    if !rule.generic {
-                        return category;
-                    }
-                    innermost_generic = Some(category);
+            // The first rule that matches a frame names it.
+            let matched = self
+                .origins
+                .iter()
+                .find_map(|rule| Some((rule, rule.matches(&frames[index], caller)?)));
+            if let Some((rule, category)) = matched {
+                if !rule.generic {
+                    return category;
                 }
+                innermost_generic = Some(category);
             }
         }
         innermost_generic.unwrap_or_else(|| UNKNOWN.to_owned())
@@ -96,8 +99,9 @@ impl Rules {
 }
 
 /// Suffixes GCC gives the copies it makes of a function (`foo.constprop.0`, `foo.isra.0`,
-/// `foo.part.0`, `foo.cold`): the copy is still `foo`.
-const CLONE_SUFFIXES: [&str; 5] = [".constprop.", ".isra.", ".part.", ".cold", ".lto_priv."];
+/// `foo.part.0`, `foo.cold`; `foo.part` for an unnamed part found by its jumps): the copy is
+/// still `foo`.
+const CLONE_SUFFIXES: [&str; 5] = [".constprop.", ".isra.", ".part", ".cold", ".lto_priv."];
 
 /// `name` without a clone suffix.
 fn without_clone_suffix(name: &str) -> &str {

@@ -297,3 +297,92 @@ fn page_faults_are_found_inside_commands() {
         ("command:debug".into(), "page_fault".into())
     );
 }
+
+#[test]
+fn io_thread_hand_offs_are_named_before_the_wrappers_around_them() {
+    // Redis 7.0 (Debian): the reads' hand-off is an unnamed part of the exported function.
+    let reads_wait = &[
+        "handleClientsWithPendingReadsUsingThreads.part",
+        "beforeSleep",
+        "redis-server+0x65164",
+        "aeMain",
+        "main",
+    ];
+    assert_eq!(
+        attribute(StackKind::OnCpu, reads_wait),
+        ("io_threads.reads".into(), "cpu".into())
+    );
+    // The writes' hand-off matches the `client.io` rule's `handleClientsWithPendingWrites*`
+    // too: the first rule that matches a frame names it.
+    let writes = &[
+        "handleClientsWithPendingWritesUsingThreads",
+        "beforeSleep",
+        "aeMain",
+        "main",
+    ];
+    assert_eq!(attribute(StackKind::OnCpu, writes).0, "io_threads.writes");
+    // Valkey 8: a command read by an io thread, run from before-sleep, is the command's.
+    let command = &[
+        "setCommand",
+        "call",
+        "processCommand",
+        "processInputBuffer",
+        "processClientsCommandsBatch",
+        "processIOThreadsReadDone",
+        "beforeSleep",
+        "aeMain",
+        "main",
+    ];
+    assert_eq!(attribute(StackKind::OnCpu, command).0, "command:set");
+    let waiting = &[
+        "waitForClientIO",
+        "freeClient",
+        "beforeSleep",
+        "aeMain",
+        "main",
+    ];
+    assert_eq!(attribute(StackKind::OnCpu, waiting).0, "io_threads.wait");
+}
+
+#[test]
+fn a_replica_s_full_sync_is_named_in_psync_and_in_the_replication_cron() {
+    let in_psync = &[
+        "copy_page_range_[k]",
+        "dup_mmap_[k]",
+        "copy_process_[k]",
+        "kernel_clone_[k]",
+        "_Fork",
+        "fork",
+        "redisFork",
+        "rdbSaveBackground",
+        "startBgsaveForReplication",
+        "syncCommand",
+        "call",
+        "processCommand",
+        "aeMain",
+        "main",
+    ];
+    assert_eq!(
+        attribute(StackKind::OnCpu, in_psync),
+        ("command:psync|sync".into(), "fork".into())
+    );
+    let in_cron = &[
+        "copy_page_range_[k]",
+        "dup_mmap_[k]",
+        "copy_process_[k]",
+        "_Fork",
+        "redisFork",
+        "rdbSaveToSlavesSockets",
+        "startBgsaveForReplication",
+        "replicationStartPendingFork",
+        "replicationCron",
+        "serverCron",
+        "processTimeEvents",
+        "aeMain",
+        "main",
+    ];
+    assert_eq!(
+        attribute(StackKind::OnCpu, in_cron),
+        ("replication.full_sync".into(), "fork".into())
+    );
+}

@@ -48,14 +48,18 @@ pub struct UnresolvedStall {
     pub tid: u32,
     pub samples: Vec<PendingSample>,
     pub madvise: MadviseTotals,
+    /// An io thread made the poll the iteration began with.
+    pub poll_handed_off: bool,
 }
 
-/// An iteration still running: when it began, now, and its thread.
+/// An iteration still running: when it began, now, its thread, and whether an io thread made
+/// the poll it began with.
 #[derive(Debug, Clone, Copy)]
 pub struct RunningIteration {
     pub start_ns: u64,
     pub now_ns: u64,
     pub tid: u32,
+    pub poll_handed_off: bool,
 }
 
 /// What the assembler received, kept and did, for the summary.
@@ -157,6 +161,7 @@ impl StallAssembler {
             tid: event.tid,
             samples,
             madvise,
+            poll_handed_off: event.poll_handed_off != 0,
         }
     }
 
@@ -172,6 +177,7 @@ impl StallAssembler {
             start_ns,
             now_ns,
             tid,
+            poll_handed_off,
         } = iteration;
         let mut samples: Vec<PendingSample> = self
             .pending
@@ -188,6 +194,7 @@ impl StallAssembler {
             tid,
             samples,
             madvise: self.madvise_in(start_ns),
+            poll_handed_off,
         }
     }
 

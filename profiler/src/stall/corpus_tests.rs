@@ -22,6 +22,8 @@ struct Fixture {
 #[derive(Deserialize)]
 struct RecordedStall {
     stacks: Vec<RecordedStack>,
+    #[serde(default)]
+    poll_handed_off: bool,
 }
 
 #[derive(Deserialize)]
@@ -47,7 +49,7 @@ fn every_recorded_stall_is_named_as_its_scenario_expects() {
                 let frames = stack.frames.iter().map(|f| frame_text::parse(f)).collect();
                 (stack.kind, frames, stack.weight_us * 1_000)
             });
-            let (origin, mechanism) = diagnose(&rules, stacks);
+            let (origin, mechanism) = diagnose(&rules, stacks, stall.poll_handed_off);
             checked += 1;
             if !fixture.origins.contains(&origin) || !fixture.mechanisms.contains(&mechanism) {
                 wrong.push(format!(

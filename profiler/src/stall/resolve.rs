@@ -120,6 +120,9 @@ impl StallResolver {
             })
             .collect();
         name_the_unnamed_command(&mut stacks);
+        if stall.poll_handed_off {
+            name_the_wait_for_io_threads(&mut stacks);
+        }
         let (origin, mechanism, breakdown) = breakdown(&stacks);
         let total_us = |kind| totals_ns.get(&kind).copied().unwrap_or(0) / 1_000;
         Stall {
@@ -139,6 +142,7 @@ impl StallResolver {
             madvise: stall.madvise,
             accept: context.accept,
             incomplete: context.incomplete,
+            poll_handed_off: stall.poll_handed_off,
         }
     }
 }
@@ -149,6 +153,7 @@ impl StallResolver {
 pub(crate) fn diagnose(
     rules: &Rules,
     stacks: impl Iterator<Item = (StackKind, Vec<Frame>, u64)>,
+    poll_handed_off: bool,
 ) -> (String, String) {
     let mut attributed: Vec<AttributedStack> = stacks
         .map(|(kind, frames, weight_ns)| AttributedStack {
@@ -160,6 +165,9 @@ pub(crate) fn diagnose(
         })
         .collect();
     name_the_unnamed_command(&mut attributed);
+    if poll_handed_off {
+        name_the_wait_for_io_threads(&mut attributed);
+    }
     let (origin, mechanism, _) = breakdown(&attributed);
     (origin, mechanism)
 }
@@ -185,6 +193,22 @@ fn name_the_unnamed_command(stacks: &mut [AttributedStack]) {
     for stack in stacks {
         if stack.attribution.origin == UNNAMED_COMMAND {
             stack.attribution.origin = command.clone();
+        }
+    }
+}
+
+/// The origins of the loop's own wrappers: where it turns between activities.
+const LOOP_WRAPPERS: [&str; 3] = ["before_sleep", "after_sleep", "event_loop"];
+/// The loop waiting for its io threads.
+const IO_THREADS_WAIT: &str = "io_threads.wait";
+
+/// A loop that handed its poll to an io thread turns without blocking until the io threads
+/// give back their results (the poll's, the reads' and writes'): in such an iteration, time in
+/// the loop's wrappers alone is that wait, not work of theirs.
+fn name_the_wait_for_io_threads(stacks: &mut [AttributedStack]) {
+    for stack in stacks {
+        if LOOP_WRAPPERS.contains(&stack.attribution.origin.as_str()) {
+            stack.attribution.origin = IO_THREADS_WAIT.to_owned();
         }
     }
 }
@@ -279,6 +303,31 @@ mod tests {
             weight_ns,
             samples: 1,
         }
+    }
+
+    #[test]
+    fn with_its_poll_handed_off_the_loop_s_turns_are_its_wait_for_the_io_threads() {
+        let mut stacks = vec![
+            attributed("before_sleep", 40),
+            attributed("after_sleep", 20),
+            attributed("command:get", 30),
+            attributed("io_threads.reads", 10),
+        ];
+        name_the_wait_for_io_threads(&mut stacks);
+        let origins: Vec<&str> = stacks
+            .iter()
+            .map(|s| s.attribution.origin.as_str())
+            .collect();
+        assert_eq!(
+            origins,
+            [
+                IO_THREADS_WAIT,
+                IO_THREADS_WAIT,
+                "command:get",
+                "io_threads.reads"
+            ]
+        );
+        assert_eq!(breakdown(&stacks).0, IO_THREADS_WAIT);
     }
 
     #[test]

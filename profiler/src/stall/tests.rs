@@ -110,6 +110,8 @@ fn stall_event(start_ns: u64, end_ns: u64) -> StallEvent {
         tid: 9,
         start_ns,
         end_ns,
+        poll_handed_off: 0,
+        _padding: 0,
     }
 }
 
@@ -257,6 +259,7 @@ fn a_stall_in_progress_keeps_its_samples_for_the_final_one() {
         start_ns: 1_000,
         now_ns: 151_001_000,
         tid: 9,
+        poll_handed_off: false,
     };
     let so_far = pipeline.in_progress(running, Some(&blocked));
     assert_eq!((so_far.samples, so_far.off_cpu_us), (2, 150_000));

@@ -80,6 +80,10 @@ pub struct Stall {
     /// many were pending): its times and stacks are then lower bounds.
     #[serde(default)]
     pub incomplete: bool,
+    /// True when an io thread made the poll the iteration began with (Valkey 8 and later):
+    /// the loop turned without blocking, its wrappers' time waiting for its io threads.
+    #[serde(default)]
+    pub poll_handed_off: bool,
 }
 
 fn unknown() -> String {
@@ -210,6 +214,7 @@ impl Stall {
             madvise: MadviseTotals::default(),
             accept: None,
             incomplete: false,
+            poll_handed_off: false,
         }
     }
 }
@@ -235,7 +240,9 @@ mod tests {
         );
         let mut written = serde_json::to_value(&stall).unwrap();
         written["type"] = "stall".into();
-        let recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        let mut recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        // A field added since, read as its default.
+        recorded["poll_handed_off"] = false.into();
         assert_eq!(written, recorded);
     }
 }
