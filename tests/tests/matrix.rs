@@ -114,6 +114,18 @@ fn populate(redis: &RedisServer) {
     run(redis, &["DEBUG", "POPULATE", "1000000"]);
 }
 
+/// 300 writes of 100 bytes, one at a time.
+fn set_keys(redis: &RedisServer, _: &Build) {
+    let mut client = redis.client();
+    for index in 0..300 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("key:{index}"))
+            .arg("x".repeat(100))
+            .query(&mut client)
+            .expect("SET");
+    }
+}
+
 const NO_LAZY_FREE: &[&str] = &["--lazyfree-lazy-user-del", "no"];
 
 /// Where a fork's time goes: copying the page tables, the faults after it, and the CPU the
@@ -350,20 +362,23 @@ const SCENARIOS: &[Scenario] = &[
         name: "aof-always",
         config: &["--appendonly", "yes", "--appendfsync", "always"],
         setup: |_| {},
-        provoke: |redis, _| {
-            let mut client = redis.client();
-            for index in 0..300 {
-                let _: () = redis::cmd("SET")
-                    .arg(format!("key:{index}"))
-                    .arg("x".repeat(100))
-                    .query(&mut client)
-                    .expect("SET");
-            }
-        },
+        provoke: set_keys,
         origins: &["aof"],
         mechanisms: &["disk"],
         runs_on: any_build,
         // An fdatasync on this kind of VM's disk takes well under 1 ms.
+        stalls: Stalls::Maybe,
+    },
+    Scenario {
+        name: "aof-everysec",
+        config: &["--appendonly", "yes", "--appendfsync", "everysec"],
+        setup: |_| {},
+        provoke: set_keys,
+        // The loop's write waits behind the background fsync of the same file.
+        origins: &["aof"],
+        mechanisms: &["disk", "off_cpu"],
+        runs_on: any_build,
+        // The background fsync takes well under 1 ms here: the loop's write rarely waits.
         stalls: Stalls::Maybe,
     },
     Scenario {
