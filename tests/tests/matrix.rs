@@ -414,8 +414,8 @@ const SCENARIOS: &[Scenario] = &[
         },
         origins: &["replication.full_sync", "command:psync|sync"],
         // The fork, and sending the snapshot through the loop (diskless: read from the child's
-        // pipe, written to the replica).
-        mechanisms: &["fork", "page_fault", "runqueue", "cpu"],
+        // pipe; on disk: read from the file), written to the replica.
+        mechanisms: &["fork", "page_fault", "runqueue", "cpu", "disk"],
         runs_on: any_build,
         stalls: Stalls::AtOneMillisecond,
     },
@@ -555,7 +555,8 @@ const SCENARIOS: &[Scenario] = &[
             "command:set",
             "before_sleep.expire",
         ],
-        mechanisms: &["cpu", "allocator"],
+        // The clients' network processing (softirqs) takes the loop's CPU at times too.
+        mechanisms: &["cpu", "allocator", "runqueue"],
         runs_on: any_build,
         stalls: Stalls::Maybe,
     },
