@@ -10,7 +10,7 @@
 //! Other functions split the same way: GCC inlines a function's first test into its callers
 //! and moves the rest to a copy (`foo.part.0`) the function jumps to, which a stripped build
 //! does not name. Unnamed code that exactly one named function jumps to is that function's
-//! part.
+//! part (or a static function only it tail-calls: its work all the same).
 use std::{
     collections::{HashMap, HashSet},
     rc::Rc,

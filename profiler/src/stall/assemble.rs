@@ -48,7 +48,7 @@ pub struct UnresolvedStall {
     pub tid: u32,
     pub samples: Vec<PendingSample>,
     pub madvise: MadviseTotals,
-    /// An io thread made the poll the iteration began with.
+    /// An io thread made the poll the iteration began or ended with.
     pub poll_handed_off: bool,
 }
 
