@@ -330,6 +330,25 @@ mod tests {
         assert_eq!(breakdown(&stacks).0, IO_THREADS_WAIT);
     }
 
+    /// The wrappers' names are the built-in rules' categories: a stall of the loop turning
+    /// (its wrappers alone) is the wait when its poll was handed off, and the wrapper else.
+    #[test]
+    fn the_built_in_wrappers_are_the_ones_a_handed_off_iteration_renames() {
+        let rules = Rules::builtin();
+        for (function, wrapper) in [
+            ("beforeSleep", "before_sleep"),
+            ("afterSleep", "after_sleep"),
+            ("aeProcessEvents", "event_loop"),
+        ] {
+            let stack = || {
+                let frames = [function, "aeMain", "main"].map(|name| Frame::User(name.into()));
+                std::iter::once((StackKind::OnCpu, frames.to_vec(), 1_000))
+            };
+            assert_eq!(diagnose(&rules, stack(), false).0, wrapper);
+            assert_eq!(diagnose(&rules, stack(), true).0, IO_THREADS_WAIT);
+        }
+    }
+
     #[test]
     fn work_in_an_unnamed_command_goes_to_the_one_command_named_in_the_stall() {
         let mut one = vec![
