@@ -70,11 +70,12 @@ pub enum Counter {
     ExecEventsLost = 9,
     AcceptsUntracked = 10,
     OffCpuRecordsUnread = 11,
+    IterationsNotTimed = 12,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::StallEventsLost,
         Counter::BlockingPolls,
         Counter::StackEventsLost,
@@ -87,6 +88,7 @@ impl Counter {
         Counter::ExecEventsLost,
         Counter::AcceptsUntracked,
         Counter::OffCpuRecordsUnread,
+        Counter::IterationsNotTimed,
     ];
 
     /// The counter's slot in [`MAP_COUNTERS`].
@@ -106,6 +108,7 @@ impl Counter {
             Counter::ExecEventsLost => Some("exec_events"),
             Counter::AcceptsUntracked => Some("accepts_untracked"),
             Counter::OffCpuRecordsUnread => Some("off_cpu_records_unread"),
+            Counter::IterationsNotTimed => Some("iterations_not_timed"),
             Counter::BlockingPolls
             | Counter::ShortBlocks
             | Counter::BlocksBeforeGate
@@ -148,6 +151,10 @@ impl Counter {
             }
             Counter::OffCpuRecordsUnread => {
                 "off-CPU records the kernel could not copy into the ring buffer"
+            }
+            Counter::IterationsNotTimed => {
+                "iterations not timed: the loop's return from an idle poll was not seen (an \
+                 unmatched switch-out), so their start is unknown"
             }
         }
     }

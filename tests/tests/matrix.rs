@@ -758,14 +758,39 @@ fn every_latency_source_is_named_on_every_build() {
     let only = std::env::var("REDIS_STALLPROF_SCENARIOS").ok();
     let mut table = String::new();
     let mut failures = Vec::new();
+    let mut retried = 0;
     for scenario in SCENARIOS.iter().filter(|scenario| {
         only.as_deref()
             .is_none_or(|only| only.split(',').any(|name| name == scenario.name))
     }) {
         for build in builds.iter().filter(|build| (scenario.runs_on)(build)) {
             for threshold in THRESHOLDS {
-                let outcome = run_scenario(scenario, build, threshold);
-                let verdict = if outcome.holds() { "ok" } else { "FAILED" };
+                let mut outcome = run_scenario(scenario, build, threshold);
+                let mut verdict = if outcome.holds() { "ok" } else { "FAILED" };
+                if !outcome.holds() {
+                    // A provoked latency depends on a shared machine's timing; a run that fails
+                    // is run once more and both lines are shown. Twice failed fails the test.
+                    let first = format!(
+                        "first try failed: {}/{} expected, {} unknown; {}\n       {}",
+                        outcome.expected,
+                        outcome.stalls.len(),
+                        outcome.unknown,
+                        names(&outcome.stalls),
+                        outcome.context
+                    );
+                    eprintln!(
+                        "retry  {} {} {threshold}: {first}",
+                        scenario.name, build.name
+                    );
+                    let _ = writeln!(
+                        table,
+                        "retry  {} {} {threshold}: {first}",
+                        scenario.name, build.name
+                    );
+                    retried += 1;
+                    outcome = run_scenario(scenario, build, threshold);
+                    verdict = if outcome.holds() { "ok" } else { "FAILED" };
+                }
                 let line = format!(
                     "{verdict:6} {:18} {:16} {threshold:>4}: {}/{} expected ({} {}), {} unknown; {}",
                     scenario.name,
@@ -785,9 +810,11 @@ fn every_latency_source_is_named_on_every_build() {
             }
         }
     }
+    eprintln!("{retried} run(s) of the matrix needed a second try");
+    // The failures come last: a truncated log keeps its end.
     assert!(
         failures.is_empty(),
-        "{} of the matrix failed:\n{}\nthe whole matrix:\n{table}",
+        "the whole matrix:\n{table}\n{} of the matrix failed twice:\n{}",
         failures.len(),
         failures.join("\n")
     );

@@ -108,10 +108,16 @@ fn a_benchmark_gives_an_iteration_count_that_fits_the_requests() {
     assert!(run.status.success(), "{}", run.stderr);
     let summary = run.summary();
     let iterations = us(&summary["iterations"]);
-    // Each request takes one iteration (plus connection set-up and ~10 cron wake-ups a second).
+    // Each request takes one iteration (plus connection set-up and ~10 cron wake-ups a second),
+    // timed unless the kernel lost the loop's return from its idle poll (counted, rare).
+    let not_timed = us(&summary["lost"]["iterations_not_timed"]);
     assert!(
-        (requests..=requests + requests / 5 + 200).contains(&iterations),
-        "{iterations} iterations for {requests} requests"
+        (requests..=requests + requests / 5 + 200).contains(&(iterations + not_timed)),
+        "{iterations} iterations timed and {not_timed} not for {requests} requests: {summary}"
+    );
+    assert!(
+        not_timed <= requests / 100,
+        "at most 1% of the iterations untimed: {summary}"
     );
     assert!(
         us(&summary["p50_us"]) < 1_000,

@@ -93,6 +93,7 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     // The first entry after attaching has no iteration before it; after a poll it went idle
     // in, the iteration's start is unknown.
     if missed_wake_up {
+        super::count(Counter::IterationsNotTimed);
         state.iteration_start_ns = now_ns;
         state.poll_handed_off = 0;
         return 0;
