@@ -8,31 +8,86 @@
 
 /// Name of the ring buffer carrying events to userspace.
 pub const MAP_EVENTS: &str = "EVENTS";
-/// Name of the `Array<u64>` holding the event-loop iteration histogram (see [`iteration_bucket`]).
+/// Every per-target map has one slot per target: a target's slot is its index in the arrays
+/// below (userspace gives it out), so one set of programs serves every target at the same cost.
+///
+/// Name of the `HashMap<u32, u32>`: target pid -> slot (set by userspace).
+pub const MAP_TARGETS: &str = "TARGETS";
+/// Name of the `Array<TargetSettings>`, by slot (set by userspace before the slot is in
+/// [`MAP_TARGETS`]).
+pub const MAP_TARGET_SETTINGS: &str = "TARGET_SETTINGS";
+/// Name of the `HashMap<u64, u32>`: event-loop thread's `task_struct` address -> slot (kept
+/// by the kernel programs; userspace removes a slot's entry when its target goes).
+pub const MAP_LOOP_TASKS: &str = "LOOP_TASKS";
+/// Name of the `PerCpuArray<RunningLoop>` (one entry): the event-loop thread on each CPU now.
+pub const MAP_RUNNING_LOOP: &str = "RUNNING_LOOP";
+/// Name of the `Array<u64>` holding the event-loop iteration histograms, [`ITERATION_BUCKETS`]
+/// per slot (see [`iteration_bucket`]).
 pub const MAP_ITERATION_HISTOGRAM: &str = "ITERATION_HISTOGRAM";
-/// Name of the `Array<u64>` holding the longest iteration seen since userspace last reset it.
+/// Name of the `Array<u64>` holding, by slot, the longest iteration seen since userspace last
+/// reset it.
 pub const MAP_ITERATION_MAX: &str = "ITERATION_MAX";
-/// Name of the one-entry `Array<LoopState>` describing the event loop now.
+/// Name of the `Array<LoopState>` describing each event loop now, by slot.
 pub const MAP_LOOP_STATE: &str = "LOOP_STATE";
-/// Name of the one-entry `Array<StackEvent>` holding the stacks the event-loop thread left the
+/// Name of the `Array<StackEvent>` holding, by slot, the stacks the event-loop thread left the
 /// CPU with, while it is off the CPU inside an iteration.
 pub const MAP_OFF_CPU_STACKS: &str = "OFF_CPU_STACKS";
-/// Name of the `HashMap<u16, u8>` of the target's listening ports (set by userspace).
+/// Name of the `HashMap<u16, u32>` of the targets' listening ports -> slot (set by userspace).
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
-/// Name of the `PerCpuArray<u64>` of counters indexed by [`Counter`] (summed over CPUs).
+/// Name of the `PerCpuArray<u64>` of counters, [`COUNTERS`] per slot, indexed by [`Counter`]
+/// (summed over CPUs).
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
+/// The per-target maps' names, for sizing them with the number of slots.
+pub const PER_TARGET_MAPS: [(&str, u32); 6] = [
+    (MAP_TARGETS, 1),
+    (MAP_TARGET_SETTINGS, 1),
+    (MAP_LOOP_TASKS, 1),
+    (MAP_ITERATION_MAX, 1),
+    (MAP_LOOP_STATE, 1),
+    (MAP_OFF_CPU_STACKS, 1),
+];
+/// The per-target maps with several entries per slot: (name, entries per slot).
+pub const PER_TARGET_MULTI_MAPS: [(&str, u32); 2] = [
+    (MAP_ITERATION_HISTOGRAM, ITERATION_BUCKETS),
+    (MAP_COUNTERS, COUNTERS),
+];
+/// Slots the object is built with (userspace may change it before load).
+pub const DEFAULT_MAX_TARGETS: u32 = 64;
 
-/// Read-only global: thread-group id (pid) of the target.
-pub const GLOBAL_TARGET_PID: &str = "TARGET_PID";
-/// Read-only global: thread id of the target's event-loop thread (the main thread: tid == pid).
-pub const GLOBAL_TARGET_TID: &str = "TARGET_TID";
-/// Read-only global: an iteration at least this long (ns) is sent to userspace as a stall.
-pub const GLOBAL_THRESHOLD_NS: &str = "THRESHOLD_NS";
-/// Read-only global: stacks are captured only in an iteration at least this old (ns), so a
-/// healthy loop sends none.
-pub const GLOBAL_GATE_NS: &str = "GATE_NS";
-/// Read-only global: time off the CPU (ns) below which a block is only counted.
-pub const GLOBAL_MIN_BLOCK_NS: &str = "MIN_BLOCK_NS";
+/// What the kernel programs need to know of one target, by slot in [`MAP_TARGET_SETTINGS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetSettings {
+    /// Thread-group id (pid) of the target; 0 for a free slot.
+    pub pid: u32,
+    /// Thread id of its event-loop thread (the main thread: tid == pid).
+    pub loop_tid: u32,
+    /// An iteration at least this long (ns) is sent to userspace as a stall.
+    pub threshold_ns: u64,
+    /// Stacks are captured only in an iteration at least this old (ns), so a healthy loop
+    /// sends none.
+    pub gate_ns: u64,
+    /// Time off the CPU (ns) below which a block is only counted.
+    pub min_block_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<TargetSettings>() == 32);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TargetSettings {}
+
+/// The event-loop thread running on a CPU (kernel-side; 0: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunningLoop {
+    /// Its `task_struct` address.
+    pub task: u64,
+    /// Its target's slot.
+    pub slot: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for RunningLoop {}
+
 /// Read-only global: at most this many bytes of user stack are copied (<= [`USER_STACK_BYTES`]).
 pub const GLOBAL_USER_STACK_LIMIT: &str = "USER_STACK_LIMIT";
 
@@ -45,9 +100,6 @@ pub const POLL_SYSCALLS: [(&str, u64, bool); 3] = [
     ("epoll_pwait", 281, true),
     ("epoll_pwait2", 441, false),
 ];
-
-/// A `u32` pid/tid that no task has; the programs then match nothing (used by `doctor`).
-pub const NO_TARGET: u32 = u32::MAX;
 
 /// Slots in the counters map (room for counters added later).
 pub const COUNTERS: u32 = 16;
@@ -189,8 +241,11 @@ pub struct ExecEvent {
     pub kind: u32,
     pub tid: u32,
     pub time_ns: u64,
+    /// The target's pid.
+    pub pid: u32,
+    pub _padding: u32,
 }
-const _: () = assert!(core::mem::size_of::<ExecEvent>() == 16);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ExecEvent {}
@@ -207,7 +262,9 @@ pub struct ConnectionEvent {
     pub family: u16,
     pub time_ns: u64,
     pub client_port: u16,
-    pub _padding: [u8; 6],
+    pub _padding: u16,
+    /// The pid of the target the port is a listener of.
+    pub pid: u32,
     /// The client's address: 4 bytes for IPv4, 16 for IPv6.
     pub client_addr: [u8; 16],
 }
@@ -228,8 +285,11 @@ pub struct AcceptEvent {
     pub listen_fd: i64,
     /// The new connection's file descriptor.
     pub result: i64,
+    /// The target's pid.
+    pub pid: u32,
+    pub _padding: u32,
 }
-const _: () = assert!(core::mem::size_of::<AcceptEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<AcceptEvent>() == 40);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for AcceptEvent {}
@@ -264,16 +324,16 @@ pub struct StallEvent {
     /// its poll to an io thread (Valkey 8 and later, under load) and turned without blocking
     /// until it was made.
     pub poll_handed_off: u32,
-    pub _padding: u32,
+    /// The target's pid.
+    pub pid: u32,
 }
 const _: () = assert!(core::mem::size_of::<StallEvent>() == 32);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for StallEvent {}
 
-/// The event-loop thread's state, kept by the kernel programs (only that thread is followed,
-/// so one entry). Userspace reads it to know the loop has been seen and how old the current
-/// iteration is.
+/// An event-loop thread's state, kept by the kernel programs (one entry per target's slot).
+/// Userspace reads it to know the loop has been seen and how old the current iteration is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopState {
@@ -298,8 +358,11 @@ pub struct LoopState {
     pub poll_fd: u64,
     /// 1 when the current iteration began at such a poll.
     pub poll_handed_off: u64,
+    /// The loop thread's `task_struct` address as last seen in its poll (0 before), the key
+    /// of its [`MAP_LOOP_TASKS`] entry.
+    pub task: u64,
 }
-const _: () = assert!(core::mem::size_of::<LoopState>() == 64);
+const _: () = assert!(core::mem::size_of::<LoopState>() == 72);
 
 impl LoopState {
     /// When the iteration running now began; `None` while the loop idles in a poll (or before
@@ -331,8 +394,11 @@ pub struct MadviseEvent {
     pub advice: i32,
     /// The return value (0, or a negative errno).
     pub result: i32,
+    /// The target's pid.
+    pub pid: u32,
+    pub _padding: u32,
 }
-const _: () = assert!(core::mem::size_of::<MadviseEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<MadviseEvent>() == 56);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for MadviseEvent {}
@@ -363,7 +429,8 @@ pub struct StackEvent {
     pub user_bp: u64,
     /// Valid bytes of `user_stack`, copied from `user_sp` upwards.
     pub user_stack_len: u32,
-    pub _padding: u32,
+    /// The target's pid.
+    pub pid: u32,
     /// Kernel instruction pointers, leaf first.
     pub kernel_stack: [u64; KERNEL_STACK_DEPTH],
     pub user_stack: [u8; USER_STACK_BUFFER_BYTES],

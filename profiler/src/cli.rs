@@ -131,6 +131,10 @@ pub struct AttachArgs {
     /// Size of the kernel-to-userspace ring buffer in KiB (a power of two).
     #[arg(long, default_value_t = 16384, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
+    /// Targets the kernel's maps have room for (each costs about 22 KiB of kernel memory).
+    #[arg(long, default_value_t = profiler_common::DEFAULT_MAX_TARGETS,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_targets: u32,
 }
 
 /// A command line split into words like a shell would (quotes, escapes), never run by a shell.

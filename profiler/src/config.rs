@@ -4,6 +4,8 @@
 //! program) is refused here.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use profiler_common::TargetSettings;
+
 use crate::{
     alert::{AlertSettings, ExecSettings, find_program},
     attribute::{Rules, RulesError},
@@ -53,19 +55,28 @@ pub struct ProbeTuning {
     pub ring_buffer_bytes: u32,
     /// On-CPU sampling frequency.
     pub frequency_hz: u64,
+    /// Targets the kernel's maps have room for.
+    pub max_targets: u32,
 }
 
 impl ProbeTuning {
-    /// The settings for the process `pid` whose event loop runs on thread `tid`.
-    pub fn for_target(&self, pid: u32, tid: u32) -> ProbeSettings {
+    /// The settings of the programs, whatever the targets.
+    pub fn probe_settings(&self) -> ProbeSettings {
         ProbeSettings {
+            user_stack_bytes: self.user_stack_bytes,
+            ring_buffer_bytes: self.ring_buffer_bytes,
+            max_targets: self.max_targets,
+        }
+    }
+
+    /// The settings for the process `pid` whose event loop runs on thread `tid`.
+    pub fn for_target(&self, pid: u32, tid: u32) -> TargetSettings {
+        TargetSettings {
             pid,
-            tid,
+            loop_tid: tid,
             threshold_ns: self.threshold_ns,
             gate_ns: self.gate_ns,
             min_block_ns: self.min_block_ns,
-            user_stack_bytes: self.user_stack_bytes,
-            ring_buffer_bytes: self.ring_buffer_bytes,
         }
     }
 }
@@ -141,6 +152,7 @@ impl RunConfig {
                 min_block_ns: nanos(min_block),
                 user_stack_bytes: args.stack_bytes,
                 ring_buffer_bytes: args.ring_buffer_kib * 1024,
+                max_targets: args.max_targets,
                 frequency_hz,
             },
             stall: StallSettings {

@@ -2,8 +2,6 @@
 //! means for the user; the checks load and attach the real programs (aimed at no process).
 use std::path::Path;
 
-use profiler_common::NO_TARGET;
-
 use crate::{
     error_chain::error_chain,
     kernel,
@@ -122,14 +120,11 @@ fn attach_verdict(result: Result<(), crate::probes::ProbeError>, ok: &str) -> Ve
 }
 
 fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict)) {
+    // No target: the programs match nothing.
     let settings = ProbeSettings {
-        pid: NO_TARGET,
-        tid: NO_TARGET,
-        threshold_ns: u64::MAX,
-        gate_ns: u64::MAX,
-        min_block_ns: u64::MAX,
         user_stack_bytes: 0,
         ring_buffer_bytes: 4096,
+        max_targets: 1,
     };
     let mut probes = match Probes::load(settings) {
         Ok(probes) => probes,

@@ -199,7 +199,7 @@ fn redis_executing_itself_again_is_still_profiled_and_named() {
         run.stderr
     );
     let kernel_message = format!(
-        "redis-stallprof: debug: thread {} of the target executed a new program",
+        "redis-stallprof: debug: thread {0} of target {0} executed a new program",
         redis.pid()
     );
     assert!(run.stderr.contains(&kernel_message), "{}", run.stderr);

@@ -6,7 +6,7 @@ use profiler_common::{
     AcceptEvent, ConnectionEvent, Counter, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION,
 };
 
-use super::{ACCEPT_IN_FLIGHT, LISTEN_PORTS, count, now_ns, send, target_thread};
+use super::{ACCEPT_IN_FLIGHT, LISTEN_PORTS, count, current_target, now_ns, send, settings};
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_ESTABLISHED: i32 = 1;
@@ -49,14 +49,16 @@ pub fn handshake_done(ctx: TracePointContext) -> u32 {
             ctx.read_at::<u16>(set_state::PROTOCOL).unwrap_or(0),
         )
     };
-    // SAFETY: a lookup by value in a map of plain bytes.
-    if protocol != IPPROTO_TCP
-        || old_state != TCP_SYN_RECV
-        || new_state != TCP_ESTABLISHED
-        || unsafe { LISTEN_PORTS.get(&port) }.is_none()
-    {
+    if protocol != IPPROTO_TCP || old_state != TCP_SYN_RECV || new_state != TCP_ESTABLISHED {
         return 0;
     }
+    // SAFETY: a lookup by value in a map of plain data.
+    let Some(slot) = (unsafe { LISTEN_PORTS.get(&port) }).copied() else {
+        return 0;
+    };
+    let Some(settings) = settings(slot) else {
+        return 0;
+    };
     let mut client_addr = [0u8; 16];
     // SAFETY: offsets of fields of the tracepoint's record (see `set_state`).
     unsafe {
@@ -78,21 +80,24 @@ pub fn handshake_done(ctx: TracePointContext) -> u32 {
         time_ns: now_ns(),
         // SAFETY: offset of a field of the tracepoint's record (see `set_state`).
         client_port: unsafe { ctx.read_at::<u16>(set_state::CLIENT_PORT) }.unwrap_or(0),
-        _padding: [0; 6],
+        _padding: 0,
+        pid: settings.pid,
         client_addr,
     };
-    send(&event, Counter::ConnectionEventsLost);
+    send(&event, slot, Counter::ConnectionEventsLost);
     0
 }
 
 /// `sys_enter_accept4` / `sys_enter_accept`: remember the listening socket.
 #[tracepoint]
 pub fn accept_entry(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_thread() else { return 0 };
+    let Some((target, tid)) = current_target() else {
+        return 0;
+    };
     // SAFETY: offset of a field of the tracepoint's record (see the constant).
     let listen_fd = unsafe { ctx.read_at::<i64>(ACCEPT_FD_OFFSET) }.unwrap_or(-1);
     if ACCEPT_IN_FLIGHT.insert(&tid, &listen_fd, 0).is_err() {
-        count(Counter::AcceptsUntracked);
+        count(target.slot, Counter::AcceptsUntracked);
         debug!(
             &ctx,
             "accept of thread {} not followed: the calls in flight fill their table", tid
@@ -104,7 +109,9 @@ pub fn accept_entry(ctx: TracePointContext) -> u32 {
 /// `sys_exit_accept4` / `sys_exit_accept`: the target took a connection off the queue.
 #[tracepoint]
 pub fn accept_return(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_thread() else { return 0 };
+    let Some((target, tid)) = current_target() else {
+        return 0;
+    };
     // SAFETY: a plain value copied out before the entry is removed.
     let Some(listen_fd) = (unsafe { ACCEPT_IN_FLIGHT.get(&tid) }).copied() else {
         return 0;
@@ -121,7 +128,9 @@ pub fn accept_return(ctx: TracePointContext) -> u32 {
         time_ns: now_ns(),
         listen_fd,
         result,
+        pid: target.settings.pid,
+        _padding: 0,
     };
-    send(&event, Counter::ConnectionEventsLost);
+    send(&event, target.slot, Counter::ConnectionEventsLost);
     0
 }

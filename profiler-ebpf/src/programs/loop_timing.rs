@@ -2,7 +2,7 @@
 //! Only poll *entries* are traced (a syscall tracepoint costs more than anything the program
 //! does); `sched_switch` tells a poll that blocked from one that did not.
 //!
-//! The loop state (`LoopState`, one entry) moves with the event-loop thread:
+//! Each target's loop state (`LoopState`, in its slot) moves with its event-loop thread:
 //!
 //! | what happens                                 | state before              | what the programs do                                            |
 //! |----------------------------------------------|---------------------------|-----------------------------------------------------------------|
@@ -17,18 +17,20 @@
 //! | another thread polls the loop's epoll fd     | iteration running         | time it: the loop's poll, handed off (Valkey's io threads)     |
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::bpf_get_current_pid_tgid,
+    helpers::bpf_get_current_task,
     macros::{btf_tracepoint, tracepoint, uprobe, uretprobe},
     programs::{BtfTracePointContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
-    Counter, EVENT_KIND_EXEC, EVENT_KIND_STALL, ExecEvent, LoopState, StallEvent, iteration_bucket,
+    Counter, EVENT_KIND_EXEC, EVENT_KIND_STALL, ExecEvent, ITERATION_BUCKETS, LoopState,
+    StallEvent, iteration_bucket,
 };
 
 use super::{
-    ITERATION_HISTOGRAM, ITERATION_MAX, entry, is_event_loop_thread, loop_state, loop_task, now_ns,
-    send, stacks, target_thread,
+    ITERATION_HISTOGRAM, ITERATION_MAX, LOOP_TASKS, Target, any_loop_off_cpu, count,
+    current_loop_thread, current_target, current_target_thread, entry, loop_state,
+    loops_off_cpu_add, now_ns, running_loop, send, settings, stacks,
 };
 
 /// Task state of a thread that left the CPU still runnable (preempted, or rescheduled on its
@@ -45,12 +47,13 @@ const POLL_FD_OFFSET: usize = 16;
 /// for it (Valkey 8 and later hand it to an io thread under load): that ends the iteration too.
 #[tracepoint]
 pub fn poll_entry(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 != global!(TARGET_PID) {
+    let Some((target, on_loop_thread)) = current_target_thread() else {
         return 0;
-    }
-    let on_loop_thread = pid_tgid as u32 == global!(TARGET_TID);
-    let Some(state) = loop_state() else { return 0 };
+    };
+    let slot = target.slot;
+    let Some(state) = loop_state(slot) else {
+        return 0;
+    };
     // SAFETY: a tracepoint program may load its record directly; the descriptor is an int at
     // its documented offset.
     let poll_fd = unsafe {
@@ -60,6 +63,7 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     };
     if on_loop_thread {
         state.poll_fd = u64::from(poll_fd);
+        remember_loop_task(state, slot);
     } else if state.poll_fd == 0
         || u64::from(poll_fd) != state.poll_fd
         || state.blocked_in_poll != 0
@@ -73,7 +77,7 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     let now_ns = now_ns();
     if !on_loop_thread {
         // The loop's trips off the CPU are the loop thread's programs' to follow.
-        time_iteration(state, now_ns, true);
+        time_iteration(&target, state, now_ns, true);
         return 0;
     }
     // Running here means any time off the CPU has ended. If the return to the CPU was not
@@ -81,8 +85,11 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     // iteration's start is unknown, so it is not timed.
     let missed_switch_in = core::mem::replace(&mut state.switch_out_ns, 0) != 0;
     let missed_wake_up = core::mem::replace(&mut state.blocked_in_poll, 0) != 0;
+    if missed_switch_in {
+        loops_off_cpu_add(-1);
+    }
     if missed_switch_in || missed_wake_up {
-        super::count(Counter::UnmatchedSwitchOuts);
+        count(slot, Counter::UnmatchedSwitchOuts);
         debug!(
             &ctx,
             "poll entered without the switch-in after a switch-out (in an iteration: {}, idle: {})",
@@ -93,54 +100,77 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     // The first entry after attaching has no iteration before it; after a poll it went idle
     // in, the iteration's start is unknown.
     if missed_wake_up {
-        super::count(Counter::IterationsNotTimed);
+        count(slot, Counter::IterationsNotTimed);
         state.iteration_start_ns = now_ns;
         state.poll_handed_off = 0;
         return 0;
     }
-    time_iteration(state, now_ns, false);
+    time_iteration(&target, state, now_ns, false);
     0
+}
+
+/// Keeps the loop thread's entry in LOOP_TASKS, by which the scheduler programs know it as
+/// `next`: made at its first poll, and again when its task changes (after an exec).
+#[inline(always)]
+fn remember_loop_task(state: &mut LoopState, slot: u32) {
+    // SAFETY: a helper without arguments.
+    let current = unsafe { bpf_get_current_task() };
+    if state.task == current {
+        return;
+    }
+    if state.task != 0 {
+        let _ = LOOP_TASKS.remove(&state.task);
+    }
+    if LOOP_TASKS.insert(&current, &slot, 0).is_ok() {
+        state.task = current;
+    }
 }
 
 /// The iteration in progress ends at `now_ns` and the next begins, at a poll another thread
 /// made for the loop when `handed_off`: it is counted in the histogram, and sent as a stall
 /// when it reached the threshold.
 #[inline(always)]
-fn time_iteration(state: &mut LoopState, now_ns: u64, handed_off: bool) {
+fn time_iteration(target: &Target, state: &mut LoopState, now_ns: u64, handed_off: bool) {
     let start_ns = core::mem::replace(&mut state.iteration_start_ns, now_ns);
     let began_handed_off = core::mem::replace(&mut state.poll_handed_off, u64::from(handed_off));
     if start_ns == 0 {
         return;
     }
     let duration_ns = now_ns.saturating_sub(start_ns);
-    if let Some(bucket) = entry(&ITERATION_HISTOGRAM, iteration_bucket(duration_ns)) {
+    let slot = target.slot;
+    if let Some(bucket) = entry(
+        &ITERATION_HISTOGRAM,
+        slot,
+        ITERATION_BUCKETS,
+        iteration_bucket(duration_ns),
+    ) {
         *bucket += 1;
     }
-    if let Some(max_ns) = entry(&ITERATION_MAX, 0)
+    if let Some(max_ns) = entry(&ITERATION_MAX, slot, 1, 0)
         && duration_ns > *max_ns
     {
         *max_ns = duration_ns;
     }
-    if duration_ns >= global!(THRESHOLD_NS) {
+    if duration_ns >= target.settings.threshold_ns {
         let event = StallEvent {
             kind: EVENT_KIND_STALL,
-            tid: global!(TARGET_TID),
+            tid: target.settings.loop_tid,
             start_ns,
             end_ns: now_ns,
             // The loop hands its poll off in before-sleep and turns until an io thread makes
             // it: an iteration that ends at that poll waited for it too.
             poll_handed_off: u32::from(began_handed_off != 0 || handed_off),
-            _padding: 0,
+            pid: target.settings.pid,
         };
-        send(&event, Counter::StallEventsLost);
+        send(&event, slot, Counter::StallEventsLost);
     }
 }
 
 /// Uprobe on `processEventsWhileBlocked`: polls from here on are nested in one iteration.
 #[uprobe]
 pub fn nested_poll_begin(_ctx: ProbeContext) -> u32 {
-    if is_event_loop_thread()
-        && let Some(state) = loop_state()
+    if let Some(target) = current_loop_thread()
+        && let Some(state) = loop_state(target.slot)
     {
         state.nested_depth += 1;
     }
@@ -150,46 +180,70 @@ pub fn nested_poll_begin(_ctx: ProbeContext) -> u32 {
 /// Uretprobe on `processEventsWhileBlocked`: nested polling is over.
 #[uretprobe]
 pub fn nested_poll_end(_ctx: RetProbeContext) -> u32 {
-    if is_event_loop_thread()
-        && let Some(state) = loop_state()
+    if let Some(target) = current_loop_thread()
+        && let Some(state) = loop_state(target.slot)
     {
         state.nested_depth = state.nested_depth.saturating_sub(1);
     }
     0
 }
 
-/// `sched_switch(preempt, prev, next, prev_state)`: the event-loop thread leaves or regains a
-/// CPU.
+/// `sched_switch(preempt, prev, next, prev_state)`: an event-loop thread leaves or regains a
+/// CPU. Whether `prev` is one is known from this CPU's running loop (no lookup); `next` is
+/// looked up by its task.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
-    let Some(state) = loop_state() else { return 0 };
-    if is_event_loop_thread() {
-        let preempt = ctx.arg::<u64>(0) & 1 != 0;
-        let prev_state = ctx.arg::<u64>(3) as u32;
-        stacks::switched_out(&ctx, state, preempt || prev_state == TASK_RUNNING);
+    let Some(running) = running_loop() else {
         return 0;
+    };
+    if running.task != 0 {
+        // SAFETY: a helper without arguments.
+        let current = unsafe { bpf_get_current_task() };
+        if running.task == current {
+            running.task = 0;
+            let slot = running.slot as u32;
+            if let Some(settings) = settings(slot)
+                && let Some(state) = loop_state(slot)
+            {
+                let preempt = ctx.arg::<u64>(0) & 1 != 0;
+                let prev_state = ctx.arg::<u64>(3) as u32;
+                let target = Target { slot, settings };
+                stacks::switched_out(&ctx, &target, state, preempt || prev_state == TASK_RUNNING);
+            }
+        }
     }
     let next: u64 = ctx.arg(2);
-    if loop_task().is_none_or(|task| next != *task) {
+    // SAFETY: plain data, written by the loop's poll.
+    let Some(slot) = (unsafe { LOOP_TASKS.get(&next) }).copied() else {
         return 0;
-    }
+    };
+    let (Some(settings), Some(state)) = (settings(slot), loop_state(slot)) else {
+        return 0;
+    };
+    running.task = next;
+    running.slot = u64::from(slot);
     if state.blocked_in_poll != 0 {
         // Back from a poll it blocked in: the loop has its events, an iteration begins.
         state.blocked_in_poll = 0;
         state.iteration_start_ns = now_ns();
-        super::count(Counter::BlockingPolls);
+        count(slot, Counter::BlockingPolls);
     } else if state.switch_out_ns != 0 {
-        stacks::switched_in(&ctx, state);
+        stacks::switched_in(&ctx, &Target { slot, settings }, state);
     }
     0
 }
 
-/// `sched_wakeup(p)`: note when the event-loop thread, blocked inside an iteration, is woken.
+/// `sched_wakeup(p)`: note when an event-loop thread, blocked inside an iteration, is woken.
+/// While no loop thread is off the CPU inside an iteration (nearly always), nothing is looked up.
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
+    if !any_loop_off_cpu() {
+        return 0;
+    }
     let task: u64 = ctx.arg(0);
-    if loop_task().is_some_and(|loop_task| task == *loop_task)
-        && let Some(state) = loop_state()
+    // SAFETY: plain data, written by the loop's poll.
+    if let Some(slot) = (unsafe { LOOP_TASKS.get(&task) }).copied()
+        && let Some(state) = loop_state(slot)
         && state.switch_out_ns != 0
         && state.wakeup_ns == 0
     {
@@ -198,17 +252,22 @@ pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// `sched_process_exec`: the target runs a new program (fires only on exec, anywhere).
+/// `sched_process_exec`: a target runs a new program (fires only on exec, anywhere).
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn target_exec(ctx: BtfTracePointContext) -> u32 {
-    if let Some(tid) = target_thread() {
-        debug!(&ctx, "thread {} of the target executed a new program", tid);
+    if let Some((target, tid)) = current_target() {
+        debug!(
+            &ctx,
+            "thread {} of target {} executed a new program", tid, target.settings.pid
+        );
         let event = ExecEvent {
             kind: EVENT_KIND_EXEC,
             tid,
             time_ns: now_ns(),
+            pid: target.settings.pid,
+            _padding: 0,
         };
-        send(&event, Counter::ExecEventsLost);
+        send(&event, target.slot, Counter::ExecEventsLost);
     }
     0
 }

@@ -4,7 +4,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::debug;
 use profiler_common::{Counter, EVENT_KIND_MADVISE, MadviseEvent};
 
-use super::{MADVISE_IN_FLIGHT, count, loop_state, now_ns, send, target_thread};
+use super::{MADVISE_IN_FLIGHT, count, current_target, loop_state, now_ns, send};
 
 /// Offset of `size_t len_in` in `events/syscalls/sys_enter_madvise/format`.
 const ENTER_LEN_OFFSET: usize = 24;
@@ -16,7 +16,9 @@ const EXIT_RET_OFFSET: usize = 16;
 /// `sys_enter_madvise(start, len_in, behavior)`: remember when and what.
 #[tracepoint]
 pub fn madvise_entry(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_thread() else { return 0 };
+    let Some((target, tid)) = current_target() else {
+        return 0;
+    };
     // SAFETY: offsets of fields of the tracepoint's record (see the constants).
     let (len, advice) = unsafe {
         (
@@ -28,7 +30,7 @@ pub fn madvise_entry(ctx: TracePointContext) -> u32 {
         .insert(&tid, &[now_ns(), len, advice], 0)
         .is_err()
     {
-        count(Counter::MadviseUntracked);
+        count(target.slot, Counter::MadviseUntracked);
         debug!(
             &ctx,
             "madvise of thread {} not timed: the calls in flight fill their table", tid
@@ -40,7 +42,9 @@ pub fn madvise_entry(ctx: TracePointContext) -> u32 {
 /// `sys_exit_madvise(ret)`: send the call with its duration.
 #[tracepoint]
 pub fn madvise_return(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_thread() else { return 0 };
+    let Some((target, tid)) = current_target() else {
+        return 0;
+    };
     // SAFETY: a plain-data value copied out of the map before the entry is removed.
     let Some([start_ns, len, advice]) = (unsafe { MADVISE_IN_FLIGHT.get(&tid) }).copied() else {
         return 0;
@@ -48,8 +52,8 @@ pub fn madvise_return(ctx: TracePointContext) -> u32 {
     let _ = MADVISE_IN_FLIGHT.remove(&tid);
     // SAFETY: offset of a field of the tracepoint's record (see the constant).
     let result = unsafe { ctx.read_at::<i64>(EXIT_RET_OFFSET) }.unwrap_or(0);
-    let iteration_start_ns = match loop_state() {
-        Some(state) if tid == global!(TARGET_TID) => state.iteration_start_ns,
+    let iteration_start_ns = match loop_state(target.slot) {
+        Some(state) if tid == target.settings.loop_tid => state.iteration_start_ns,
         _ => 0,
     };
     let event = MadviseEvent {
@@ -61,7 +65,9 @@ pub fn madvise_return(ctx: TracePointContext) -> u32 {
         iteration_start_ns,
         advice: advice as i32,
         result: result as i32,
+        pid: target.settings.pid,
+        _padding: 0,
     };
-    send(&event, Counter::MadviseEventsLost);
+    send(&event, target.slot, Counter::MadviseEventsLost);
     0
 }

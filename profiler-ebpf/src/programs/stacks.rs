@@ -5,7 +5,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_pid_tgid,
         generated::{
             bpf_get_current_task_btf, bpf_get_stack, bpf_get_task_stack, bpf_probe_read_kernel,
             bpf_probe_read_user, bpf_task_pt_regs,
@@ -20,7 +20,10 @@ use profiler_common::{
     POLL_SYSCALLS, StackEvent, USER_STACK_BYTES,
 };
 
-use super::{OFF_CPU_STACKS, count, entry, is_event_loop_thread, loop_state, loop_task, now_ns};
+use super::{
+    OFF_CPU_STACKS, Target, count, current_loop_thread, entry, loop_state, loops_off_cpu_add,
+    now_ns,
+};
 
 /// The user registers an unwinder starts from, and the system call the thread is in.
 #[derive(Clone, Copy)]
@@ -76,13 +79,17 @@ impl UserRegs {
 /// than the gate.
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
-    if !is_event_loop_thread() {
+    let Some(target) = current_loop_thread() else {
         return 0;
-    }
-    let Some(state) = loop_state() else { return 0 };
+    };
+    let Some(state) = loop_state(target.slot) else {
+        return 0;
+    };
     let iteration_start_ns = state.iteration_start_ns;
     let now_ns = now_ns();
-    if iteration_start_ns == 0 || now_ns.saturating_sub(iteration_start_ns) < global!(GATE_NS) {
+    if iteration_start_ns == 0
+        || now_ns.saturating_sub(iteration_start_ns) < target.settings.gate_ns
+    {
         return 0;
     }
     // A sample in user mode has the user registers in its context; one in the kernel has
@@ -94,7 +101,8 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     } else {
         UserRegs::of_current_task()
     };
-    let Some(mut reserved) = super::reserve::<StackEvent>(Counter::StackEventsLost) else {
+    let Some(mut reserved) = super::reserve::<StackEvent>(target.slot, Counter::StackEventsLost)
+    else {
         return 0;
     };
     // SAFETY: the reservation is a StackEvent-sized record; every field read by userspace is
@@ -107,7 +115,7 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     event.off_cpu_ns = 0;
     event.runqueue_ns = 0;
     event.preempted = 0;
-    event._padding = 0;
+    event.pid = target.settings.pid;
     capture_stacks(ctx.as_ptr(), event, &user_regs);
     reserved.submit(0);
     0
@@ -119,14 +127,12 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
 /// only if its wait is reported (see [`switched_in`]): unwinding a kernel stack costs tens of
 /// microseconds here, and such switches are the frequent ones.
 #[inline(always)]
-pub(super) fn switched_out(ctx: &BtfTracePointContext, state: &mut LoopState, runnable: bool) {
-    // SAFETY: a helper without arguments.
-    let current = unsafe { bpf_get_current_task() };
-    if let Some(task) = loop_task()
-        && *task != current
-    {
-        *task = current;
-    }
+pub(super) fn switched_out(
+    ctx: &BtfTracePointContext,
+    target: &Target,
+    state: &mut LoopState,
+    runnable: bool,
+) {
     if state.iteration_start_ns == 0 {
         return;
     }
@@ -138,7 +144,7 @@ pub(super) fn switched_out(ctx: &BtfTracePointContext, state: &mut LoopState, ru
         state.blocked_in_poll = 1;
         return;
     }
-    let Some(stacks) = entry(&OFF_CPU_STACKS, 0) else {
+    let Some(stacks) = entry(&OFF_CPU_STACKS, target.slot, 1, 0) else {
         return;
     };
     if runnable {
@@ -146,6 +152,9 @@ pub(super) fn switched_out(ctx: &BtfTracePointContext, state: &mut LoopState, ru
         capture_user_stack(stacks, &user_regs);
     } else {
         capture_stacks(ctx.as_ptr(), stacks, &user_regs);
+    }
+    if state.switch_out_ns == 0 {
+        loops_off_cpu_add(1);
     }
     state.switch_out_ns = now_ns();
     state.wakeup_ns = 0;
@@ -156,11 +165,13 @@ pub(super) fn switched_out(ctx: &BtfTracePointContext, state: &mut LoopState, ru
 /// the time is worth a record and the iteration is old enough to become a stall. A preempted
 /// thread's kernel stack is read now: it has not run since, so it is unchanged.
 #[inline(always)]
-pub(super) fn switched_in(ctx: &BtfTracePointContext, state: &mut LoopState) {
+pub(super) fn switched_in(ctx: &BtfTracePointContext, target: &Target, state: &mut LoopState) {
     let now_ns = now_ns();
     let out_ns = core::mem::replace(&mut state.switch_out_ns, 0);
+    loops_off_cpu_add(-1);
+    let slot = target.slot;
     if state.iteration_start_ns == 0 {
-        count(Counter::UnmatchedSwitchOuts);
+        count(slot, Counter::UnmatchedSwitchOuts);
         return;
     }
     let (off_cpu_ns, runqueue_ns) = match (state.preempted != 0, state.wakeup_ns) {
@@ -172,18 +183,18 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, state: &mut LoopState) {
             now_ns.saturating_sub(woken_ns),
         ),
     };
-    if off_cpu_ns + runqueue_ns < global!(MIN_BLOCK_NS) {
-        count(Counter::ShortBlocks);
+    if off_cpu_ns + runqueue_ns < target.settings.min_block_ns {
+        count(slot, Counter::ShortBlocks);
         return;
     }
-    if now_ns.saturating_sub(state.iteration_start_ns) < global!(GATE_NS) {
-        count(Counter::BlocksBeforeGate);
+    if now_ns.saturating_sub(state.iteration_start_ns) < target.settings.gate_ns {
+        count(slot, Counter::BlocksBeforeGate);
         return;
     }
-    let Some(stacks) = entry(&OFF_CPU_STACKS, 0) else {
+    let Some(stacks) = entry(&OFF_CPU_STACKS, slot, 1, 0) else {
         return;
     };
-    let Some(mut reserved) = super::reserve::<StackEvent>(Counter::StackEventsLost) else {
+    let Some(mut reserved) = super::reserve::<StackEvent>(slot, Counter::StackEventsLost) else {
         return;
     };
     // SAFETY: copies one StackEvent from the map entry into a StackEvent-sized reservation.
@@ -196,7 +207,7 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, state: &mut LoopState) {
     };
     if copied != 0 {
         reserved.discard(0);
-        count(Counter::OffCpuRecordsUnread);
+        count(slot, Counter::OffCpuRecordsUnread);
         debug!(ctx, "cannot copy the off-CPU record: error {}", copied);
         return;
     }
@@ -215,7 +226,8 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, state: &mut LoopState) {
         });
     }
     event.kind = EVENT_KIND_OFF_CPU;
-    event.tid = global!(TARGET_TID);
+    event.tid = target.settings.loop_tid;
+    event.pid = target.settings.pid;
     event.time_ns = now_ns;
     event.iteration_start_ns = state.iteration_start_ns;
     event.off_cpu_ns = off_cpu_ns;

@@ -6,7 +6,7 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     config::ProbeTuning,
-    probes::{KernelLog, KernelMaps, NESTED_POLL_FUNCTION, ProbeError, Probes},
+    probes::{KernelLog, KernelMaps, NESTED_POLL_FUNCTION, ProbeError, Probes, Slot},
     target::Target,
 };
 
@@ -14,6 +14,9 @@ use crate::{
 /// when the probes attach has no known start, the ones after that entry are timed. An idle
 /// Redis polls at least `hz` (10) times a second.
 const FIRST_POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The slot of the one target a run watches.
+pub const TARGET_SLOT: Slot = 0;
 
 /// Probes attached to one target; dropping `probes` detaches them.
 pub struct Attachment {
@@ -41,7 +44,7 @@ impl Attachment {
                 size_of::<profiler_common::StackEvent>()
             );
         }
-        let mut probes = Probes::load(tuning.for_target(target.pid, target.main_tid))?;
+        let mut probes = Probes::load(tuning.probe_settings())?;
         // The scheduler programs before the poll entries: an iteration the poll timer starts
         // must not miss the switch-out that tells it the loop went idle.
         probes.attach_scheduler()?;
@@ -66,8 +69,9 @@ impl Attachment {
         let kernel_log = probes.take_kernel_log();
         let events = probes.take_events()?;
         let mut maps = probes.take_maps()?;
-        maps.set_listen_ports(&target.ports)?;
-        wait_for_first_poll(&maps)?;
+        maps.add_target(TARGET_SLOT, tuning.for_target(target.pid, target.main_tid))?;
+        maps.set_listen_ports(TARGET_SLOT, &target.ports)?;
+        wait_for_first_poll(&maps, TARGET_SLOT)?;
         Ok(Self {
             probes,
             events,
@@ -80,10 +84,10 @@ impl Attachment {
 
 /// Waits until the kernel has seen the event loop enter a poll, so that the iterations from
 /// `attached` on are timed; a loop stalled right now gets a warning instead.
-fn wait_for_first_poll(maps: &KernelMaps) -> Result<(), ProbeError> {
+fn wait_for_first_poll(maps: &KernelMaps, slot: Slot) -> Result<(), ProbeError> {
     let deadline = Instant::now() + FIRST_POLL_TIMEOUT;
     // The first poll entry sets the start of the iteration after it.
-    while maps.loop_state()?.iteration_start_ns == 0 {
+    while maps.loop_state(slot)?.iteration_start_ns == 0 {
         if Instant::now() >= deadline {
             log::warn!(
                 "the event loop has not entered a poll within {FIRST_POLL_TIMEOUT:?} of attaching (it may be \

@@ -10,6 +10,7 @@ use profiler_common::{
 };
 use tokio::time::Instant;
 
+use super::attachment::TARGET_SLOT;
 use crate::{
     accept::AcceptWatch,
     alert::Alerting,
@@ -185,13 +186,14 @@ impl Consumer {
 
     /// A kernel counter over the whole run, earlier targets included.
     pub(super) fn counter(&self, counter: Counter) -> Result<u64, ProbeError> {
-        Ok(self.maps.counter(counter)? + self.earlier_counters[counter.index() as usize])
+        Ok(self.maps.counter(TARGET_SLOT, counter)?
+            + self.earlier_counters[counter.index() as usize])
     }
 
     /// Takes in the kernel's iteration histogram (and gives it to the metrics).
     pub fn refresh_histogram(&mut self) -> anyhow::Result<()> {
-        let buckets = self.maps.histogram()?;
-        let max_ns = self.maps.take_iteration_max_ns()?;
+        let buckets = self.maps.histogram(TARGET_SLOT)?;
+        let max_ns = self.maps.take_iteration_max_ns(TARGET_SLOT)?;
         let added = self.histogram.update(&buckets, max_ns);
         if let Some(metrics) = &self.metrics {
             for (midpoint_ns, count) in added {
@@ -216,9 +218,13 @@ impl Consumer {
         events: &mut RingBuf<MapData>,
     ) -> anyhow::Result<()> {
         let ports = self.accept.refresh_listeners();
-        self.maps.set_listen_ports(&ports)?;
+        self.maps.set_listen_ports(TARGET_SLOT, &ports)?;
         let mut before_ns = monotonic_now_ns().saturating_sub(ACCEPT_ATTRIBUTION_DELAY_NS);
-        if let Some(iteration_ns) = self.maps.loop_state()?.running_iteration_start_ns() {
+        if let Some(iteration_ns) = self
+            .maps
+            .loop_state(TARGET_SLOT)?
+            .running_iteration_start_ns()
+        {
             before_ns = before_ns.min(iteration_ns);
         }
         self.drain(events)?;
@@ -237,7 +243,7 @@ impl Consumer {
         let Some(alerting) = &self.alerting else {
             return Ok(());
         };
-        let state = self.maps.loop_state()?;
+        let state = self.maps.loop_state(TARGET_SLOT)?;
         let Some(iteration_ns) = state.running_iteration_start_ns() else {
             return Ok(());
         };
@@ -245,7 +251,7 @@ impl Consumer {
         if !alerting.in_progress_due(iteration_ns, now_ns) {
             return Ok(());
         }
-        let mut blocked = self.maps.pending_off_cpu_stacks(&state)?;
+        let mut blocked = self.maps.pending_off_cpu_stacks(TARGET_SLOT, &state)?;
         if let Some(stacks) = &mut blocked {
             stacks.kind = EVENT_KIND_OFF_CPU;
             stacks.iteration_start_ns = iteration_ns;

@@ -8,7 +8,10 @@ use aya::maps::{MapData, RingBuf};
 use profiler_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{attachment::Attachment, consumer::Consumer};
+use super::{
+    attachment::{Attachment, TARGET_SLOT},
+    consumer::Consumer,
+};
 use crate::{
     accept::QueueSampler,
     config::ProbeTuning,
@@ -58,7 +61,8 @@ impl Consumer {
         let sampler = QueueSampler::open(target.pid)?;
         let attachment = Attachment::attach(tuning, &target, tracepoints)?;
         for counter in Counter::ALL {
-            self.earlier_counters[counter.index() as usize] += self.maps.counter(counter)?;
+            self.earlier_counters[counter.index() as usize] +=
+                self.maps.counter(TARGET_SLOT, counter)?;
         }
         self.maps = attachment.maps;
         self.kernel_log = attachment.kernel_log;

@@ -13,11 +13,11 @@ use aya::{
         uprobe::UProbeScope,
     },
 };
-pub use maps::KernelMaps;
+pub use maps::{KernelMaps, Slot};
 use profiler_common::{
-    GLOBAL_GATE_NS, GLOBAL_MIN_BLOCK_NS, GLOBAL_TARGET_PID, GLOBAL_TARGET_TID, GLOBAL_THRESHOLD_NS,
     GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX,
-    MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_OFF_CPU_STACKS,
+    MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_LOOP_TASKS, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP,
+    MAP_TARGET_SETTINGS, MAP_TARGETS, PER_TARGET_MAPS, PER_TARGET_MULTI_MAPS,
 };
 
 /// The kernel programs' log (aya-log): their rare-path messages, read into our log.
@@ -84,22 +84,24 @@ pub enum ProbeError {
         #[source]
         cause: MapError,
     },
+    #[error("cannot write every CPU's entry of map `{name}`")]
+    PerCpuValues {
+        name: &'static str,
+        #[source]
+        cause: std::io::Error,
+    },
 }
 
-/// What the kernel programs need to know about the run.
+/// What the kernel programs need to know about the run, whatever the targets (each target's
+/// own settings go into its slot: [`KernelMaps::add_target`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeSettings {
-    pub pid: u32,
-    pub tid: u32,
-    pub threshold_ns: u64,
-    /// Stacks are captured only in iterations at least this old.
-    pub gate_ns: u64,
-    /// Off-CPU times shorter than this are only counted.
-    pub min_block_ns: u64,
     /// User-stack bytes copied per sample.
     pub user_stack_bytes: u32,
     /// Size of the events ring buffer (a power of two, at least a page).
     pub ring_buffer_bytes: u32,
+    /// Targets the per-target maps have room for.
+    pub max_targets: u32,
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
@@ -136,6 +138,7 @@ const SAMPLE_PROGRAM: &str = "on_cpu_sample";
 /// The loaded programs; dropping this detaches them all.
 pub struct Probes {
     ebpf: Ebpf,
+    max_targets: u32,
 }
 
 impl Probes {
@@ -150,19 +153,22 @@ impl Probes {
         } else {
             KERNEL_LOG_OFF
         };
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(Some(&btf))
-            .override_global(GLOBAL_TARGET_PID, &settings.pid, true)
-            .override_global(GLOBAL_TARGET_TID, &settings.tid, true)
-            .override_global(GLOBAL_THRESHOLD_NS, &settings.threshold_ns, true)
-            .override_global(GLOBAL_GATE_NS, &settings.gate_ns, true)
-            .override_global(GLOBAL_MIN_BLOCK_NS, &settings.min_block_ns, true)
             .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
             .override_global(GLOBAL_KERNEL_LOG_LEVEL, &kernel_log_level, true)
-            .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes)
+            .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes);
+        for (map, entries_per_target) in PER_TARGET_MAPS.into_iter().chain(PER_TARGET_MULTI_MAPS) {
+            loader.map_max_entries(map, settings.max_targets * entries_per_target);
+        }
+        let ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|cause| ProbeError::Load { cause })?;
-        let mut probes = Self { ebpf };
+        let mut probes = Self {
+            ebpf,
+            max_targets: settings.max_targets,
+        };
         for name in TRACEPOINT_PROGRAMS {
             probes.load_program::<TracePoint>(name, |program| program.load())?;
         }
@@ -314,12 +320,17 @@ impl Probes {
     /// Takes the maps userspace reads out of the object (call once).
     pub fn take_maps(&mut self) -> Result<KernelMaps, ProbeError> {
         Ok(KernelMaps {
+            targets: self.take(MAP_TARGETS)?,
+            target_settings: self.take(MAP_TARGET_SETTINGS)?,
+            loop_tasks: self.take(MAP_LOOP_TASKS)?,
+            running_loop: self.take(MAP_RUNNING_LOOP)?,
             histogram: self.take(MAP_ITERATION_HISTOGRAM)?,
             iteration_max: self.take(MAP_ITERATION_MAX)?,
             counters: self.take(MAP_COUNTERS)?,
             loop_state: self.take(MAP_LOOP_STATE)?,
             off_cpu_stacks: self.take(MAP_OFF_CPU_STACKS)?,
             listen_ports: self.take(MAP_LISTEN_PORTS)?,
+            max_targets: self.max_targets,
         })
     }
 
