@@ -57,18 +57,24 @@ pub struct ReportArgs {
 /// Flags of `redis-stallprof attach`.
 #[derive(Debug, Args)]
 pub struct AttachArgs {
-    /// Profile the process with this pid.
-    #[arg(long, conflicts_with = "port")]
-    pub pid: Option<u32>,
-    /// Profile the process listening on this TCP port.
+    /// Profile the process with this pid (repeat for several).
     #[arg(long)]
-    pub port: Option<u16>,
+    pub pid: Vec<u32>,
+    /// Profile the process listening on this TCP port (repeat for several).
+    #[arg(long)]
+    pub port: Vec<u16>,
+    /// Profile every redis-server and valkey-server on the host, and each that starts later.
+    #[arg(long, conflicts_with_all = ["pid", "port", "follow"])]
+    pub all: bool,
+    /// With --all: exit with an error when no Redis runs, instead of waiting for one.
+    #[arg(long, requires = "all")]
+    pub no_wait: bool,
     /// Profile the selected process even if it is not a redis-server or valkey-server.
     #[arg(long)]
     pub force: bool,
-    /// With --port: when the target exits, wait for the next process listening on the port
-    /// (Redis restarting) and profile it too, into the same outputs.
-    #[arg(long, requires = "port")]
+    /// With one --port: when the target exits, wait for the next process listening on the
+    /// port (Redis restarting) and profile it too, into the same outputs.
+    #[arg(long, requires = "port", conflicts_with = "pid")]
     pub follow: bool,
     /// An event-loop iteration at least this long is a stall (e.g. 500us, 10ms, 2s).
     #[arg(long, default_value = "10ms", value_parser = parse_positive_duration)]
@@ -285,9 +291,18 @@ mod tests {
     }
 
     #[test]
-    fn pid_and_port_are_exclusive() {
-        let parsed =
+    fn all_excludes_naming_targets_and_follow_needs_a_port() {
+        for flags in [
+            &["--all", "--pid", "1"][..],
+            &["--all", "--port", "2"],
+            &["--no-wait"],
+            &["--follow", "--pid", "1"],
+        ] {
+            let parsed = Cli::try_parse_from(["redis-stallprof", "attach"].iter().chain(flags));
+            assert!(parsed.is_err(), "{flags:?}");
+        }
+        let several =
             Cli::try_parse_from(["redis-stallprof", "attach", "--pid", "1", "--port", "2"]);
-        assert!(parsed.is_err());
+        assert!(several.is_ok());
     }
 }

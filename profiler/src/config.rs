@@ -41,6 +41,8 @@ fn derived_frequency_hz(threshold_ns: u64, gate_ns: u64) -> u64 {
 pub enum ConfigError {
     #[error(transparent)]
     Rules(#[from] RulesError),
+    #[error("--follow follows one port: give a single --port")]
+    FollowOnePort,
     #[error("--alert-exec: program `{program}` not found")]
     AlertProgramNotFound { program: String },
 }
@@ -90,10 +92,19 @@ pub struct OutputPaths {
     pub stack_root: StackRoot,
 }
 
+/// Which processes a run watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// These, found at the start (the only Redis running when none is named).
+    Targets(Vec<TargetSelector>),
+    /// Every Redis server, and each that starts later; with `wait`, none running yet is fine.
+    All { wait: bool },
+}
+
 /// An `attach` run, checked.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    pub selector: TargetSelector,
+    pub selection: Selection,
     /// Profile a process that is not a Redis server.
     pub force: bool,
     /// With `--follow`: the port whose next process is attached to when the target exits.
@@ -118,11 +129,24 @@ impl RunConfig {
             Some(path) => Rules::load(path)?,
             None => Rules::builtin(),
         };
-        let selector = match (args.pid, args.port) {
-            (Some(pid), _) => TargetSelector::Pid(pid),
-            (None, Some(port)) => TargetSelector::Port(port),
-            (None, None) => TargetSelector::Only,
+        let selection = if args.all {
+            Selection::All {
+                wait: !args.no_wait,
+            }
+        } else {
+            let selectors: Vec<TargetSelector> =
+                (args.pid.iter().copied().map(TargetSelector::Pid))
+                    .chain(args.port.iter().copied().map(TargetSelector::Port))
+                    .collect();
+            if selectors.is_empty() {
+                Selection::Targets(vec![TargetSelector::Only])
+            } else {
+                Selection::Targets(selectors)
+            }
         };
+        if args.follow && args.port.len() > 1 {
+            return Err(ConfigError::FollowOnePort);
+        }
         let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
         let gate_ns = nanos(args.gate.unwrap_or(args.threshold / 2));
         let frequency_hz = args
@@ -143,9 +167,9 @@ impl RunConfig {
             None => None,
         };
         Ok(Self {
-            selector,
+            selection,
             force: args.force,
-            follow_port: args.port.filter(|_| args.follow),
+            follow_port: args.port.first().copied().filter(|_| args.follow),
             probes: ProbeTuning {
                 threshold_ns: nanos(args.threshold),
                 gate_ns,
@@ -208,8 +232,40 @@ mod tests {
         let run = config(&["--port", "6379", "--follow", "--threshold", "4ms"]).unwrap();
         assert_eq!(run.probes.gate_ns, 2_000_000);
         assert_eq!(run.follow_port, Some(6379));
-        assert_eq!(run.selector, TargetSelector::Port(6379));
-        assert_eq!(config(&[]).unwrap().selector, TargetSelector::Only);
+        assert_eq!(
+            run.selection,
+            Selection::Targets(vec![TargetSelector::Port(6379)])
+        );
+        assert_eq!(
+            config(&[]).unwrap().selection,
+            Selection::Targets(vec![TargetSelector::Only])
+        );
+        assert!(matches!(
+            config(&["--port", "1", "--port", "2", "--follow"]),
+            Err(ConfigError::FollowOnePort)
+        ));
+    }
+
+    #[test]
+    fn several_targets_or_all_of_them_can_be_selected() {
+        assert_eq!(
+            config(&["--pid", "7", "--port", "6380", "--pid", "8"])
+                .unwrap()
+                .selection,
+            Selection::Targets(vec![
+                TargetSelector::Pid(7),
+                TargetSelector::Pid(8),
+                TargetSelector::Port(6380)
+            ])
+        );
+        assert_eq!(
+            config(&["--all"]).unwrap().selection,
+            Selection::All { wait: true }
+        );
+        assert_eq!(
+            config(&["--all", "--no-wait"]).unwrap().selection,
+            Selection::All { wait: false }
+        );
     }
 
     #[test]

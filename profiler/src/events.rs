@@ -18,6 +18,20 @@ pub enum Event<'a> {
     Exec(ExecEvent),
 }
 
+impl Event<'_> {
+    /// The pid of the target the event is about.
+    pub fn pid(&self) -> u32 {
+        match self {
+            Event::Stall(event) => event.pid,
+            Event::Stack(event) => event.pid,
+            Event::Madvise(event) => event.pid,
+            Event::Connection(event) => event.pid,
+            Event::Accept(event) => event.pid,
+            Event::Exec(event) => event.pid,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("event of {len} bytes is too short for its kind ({needed} bytes needed)")]
@@ -112,7 +126,7 @@ mod tests {
         bytes.extend(event.start_ns.to_ne_bytes());
         bytes.extend(event.end_ns.to_ne_bytes());
         bytes.extend(event.poll_handed_off.to_ne_bytes());
-        bytes.extend(event._padding.to_ne_bytes());
+        bytes.extend(event.pid.to_ne_bytes());
         bytes
     }
 
@@ -128,7 +142,7 @@ mod tests {
             start_ns: 100,
             end_ns: 250_000_100,
             poll_handed_off: 1,
-            _padding: 0,
+            pid: 7,
         };
         assert!(matches!(decode(&bytes_of(&event)), Ok(Event::Stall(decoded)) if decoded == event));
     }
@@ -141,7 +155,7 @@ mod tests {
             start_ns: 1,
             end_ns: 2,
             poll_handed_off: 0,
-            _padding: 0,
+            pid: 7,
         };
         let bytes = bytes_of(&event);
         assert_eq!(

@@ -169,6 +169,8 @@ mod tests {
             iteration_start_ns: 0,
             advice,
             result: 0,
+            pid,
+            _padding: 0,
         };
         stats.add(&event(4096, 2_000, 4));
         stats.add(&event(1 << 20, 900_000, 4));

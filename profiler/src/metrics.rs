@@ -1,7 +1,7 @@
 //! Prometheus metrics at `/metrics` (`--metrics ADDR`): iteration and stall histograms, stalls
-//! per origin and mechanism, madvise bytes and latency, lost events; every metric carries the
-//! target's `pid` and `port`. Served by hyper on the run's own runtime.
-use std::{borrow::Cow, convert::Infallible, sync::Arc};
+//! per origin and mechanism, madvise bytes and latency, lost events; every metric carries its
+//! instance's `pid`, `port` and `server`. Served by hyper on the run's own runtime.
+use std::{convert::Infallible, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
@@ -18,66 +18,119 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::output::record::Stall;
+use crate::output::record::{Instance, Stall};
+
+/// The instance every metric is of.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    pid: String,
+    /// Its lowest listening port ("" without one).
+    port: String,
+    /// `redis-server` or `valkey-server`.
+    server: String,
+}
+
+impl InstanceLabels {
+    fn of(instance: &Instance) -> Self {
+        Self {
+            pid: instance.pid.to_string(),
+            port: instance
+                .port
+                .map(|port| port.to_string())
+                .unwrap_or_default(),
+            server: instance.name.clone(),
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
+    #[prometheus(flatten)]
+    instance: InstanceLabels,
     origin: String,
     mechanism: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PortLabels {
+    #[prometheus(flatten)]
+    instance: InstanceLabels,
     listen_port: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MadviseLabels {
+    #[prometheus(flatten)]
+    instance: InstanceLabels,
     thread_role: String,
     advice: String,
 }
 
-/// The run's metrics (atomics: shared with the HTTP task without a lock).
+/// A histogram family's constructor (a plain fn: the families must be `Clone`).
+type MakeHistogram = fn() -> Histogram;
+
+/// 10 us .. ~84 s, doubling.
+fn iteration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 24))
+}
+
+/// 1 ms .. ~33 s, doubling.
+fn stall_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// 1 us .. ~67 s, times four.
+fn madvise_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_001, 4.0, 14))
+}
+
+/// The run's metrics, every one labelled with its instance (atomics: shared with the HTTP
+/// task without a lock).
 pub struct Metrics {
     registry: Registry,
-    iterations: Histogram,
-    stalls_seconds: Histogram,
+    iterations: Family<InstanceLabels, Histogram, MakeHistogram>,
+    stalls_seconds: Family<InstanceLabels, Histogram, MakeHistogram>,
     stalls: Family<CauseLabels, Counter>,
     madvise_bytes: Family<MadviseLabels, Counter>,
-    madvise_seconds: Histogram,
-    lost_events: Counter,
+    madvise_seconds: Family<InstanceLabels, Histogram, MakeHistogram>,
+    lost_events: Family<InstanceLabels, Counter>,
     accept_overflows: Family<PortLabels, Counter>,
     accept_queue: Family<PortLabels, Gauge>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    pub fn new(pid: u32, port: Option<u16>) -> Self {
-        let labels = [
-            (Cow::Borrowed("pid"), Cow::Owned(pid.to_string())),
-            (
-                Cow::Borrowed("port"),
-                Cow::Owned(port.map(|p| p.to_string()).unwrap_or_default()),
-            ),
-        ];
-        let mut registry = Registry::with_prefix_and_labels("redis_stallprof", labels.into_iter());
-        // 10 us .. ~84 s, doubling.
-        let iterations = Histogram::new(exponential_buckets(0.000_01, 2.0, 24));
-        // 1 ms .. ~33 s, doubling.
-        let stalls_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let madvise_seconds = Histogram::new(exponential_buckets(0.000_001, 4.0, 14));
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("redis_stallprof");
         let mut metrics = Self {
             registry: Registry::default(),
-            iterations,
-            stalls_seconds,
+            iterations: Family::new_with_constructor(iteration_histogram),
+            stalls_seconds: Family::new_with_constructor(stall_histogram),
             stalls: Family::default(),
             madvise_bytes: Family::default(),
-            madvise_seconds,
-            lost_events: Counter::default(),
+            madvise_seconds: Family::new_with_constructor(madvise_histogram),
+            lost_events: Family::default(),
             accept_overflows: Family::default(),
             accept_queue: Family::default(),
         };
         metrics.register_all(&mut registry);
         metrics.registry = registry;
+        metrics
+    }
+
+    /// The metrics of `instance`; its series without labels of their own are there from now,
+    /// at zero.
+    pub fn of(self: &Arc<Self>, instance: &Instance) -> InstanceMetrics {
+        let metrics = InstanceMetrics {
+            metrics: Arc::clone(self),
+            labels: InstanceLabels::of(instance),
+        };
+        metrics.create_series();
         metrics
     }
 
@@ -125,58 +178,97 @@ impl Metrics {
         );
     }
 
-    /// Adds `count` iterations of about `seconds` each.
-    pub fn observe_iterations(&self, seconds: f64, count: u64) {
-        for _ in 0..count {
-            self.iterations.observe(seconds);
-        }
-    }
-
-    pub fn observe_stall(&self, stall: &Stall) {
-        self.stalls_seconds.observe(stall.duration_us as f64 / 1e6);
-        let labels = CauseLabels {
-            origin: stall.origin.clone(),
-            mechanism: stall.mechanism.clone(),
-        };
-        self.stalls.get_or_create(&labels).inc();
-    }
-
-    pub fn observe_madvise(&self, thread_role: &str, advice: &str, bytes: u64, seconds: f64) {
-        let labels = MadviseLabels {
-            thread_role: thread_role.to_owned(),
-            advice: advice.to_owned(),
-        };
-        self.madvise_bytes.get_or_create(&labels).inc_by(bytes);
-        self.madvise_seconds.observe(seconds);
-    }
-
-    /// Takes in an accept-queue sample of a listening port.
-    pub fn observe_accept_queue(&self, port: u16, queue: u32, new_overflows: u64) {
-        let labels = PortLabels {
-            listen_port: port.to_string(),
-        };
-        self.accept_queue
-            .get_or_create(&labels)
-            .set(i64::from(queue));
-        self.accept_overflows
-            .get_or_create(&labels)
-            .inc_by(new_overflows);
-    }
-
-    /// Brings the lost-events counter up to `total`.
-    pub fn set_lost_events(&self, total: u64) {
-        let known = self.lost_events.get();
-        if total > known {
-            self.lost_events.inc_by(total - known);
-        }
-    }
-
     /// The text exposition (OpenMetrics, which Prometheus reads).
     pub fn encode(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+/// One instance's view of the run's metrics: what it records carries its labels.
+#[derive(Clone)]
+pub struct InstanceMetrics {
+    metrics: Arc<Metrics>,
+    labels: InstanceLabels,
+}
+
+impl InstanceMetrics {
+    /// The same metrics, now labelled with `instance` (after an exec or `--follow`).
+    pub fn relabel(&mut self, instance: &Instance) {
+        self.labels = InstanceLabels::of(instance);
+        self.create_series();
+    }
+
+    fn create_series(&self) {
+        let metrics = &self.metrics;
+        drop(metrics.iterations.get_or_create(&self.labels));
+        drop(metrics.stalls_seconds.get_or_create(&self.labels));
+        drop(metrics.madvise_seconds.get_or_create(&self.labels));
+        drop(metrics.lost_events.get_or_create(&self.labels));
+    }
+
+    /// Adds `count` iterations of about `seconds` each.
+    pub fn observe_iterations(&self, seconds: f64, count: u64) {
+        let histogram = self.metrics.iterations.get_or_create(&self.labels);
+        for _ in 0..count {
+            histogram.observe(seconds);
+        }
+    }
+
+    pub fn observe_stall(&self, stall: &Stall) {
+        self.metrics
+            .stalls_seconds
+            .get_or_create(&self.labels)
+            .observe(stall.duration_us as f64 / 1e6);
+        let labels = CauseLabels {
+            instance: self.labels.clone(),
+            origin: stall.origin.clone(),
+            mechanism: stall.mechanism.clone(),
+        };
+        self.metrics.stalls.get_or_create(&labels).inc();
+    }
+
+    pub fn observe_madvise(&self, thread_role: &str, advice: &str, bytes: u64, seconds: f64) {
+        let labels = MadviseLabels {
+            instance: self.labels.clone(),
+            thread_role: thread_role.to_owned(),
+            advice: advice.to_owned(),
+        };
+        self.metrics
+            .madvise_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes);
+        self.metrics
+            .madvise_seconds
+            .get_or_create(&self.labels)
+            .observe(seconds);
+    }
+
+    /// Takes in an accept-queue sample of a listening port.
+    pub fn observe_accept_queue(&self, port: u16, queue: u32, new_overflows: u64) {
+        let labels = PortLabels {
+            instance: self.labels.clone(),
+            listen_port: port.to_string(),
+        };
+        self.metrics
+            .accept_queue
+            .get_or_create(&labels)
+            .set(i64::from(queue));
+        self.metrics
+            .accept_overflows
+            .get_or_create(&labels)
+            .inc_by(new_overflows);
+    }
+
+    /// Brings the lost-events counter up to `total`.
+    pub fn set_lost_events(&self, total: u64) {
+        let counter = self.metrics.lost_events.get_or_create(&self.labels);
+        let known = counter.get();
+        if total > known {
+            counter.inc_by(total - known);
+        }
     }
 }
 
@@ -228,26 +320,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_exposition_names_every_metric_with_the_target_labels() {
-        let metrics = Metrics::new(42, Some(6379));
-        metrics.observe_iterations(0.000_02, 3);
+    fn the_exposition_names_every_metric_with_its_instance() {
+        let metrics = Arc::new(Metrics::new());
+        let instance = |pid, port| Instance {
+            pid,
+            port,
+            name: "redis-server".into(),
+        };
+        let first = metrics.of(&instance(42, Some(6379)));
+        let second = metrics.of(&instance(43, None));
+        first.observe_iterations(0.000_02, 3);
+        second.observe_iterations(0.000_02, 5);
         let stall = Stall::example("command:debug", "syscall.sleep", 250_000);
-        metrics.observe_stall(&stall);
-        metrics.observe_madvise("main", "MADV_DONTNEED", 4096, 0.000_1);
-        metrics.set_lost_events(2);
+        first.observe_stall(&stall);
+        first.observe_madvise("main", "MADV_DONTNEED", 4096, 0.000_1);
+        first.set_lost_events(2);
+        first.observe_accept_queue(6379, 7, 1);
         let text = metrics.encode();
+        let labels = r#"pid="42",port="6379",server="redis-server""#;
         for expected in [
-            "redis_stallprof_eventloop_iteration_seconds_count{pid=\"42\",port=\"6379\"} 3",
-            "redis_stallprof_stall_seconds_count{pid=\"42\",port=\"6379\"} 1",
-            "redis_stallprof_stalls_total{pid=\"42\",port=\"6379\",origin=\"command:debug\",mechanism=\"syscall.sleep\"} 1",
-            "redis_stallprof_madvise_bytes_total{pid=\"42\",port=\"6379\",thread_role=\"main\",advice=\"MADV_DONTNEED\"} 4096",
-            "redis_stallprof_lost_events_total{pid=\"42\",port=\"6379\"} 2",
-            "# EOF",
+            format!("redis_stallprof_eventloop_iteration_seconds_count{{{labels}}} 3"),
+            r#"redis_stallprof_eventloop_iteration_seconds_count{pid="43",port="",server="redis-server"} 5"#.to_owned(),
+            format!("redis_stallprof_stall_seconds_count{{{labels}}} 1"),
+            format!("redis_stallprof_stalls_total{{{labels},origin=\"command:debug\",mechanism=\"syscall.sleep\"}} 1"),
+            format!("redis_stallprof_madvise_bytes_total{{{labels},thread_role=\"main\",advice=\"MADV_DONTNEED\"}} 4096"),
+            format!("redis_stallprof_lost_events_total{{{labels}}} 2"),
+            format!("redis_stallprof_accept_queue_length{{{labels},listen_port=\"6379\"}} 7"),
+            "# EOF".to_owned(),
         ] {
             assert!(
-                text.contains(expected),
+                text.contains(&expected),
                 "{expected:?} missing from:\n{text}"
             );
         }
+        assert_eq!(
+            text.matches("# TYPE redis_stallprof_eventloop_iteration_seconds ")
+                .count(),
+            1,
+            "one family for every instance: {text}"
+        );
     }
 }

@@ -19,7 +19,7 @@ use crate::{
 pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
     let path = args.file.display();
     let file = File::open(&args.file).with_context(|| format!("cannot read `{path}`"))?;
-    let mut console = ConsoleSink;
+    let mut console = ConsoleSink::default();
     let mut folded = FoldedStacks::new(args.stack_root);
     let mut title = None;
     for (index, line) in BufReader::new(file).lines().enumerate() {

@@ -21,6 +21,17 @@ pub enum TargetSelector {
     Only,
 }
 
+impl fmt::Display for TargetSelector {
+    /// The flag that chose the target.
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetSelector::Pid(pid) => write!(formatter, "--pid {pid}"),
+            TargetSelector::Port(port) => write!(formatter, "--port {port}"),
+            TargetSelector::Only => write!(formatter, "the only Redis running"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("no process with pid {pid}")]
@@ -31,8 +42,17 @@ pub enum TargetError {
     NotRedis { pid: u32, name: String },
     #[error("no running redis-server or valkey-server found")]
     NoRedisRunning,
-    #[error("several Redis servers are running: {servers}; choose one with --pid or --port")]
+    #[error(
+        "several Redis servers are running: {servers}; choose with --pid or --port, or watch them \
+         all with --all"
+    )]
     SeveralRedis { servers: String },
+    #[error("process {pid} is selected twice ({first} and {second})")]
+    SelectedTwice {
+        pid: u32,
+        first: String,
+        second: String,
+    },
     #[error("no process listens on TCP port {port}")]
     NoListener { port: u16 },
     #[error("cannot read `{path}`")]
@@ -181,6 +201,14 @@ fn redis_servers(processes: &[ProcStat]) -> Vec<&ProcStat> {
         .iter()
         .filter(|p| is_redis_name(&p.name) && !redis_pids.contains(&p.parent_pid) && p.state != 'Z')
         .collect()
+}
+
+/// Every Redis server running now (not their forked children), by pid.
+pub fn redis_server_pids() -> Result<Vec<u32>, TargetError> {
+    Ok(redis_servers(&all_processes()?)
+        .iter()
+        .map(|server| server.pid)
+        .collect())
 }
 
 fn only_redis_server() -> Result<u32, TargetError> {

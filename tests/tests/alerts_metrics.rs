@@ -172,7 +172,11 @@ fn metrics_parse_and_agree_with_the_json_events() {
     let samples = parse_exposition(&scrape_metrics(metrics_port));
     let run = profiler.stop();
 
-    let target = format!("pid=\"{}\",port=\"{}\"", redis.pid(), redis.port);
+    let target = format!(
+        "pid=\"{}\",port=\"{}\",server=\"redis-server\"",
+        redis.pid(),
+        redis.port
+    );
     let stalls_total: f64 = samples
         .iter()
         .filter(|(series, _)| {

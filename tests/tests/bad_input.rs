@@ -177,7 +177,8 @@ fn bad_flags_are_usage_errors() {
     for args in [
         &["attach", "--threshold", "0ms"][..],
         &["attach", "--threshold", "soon"],
-        &["attach", "--pid", "1", "--port", "2"],
+        &["attach", "--all", "--pid", "1"],
+        &["attach", "--no-wait"],
         &["attach", "--pid", "-3"],
     ] {
         let output = run_profiler(args);

@@ -156,7 +156,8 @@ mod tests {
             family: 2,
             time_ns,
             client_port: 40_000,
-            _padding: [0; 6],
+            _padding: 0,
+            pid: 1,
             client_addr,
         }
     }
@@ -189,6 +190,8 @@ mod tests {
             time_ns: 1_000_000_100,
             listen_fd: 3,
             result: 9,
+            pid: 1,
+            _padding: 0,
         };
         tracker.accepted(&accept, &HashMap::new());
         assert_eq!(tracker.waits().accepted, 0);

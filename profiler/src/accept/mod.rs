@@ -16,7 +16,7 @@ pub use tracker::AcceptTracker;
 
 use crate::{
     clock::{WallClock, monotonic_now_ns},
-    metrics::Metrics,
+    metrics::InstanceMetrics,
     output::record::{AcceptOverflow, AcceptSummary, StallAccept},
 };
 
@@ -71,7 +71,7 @@ impl AcceptWatch {
     }
 
     /// Samples the accept queues; a failure is reported once and sampling goes on.
-    pub fn sample(&mut self, metrics: Option<&Metrics>) {
+    pub fn sample(&mut self, metrics: Option<&InstanceMetrics>) {
         let samples = match self.sampler.sample() {
             Ok(samples) => samples,
             Err(error) => {
@@ -98,7 +98,7 @@ impl AcceptWatch {
         &mut self,
         start_ns: u64,
         end_ns: u64,
-        metrics: Option<&Metrics>,
+        metrics: Option<&InstanceMetrics>,
     ) -> Option<StallAccept> {
         if !self.sampler.has_listeners() {
             return None;

@@ -114,6 +114,7 @@ impl AcceptTracker {
                     report.max_queue = report.max_queue.max(drops.max_queue);
                 }
                 None => reported.push(AcceptOverflow {
+                    instance: Default::default(),
                     time: clock.at(drops.time_ns),
                     port: drops.port,
                     overflows: drops.overflows,

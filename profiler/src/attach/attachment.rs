@@ -1,12 +1,16 @@
-//! The kernel programs loaded for one target and attached to it, the maps userspace reads, and
-//! the wait for the loop's first poll.
-use std::time::{Duration, Instant};
-
-use aya::maps::{MapData, RingBuf};
+//! One target's attachment to the shared programs: its slot in the maps (settings, listening
+//! ports), its own program links (the loop thread's sampler, the nested-poll markers), and
+//! the wait for its loop's first poll.
+use std::{
+    cell::RefCell,
+    rc::Rc,
+    time::{Duration, Instant},
+};
 
 use crate::{
     config::ProbeTuning,
-    probes::{KernelLog, KernelMaps, NESTED_POLL_FUNCTION, ProbeError, Probes, Slot},
+    error_chain::error_chain,
+    probes::{KernelMaps, ProbeError, Probes, Slot, TargetLinks},
     target::Target,
 };
 
@@ -15,83 +19,107 @@ use crate::{
 /// Redis polls at least `hz` (10) times a second.
 const FIRST_POLL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The slot of the one target a run watches.
-pub const TARGET_SLOT: Slot = 0;
+/// The maps every target's consumer reads, in one place (one thread).
+pub type SharedMaps = Rc<RefCell<KernelMaps>>;
 
-/// Probes attached to one target; dropping `probes` detaches them.
+/// A target attached: its slot and its own program links. [`Attachment::detach`] gives both
+/// back.
 pub struct Attachment {
-    pub probes: Probes,
-    pub events: RingBuf<MapData>,
-    pub maps: KernelMaps,
-    /// The programs' rare-path messages (`-vv`).
-    pub kernel_log: Option<KernelLog>,
+    pub slot: Slot,
+    links: TargetLinks,
     /// Whether polls nested in long commands are recognised.
     pub nested_poll_tracking: bool,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(
+        "cannot watch {target}: the kernel's maps hold {max} targets and all are in use; raise \
+         --max-targets"
+    )]
+    NoFreeSlot { target: String, max: u32 },
+    #[error(transparent)]
+    Probe(Box<ProbeError>),
+}
+
+impl From<ProbeError> for AttachError {
+    fn from(error: ProbeError) -> Self {
+        Self::Probe(Box::new(error))
+    }
+}
+
 impl Attachment {
-    /// Loads the programs tuned by `tuning` for `target`, attaches them to the poll entry
-    /// `tracepoints` and the rest, and waits for the loop's first poll.
+    /// Gives `target` a free slot tuned by `tuning`, attaches its own programs, and waits for
+    /// its loop's first poll.
     pub fn attach(
+        probes: &mut Probes,
+        maps: &SharedMaps,
         tuning: &ProbeTuning,
         target: &Target,
-        tracepoints: &[String],
-    ) -> Result<Self, ProbeError> {
-        if (tuning.ring_buffer_bytes as usize) < size_of::<profiler_common::StackEvent>() + 8 {
-            log::warn!(
-                "--ring-buffer-kib {} holds no stack event ({} bytes each): every stack sample will be lost",
-                tuning.ring_buffer_bytes / 1024,
-                size_of::<profiler_common::StackEvent>()
-            );
+        used_slots: &[Slot],
+    ) -> Result<Self, AttachError> {
+        let max = maps.borrow().max_targets();
+        let slot = (0..max)
+            .find(|slot| !used_slots.contains(slot))
+            .ok_or_else(|| AttachError::NoFreeSlot {
+                target: target.to_string(),
+                max,
+            })?;
+        // The slot first: the sampler's first tick must find its target.
+        {
+            let mut maps = maps.borrow_mut();
+            maps.add_target(slot, tuning.for_target(target.pid, target.main_tid))?;
+            maps.set_listen_ports(slot, &target.ports)?;
         }
-        let mut probes = Probes::load(tuning.probe_settings())?;
-        // The scheduler programs before the poll entries: an iteration the poll timer starts
-        // must not miss the switch-out that tells it the loop went idle.
-        probes.attach_scheduler()?;
-        probes.attach_poll_tracepoints(tracepoints)?;
-        probes.attach_madvise()?;
-        probes.attach_connections()?;
-        probes.attach_sampler(target.main_tid, tuning.frequency_hz)?;
-        let nested_poll_tracking = match probes.attach_nested_poll_markers(
-            NESTED_POLL_FUNCTION,
+        let links = match probes.attach_target(
+            target.main_tid,
+            tuning.frequency_hz,
             &target.exe,
             target.pid,
         ) {
-            Ok(()) => true,
+            Ok(links) => links,
+            Err(error) => {
+                let _ = maps.borrow_mut().remove_target(slot, target.pid);
+                return Err(error.into());
+            }
+        };
+        let nested_poll_tracking = match &links.nested_poll {
+            Ok(_) => true,
             Err(error) => {
                 log::warn!(
-                    "{}; polls made during a long script or a load will end iterations early",
-                    crate::error_chain::error_chain(&error)
+                    "{target}: {}; polls made during a long script or a load will end iterations early",
+                    error_chain(error)
                 );
                 false
             }
         };
-        let kernel_log = probes.take_kernel_log();
-        let events = probes.take_events()?;
-        let mut maps = probes.take_maps()?;
-        maps.add_target(TARGET_SLOT, tuning.for_target(target.pid, target.main_tid))?;
-        maps.set_listen_ports(TARGET_SLOT, &target.ports)?;
-        wait_for_first_poll(&maps, TARGET_SLOT)?;
+        wait_for_first_poll(&maps.borrow(), slot, target)?;
         Ok(Self {
-            probes,
-            events,
-            maps,
-            kernel_log,
+            slot,
+            links,
             nested_poll_tracking,
         })
     }
+
+    /// Detaches the target's own programs and frees its slot (`pid`: the target's).
+    pub fn detach(self, probes: &mut Probes, maps: &SharedMaps, pid: u32) {
+        probes.detach_target(self.links);
+        if let Err(error) = maps.borrow_mut().remove_target(self.slot, pid) {
+            log::warn!("cannot free the slot of pid {pid}: {}", error_chain(&error));
+        }
+    }
 }
 
-/// Waits until the kernel has seen the event loop enter a poll, so that the iterations from
-/// `attached` on are timed; a loop stalled right now gets a warning instead.
-fn wait_for_first_poll(maps: &KernelMaps, slot: Slot) -> Result<(), ProbeError> {
+/// Waits until the kernel has seen `target`'s event loop enter a poll, so that the iterations
+/// from `attached` on are timed; a loop stalled right now gets a warning instead.
+fn wait_for_first_poll(maps: &KernelMaps, slot: Slot, target: &Target) -> Result<(), ProbeError> {
     let deadline = Instant::now() + FIRST_POLL_TIMEOUT;
     // The first poll entry sets the start of the iteration after it.
     while maps.loop_state(slot)?.iteration_start_ns == 0 {
         if Instant::now() >= deadline {
             log::warn!(
-                "the event loop has not entered a poll within {FIRST_POLL_TIMEOUT:?} of attaching (it may be \
-                 stalled now); the iteration in progress is not timed"
+                "{target}: the event loop has not entered a poll within {FIRST_POLL_TIMEOUT:?} of \
+                 attaching (it may be stalled now); the iteration in progress is not timed"
             );
             return Ok(());
         }

@@ -1,32 +1,31 @@
-//! The consumer of a run: one `handle_*` per kind of kernel event, the periodic work the driver
-//! asks for (interval lines, histogram, in-progress alerts, accept queues), and `end` with
-//! the summary. The target's life (exec, `--follow`) is in `target_life`.
+//! The consumer of one watched target: one `handle_*` per kind of kernel event, the periodic
+//! work the driver asks for (interval lines, histogram, in-progress alerts, accept queues), and
+//! `end` with the summary. The target's life (exec, `--follow`) is in `target_life`.
 use std::{sync::Arc, time::Duration};
 
-use aya::maps::{MapData, RingBuf};
 use profiler_common::{
     AcceptEvent, COUNTERS, ConnectionEvent, Counter, EVENT_KIND_OFF_CPU, MadviseEvent, StackEvent,
     StallEvent,
 };
 use tokio::time::Instant;
 
-use super::attachment::TARGET_SLOT;
+use super::attachment::{Attachment, SharedMaps};
 use crate::{
     accept::AcceptWatch,
     alert::Alerting,
     clock::monotonic_now_ns,
-    events::{self, Event},
+    events::Event,
     histogram::IterationHistogram,
     madvise::MadviseStats,
-    metrics::Metrics,
+    metrics::{InstanceMetrics, Metrics},
     output::{
         Outputs, Sink,
         record::{
-            Alert, Attached, IntervalReport, LostEvents, ProfilerCost, StallCauses, StopReason,
-            Summary, UserLoss,
+            Alert, Attached, Instance, IntervalReport, LostEvents, ProfilerCost, Stall,
+            StallCauses, StopReason, Summary, UserLoss,
         },
     },
-    probes::{KernelLog, KernelMaps, ProbeError},
+    probes::ProbeError,
     stall::{RunningIteration, StallContext, StallPipeline},
     target::Target,
 };
@@ -34,25 +33,28 @@ use crate::{
 /// Drops this recent may still belong to a stall whose event is on its way.
 const ACCEPT_ATTRIBUTION_DELAY_NS: u64 = 100_000_000;
 
-/// The state of a run while it watches its target.
+/// What a run knows of one watched target.
 pub struct Consumer {
     pub(super) target: Target,
-    pub(super) maps: KernelMaps,
-    pub(super) kernel_log: Option<KernelLog>,
-    /// Whether polls nested in long commands are recognised in the current target.
-    pub(super) nested_poll_tracking: bool,
+    /// The name its records go out with.
+    pub(super) instance: Instance,
+    pub(super) maps: SharedMaps,
+    /// Its slot and own programs (`None` once detached).
+    pub(super) attachment: Option<Attachment>,
     pub(super) outputs: Outputs,
     pub(super) histogram: IterationHistogram,
     pub(super) stalls: StallPipeline,
     pub(super) madvise: MadviseStats,
     pub(super) accept: AcceptWatch,
     pub(super) alerting: Option<Alerting>,
-    pub(super) metrics: Option<Arc<Metrics>>,
+    pub(super) metrics: Option<InstanceMetrics>,
     pub(super) causes: StallCauses,
     pub(super) threshold: Duration,
     pub(super) started: Instant,
     interval_stalls: u64,
-    decode_errors: u64,
+    /// Records of the ring buffer that did not decode (they name no target: every consumer
+    /// counts them).
+    pub(super) decode_errors: u64,
     /// Lost events already shown in an interval line.
     reported_lost: u64,
     /// Stack samples lost (kernel and userspace) when the previous stall was assembled.
@@ -64,9 +66,8 @@ pub struct Consumer {
 /// The parts a consumer starts with.
 pub struct ConsumerParts {
     pub target: Target,
-    pub maps: KernelMaps,
-    pub kernel_log: Option<KernelLog>,
-    pub nested_poll_tracking: bool,
+    pub maps: SharedMaps,
+    pub attachment: Attachment,
     pub outputs: Outputs,
     pub stalls: StallPipeline,
     pub accept: AcceptWatch,
@@ -77,18 +78,19 @@ pub struct ConsumerParts {
 
 impl Consumer {
     pub fn new(parts: ConsumerParts) -> Self {
+        let instance = instance_of(&parts.target);
         Self {
             madvise: MadviseStats::new(parts.target.pid),
+            metrics: parts.metrics.map(|metrics| metrics.of(&instance)),
+            instance,
             target: parts.target,
             maps: parts.maps,
-            kernel_log: parts.kernel_log,
-            nested_poll_tracking: parts.nested_poll_tracking,
+            attachment: Some(parts.attachment),
             outputs: parts.outputs,
             histogram: IterationHistogram::default(),
             stalls: parts.stalls,
             accept: parts.accept,
             alerting: parts.alerting,
-            metrics: parts.metrics,
             causes: StallCauses::default(),
             threshold: parts.threshold,
             started: Instant::now(),
@@ -100,23 +102,28 @@ impl Consumer {
         }
     }
 
-    /// Handles every event waiting in the ring buffer.
-    pub fn drain(&mut self, events: &mut RingBuf<MapData>) -> anyhow::Result<()> {
-        while let Some(record) = events.next() {
-            match events::decode(&record) {
-                Ok(Event::Stall(event)) => self.handle_stall(&event)?,
-                Ok(Event::Stack(event)) => self.handle_stack(event),
-                Ok(Event::Madvise(event)) => self.handle_madvise(&event),
-                Ok(Event::Connection(event)) => self.handle_connection(&event),
-                Ok(Event::Accept(event)) => self.handle_accept(&event),
-                Ok(Event::Exec(_)) => self.handle_exec()?,
-                Err(error) => {
-                    self.decode_errors += 1;
-                    log::warn!("dropped a malformed event: {error}");
-                }
-            }
+    /// Handles one event of this target.
+    pub fn handle(&mut self, event: Event<'_>) -> anyhow::Result<()> {
+        match event {
+            Event::Stall(event) => self.handle_stall(&event)?,
+            Event::Stack(event) => self.handle_stack(event),
+            Event::Madvise(event) => self.handle_madvise(&event),
+            Event::Connection(event) => self.handle_connection(&event),
+            Event::Accept(event) => self.handle_accept(&event),
+            Event::Exec(_) => self.handle_exec()?,
         }
         Ok(())
+    }
+
+    /// The slot of the target in the maps (`None` while detached: `--follow` waiting).
+    fn slot(&self) -> Option<crate::probes::Slot> {
+        self.attachment.as_ref().map(|attachment| attachment.slot)
+    }
+
+    /// `stall` with this target's name on it.
+    fn named(&self, mut stall: Stall) -> Stall {
+        stall.instance = self.instance.clone();
+        stall
     }
 
     /// A stall event: the stall with its stacks, accept queues and completeness, to the
@@ -124,7 +131,7 @@ impl Consumer {
     fn handle_stall(&mut self, event: &StallEvent) -> anyhow::Result<()> {
         let accept = self
             .accept
-            .stall(event.start_ns, event.end_ns, self.metrics.as_deref());
+            .stall(event.start_ns, event.end_ns, self.metrics.as_ref());
         // Samples the kernel could not send or userspace could not keep, and times off the CPU
         // whose end the kernel did not see (their record was never made).
         let samples_lost = self.counter(Counter::StackEventsLost)?
@@ -136,6 +143,7 @@ impl Consumer {
         let stall = self
             .stalls
             .stall(event, StallContext { accept, incomplete });
+        let stall = self.named(stall);
         self.causes.add(&stall);
         self.interval_stalls += 1;
         self.outputs.stall(&stall)?;
@@ -177,23 +185,22 @@ impl Consumer {
         self.accept.accepted(event);
     }
 
-    /// Moves the kernel programs' messages into our log.
-    pub fn flush_kernel_log(&mut self) {
-        if let Some(kernel_log) = &mut self.kernel_log {
-            kernel_log.flush();
-        }
-    }
-
     /// A kernel counter over the whole run, earlier targets included.
     pub(super) fn counter(&self, counter: Counter) -> Result<u64, ProbeError> {
-        Ok(self.maps.counter(TARGET_SLOT, counter)?
-            + self.earlier_counters[counter.index() as usize])
+        let now = match self.slot() {
+            Some(slot) => self.maps.borrow().counter(slot, counter)?,
+            None => 0,
+        };
+        Ok(now + self.earlier_counters[counter.index() as usize])
     }
 
     /// Takes in the kernel's iteration histogram (and gives it to the metrics).
     pub fn refresh_histogram(&mut self) -> anyhow::Result<()> {
-        let buckets = self.maps.histogram(TARGET_SLOT)?;
-        let max_ns = self.maps.take_iteration_max_ns(TARGET_SLOT)?;
+        let Some(slot) = self.slot() else {
+            return Ok(());
+        };
+        let buckets = self.maps.borrow().histogram(slot)?;
+        let max_ns = self.maps.borrow_mut().take_iteration_max_ns(slot)?;
         let added = self.histogram.update(&buckets, max_ns);
         if let Some(metrics) = &self.metrics {
             for (midpoint_ns, count) in added {
@@ -206,33 +213,42 @@ impl Consumer {
 
     /// Samples the accept queues.
     pub fn sample_accept_queues(&mut self) {
-        self.accept.sample(self.metrics.as_deref());
+        self.accept.sample(self.metrics.as_ref());
     }
 
-    /// Re-reads the listeners (telling the kernel their ports), and reports drops that no
-    /// stall can claim any more: older than the current iteration and than the events still
-    /// on their way. A stall that ended before the loop's state was read may still wait in
-    /// `events`: it is taken in first, with the drops it claims.
-    pub fn report_overflows_outside_stalls(
-        &mut self,
-        events: &mut RingBuf<MapData>,
-    ) -> anyhow::Result<()> {
-        let ports = self.accept.refresh_listeners();
-        self.maps.set_listen_ports(TARGET_SLOT, &ports)?;
+    /// Re-reads the listeners (telling the kernel their ports), and says before when drops
+    /// can no longer be claimed by a stall: older than the current iteration and than the
+    /// events still on their way. A stall that ended before the loop's state was read may
+    /// still wait in the ring buffer: the caller drains it before
+    /// [`Self::report_overflows_before`] that time.
+    pub fn refresh_listeners(&mut self) -> anyhow::Result<u64> {
         let mut before_ns = monotonic_now_ns().saturating_sub(ACCEPT_ATTRIBUTION_DELAY_NS);
+        let Some(slot) = self.slot() else {
+            return Ok(before_ns);
+        };
+        let ports = self.accept.refresh_listeners();
+        self.maps.borrow_mut().set_listen_ports(slot, &ports)?;
+        if let (None, Some(&port)) = (self.instance.port, ports.first()) {
+            self.instance.port = Some(port);
+            if let Some(metrics) = &mut self.metrics {
+                metrics.relabel(&self.instance);
+            }
+        }
         if let Some(iteration_ns) = self
             .maps
-            .loop_state(TARGET_SLOT)?
+            .borrow()
+            .loop_state(slot)?
             .running_iteration_start_ns()
         {
             before_ns = before_ns.min(iteration_ns);
         }
-        self.drain(events)?;
-        self.report_overflows_before(before_ns)
+        Ok(before_ns)
     }
 
-    fn report_overflows_before(&mut self, before_ns: u64) -> anyhow::Result<()> {
-        for overflow in self.accept.overflows_outside_stalls(before_ns) {
+    /// Reports the drops before `before_ns` that no stall claimed.
+    pub fn report_overflows_before(&mut self, before_ns: u64) -> anyhow::Result<()> {
+        for mut overflow in self.accept.overflows_outside_stalls(before_ns) {
+            overflow.instance = self.instance.clone();
             self.outputs.accept_overflow(&overflow)?;
         }
         Ok(())
@@ -243,7 +259,10 @@ impl Consumer {
         let Some(alerting) = &self.alerting else {
             return Ok(());
         };
-        let state = self.maps.loop_state(TARGET_SLOT)?;
+        let Some(slot) = self.slot() else {
+            return Ok(());
+        };
+        let state = self.maps.borrow().loop_state(slot)?;
         let Some(iteration_ns) = state.running_iteration_start_ns() else {
             return Ok(());
         };
@@ -251,7 +270,7 @@ impl Consumer {
         if !alerting.in_progress_due(iteration_ns, now_ns) {
             return Ok(());
         }
-        let mut blocked = self.maps.pending_off_cpu_stacks(TARGET_SLOT, &state)?;
+        let mut blocked = self.maps.borrow().pending_off_cpu_stacks(slot, &state)?;
         if let Some(stacks) = &mut blocked {
             stacks.kind = EVENT_KIND_OFF_CPU;
             stacks.iteration_start_ns = iteration_ns;
@@ -265,6 +284,7 @@ impl Consumer {
             poll_handed_off: state.poll_handed_off != 0,
         };
         let stall = self.stalls.in_progress(iteration, blocked.as_deref());
+        let stall = self.named(stall);
         let alert: Option<Alert> = self
             .alerting
             .as_mut()
@@ -280,6 +300,7 @@ impl Consumer {
         self.refresh_histogram()?;
         let lost = self.lost_events()?.total();
         let report = IntervalReport {
+            instance: self.instance.clone(),
             seconds: interval.as_secs_f64(),
             stats: self.histogram.take_interval(),
             stalls: std::mem::take(&mut self.interval_stalls),
@@ -293,25 +314,29 @@ impl Consumer {
     /// The `attached` record of the current target.
     pub fn attached_record(&self) -> Attached {
         Attached {
+            instance: self.instance.clone(),
             time: std::time::SystemTime::now(),
             pid: self.target.pid,
             tid: self.target.main_tid,
             threshold_us: self.threshold.as_micros() as u64,
             name: self.target.name.clone(),
             ports: self.target.ports.clone(),
-            nested_poll_tracking: self.nested_poll_tracking,
+            nested_poll_tracking: self
+                .attachment
+                .as_ref()
+                .is_some_and(|attachment| attachment.nested_poll_tracking),
         }
     }
 
     /// After the last events of the current target were drained: its last iterations and
     /// accept figures (before its maps go).
     pub fn flush_target(&mut self) -> anyhow::Result<()> {
-        self.flush_kernel_log();
         self.refresh_histogram()?;
         self.sample_accept_queues();
         self.report_overflows_before(u64::MAX)?;
         log::info!(
-            "kernel counters: {}",
+            "{}: kernel counters: {}",
+            self.instance,
             Counter::ALL
                 .iter()
                 .filter(|counter| counter.loss_key().is_none())
@@ -360,6 +385,7 @@ impl Consumer {
 
     fn summary(&self, stopped: StopReason) -> Result<Summary, ProbeError> {
         let mut summary = Summary::new(&self.histogram.total(), self.lost_events()?, stopped);
+        summary.instance = self.instance.clone();
         summary.stalls = self.causes.stalls();
         summary.stack_samples = self.stalls.counts().received_samples;
         summary.duration_s = self.started.elapsed().as_secs_f64();
@@ -399,4 +425,13 @@ fn peak_rss_kib() -> u64 {
             .unwrap_or(0)
     };
     kib("VmHWM:").max(kib("VmRSS:"))
+}
+
+/// The name `target`'s records go out with.
+pub fn instance_of(target: &Target) -> Instance {
+    Instance {
+        pid: target.pid,
+        port: target.ports.first().copied(),
+        name: target.name.clone(),
+    }
 }

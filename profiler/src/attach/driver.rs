@@ -1,5 +1,6 @@
 //! The driver of a run: a select loop over the ring buffer, the timers, the signals and the
-//! deadline, dispatching each to the consumer; it says why the watch stopped.
+//! deadline, dispatching each to the run's consumers; it ends the targets that exit, watches
+//! the ones `--all` finds, and says why the watch stopped.
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,11 +11,11 @@ use tokio::{
     time::{Instant, Interval, interval_at},
 };
 
-use super::consumer::Consumer;
+use super::{discovery, run::Run};
 use crate::{
     alert::IN_PROGRESS_CHECK_PERIOD,
-    config::RunConfig,
-    output::{ConsoleSink, record::StopReason},
+    config::{RunConfig, Selection},
+    output::record::StopReason,
 };
 
 /// How often we check that the target still runs.
@@ -24,6 +25,8 @@ const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
 const ACCEPT_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 /// How often the metrics take in the kernel's iteration histogram.
 const METRICS_REFRESH_PERIOD: Duration = Duration::from_secs(1);
+/// With `--all`, how often to look for Redis servers that started.
+const DISCOVERY_PERIOD: Duration = Duration::from_millis(500);
 
 /// The timers of a watch.
 struct Timers {
@@ -33,20 +36,24 @@ struct Timers {
     metrics_refresh: Option<Interval>,
     queue_sample: Interval,
     accept_housekeeping: Interval,
+    discovery: Option<Interval>,
 }
 
 impl Timers {
-    fn new(config: &RunConfig, consumer: &Consumer) -> Self {
-        let started = consumer.started;
+    fn new(config: &RunConfig, run: &Run, started: Instant) -> Self {
         let every = |period: Duration| interval_at(started + period, period);
         let optional = |enabled: bool, period: Duration| enabled.then(|| every(period));
         Self {
             report: every(config.interval),
             liveness: every(LIVENESS_PERIOD),
-            alert_check: optional(consumer.alerting.is_some(), IN_PROGRESS_CHECK_PERIOD),
-            metrics_refresh: optional(consumer.metrics.is_some(), METRICS_REFRESH_PERIOD),
+            alert_check: optional(config.alert.is_some(), IN_PROGRESS_CHECK_PERIOD),
+            metrics_refresh: optional(run.metrics.is_some(), METRICS_REFRESH_PERIOD),
             queue_sample: interval_at(started, config.queue_interval),
             accept_housekeeping: every(ACCEPT_HOUSEKEEPING_PERIOD),
+            discovery: optional(
+                matches!(config.selection, Selection::All { .. }),
+                DISCOVERY_PERIOD,
+            ),
         }
     }
 }
@@ -61,23 +68,32 @@ async fn tick(interval: &mut Option<Interval>) {
     }
 }
 
-/// Drives `consumer` on the events of the current target until the deadline (`remaining`), a
-/// signal or the target's exit, then drains what is left and flushes the target's last
-/// figures (not the summary: with `--follow` the run goes on).
+/// The ring buffer, registered with the runtime.
+pub type Events = AsyncFd<RingBuf<MapData>>;
+
+/// Registers the ring buffer with the runtime.
+pub fn register(events: RingBuf<MapData>) -> anyhow::Result<Events> {
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
+    unsafe { AsyncFd::register(events) }
+        .map_err(|error| error.into_parts().1)
+        .context("cannot poll the events ring buffer")
+}
+
+/// Drives the run's consumers on the events until the deadline (`remaining`), a signal, or
+/// the exit of the last target (of the followed one with `--follow`; never with `--all`).
+/// A target that exits otherwise is ended on the way. Drains what is left at the end, and
+/// leaves the summaries to the caller (with `--follow` the run goes on).
 pub async fn watch(
-    consumer: &mut Consumer,
+    run: &mut Run,
     config: &RunConfig,
-    events: RingBuf<MapData>,
+    events: &mut Events,
+    started: Instant,
     remaining: Option<Duration>,
 ) -> anyhow::Result<StopReason> {
-    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it is dropped.
-    let mut events = unsafe { AsyncFd::register(events) }
-        .map_err(|error| error.into_parts().1)
-        .context("cannot poll the events ring buffer")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut timers = Timers::new(config, consumer);
+    let mut timers = Timers::new(config, run, started);
     let deadline = async {
         match remaining {
             Some(remaining) => tokio::time::sleep(remaining).await,
@@ -90,40 +106,73 @@ pub async fn watch(
         let step: anyhow::Result<()> = tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("cannot poll the events ring buffer")?;
-                let drained = consumer.drain(guard.get_inner_mut());
+                let drained = run.drain(guard.get_inner_mut());
                 guard.clear_ready();
                 drained
             }
-            _ = timers.report.tick() => consumer.report_interval(config.interval),
-            () = tick(&mut timers.alert_check) => consumer.check_in_progress(),
-            () = tick(&mut timers.metrics_refresh) => consumer.refresh_histogram(),
-            _ = timers.queue_sample.tick() => {
+            _ = timers.report.tick() => each(run, |consumer| consumer.report_interval(config.interval)),
+            () = tick(&mut timers.alert_check) => each(run, |consumer| consumer.check_in_progress()),
+            () = tick(&mut timers.metrics_refresh) => each(run, |consumer| consumer.refresh_histogram()),
+            _ = timers.queue_sample.tick() => each(run, |consumer| {
                 consumer.sample_accept_queues();
                 Ok(())
-            }
-            _ = timers.accept_housekeeping.tick() => {
-                consumer.report_overflows_outside_stalls(events.get_mut())
+            }),
+            _ = timers.accept_housekeeping.tick() => run.accept_housekeeping(events.get_mut()),
+            () = tick(&mut timers.discovery) => {
+                discovery::watch_new_servers(run);
+                Ok(())
             }
             _ = timers.liveness.tick() => {
-                consumer.flush_kernel_log();
-                if !consumer.target.is_alive() {
-                    break StopReason::TargetExited;
+                run.flush_kernel_log();
+                match end_exited(run, config, events.get_mut()) {
+                    Ok(Some(stopped)) => break stopped,
+                    Ok(None) => Ok(()),
+                    Err(error) => Err(error),
                 }
-                Ok(())
             }
             () = &mut deadline => break StopReason::Duration,
             _ = sigint.recv() => break StopReason::Signal,
             _ = sigterm.recv() => break StopReason::Signal,
-            _ = sighup.recv() => consumer.outputs.reopen().map_err(Into::into),
+            _ = sighup.recv() => each(run, |consumer| consumer.outputs.reopen().map_err(Into::into)),
         };
         if let Err(error) = step {
-            consumer.finish_after_error(&mut ConsoleSink);
+            run.finish_after_error();
             return Err(error);
         }
     };
-    consumer.drain(events.get_mut())?;
-    consumer.flush_target()?;
+    run.drain(events.get_mut())?;
     Ok(stopped)
+}
+
+/// Runs `step` on every consumer of `run`; stops at the first error.
+fn each(
+    run: &mut Run,
+    mut step: impl FnMut(&mut super::consumer::Consumer) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    run.consumers.iter_mut().try_for_each(&mut step)
+}
+
+/// Ends the targets that exited (after taking in their last events), and says whether the
+/// watch stops: when the followed target exited (`--follow`: it is not ended, the next process
+/// on its port takes its place), or the last target did (not with `--all`).
+fn end_exited(
+    run: &mut Run,
+    config: &RunConfig,
+    events: &mut RingBuf<MapData>,
+) -> anyhow::Result<Option<StopReason>> {
+    let exited = run.exited();
+    if exited.is_empty() {
+        return Ok(None);
+    }
+    run.drain(events)?;
+    if config.follow_port.is_some() {
+        return Ok(Some(StopReason::TargetExited));
+    }
+    for index in exited {
+        run.end_exited(index)?;
+    }
+    let waits_for_more = matches!(config.selection, Selection::All { .. });
+    Ok((run.consumers.is_empty() && !waits_for_more).then_some(StopReason::TargetExited))
 }
 
 /// What is left of `--duration` since `started`.

@@ -1,49 +1,63 @@
-//! An `attach` run: checked flags -> configuration -> target found -> outputs opened ->
-//! probes attached -> the driver feeds the consumer until a stop condition -> summary. With
-//! `--follow`, the next process on the port is attached to and the run goes on.
+//! An `attach` run: checked flags -> configuration -> targets found -> outputs opened ->
+//! programs loaded and attached once -> each target given its slot -> the driver feeds the
+//! consumers until a stop condition -> summaries. With `--follow`, the next process on the
+//! port is attached to and the run goes on; with `--all`, every Redis server that starts is.
 mod attachment;
 mod consumer;
+mod discovery;
 mod driver;
+mod run;
 mod target_life;
 
-use std::sync::Arc;
+use std::{cell::RefCell, rc::Rc, sync::Arc};
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
+use tokio::time::Instant;
 
-use attachment::Attachment;
-use consumer::{Consumer, ConsumerParts};
+use run::Run;
 
 use crate::{
-    accept::AcceptWatch,
-    alert::Alerting,
     cli::AttachArgs,
-    clock::WallClock,
-    config::{OutputPaths, RunConfig},
+    config::{OutputPaths, RunConfig, Selection},
     kernel,
     metrics::{self, Metrics},
     output::{
-        ConsoleSink, JsonSink, Outputs, Sink, StackFilesSink, flamegraph_title, record::StopReason,
+        ConsoleSink, FoldedStacks, JsonSink, SharedSinks, Sink, StackFilesSink, record::StopReason,
     },
     privileges,
     probes::Probes,
-    stall::StallPipeline,
-    target::Target,
 };
 
-/// Runs `attach` until `--duration`, a signal or the target's exit.
+/// Runs `attach` until `--duration`, a signal or the targets' exit.
 pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     let tracepoints = kernel::preflight()?;
     let config = RunConfig::from_args(args)?;
-    let target = Target::find(config.selector, config.force)?;
-    let clock = WallClock::new();
-    let accept = AcceptWatch::open(target.pid, clock)?;
-    let outputs = Outputs::new(open_sinks(&config.outputs, &target)?);
+    let targets = discovery::initial_targets(&config.selection, config.force)?;
+    let several = targets.len() > 1 || matches!(config.selection, Selection::All { .. });
+    let sinks: SharedSinks = Rc::new(RefCell::new(open_sinks(&config.outputs, several)?));
     // Bound now, so a busy address is reported before attaching (the run goes on without).
     let metrics_listener = config.metrics.and_then(bind_metrics);
-    let attachment = Attachment::attach(&config.probes, &target, &tracepoints)?;
-    // Before the run starts threads of its own: they inherit what is left.
-    match privileges::drop_after_attach(config.follow_port.is_some()) {
+    let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new()));
+    warn_if_no_stack_fits(config.probes.ring_buffer_bytes);
+    let mut probes = Probes::load(config.probes.probe_settings())?;
+    // The scheduler programs before the poll entries: an iteration the poll timer starts
+    // must not miss the switch-out that tells it the loop went idle.
+    probes.attach_scheduler()?;
+    probes.attach_poll_tracepoints(&tracepoints)?;
+    probes.attach_madvise()?;
+    probes.attach_connections()?;
+    let events = probes.take_events()?;
+    let mut run = Run::new(probes, sinks, metrics, &config)?;
+    for target in targets {
+        if let Err(error) = run.watch(target) {
+            run.finish_after_error();
+            return Err(error);
+        }
+    }
+    // Before the run starts threads of its own: they inherit what is left. Attaching later
+    // (--follow, --all) needs the capabilities kept.
+    let attaches_later = config.follow_port.is_some() || several;
+    match privileges::drop_after_attach(attaches_later) {
         Ok(dropped) => log::debug!("capabilities dropped after attaching: {dropped:?}"),
         Err(error) => {
             log::warn!("cannot drop capabilities after attaching ({error}); going on with them")
@@ -53,105 +67,96 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let metrics = metrics_listener
-        .as_ref()
-        .map(|_| Arc::new(Metrics::new(target.pid, target.ports.first().copied())));
-    let consumer = Consumer::new(ConsumerParts {
-        stalls: StallPipeline::new(target.pid, config.stall.clone(), clock),
-        target,
-        maps: attachment.maps,
-        kernel_log: attachment.kernel_log,
-        nested_poll_tracking: attachment.nested_poll_tracking,
-        outputs,
-        accept,
-        alerting: config.alert.clone().map(Alerting::new),
-        metrics,
-        threshold: config.stall.threshold,
-    });
     runtime.block_on(async {
-        if let (Some(listener), Some(metrics)) = (metrics_listener, &consumer.metrics) {
+        if let (Some(listener), Some(metrics)) = (metrics_listener, &run.metrics) {
             let listener =
                 tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
             tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
         }
-        run(
-            consumer,
-            &config,
-            attachment.probes,
-            attachment.events,
-            &tracepoints,
-        )
-        .await
+        let events = driver::register(events)?;
+        watch(run, &config, events).await
     })
 }
 
-/// Watches target after target (one unless `--follow`) and ends with the summary.
-async fn run(
-    mut consumer: Consumer,
+/// Watches until the run stops (with `--follow`, process after process on the port) and ends
+/// with the summaries.
+async fn watch(
+    mut run: Run,
     config: &RunConfig,
-    mut probes: Probes,
-    mut events: RingBuf<MapData>,
-    tracepoints: &[String],
+    mut events: driver::Events,
 ) -> anyhow::Result<StopReason> {
+    let started = Instant::now();
     loop {
-        let attached = consumer.attached_record();
-        if let Err(error) = consumer.outputs.attached(&attached) {
-            consumer.finish_after_error(&mut ConsoleSink);
-            return Err(error.into());
-        }
-        let remaining = driver::remaining(config, consumer.started);
-        let stopped = driver::watch(&mut consumer, config, events, remaining).await?;
+        let remaining = driver::remaining(config, started);
+        let stopped = driver::watch(&mut run, config, &mut events, started, remaining).await?;
         let (StopReason::TargetExited, Some(port)) = (stopped, config.follow_port) else {
-            // The summary first: detaching takes a while, and is not part of the run.
-            let ended = consumer.end(stopped);
-            drop(probes);
-            return ended;
+            return run.end(stopped);
         };
-        // The probes stayed attached until the last events were drained.
-        drop(probes);
-        log::warn!(
-            "{} exited; waiting for the next process on port {port} (--follow)",
-            consumer.target
-        );
-        let remaining = driver::remaining(config, consumer.started);
+        run.release_followed()?;
+        log::warn!("the target exited; waiting for the next process on port {port} (--follow)");
+        let remaining = driver::remaining(config, started);
         let target = match target_life::wait_for_listener(port, config.force, remaining).await {
             Ok(Ok(target)) => target,
-            Ok(Err(stopped)) => return consumer.end(stopped),
+            Ok(Err(stopped)) => return run.end(stopped),
             Err(error) => {
-                consumer.end(StopReason::Error)?;
+                run.end(StopReason::Error)?;
                 return Err(error);
             }
         };
-        (probes, events) = match consumer.follow(&config.probes, target, tracepoints) {
-            Ok(attached) => attached,
-            Err(error) => {
-                consumer.end(StopReason::Error)?;
-                return Err(error);
-            }
-        };
+        if let Err(error) = run.follow(target) {
+            run.end(StopReason::Error)?;
+            return Err(error);
+        }
     }
 }
 
-/// The run's outputs, opened (files created) before attaching.
-fn open_sinks(paths: &OutputPaths, target: &Target) -> anyhow::Result<Vec<Box<dyn Sink>>> {
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(ConsoleSink)];
+/// The outputs every target writes to, opened (files created) before attaching. Stack files
+/// whose paths name the instance (`{pid}`, `{port}`) are each target's own instead; shared
+/// ones root each stack at its instance when the run may watch `several`.
+fn open_sinks(paths: &OutputPaths, several: bool) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+    let console = if several {
+        ConsoleSink::naming_instances()
+    } else {
+        ConsoleSink::default()
+    };
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(console)];
     if let Some(path) = &paths.json {
         let sink = JsonSink::create(path)
             .with_context(|| format!("cannot write the JSON output {path}"))?;
         sinks.push(Box::new(sink));
     }
-    if paths.folded.is_some() || paths.flamegraph.is_some() {
-        let title = flamegraph_title(&target.name, target.pid);
+    let shared =
+        |path: &Option<std::path::PathBuf>| path.clone().filter(|path| !run::names_instance(path));
+    let (folded, flamegraph) = (shared(&paths.folded), shared(&paths.flamegraph));
+    if folded.is_some() || flamegraph.is_some() {
+        let stacks = FoldedStacks::new(paths.stack_root);
+        let stacks = if several {
+            stacks.with_instance_root()
+        } else {
+            stacks
+        };
         let sink = StackFilesSink::create(
-            paths.folded.as_deref(),
-            paths.flamegraph.as_deref(),
-            title,
-            paths.stack_root,
+            folded.as_deref(),
+            flamegraph.as_deref(),
+            "redis-stallprof: where the stalls spent their time".to_owned(),
+            stacks,
         )
         .context("cannot write the stack files")?;
         sinks.push(Box::new(sink));
     }
     Ok(sinks)
+}
+
+/// A ring buffer smaller than one stack event loses every sample: said before attaching.
+fn warn_if_no_stack_fits(ring_buffer_bytes: u32) {
+    let stack_event = size_of::<profiler_common::StackEvent>();
+    if (ring_buffer_bytes as usize) < stack_event + 8 {
+        log::warn!(
+            "--ring-buffer-kib {} holds no stack event ({stack_event} bytes each): every stack \
+             sample will be lost",
+            ring_buffer_bytes / 1024,
+        );
+    }
 }
 
 /// A listener for the metrics on `address`; a busy address is reported and the run goes on.

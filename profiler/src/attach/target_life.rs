@@ -1,22 +1,20 @@
-//! The target's life: a new program in the same process (exec), and with `--follow` the next
+//! A target's life: a new program in the same process (exec), and with `--follow` the next
 //! process on the port after the target exited. Either way the same stall pipeline, madvise
 //! and accept-queue state are bound to the process anew (`retarget`), the totals kept.
 use std::time::Duration;
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use profiler_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{
-    attachment::{Attachment, TARGET_SLOT},
-    consumer::Consumer,
+    attachment::Attachment,
+    consumer::{Consumer, instance_of},
+    run::Run,
 };
 use crate::{
     accept::QueueSampler,
-    config::ProbeTuning,
     output::record::StopReason,
-    probes::Probes,
     target::{Target, TargetError, TargetSelector},
 };
 
@@ -30,6 +28,10 @@ impl Consumer {
         self.stalls.retarget(target.pid);
         self.madvise.follow(target.pid);
         self.accept.retarget(target.pid, sampler);
+        self.instance = instance_of(&target);
+        if let Some(metrics) = &mut self.metrics {
+            metrics.relabel(&self.instance);
+        }
         self.target = target;
     }
 
@@ -49,30 +51,50 @@ impl Consumer {
         self.outputs.attached(&attached)?;
         Ok(())
     }
+}
 
-    /// Attaches to `target`, the process that took over the port after the previous target
-    /// exited, and goes on into the same outputs and totals.
-    pub(super) fn follow(
-        &mut self,
-        tuning: &ProbeTuning,
-        target: Target,
-        tracepoints: &[String],
-    ) -> anyhow::Result<(Probes, RingBuf<MapData>)> {
-        let sampler = QueueSampler::open(target.pid)?;
-        let attachment = Attachment::attach(tuning, &target, tracepoints)?;
+impl Run {
+    /// `--follow`: the followed target exited; after its last figures, its slot and programs
+    /// go back (its counters stay in the run's totals).
+    pub fn release_followed(&mut self) -> anyhow::Result<()> {
+        let Some(consumer) = self.consumers.first_mut() else {
+            return Ok(());
+        };
+        consumer.flush_target()?;
         for counter in Counter::ALL {
-            self.earlier_counters[counter.index() as usize] +=
-                self.maps.counter(TARGET_SLOT, counter)?;
+            let count = consumer.counter(counter)?;
+            consumer.earlier_counters[counter.index() as usize] = count;
         }
-        self.maps = attachment.maps;
-        self.kernel_log = attachment.kernel_log;
-        self.histogram.restart_kernel_counts();
-        if let Some(alerting) = &mut self.alerting {
+        if let Some(attachment) = consumer.attachment.take() {
+            attachment.detach(&mut self.probes, &self.maps, consumer.target.pid);
+        }
+        Ok(())
+    }
+
+    /// `--follow`: attaches to `target`, the process that took over the port after the
+    /// followed one exited, and goes on into the same outputs and totals.
+    pub fn follow(&mut self, target: Target) -> anyhow::Result<()> {
+        let sampler = QueueSampler::open(target.pid)?;
+        let attachment = Attachment::attach(
+            &mut self.probes,
+            &self.maps,
+            &self.config.probes,
+            &target,
+            &[],
+        )?;
+        let Some(consumer) = self.consumers.first_mut() else {
+            attachment.detach(&mut self.probes, &self.maps, target.pid);
+            return Ok(());
+        };
+        consumer.attachment = Some(attachment);
+        consumer.histogram.restart_kernel_counts();
+        if let Some(alerting) = &mut consumer.alerting {
             alerting.forget_iteration();
         }
-        self.nested_poll_tracking = attachment.nested_poll_tracking;
-        self.retarget(target, Some(sampler));
-        Ok((attachment.probes, attachment.events))
+        consumer.retarget(target, Some(sampler));
+        let attached = consumer.attached_record();
+        consumer.outputs.attached(&attached)?;
+        Ok(())
     }
 }
 

@@ -4,7 +4,8 @@ use std::io::{self, IsTerminal, Write};
 use super::{
     Sink, frame_text, human_duration_ns, human_duration_us,
     record::{
-        AcceptOverflow, Alert, AlertState, Attached, IntervalReport, Stall, StopReason, Summary,
+        AcceptOverflow, Alert, AlertState, Attached, Instance, IntervalReport, Stall, StopReason,
+        Summary,
     },
 };
 use crate::clock::rfc3339_micros;
@@ -14,7 +15,27 @@ const TOP_FRAMES: usize = 12;
 
 /// Writes human-readable lines to stderr.
 #[derive(Default)]
-pub struct ConsoleSink;
+pub struct ConsoleSink {
+    /// Whether each record's lines start with its instance (a run watching several).
+    name_instances: bool,
+}
+
+impl ConsoleSink {
+    /// A console whose records start with their instance: `[redis-server:6379 pid 1234] `.
+    pub fn naming_instances() -> Self {
+        Self {
+            name_instances: true,
+        }
+    }
+
+    fn prefix(&self, instance: &Instance) -> String {
+        if self.name_instances {
+            format!("[{instance}] ")
+        } else {
+            String::new()
+        }
+    }
+}
 
 impl Sink for ConsoleSink {
     fn attached(&mut self, attached: &Attached) -> io::Result<()> {
@@ -36,7 +57,8 @@ impl Sink for ConsoleSink {
     fn stall(&mut self, stall: &Stall) -> io::Result<()> {
         let us = |value: u64| human_duration_ns(value * 1_000);
         let mut line = format!(
-            "{} STALL {} in {}, time in {} (threshold {}, pid {}): on-CPU {}, off-CPU {}, runqueue {}",
+            "{}{} STALL {} in {}, time in {} (threshold {}, pid {}): on-CPU {}, off-CPU {}, runqueue {}",
+            self.prefix(&stall.instance),
             rfc3339_micros(stall.start),
             us(stall.duration_us),
             stall.origin,
@@ -96,7 +118,8 @@ impl Sink for ConsoleSink {
             _ => format!("stall of {}", us(stall.duration_us)),
         };
         let line = format!(
-            "ALERT {}: {what} (alert at {}), in {}, time in {}, pid {}",
+            "{}ALERT {}: {what} (alert at {}), in {}, time in {}, pid {}",
+            self.prefix(&stall.instance),
             rfc3339_micros(stall.start),
             us(alert.alert_us),
             stall.origin,
@@ -114,7 +137,8 @@ impl Sink for ConsoleSink {
     fn accept_overflow(&mut self, overflow: &AcceptOverflow) -> io::Result<()> {
         writeln!(
             io::stderr(),
-            "{} ACCEPT QUEUE OVERFLOW on port {} outside any stall: {} connections dropped (queue {}/{})",
+            "{}{} ACCEPT QUEUE OVERFLOW on port {} outside any stall: {} connections dropped (queue {}/{})",
+            self.prefix(&overflow.instance),
             rfc3339_micros(overflow.time),
             overflow.port,
             overflow.overflows,
@@ -127,7 +151,8 @@ impl Sink for ConsoleSink {
         let stats = &report.stats;
         writeln!(
             io::stderr(),
-            "{} iterations/s {:.0}  p50 {}  p99 {}  p99.9 {}  max {}  stalls {}  lost {}",
+            "{}{} iterations/s {:.0}  p50 {}  p99 {}  p99.9 {}  max {}  stalls {}  lost {}",
+            self.prefix(&report.instance),
             rfc3339_micros(std::time::SystemTime::now()),
             stats.iterations as f64 / report.seconds.max(1e-9),
             human_duration_ns(stats.p50_ns),
@@ -146,9 +171,10 @@ impl Sink for ConsoleSink {
         lines.extend(accept_lines(summary));
         lines.extend(alerts_line(summary));
         lines.extend(madvise_lines(summary));
+        let prefix = self.prefix(&summary.instance);
         let mut stderr = io::stderr().lock();
         for line in lines {
-            writeln!(stderr, "{line}")?;
+            writeln!(stderr, "{prefix}{line}")?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! them (console lines on stderr, JSON lines to a file or stdout, folded stacks and a
 //! flamegraph at exit). Every sink sees every record, in order; only outputs give frames their
 //! text ([`frame_text`]).
-use std::io;
+use std::{cell::RefCell, io, rc::Rc};
 
 mod console;
 pub mod frame_text;
@@ -51,21 +51,27 @@ pub struct OutputError {
     pub cause: io::Error,
 }
 
-/// Every sink of the run.
+/// Sinks every watched instance writes to (the run's console, JSON lines, shared stack files).
+pub type SharedSinks = Rc<RefCell<Vec<Box<dyn Sink>>>>;
+
+/// Every sink of one instance: the run's shared ones, then its own (stack files named after
+/// it).
 pub struct Outputs {
-    sinks: Vec<Box<dyn Sink>>,
+    shared: SharedSinks,
+    own: Vec<Box<dyn Sink>>,
 }
 
 impl Outputs {
-    pub fn new(sinks: Vec<Box<dyn Sink>>) -> Self {
-        Self { sinks }
+    pub fn new(shared: SharedSinks, own: Vec<Box<dyn Sink>>) -> Self {
+        Self { shared, own }
     }
 
     fn each(
         &mut self,
         mut write: impl FnMut(&mut dyn Sink) -> io::Result<()>,
     ) -> Result<(), OutputError> {
-        for sink in &mut self.sinks {
+        let mut shared = self.shared.borrow_mut();
+        for sink in shared.iter_mut().chain(&mut self.own) {
             write(sink.as_mut()).map_err(|cause| OutputError {
                 output: sink.describe(),
                 cause,
@@ -102,7 +108,8 @@ impl Outputs {
     /// Writes the summary to every sink that still works; reports the first failure.
     pub fn summary(&mut self, summary: &Summary) -> Result<(), OutputError> {
         let mut first_error = None;
-        for sink in &mut self.sinks {
+        let mut shared = self.shared.borrow_mut();
+        for sink in shared.iter_mut().chain(&mut self.own) {
             if let Err(cause) = sink.summary(summary) {
                 first_error.get_or_insert(OutputError {
                     output: sink.describe(),

@@ -29,6 +29,8 @@ pub fn flamegraph_title(name: &str, pid: u32) -> String {
 pub struct FoldedStacks {
     /// What the stacks are rooted at.
     root: StackRoot,
+    /// Whether each stack starts with its stall's instance (several in one file).
+    instance_root: bool,
     /// Folded stack (root first) -> microseconds.
     weights: BTreeMap<String, u64>,
 }
@@ -55,26 +57,38 @@ impl FoldedStacks {
     pub fn new(root: StackRoot) -> Self {
         Self {
             root,
+            instance_root: false,
             weights: BTreeMap::new(),
         }
     }
 
+    /// Roots every stack at its stall's instance first (`redis-server:6379 pid 1234`).
+    pub fn with_instance_root(mut self) -> Self {
+        self.instance_root = true;
+        self
+    }
+
     /// The frames above the kind frame for a stack of `stall`.
     fn root_frames(&self, stall: &Stall) -> Vec<String> {
-        match self.root {
+        let instance = self
+            .instance_root
+            .then(|| folded_frame(&stall.instance.to_string()));
+        let cause = match self.root {
             StackRoot::Kind => Vec::new(),
             StackRoot::Origin => vec![folded_frame(&stall.origin)],
             StackRoot::Cause => vec![folded_frame(&stall.origin), folded_frame(&stall.mechanism)],
-        }
+        };
+        instance.into_iter().chain(cause).collect()
     }
 
     /// How many frames come before the kind frame.
     fn root_depth(&self) -> usize {
-        match self.root {
-            StackRoot::Kind => 0,
-            StackRoot::Origin => 1,
-            StackRoot::Cause => 2,
-        }
+        usize::from(self.instance_root)
+            + match self.root {
+                StackRoot::Kind => 0,
+                StackRoot::Origin => 1,
+                StackRoot::Cause => 2,
+            }
     }
 
     /// Adds every stack of `stall`.
@@ -174,6 +188,13 @@ fn mark_off_cpu_frames(line: &str, root_depth: usize) -> String {
     format!("{} {weight}", marked.join(";"))
 }
 
+/// Empties `file` to write it again from the start.
+fn rewind(file: &mut File) -> io::Result<()> {
+    use std::io::Seek as _;
+    file.set_len(0)?;
+    file.rewind()
+}
+
 /// Writes the folded file and the flamegraph at the end of a run. The files are created when
 /// the sink is, so an unwritable path fails before attaching.
 pub struct StackFilesSink {
@@ -188,7 +209,7 @@ impl StackFilesSink {
         folded: Option<&Path>,
         flamegraph: Option<&Path>,
         title: String,
-        root: StackRoot,
+        stacks: FoldedStacks,
     ) -> io::Result<Self> {
         let open = |path: Option<&Path>| -> io::Result<Option<(PathBuf, File)>> {
             path.map(|path| Ok((path.to_owned(), File::create(path)?)))
@@ -198,7 +219,7 @@ impl StackFilesSink {
             folded: open(folded)?,
             flamegraph: open(flamegraph)?,
             title,
-            stacks: FoldedStacks::new(root),
+            stacks,
         })
     }
 }
@@ -209,13 +230,16 @@ impl Sink for StackFilesSink {
         Ok(())
     }
 
+    /// Writes the files whole; again at each instance's summary when they hold several.
     fn summary(&mut self, _summary: &Summary) -> io::Result<()> {
-        if let Some((_, file)) = &self.folded {
-            self.stacks.write_folded(file)?;
+        if let Some((_, file)) = &mut self.folded {
+            rewind(file)?;
+            self.stacks.write_folded(&*file)?;
         }
-        if let Some((_, file)) = &self.flamegraph {
+        if let Some((_, file)) = &mut self.flamegraph {
+            rewind(file)?;
             self.stacks
-                .write_flamegraph(&self.title, BufWriter::new(file))?;
+                .write_flamegraph(&self.title, BufWriter::new(&*file))?;
         }
         Ok(())
     }

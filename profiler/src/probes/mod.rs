@@ -9,8 +9,10 @@ use aya::{
     maps::{MapData, MapError, RingBuf},
     programs::{
         BtfTracePoint, PerfEvent, ProgramError, TracePoint, UProbe,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        uprobe::UProbeScope,
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
+        uprobe::{UProbeLinkId, UProbeScope},
     },
 };
 pub use maps::{KernelMaps, Slot};
@@ -135,6 +137,13 @@ const SCHEDULER_PROGRAMS: [(&str, &str); 3] = [
 ];
 const SAMPLE_PROGRAM: &str = "on_cpu_sample";
 
+/// One target's own program links; the rest of the programs serve every target.
+pub struct TargetLinks {
+    sampler: PerfEventLinkId,
+    /// The nested-poll markers, or why they could not be attached.
+    pub nested_poll: Result<Vec<(&'static str, UProbeLinkId)>, ProbeError>,
+}
+
 /// The loaded programs; dropping this detaches them all.
 pub struct Probes {
     ebpf: Ebpf,
@@ -253,9 +262,47 @@ impl Probes {
         Ok(())
     }
 
+    /// Attaches the programs of one target: the on-CPU sampler of its event-loop thread `tid`
+    /// and, unless the function is missing, the nested-poll markers in `exe` (see
+    /// [`Self::attach_nested_poll_markers`]; the error comes back in the links).
+    pub fn attach_target(
+        &mut self,
+        tid: u32,
+        frequency_hz: u64,
+        exe: &Path,
+        pid: u32,
+    ) -> Result<TargetLinks, ProbeError> {
+        let sampler = self.attach_sampler(tid, frequency_hz)?;
+        let nested_poll = self.attach_nested_poll_markers(NESTED_POLL_FUNCTION, exe, pid);
+        Ok(TargetLinks {
+            sampler,
+            nested_poll,
+        })
+    }
+
+    /// Detaches the programs of one target (whose process may be gone: best effort).
+    pub fn detach_target(&mut self, links: TargetLinks) {
+        if let Ok(program) = self.program::<PerfEvent>(SAMPLE_PROGRAM)
+            && let Err(error) = program.detach(links.sampler)
+        {
+            log::debug!("detaching the sampler: {error}");
+        }
+        for (name, link) in links.nested_poll.into_iter().flatten() {
+            if let Ok(program) = self.program::<UProbe>(name)
+                && let Err(error) = program.detach(link)
+            {
+                log::debug!("detaching {name}: {error}");
+            }
+        }
+    }
+
     /// Attaches the on-CPU sampler: a CPU-clock perf event at `frequency_hz` that follows
     /// thread `tid` on any CPU.
-    pub fn attach_sampler(&mut self, tid: u32, frequency_hz: u64) -> Result<(), ProbeError> {
+    pub fn attach_sampler(
+        &mut self,
+        tid: u32,
+        frequency_hz: u64,
+    ) -> Result<PerfEventLinkId, ProbeError> {
         let program = SAMPLE_PROGRAM;
         self.program::<PerfEvent>(program)?
             .attach(
@@ -271,8 +318,7 @@ impl Probes {
                 program,
                 what: format!("the CPU clock of thread {tid}"),
                 cause,
-            })?;
-        Ok(())
+            })
     }
 
     /// Attaches the iteration timer to every poll entry tracepoint given (`sys_enter_*`).
@@ -290,18 +336,32 @@ impl Probes {
         function: &'static str,
         exe: &Path,
         pid: u32,
-    ) -> Result<(), ProbeError> {
+    ) -> Result<Vec<(&'static str, UProbeLinkId)>, ProbeError> {
         let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        for name in ["nested_poll_begin", "nested_poll_end"] {
-            self.program::<UProbe>(name)?
+        let mut links = Vec::new();
+        for name in UPROBE_PROGRAMS {
+            let attached = self
+                .program::<UProbe>(name)?
                 .attach(function, exe, scope)
                 .map_err(|cause| ProbeError::AttachUprobe {
                     function,
                     exe: exe.display().to_string(),
                     cause,
-                })?;
+                });
+            match attached {
+                Ok(link) => links.push((name, link)),
+                Err(error) => {
+                    // Not half attached: the begin marker without its end would nest forever.
+                    for (name, link) in links {
+                        if let Ok(program) = self.program::<UProbe>(name) {
+                            let _ = program.detach(link);
+                        }
+                    }
+                    return Err(error);
+                }
+            }
         }
-        Ok(())
+        Ok(links)
     }
 
     /// Takes the kernel programs' log out of the object (call once); `None`, said at debug

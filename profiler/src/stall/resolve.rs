@@ -12,7 +12,7 @@ use crate::{
     attribute::{Attribution, Rules, UNKNOWN},
     clock::WallClock,
     memory_map::MemoryMap,
-    output::record::{BreakdownEntry, Stall, StallAccept, WeightedStack},
+    output::record::{BreakdownEntry, Instance, Stall, StallAccept, WeightedStack},
     stack::{Frame, StackKind},
     symbolize::Symbolizer,
 };
@@ -126,6 +126,7 @@ impl StallResolver {
         let (origin, mechanism, breakdown) = breakdown(&stacks);
         let total_us = |kind| totals_ns.get(&kind).copied().unwrap_or(0) / 1_000;
         Stall {
+            instance: Instance::default(),
             start: self.clock.at(stall.start_ns),
             pid: self.pid,
             tid: stall.tid,

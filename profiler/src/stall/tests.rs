@@ -111,7 +111,7 @@ fn stall_event(start_ns: u64, end_ns: u64) -> StallEvent {
         start_ns,
         end_ns,
         poll_handed_off: 0,
-        _padding: 0,
+        pid: 9,
     }
 }
 
@@ -205,6 +205,8 @@ fn madvise_call(iteration_start_ns: u64, len: u64, duration_ns: u64) -> MadviseE
         iteration_start_ns,
         advice: 4,
         result: 0,
+        pid: 9,
+        _padding: 0,
     }
 }
 

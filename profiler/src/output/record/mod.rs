@@ -20,9 +20,31 @@ use crate::{
 /// Origin or mechanism when nothing matches / no time was sampled.
 pub use crate::attribute::UNKNOWN;
 
+/// The Redis a record is about: one run may watch several, so every record names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Instance {
+    pub pid: u32,
+    /// Its lowest listening TCP port (none without a TCP listener).
+    pub port: Option<u16>,
+    /// Its process name (`comm`): `redis-server`, `valkey-server`.
+    pub name: String,
+}
+
+impl std::fmt::Display for Instance {
+    /// `redis-server:6379 pid 1234`, or `redis-server pid 1234` without a port.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}", self.name)?;
+        if let Some(port) = self.port {
+            write!(formatter, ":{port}")?;
+        }
+        write!(formatter, " pid {}", self.pid)
+    }
+}
+
 /// Sent once every probe is live.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attached {
+    pub instance: Instance,
     #[serde(with = "rfc3339")]
     pub time: SystemTime,
     pub pid: u32,
@@ -39,6 +61,9 @@ pub struct Attached {
 /// One event-loop iteration at or above the threshold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stall {
+    /// Named by the run when the stall goes out (empty until then).
+    #[serde(default)]
+    pub instance: Instance,
     /// When the iteration began (the poll before it returned).
     #[serde(rename = "time", with = "rfc3339")]
     pub start: SystemTime,
@@ -153,6 +178,8 @@ pub struct ClientConnections {
 /// Drops outside any stall, reported on their own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcceptOverflow {
+    #[serde(default)]
+    pub instance: Instance,
     #[serde(with = "rfc3339")]
     pub time: SystemTime,
     pub port: u16,
@@ -187,6 +214,7 @@ pub struct Alert {
 /// One `--interval` period (console only).
 #[derive(Debug, Clone)]
 pub struct IntervalReport {
+    pub instance: Instance,
     pub seconds: f64,
     pub stats: crate::histogram::IterationStats,
     pub stalls: u64,
@@ -198,6 +226,7 @@ impl Stall {
     /// A stall for tests: `duration_us` long, with this diagnosis and nothing sampled.
     pub(crate) fn example(origin: &str, mechanism: &str, duration_us: u64) -> Self {
         Self {
+            instance: Instance::default(),
             start: SystemTime::UNIX_EPOCH,
             pid: 42,
             tid: 42,
@@ -241,8 +270,9 @@ mod tests {
         let mut written = serde_json::to_value(&stall).unwrap();
         written["type"] = "stall".into();
         let mut recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
-        // A field added since, read as its default.
+        // Fields added since, read as their defaults.
         recorded["poll_handed_off"] = false.into();
+        recorded["instance"] = serde_json::json!({"pid": 0, "port": null, "name": ""});
         assert_eq!(written, recorded);
     }
 }

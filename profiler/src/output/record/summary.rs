@@ -24,6 +24,9 @@ pub enum StopReason {
 /// The whole run, at exit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
+    /// The instance the summary is of (named by the run).
+    #[serde(default)]
+    pub instance: super::Instance,
     pub iterations: u64,
     pub stalls: u64,
     /// Stack samples (on-CPU ticks and off-CPU records) that reached userspace.
@@ -63,6 +66,7 @@ impl Summary {
     /// parts are filled in by the caller.
     pub fn new(stats: &IterationStats, lost: LostEvents, stopped: StopReason) -> Self {
         Self {
+            instance: super::Instance::default(),
             iterations: stats.iterations,
             stalls: 0,
             stack_samples: 0,

@@ -1,0 +1,70 @@
+//! Which processes a run watches: the ones named at the start (`--pid`, `--port`, or the only
+//! Redis running), or with `--all` every Redis server, found again every half second.
+use crate::{
+    config::Selection,
+    target::{Target, TargetError, TargetSelector, redis_server_pids},
+};
+
+use super::run::Run;
+
+/// The targets to attach to at the start. With `--all`, none running is an error only
+/// without `wait`.
+pub fn initial_targets(selection: &Selection, force: bool) -> Result<Vec<Target>, TargetError> {
+    match selection {
+        Selection::Targets(selectors) => {
+            let mut targets: Vec<(TargetSelector, Target)> = Vec::new();
+            for &selector in selectors {
+                let target = Target::find(selector, force)?;
+                if let Some((first, _)) = targets.iter().find(|(_, seen)| seen.pid == target.pid) {
+                    return Err(TargetError::SelectedTwice {
+                        pid: target.pid,
+                        first: first.to_string(),
+                        second: selector.to_string(),
+                    });
+                }
+                targets.push((selector, target));
+            }
+            Ok(targets.into_iter().map(|(_, target)| target).collect())
+        }
+        Selection::All { wait } => {
+            let targets: Vec<Target> = redis_server_pids()?
+                .into_iter()
+                .filter_map(|pid| Target::from_pid(pid).ok())
+                .collect();
+            if targets.is_empty() {
+                if !wait {
+                    return Err(TargetError::NoRedisRunning);
+                }
+                log::warn!(
+                    "no redis-server or valkey-server runs yet; waiting for one (--all; --no-wait \
+                     to exit instead)"
+                );
+            }
+            Ok(targets)
+        }
+    }
+}
+
+/// `--all`: attaches to every Redis server that started since the last look. One that cannot
+/// be attached to is said once and left alone.
+pub fn watch_new_servers(run: &mut Run) {
+    let pids = match redis_server_pids() {
+        Ok(pids) => pids,
+        Err(error) => {
+            log::warn!("cannot list the processes: {error}");
+            return;
+        }
+    };
+    for pid in pids {
+        if run.watches(pid) || run.refused.contains(&pid) {
+            continue;
+        }
+        let attached = Target::from_pid(pid)
+            .map_err(anyhow::Error::from)
+            .and_then(|target| run.watch(target));
+        if let Err(error) = attached {
+            log::warn!("cannot watch pid {pid}: {error:#}");
+            run.refused.insert(pid);
+        }
+    }
+}

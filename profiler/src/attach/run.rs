@@ -1,0 +1,298 @@
+//! A run's shared parts (the programs, loaded once; the maps; the sinks and metrics every
+//! instance writes to) and one [`Consumer`] per watched target, to which the ring buffer's
+//! events go by the pid they carry.
+use std::{cell::RefCell, collections::HashSet, path::Path, rc::Rc, sync::Arc};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+
+use super::{
+    attachment::{Attachment, SharedMaps},
+    consumer::{Consumer, ConsumerParts, instance_of},
+};
+use crate::{
+    accept::AcceptWatch,
+    alert::Alerting,
+    clock::WallClock,
+    config::RunConfig,
+    events,
+    metrics::Metrics,
+    output::{
+        ConsoleSink, FoldedStacks, Outputs, SharedSinks, Sink, StackFilesSink, flamegraph_title,
+        record::{Instance, StopReason},
+    },
+    probes::{KernelLog, Probes, Slot},
+    stall::StallPipeline,
+    target::Target,
+};
+
+/// What a path of the stack files may hold to be one file per instance.
+const INSTANCE_PLACEHOLDERS: [&str; 2] = ["{pid}", "{port}"];
+
+/// Everything one run watches, and the parts its targets share.
+pub struct Run {
+    pub(super) probes: Probes,
+    pub(super) maps: SharedMaps,
+    kernel_log: Option<KernelLog>,
+    /// One per watched target, in the order they were attached.
+    pub consumers: Vec<Consumer>,
+    sinks: SharedSinks,
+    pub metrics: Option<Arc<Metrics>>,
+    clock: WallClock,
+    pub(super) config: RunConfig,
+    /// Events of no watched target (the last ones of a target already ended).
+    unclaimed_events: u64,
+    /// With `--all`: the servers that could not be attached to (said once).
+    pub refused: HashSet<u32>,
+}
+
+impl Run {
+    pub fn new(
+        mut probes: Probes,
+        sinks: SharedSinks,
+        metrics: Option<Arc<Metrics>>,
+        config: &RunConfig,
+    ) -> anyhow::Result<Self> {
+        let kernel_log = probes.take_kernel_log();
+        let maps = probes.take_maps()?;
+        Ok(Self {
+            probes,
+            maps: Rc::new(RefCell::new(maps)),
+            kernel_log,
+            consumers: Vec::new(),
+            sinks,
+            metrics,
+            clock: WallClock::new(),
+            config: config.clone(),
+            unclaimed_events: 0,
+            refused: HashSet::new(),
+        })
+    }
+
+    /// Whether `pid` is watched already.
+    pub fn watches(&self, pid: u32) -> bool {
+        self.consumers
+            .iter()
+            .any(|consumer| consumer.target.pid == pid)
+    }
+
+    /// Attaches to `target` and starts its consumer (its `attached` record goes out; if that
+    /// write fails, the consumer is kept for its summary and the error returned).
+    pub fn watch(&mut self, target: Target) -> anyhow::Result<()> {
+        let used = self.used_slots();
+        let attachment = Attachment::attach(
+            &mut self.probes,
+            &self.maps,
+            &self.config.probes,
+            &target,
+            &used,
+        )?;
+        let parts = AcceptWatch::open(target.pid, self.clock)
+            .map_err(anyhow::Error::from)
+            .and_then(|accept| Ok((accept, self.own_sinks(&instance_of(&target))?)));
+        let (accept, own_sinks) = match parts {
+            Ok(parts) => parts,
+            Err(error) => {
+                attachment.detach(&mut self.probes, &self.maps, target.pid);
+                return Err(error);
+            }
+        };
+        let consumer = Consumer::new(ConsumerParts {
+            stalls: StallPipeline::new(target.pid, self.config.stall.clone(), self.clock),
+            target,
+            maps: self.maps.clone(),
+            attachment,
+            outputs: Outputs::new(self.sinks.clone(), own_sinks),
+            accept,
+            alerting: self.config.alert.clone().map(Alerting::new),
+            metrics: self.metrics.clone(),
+            threshold: self.config.stall.threshold,
+        });
+        let attached = consumer.attached_record();
+        self.consumers.push(consumer);
+        let consumer = self.consumers.last_mut().expect("pushed above");
+        consumer.outputs.attached(&attached)?;
+        Ok(())
+    }
+
+    /// The slots the watched targets hold.
+    fn used_slots(&self) -> Vec<Slot> {
+        self.consumers
+            .iter()
+            .filter_map(|consumer| consumer.attachment.as_ref())
+            .map(|attachment| attachment.slot)
+            .collect()
+    }
+
+    /// The stack files of `instance` alone: those whose paths name the instance.
+    fn own_sinks(&self, instance: &Instance) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+        let paths = &self.config.outputs;
+        let own = |path: &Option<std::path::PathBuf>| {
+            path.as_deref()
+                .filter(|path| names_instance(path))
+                .map(|path| instance_path(path, instance))
+        };
+        let (folded, flamegraph) = (own(&paths.folded), own(&paths.flamegraph));
+        if folded.is_none() && flamegraph.is_none() {
+            return Ok(Vec::new());
+        }
+        let sink = StackFilesSink::create(
+            folded.as_deref(),
+            flamegraph.as_deref(),
+            flamegraph_title(&instance.name, instance.pid),
+            FoldedStacks::new(paths.stack_root),
+        )
+        .context("cannot write the stack files")?;
+        Ok(vec![Box::new(sink)])
+    }
+
+    /// Handles every event waiting in the ring buffer, each by its target's consumer.
+    pub fn drain(&mut self, events: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        while let Some(record) = events.next() {
+            match events::decode(&record) {
+                Ok(event) => {
+                    let pid = event.pid();
+                    match self
+                        .consumers
+                        .iter_mut()
+                        .find(|consumer| consumer.target.pid == pid)
+                    {
+                        Some(consumer) => consumer.handle(event)?,
+                        None => self.unclaimed_events += 1,
+                    }
+                }
+                Err(error) => {
+                    for consumer in &mut self.consumers {
+                        consumer.decode_errors += 1;
+                    }
+                    log::warn!("dropped a malformed event: {error}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads every target's listeners, then reports the drops no stall can claim any more
+    /// (the stalls still in the ring buffer taken in first).
+    pub fn accept_housekeeping(&mut self, events: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        let mut before_ns = Vec::with_capacity(self.consumers.len());
+        for consumer in &mut self.consumers {
+            before_ns.push(consumer.refresh_listeners()?);
+        }
+        self.drain(events)?;
+        for (consumer, before_ns) in self.consumers.iter_mut().zip(before_ns) {
+            consumer.report_overflows_before(before_ns)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the kernel programs' messages into our log.
+    pub fn flush_kernel_log(&mut self) {
+        if let Some(kernel_log) = &mut self.kernel_log {
+            kernel_log.flush();
+        }
+    }
+
+    /// The consumers whose target is gone, by index (last first, to be removed in order).
+    pub fn exited(&self) -> Vec<usize> {
+        (0..self.consumers.len())
+            .rev()
+            .filter(|&index| !self.consumers[index].target.is_alive())
+            .collect()
+    }
+
+    /// After its last events were drained: the consumer at `index` writes its last figures
+    /// and its summary (`target_exited`), and its target is detached.
+    pub fn end_exited(&mut self, index: usize) -> anyhow::Result<()> {
+        let mut consumer = self.consumers.remove(index);
+        log::warn!("{} exited", consumer.target);
+        let ended = consumer
+            .flush_target()
+            .and_then(|()| consumer.end(StopReason::TargetExited).map(drop));
+        self.detach(&mut consumer);
+        ended
+    }
+
+    /// Gives back `consumer`'s slot and own programs.
+    pub fn detach(&mut self, consumer: &mut Consumer) {
+        if let Some(attachment) = consumer.attachment.take() {
+            attachment.detach(&mut self.probes, &self.maps, consumer.target.pid);
+        }
+    }
+
+    /// Ends the run: every consumer's last figures and summary (`stopped`).
+    pub fn end(&mut self, stopped: StopReason) -> anyhow::Result<StopReason> {
+        if self.unclaimed_events > 0 {
+            log::debug!(
+                "{} events came after their target had ended",
+                self.unclaimed_events
+            );
+        }
+        let mut first_error = None;
+        for consumer in &mut self.consumers {
+            if let Err(error) = consumer.flush_target().and_then(|()| consumer.end(stopped)) {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(stopped), Err)
+    }
+
+    /// Best effort after a failure: every consumer's summary on the console alone.
+    pub fn finish_after_error(&mut self) {
+        let mut console = if self.consumers.len() > 1 {
+            ConsoleSink::naming_instances()
+        } else {
+            ConsoleSink::default()
+        };
+        for consumer in &mut self.consumers {
+            consumer.finish_after_error(&mut console);
+        }
+    }
+}
+
+/// Whether `path` holds a placeholder that names the instance.
+pub fn names_instance(path: &Path) -> bool {
+    let path = path.to_string_lossy();
+    INSTANCE_PLACEHOLDERS
+        .iter()
+        .any(|placeholder| path.contains(placeholder))
+}
+
+/// `path` with its placeholders replaced by `instance`'s pid and port (`none` without one).
+fn instance_path(path: &Path, instance: &Instance) -> std::path::PathBuf {
+    let port = instance
+        .port
+        .map_or_else(|| "none".to_owned(), |port| port.to_string());
+    path.to_string_lossy()
+        .replace("{pid}", &instance.pid.to_string())
+        .replace("{port}", &port)
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_name_the_instance() {
+        let instance = Instance {
+            pid: 42,
+            port: Some(6380),
+            name: "redis-server".into(),
+        };
+        assert!(names_instance(Path::new("/tmp/stalls-{port}.svg")));
+        assert!(!names_instance(Path::new("/tmp/stalls.svg")));
+        assert_eq!(
+            instance_path(Path::new("/tmp/{port}/stalls-{pid}.svg"), &instance),
+            Path::new("/tmp/6380/stalls-42.svg")
+        );
+        let portless = Instance {
+            port: None,
+            ..instance
+        };
+        assert_eq!(
+            instance_path(Path::new("/tmp/stalls-{port}.folded"), &portless),
+            Path::new("/tmp/stalls-none.folded")
+        );
+    }
+}
