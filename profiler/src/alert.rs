@@ -198,7 +198,7 @@ impl AlertExec {
 /// `REDIS_STALLPROF_*` variables (made on the event path, sent to the runner thread).
 struct ExecInput {
     json: Vec<u8>,
-    environment: [(&'static str, String); 5],
+    environment: [(&'static str, String); 6],
 }
 
 impl ExecInput {
@@ -218,6 +218,15 @@ impl ExecInput {
                 ("REDIS_STALLPROF_ORIGIN", alert.stall.origin.clone()),
                 ("REDIS_STALLPROF_MECHANISM", alert.stall.mechanism.clone()),
                 ("REDIS_STALLPROF_PID", alert.stall.pid.to_string()),
+                (
+                    "REDIS_STALLPROF_PORT",
+                    alert
+                        .stall
+                        .instance
+                        .port
+                        .map(|port| port.to_string())
+                        .unwrap_or_default(),
+                ),
             ],
         })
     }

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod builds;
 mod demo;
+mod ping_pong;
 mod poll_loop;
 mod soak;
 
@@ -65,6 +66,8 @@ enum Task {
         #[arg(default_value_t = 6)]
         rounds: usize,
     },
+    /// Measure only what watching idle servers adds per context switch (printed, not written).
+    SwitchCost,
     /// Profile a server under a long storm of stalls and check that memory stays bounded.
     Soak {
         /// How long, in minutes.
@@ -73,6 +76,12 @@ enum Task {
     /// The bench's poll microbenchmark target (not for people).
     #[command(hide = true)]
     PollLoop,
+    /// The bench's context-switch microbenchmark: prints ns per round trip (not for people).
+    #[command(hide = true)]
+    PingPong {
+        /// Round trips.
+        round_trips: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -108,12 +117,18 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             build()?;
             bench::compare::run(&other, rounds)
         }
+        Task::SwitchCost => {
+            setup()?;
+            build()?;
+            bench::switches::measure().map(drop)
+        }
         Task::Soak { minutes } => {
             setup()?;
             build()?;
             soak::run(minutes)
         }
         Task::PollLoop => poll_loop::run(),
+        Task::PingPong { round_trips } => ping_pong::run(round_trips),
     }
 }
 

@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: what the profiler costs Redis and how fast it reacts, measured on this
 //! machine and written to BENCHMARKS.md with the commands and the figures:
 //! 0. the full added cost per poll (a zero-timeout `epoll_wait` loop with and without the
-//!    probes), and the kernel programs' own run time under load (`kernel.bpf_stats_enabled`),
-//!    per event-loop iteration and as a share of the Redis main thread's CPU time;
+//!    probes), what watching idle servers adds to every context switch of the host (module
+//!    `switches`), and the kernel programs' own run time under load
+//!    (`kernel.bpf_stats_enabled`), per event-loop iteration and as a share of the Redis main
+//!    thread's CPU time;
 //! 1. throughput and p99 under `redis-benchmark` with nothing, redis-stallprof or `perf record`
 //!    attached, alternating (module `load`);
 //! 2. the same under a storm of stalls, with the profiler's peak memory;
@@ -14,6 +16,7 @@ pub mod compare;
 mod load;
 mod reaction;
 mod render;
+pub mod switches;
 
 use load::{LoadComparison, Observer, Storm};
 use reaction::{AlertTimes, UserspaceSpeed};
@@ -43,6 +46,9 @@ pub struct Figures {
     pub date: String,
     pub machine: String,
     pub poll: Vec<PollCost>,
+    /// What watching idle servers adds per context switch, and the poll loop among them.
+    pub switches: Vec<switches::SwitchCost>,
+    pub poll_with_many: switches::PollWithMany,
     pub kernel: KernelSide,
     pub throughput: Vec<LoadComparison>,
     pub storm: Storm,
@@ -57,10 +63,14 @@ fn measure() -> anyhow::Result<Figures> {
     let redis = RedisServer::start(&[]);
     pin(redis.pid(), 0)?;
     let started = Instant::now();
+    let poll = poll_cost()?;
+    let (switches, poll_with_many) = switches::measure()?;
     Ok(Figures {
         date: today(),
         machine: machine(),
-        poll: poll_cost()?,
+        poll,
+        switches,
+        poll_with_many,
         kernel: kernel_side(&redis)?,
         throughput: load::throughput(&redis)?,
         storm: load::storm(&redis)?,

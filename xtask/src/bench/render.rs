@@ -6,6 +6,7 @@ use super::{
     Figures, KERNEL_SIDE_LOAD, KernelSide, POLL_ROUNDS, POLLS_PER_ROUND, PollCost,
     load::{LoadComparison, Observer, ROUNDS, STORM_LOAD, STORM_PERIOD, STORM_STALL, Storm, Test},
     reaction::{ALERT_STALL, ALERT_THRESHOLD, ALERTS, AlertTimes, KEYS, SCANS, UserspaceSpeed},
+    switches::{PING_PONG_RUNS, PollWithMany, ROUND_TRIPS, SwitchCost},
 };
 
 /// Figures of earlier designs, measured by this benchmark at the commits they name.
@@ -32,6 +33,7 @@ fn write_all(report: &mut String, figures: &Figures) -> std::fmt::Result {
          CPU 1. The machine is a shared VM: back-to-back throughput runs vary by several percent.\n"
     )?;
     poll_cost(report, &figures.poll)?;
+    several_servers(report, &figures.switches, &figures.poll_with_many)?;
     kernel_side(report, &figures.kernel)?;
     throughput(report, &figures.throughput)?;
     storm(report, &figures.storm)?;
@@ -65,6 +67,50 @@ fn poll_cost(report: &mut String, costs: &[PollCost]) -> std::fmt::Result {
         )?;
     }
     writeln!(report)
+}
+
+fn several_servers(
+    report: &mut String,
+    costs: &[SwitchCost],
+    poll: &PollWithMany,
+) -> std::fmt::Result {
+    writeln!(
+        report,
+        "## Several servers: the cost to the rest of the host
+"
+    )?;
+    writeln!(
+        report,
+        "The scheduler programs run on every context switch of every process. `xtask ping-pong`: two \
+         processes pinned to CPU 1 pass a byte through two pipes {ROUND_TRIPS} times (two context switches and \
+         two wake-ups per round trip, nothing to do with Redis); the fastest of {PING_PONG_RUNS} runs with \
+         nothing watching, then with the watchers of idle servers (Debian's redis-server, one `attach` \
+         for all of them or one per server, as before issue 14), side by side.\n"
+    )?;
+    writeln!(
+        report,
+        "| watchers | ns per round trip alone | with them | added per context switch |"
+    )?;
+    writeln!(report, "|---|---|---|---|")?;
+    for cost in costs {
+        writeln!(
+            report,
+            "| {} | {:.1} | {:.1} | {:+.1} |",
+            cost.watchers.label(),
+            cost.alone_ns,
+            cost.with_ns,
+            cost.added_per_switch_ns()
+        )?;
+    }
+    writeln!(
+        report,
+        "\nThe poll loop above, watched by one `attach` that also watches {} idle servers: {:.1} ns per poll \
+         alone, {:.1} with it ({:+.1}).\n",
+        poll.others,
+        poll.alone_ns,
+        poll.with_ns,
+        poll.with_ns - poll.alone_ns
+    )
 }
 
 fn kernel_side(report: &mut String, kernel: &KernelSide) -> std::fmt::Result {
