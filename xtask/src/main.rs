@@ -18,8 +18,9 @@ mod soak;
 
 /// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
 /// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests,
-/// perf for the benchmark's comparison.
-const APT_PACKAGES: [&str; 12] = [
+/// perf for the benchmark's comparison, systemd for `systemd-analyze verify` of the example
+/// unit.
+const APT_PACKAGES: [&str; 13] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -33,7 +34,10 @@ const APT_PACKAGES: [&str; 12] = [
     // Building the Redis of a source distribution, for the attribution matrix.
     "make",
     "gcc",
+    "systemd",
 ];
+/// The target of the static binary `cargo xtask dist` builds.
+const DIST_TARGET: &str = "x86_64-unknown-linux-musl";
 /// The bpf-linker release that builds against LLVM 22 (see PLATFORM.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -68,6 +72,8 @@ enum Task {
     },
     /// Measure only what watching idle servers adds per context switch (printed, not written).
     SwitchCost,
+    /// Build the static binary (x86_64 musl, the eBPF object embedded) into target/dist/.
+    Dist,
     /// Profile a server under a long storm of stalls and check that memory stays bounded.
     Soak {
         /// How long, in minutes.
@@ -105,7 +111,12 @@ fn run_task(task: Task) -> anyhow::Result<()> {
         Task::Test => {
             setup()?;
             build()?;
+            dist()?;
             test()
+        }
+        Task::Dist => {
+            setup()?;
+            dist().map(|path| eprintln!("xtask: static binary at {}", path.display()))
         }
         Task::Bench => {
             setup()?;
@@ -240,6 +251,31 @@ fn build() -> anyhow::Result<()> {
         .current_dir(workspace_root()))
 }
 
+/// Builds the static binary for [`DIST_TARGET`] (adding the target to the toolchain if it is
+/// missing) and copies it to `target/dist/`, which it returns.
+fn dist() -> anyhow::Result<PathBuf> {
+    let installed = stdout_of(Command::new("rustup").args(["target", "list", "--installed"]));
+    if !installed.lines().any(|target| target.trim() == DIST_TARGET) {
+        eprintln!("xtask: adding the {DIST_TARGET} target");
+        run(Command::new("rustup").args(["target", "add", DIST_TARGET]))?;
+    }
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .args(["build", "--release", "--quiet", "-p", "redis-stallprof"])
+        .args(["--target", DIST_TARGET])
+        .current_dir(&root))?;
+    let dist = root.join("target/dist");
+    std::fs::create_dir_all(&dist)?;
+    let binary = dist.join("redis-stallprof");
+    let built = root
+        .join("target")
+        .join(DIST_TARGET)
+        .join("release/redis-stallprof");
+    std::fs::copy(&built, &binary)
+        .with_context(|| format!("cannot copy {} to {}", built.display(), binary.display()))?;
+    Ok(binary)
+}
+
 /// Every test: unit tests, then the integration tests against real redis-servers.
 fn test() -> anyhow::Result<()> {
     let root = workspace_root();
@@ -256,5 +292,9 @@ fn test() -> anyhow::Result<()> {
             "integration-tests",
         ])
         .current_dir(&root)
-        .env("REDIS_STALLPROF_BIN", binary))
+        .env("REDIS_STALLPROF_BIN", binary)
+        .env(
+            "REDIS_STALLPROF_DIST_BIN",
+            root.join("target/dist/redis-stallprof"),
+        ))
 }
