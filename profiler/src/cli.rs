@@ -48,6 +48,9 @@ pub struct ReportArgs {
     /// Write a flamegraph SVG to PATH.
     #[arg(long, value_name = "PATH")]
     pub flamegraph: Option<PathBuf>,
+    /// Write a gzipped pprof profile to PATH.
+    #[arg(long, value_name = "PATH")]
+    pub pprof: Option<PathBuf>,
     /// Root the folded stacks and the flamegraph at the stack's kind, or at its stall's origin
     /// (and mechanism) first.
     #[arg(long, value_enum, default_value_t)]
@@ -94,6 +97,10 @@ pub struct AttachArgs {
     /// Write the stalls' stacks as a flamegraph SVG at exit.
     #[arg(long, value_name = "PATH")]
     pub flamegraph: Option<PathBuf>,
+    /// Write the stalls' stacks as a gzipped pprof profile at exit (go tool pprof, Pyroscope,
+    /// Parca).
+    #[arg(long, value_name = "PATH")]
+    pub pprof: Option<PathBuf>,
     /// Root the folded stacks and the flamegraph at the stack's kind, or at its stall's origin
     /// (and mechanism) first.
     #[arg(long, value_enum, default_value_t)]

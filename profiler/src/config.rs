@@ -89,6 +89,7 @@ pub struct OutputPaths {
     pub json: Option<OutputPath>,
     pub folded: Option<PathBuf>,
     pub flamegraph: Option<PathBuf>,
+    pub pprof: Option<PathBuf>,
     pub stack_root: StackRoot,
 }
 
@@ -188,6 +189,7 @@ impl RunConfig {
                 json: args.json.clone(),
                 folded: args.folded.clone(),
                 flamegraph: args.flamegraph.clone(),
+                pprof: args.pprof.clone(),
                 stack_root: args.stack_root,
             },
             metrics: args.metrics,

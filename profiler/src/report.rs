@@ -1,5 +1,6 @@
 //! `redis-stallprof report FILE.jsonl`: a recorded run -> its stalls and summary on the
-//! console, and its folded stacks and flamegraph, built the way the live run built them.
+//! console, and its folded stacks, flamegraph and pprof profile, built the way the live run
+//! built them.
 use std::{
     fs::File,
     io::{self, BufRead, BufReader},
@@ -11,7 +12,7 @@ use serde_json::Value;
 use crate::{
     cli::ReportArgs,
     output::{
-        ConsoleSink, FoldedStacks, Sink, flamegraph_title,
+        ConsoleSink, FoldedStacks, PprofProfile, Sink, flamegraph_title,
         record::{Stall, Summary},
     },
 };
@@ -21,6 +22,7 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
     let file = File::open(&args.file).with_context(|| format!("cannot read `{path}`"))?;
     let mut console = ConsoleSink::default();
     let mut folded = FoldedStacks::new(args.stack_root);
+    let mut pprof = PprofProfile::default();
     let mut title = None;
     for (index, line) in BufReader::new(file).lines().enumerate() {
         let line = line.with_context(|| format!("cannot read `{path}`"))?;
@@ -43,6 +45,7 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("{}: not a stall", at()))?;
                 console.stall(&stall)?;
                 folded.add_stall(&stall);
+                pprof.add_stall(&stall);
             }
             Some("summary") => {
                 let summary: Summary = serde_json::from_value(record)
@@ -63,6 +66,13 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
         None => folded
             .write_folded(io::stdout())
             .context("cannot write to stdout")?,
+    }
+    if let Some(path) = &args.pprof {
+        let file =
+            File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
+        pprof
+            .write(io::BufWriter::new(file))
+            .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     if let Some(path) = &args.flamegraph {
         let file =

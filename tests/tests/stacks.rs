@@ -310,3 +310,106 @@ fn report_on_a_bad_file_names_the_line() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read `/nonexistent.jsonl`"));
 }
+
+/// `go tool pprof ARGS FILE`'s output (Debian's golang-go, installed by `cargo xtask setup`).
+fn go_pprof(args: &[&str], file: &std::path::Path) -> String {
+    let output = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(file)
+        .output()
+        .expect("go (Debian's golang-go) is installed by `cargo xtask setup`");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+/// The `Total samples = N ms` of a `go tool pprof -top` output, in milliseconds.
+fn pprof_total_ms(top: &str) -> f64 {
+    let total = top
+        .lines()
+        .find_map(|line| line.split_once("Total samples = "))
+        .map(|(_, rest)| rest.split_whitespace().next().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no total in:\n{top}"));
+    match total.strip_suffix("ms") {
+        Some(ms) => ms.parse().unwrap(),
+        None => total.trim_end_matches('s').parse::<f64>().unwrap() * 1_000.0,
+    }
+}
+
+#[test]
+fn a_pprof_profile_reads_back_with_go_tool_pprof() {
+    let redis = RedisServer::start(&[]);
+    redis.cli(&["DEBUG", "POPULATE", "1000000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pprof = dir.path().join("stalls.pb.gz");
+    let profiler = Profiler::attach(&[
+        "--pid",
+        &redis.pid().to_string(),
+        "--pprof",
+        pprof.to_str().unwrap(),
+    ]);
+    redis.cli(&["DEBUG", "SLEEP", "0.1"]);
+    redis.cli(&["KEYS", "no-such-key-*"]);
+    thread::sleep(Duration::from_millis(100));
+    let run = profiler.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+    let stalls = run.of_type("stall");
+    let sleep = stalls
+        .iter()
+        .find(|stall| stall["origin"] == "command:debug")
+        .expect("the sleep's stall");
+    let keys = stalls
+        .iter()
+        .find(|stall| stall["origin"] == "command:keys")
+        .expect("the KEYS stall");
+
+    // Off-CPU: the sleep, down to debugCommand, as long as the JSON says.
+    let off_cpu = go_pprof(
+        &[
+            "-top",
+            "-sample_index=off_cpu",
+            "-tagfocus=origin=command:debug",
+        ],
+        &pprof,
+    );
+    assert!(off_cpu.contains("debugCommand"), "{off_cpu}");
+    let off_cpu_ms = pprof_total_ms(&off_cpu);
+    let json_ms = number(&sleep["off_cpu_us"]) as f64 / 1_000.0;
+    assert!(
+        (off_cpu_ms - json_ms).abs() < 0.1 && (95.0..115.0).contains(&off_cpu_ms),
+        "{off_cpu_ms} ms in pprof, {json_ms} ms in the JSON:\n{off_cpu}"
+    );
+    // On-CPU: KEYS, its sampled time the JSON's.
+    let on_cpu = go_pprof(
+        &[
+            "-top",
+            "-sample_index=on_cpu",
+            "-tagfocus=origin=command:keys",
+        ],
+        &pprof,
+    );
+    assert!(on_cpu.contains("keysCommand"), "{on_cpu}");
+    let on_cpu_ms = pprof_total_ms(&on_cpu);
+    let json_ms = number(&keys["on_cpu_us"]) as f64 / 1_000.0;
+    assert!(
+        (on_cpu_ms - json_ms).abs() < 0.1 && on_cpu_ms > 0.0,
+        "{on_cpu_ms} ms in pprof, {json_ms} ms in the JSON:\n{on_cpu}"
+    );
+    // Labels: origin, mechanism, instance.
+    let tags = go_pprof(&["-tags"], &pprof);
+    let instance = format!("redis-server:{} pid {}", redis.port, redis.pid());
+    for expected in [
+        "command:debug",
+        "command:keys",
+        "syscall.sleep",
+        "cpu",
+        &instance,
+    ] {
+        assert!(tags.contains(expected), "{expected} missing:\n{tags}");
+    }
+}

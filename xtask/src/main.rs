@@ -19,8 +19,8 @@ mod soak;
 /// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
 /// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests,
 /// perf for the benchmark's comparison, systemd for `systemd-analyze verify` of the example
-/// unit.
-const APT_PACKAGES: [&str; 13] = [
+/// unit, golang-go for `go tool pprof`.
+const APT_PACKAGES: [&str; 14] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -35,6 +35,8 @@ const APT_PACKAGES: [&str; 13] = [
     "make",
     "gcc",
     "systemd",
+    // `go tool pprof`, to read back the --pprof output in a test.
+    "golang-go",
 ];
 /// The target of the static binary `cargo xtask dist` builds.
 const DIST_TARGET: &str = "x86_64-unknown-linux-musl";

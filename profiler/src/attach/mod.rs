@@ -22,7 +22,8 @@ use crate::{
     kernel,
     metrics::{self, Metrics},
     output::{
-        ConsoleSink, FoldedStacks, JsonSink, SharedSinks, Sink, StackFilesSink, record::StopReason,
+        ConsoleSink, FoldedStacks, JsonSink, PprofSink, SharedSinks, Sink, StackFilesSink,
+        record::StopReason,
     },
     privileges,
     probes::Probes,
@@ -142,6 +143,11 @@ fn open_sinks(paths: &OutputPaths, several: bool) -> anyhow::Result<Vec<Box<dyn 
             stacks,
         )
         .context("cannot write the stack files")?;
+        sinks.push(Box::new(sink));
+    }
+    if let Some(path) = shared(&paths.pprof) {
+        let sink = PprofSink::create(&path)
+            .with_context(|| format!("cannot write the pprof file `{}`", path.display()))?;
         sinks.push(Box::new(sink));
     }
     Ok(sinks)

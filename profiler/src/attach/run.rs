@@ -18,7 +18,8 @@ use crate::{
     events,
     metrics::Metrics,
     output::{
-        ConsoleSink, FoldedStacks, Outputs, SharedSinks, Sink, StackFilesSink, flamegraph_title,
+        ConsoleSink, FoldedStacks, Outputs, PprofSink, SharedSinks, Sink, StackFilesSink,
+        flamegraph_title,
         record::{Instance, StopReason},
     },
     probes::{KernelLog, Probes, Slot},
@@ -133,17 +134,23 @@ impl Run {
                 .map(|path| instance_path(path, instance))
         };
         let (folded, flamegraph) = (own(&paths.folded), own(&paths.flamegraph));
-        if folded.is_none() && flamegraph.is_none() {
-            return Ok(Vec::new());
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        if folded.is_some() || flamegraph.is_some() {
+            let sink = StackFilesSink::create(
+                folded.as_deref(),
+                flamegraph.as_deref(),
+                flamegraph_title(&instance.name, instance.pid),
+                FoldedStacks::new(paths.stack_root),
+            )
+            .context("cannot write the stack files")?;
+            sinks.push(Box::new(sink));
         }
-        let sink = StackFilesSink::create(
-            folded.as_deref(),
-            flamegraph.as_deref(),
-            flamegraph_title(&instance.name, instance.pid),
-            FoldedStacks::new(paths.stack_root),
-        )
-        .context("cannot write the stack files")?;
-        Ok(vec![Box::new(sink)])
+        if let Some(path) = own(&paths.pprof) {
+            let sink = PprofSink::create(&path)
+                .with_context(|| format!("cannot write the pprof file `{}`", path.display()))?;
+            sinks.push(Box::new(sink));
+        }
+        Ok(sinks)
     }
 
     /// Handles every event waiting in the ring buffer, each by its target's consumer.

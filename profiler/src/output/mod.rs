@@ -1,17 +1,19 @@
 //! Outputs: the records a run produces ([`record`], the JSON schema) and the sinks that write
-//! them (console lines on stderr, JSON lines to a file or stdout, folded stacks and a
-//! flamegraph at exit). Every sink sees every record, in order; only outputs give frames their
+//! them (console lines on stderr, JSON lines to a file or stdout, folded stacks, a flamegraph
+//! and a pprof profile at exit). Every sink sees every record, in order; only outputs give frames their
 //! text ([`frame_text`]).
 use std::{cell::RefCell, io, rc::Rc};
 
 mod console;
 pub mod frame_text;
 mod json;
+mod pprof;
 pub mod record;
 mod stacks;
 
 pub use console::ConsoleSink;
 pub use json::JsonSink;
+pub use pprof::{PprofProfile, PprofSink};
 pub use stacks::{FoldedStacks, StackFilesSink, flamegraph_title};
 
 use record::{AcceptOverflow, Alert, Attached, IntervalReport, Stall, Summary};

@@ -189,7 +189,7 @@ fn mark_off_cpu_frames(line: &str, root_depth: usize) -> String {
 }
 
 /// Empties `file` to write it again from the start.
-fn rewind(file: &mut File) -> io::Result<()> {
+pub(super) fn rewind(file: &mut File) -> io::Result<()> {
     use std::io::Seek as _;
     file.set_len(0)?;
     file.rewind()
