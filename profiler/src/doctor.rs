@@ -68,7 +68,12 @@ pub fn run_doctor() -> bool {
     }
     check(
         "accept queues",
-        match crate::accept::QueueSampler::open(std::process::id()).and_then(|mut s| s.sample()) {
+        match crate::accept::QueueSampler::open(
+            std::process::id(),
+            &crate::accept::NamespaceSamplers::default(),
+        )
+        .and_then(|mut s| s.sample())
+        {
             Ok(_) => Verdict::Ok(
                 "netlink sock_diag answers (listening sockets' accept queues and drops)".into(),
             ),

@@ -2,7 +2,10 @@
 //! (debug symbols when present, else ELF symbols); kernel frames: kallsyms. An address no
 //! symbol covers keeps its module and offset (user) or its address (kernel): frames never
 //! vanish. Frames are cached per address.
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    rc::Rc,
+};
 
 use blazesym::{
     Pid,
@@ -37,19 +40,32 @@ pub trait SymbolSource {
     fn kernel(&mut self, addresses: &[u64]) -> Vec<Option<String>>;
 }
 
+/// One blazesym symbolizer for a run: its caches (the kernel's symbols above all, read once
+/// from `/proc/kallsyms`) serve every target.
+#[derive(Clone)]
+pub struct SharedBlazesym(Rc<blazesym::symbolize::Symbolizer>);
+
+impl Default for SharedBlazesym {
+    fn default() -> Self {
+        Self(Rc::new(
+            blazesym::symbolize::Symbolizer::builder()
+                .enable_code_info(false)
+                .enable_inlined_fns(false)
+                .build(),
+        ))
+    }
+}
+
 /// blazesym, for one process and the running kernel.
 pub struct BlazeSymbols {
-    symbolizer: blazesym::symbolize::Symbolizer,
+    symbolizer: SharedBlazesym,
     process: Source<'static>,
     kernel: Source<'static>,
 }
 
 impl BlazeSymbols {
-    pub fn new(pid: u32) -> Self {
-        let symbolizer = blazesym::symbolize::Symbolizer::builder()
-            .enable_code_info(false)
-            .enable_inlined_fns(false)
-            .build();
+    /// The symbols of process `pid`, looked up by the run's `symbolizer`.
+    pub fn new(pid: u32, symbolizer: SharedBlazesym) -> Self {
         let kernel = Kernel {
             vmlinux: blazesym::MaybeDefault::None,
             debug_syms: false,
@@ -63,7 +79,11 @@ impl BlazeSymbols {
     }
 
     fn names(&self, source: &Source<'_>, addresses: &[u64]) -> Vec<Option<String>> {
-        match self.symbolizer.symbolize(source, Input::AbsAddr(addresses)) {
+        match self
+            .symbolizer
+            .0
+            .symbolize(source, Input::AbsAddr(addresses))
+        {
             Ok(symbols) => symbols
                 .into_iter()
                 .map(|symbol| match symbol {
@@ -343,7 +363,7 @@ pub(crate) mod tests {
     #[test]
     fn our_own_functions_are_named_by_blazesym() {
         let address = our_own_functions_are_named_by_blazesym as *const () as u64;
-        let mut symbols = BlazeSymbols::new(std::process::id());
+        let mut symbols = BlazeSymbols::new(std::process::id(), SharedBlazesym::default());
         let names = symbols.user(&[address]);
         let name = names[0].as_deref().unwrap_or("");
         assert!(

@@ -285,7 +285,7 @@ fn parse_listeners(table: &str) -> impl Iterator<Item = Listener> + '_ {
 }
 
 /// Inodes of the sockets among the process's open files.
-fn socket_inodes(pid: u32) -> Vec<u64> {
+pub fn socket_inodes(pid: u32) -> Vec<u64> {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -311,7 +311,7 @@ pub fn listening_ports(pid: u32) -> Result<Vec<u16>, TargetError> {
 
 /// The process's listening TCP sockets (IPv4 and IPv6) in its own network namespace: inode ->
 /// port.
-pub fn listening_sockets(pid: u32) -> Result<std::collections::HashMap<u64, u16>, TargetError> {
+fn listening_sockets(pid: u32) -> Result<std::collections::HashMap<u64, u16>, TargetError> {
     let sockets: HashSet<u64> = socket_inodes(pid).into_iter().collect();
     let mut listeners = std::collections::HashMap::new();
     for table in ["tcp", "tcp6"] {

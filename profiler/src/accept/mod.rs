@@ -11,7 +11,7 @@ use std::{collections::HashMap, fs};
 use profiler_common::{AcceptEvent, ConnectionEvent};
 
 pub use connections::ConnectionTracker;
-pub use sampler::{AcceptError, QueueSampler};
+pub use sampler::{AcceptError, NamespaceSamplers, QueueSampler};
 pub use tracker::AcceptTracker;
 
 use crate::{
@@ -34,9 +34,14 @@ pub struct AcceptWatch {
 }
 
 impl AcceptWatch {
-    /// Opens the watch on process `pid`'s listeners (in its network namespace).
-    pub fn open(pid: u32, clock: WallClock) -> Result<Self, AcceptError> {
-        let sampler = QueueSampler::open(pid)?;
+    /// Opens the watch on process `pid`'s listeners (in its network namespace, with the
+    /// sampler `samplers` has for it).
+    pub fn open(
+        pid: u32,
+        clock: WallClock,
+        samplers: &NamespaceSamplers,
+    ) -> Result<Self, AcceptError> {
+        let sampler = QueueSampler::open(pid, samplers)?;
         warn_without_listeners(&sampler, pid);
         Ok(Self {
             pid,

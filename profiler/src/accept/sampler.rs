@@ -1,6 +1,14 @@
-//! The target's listening sockets sampled with netlink sock_diag, in the target's own network
-//! namespace: each listener's accept queue, its limit and its drop counter.
-use std::{collections::HashMap, fs, io, os::fd::AsRawFd};
+//! The targets' listening sockets sampled with netlink sock_diag, in each target's own network
+//! namespace: each listener's accept queue, its limit and its drop counter. The targets of one
+//! namespace share its socket and its dumps (one per tick, not one per target).
+use std::{
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    fs, io,
+    os::{fd::AsRawFd, unix::fs::MetadataExt as _},
+    rc::Rc,
+    time::{Duration, Instant},
+};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -12,7 +20,7 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::target::listening_sockets;
+use crate::target::socket_inodes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
@@ -43,18 +51,23 @@ pub struct ListenerSample {
     pub drops: u64,
 }
 
-/// Asks sock_diag about the target's listeners, in the target's network namespace.
-pub struct QueueSampler {
-    pid: u32,
+/// How old a namespace's dump may be to serve another target's sample: the targets sample one
+/// after the other at each tick, microseconds apart.
+const DUMP_REUSE: Duration = Duration::from_millis(1);
+
+/// A sock_diag socket in one network namespace, shared by the targets in it: one dump of its
+/// listeners serves every target that samples within [`DUMP_REUSE`].
+pub struct NamespaceSampler {
     socket: Socket,
-    /// The target's listening sockets: inode -> port.
-    listeners: HashMap<u64, u16>,
+    /// The last dump: when, and every listener of the namespace (its port in `inode`'s place
+    /// of [`ListenerSample`]).
+    last: Option<(Instant, Vec<ListenerSample>)>,
 }
 
-impl QueueSampler {
+impl NamespaceSampler {
     /// Opens a sock_diag socket in the network namespace of `pid` (a socket keeps the namespace
     /// it was created in; `setns` moves only the short-lived thread that creates it).
-    pub fn open(pid: u32) -> Result<Self, AcceptError> {
+    fn open(pid: u32) -> Result<Self, AcceptError> {
         let namespace = fs::File::open(format!("/proc/{pid}/ns/net"))
             .map_err(|cause| AcceptError::Namespace { pid, cause })?;
         let socket = std::thread::scope(|scope| {
@@ -84,38 +97,23 @@ impl QueueSampler {
                     })
                 })
         })?;
-        let mut sampler = Self {
-            pid,
-            socket,
-            listeners: HashMap::new(),
-        };
-        sampler.refresh_listeners();
-        Ok(sampler)
+        Ok(Self { socket, last: None })
     }
 
-    /// Re-reads which sockets the target listens on (listeners come and go).
-    pub fn refresh_listeners(&mut self) {
-        if let Ok(listeners) = listening_sockets(self.pid) {
-            self.listeners = listeners;
+    /// Every TCP listener of the namespace now (a dump at most [`DUMP_REUSE`] old).
+    fn listeners(&mut self) -> Result<&[ListenerSample], AcceptError> {
+        let fresh = self
+            .last
+            .as_ref()
+            .is_some_and(|(taken, _)| taken.elapsed() < DUMP_REUSE);
+        if !fresh {
+            let mut listeners = Vec::new();
+            for family in [AF_INET, AF_INET6] {
+                self.dump(family, &mut listeners)?;
+            }
+            self.last = Some((Instant::now(), listeners));
         }
-    }
-
-    pub fn has_listeners(&self) -> bool {
-        !self.listeners.is_empty()
-    }
-
-    /// The target's listening sockets: inode -> port.
-    pub fn listeners(&self) -> &HashMap<u64, u16> {
-        &self.listeners
-    }
-
-    /// The target's listeners now.
-    pub fn sample(&mut self) -> Result<Vec<ListenerSample>, AcceptError> {
-        let mut samples = Vec::new();
-        for family in [AF_INET, AF_INET6] {
-            self.dump(family, &mut samples)?;
-        }
-        Ok(samples)
+        Ok(self.last.as_ref().map_or(&[], |(_, listeners)| listeners))
     }
 
     fn dump(&mut self, family: u8, samples: &mut Vec<ListenerSample>) -> Result<(), AcceptError> {
@@ -147,57 +145,124 @@ impl QueueSampler {
             self.socket
                 .recv(&mut received, 0)
                 .map_err(|cause| AcceptError::Netlink { cause })?;
-            if self.read_listeners(&received, samples)? {
+            if read_listeners(&received, samples)? {
                 return Ok(());
             }
         }
     }
+}
 
-    /// Reads one batch of sock_diag answers into `samples` (the target's listeners only);
-    /// returns whether the dump is done.
-    fn read_listeners(
-        &self,
-        received: &[u8],
-        samples: &mut Vec<ListenerSample>,
-    ) -> Result<bool, AcceptError> {
-        let mut offset = 0;
-        while offset < received.len() {
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&received[offset..])
-                .map_err(|error| AcceptError::Netlink {
-                    cause: io::Error::other(error.to_string()),
-                })?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let inode = u64::from(response.header.inode);
-                    if let Some(&port) = self.listeners.get(&inode) {
-                        let drops = response.nlas.iter().find_map(|nla| match nla {
-                            Nla::MemInfo(info) => Some(u64::from(info.drops)),
-                            _ => None,
-                        });
-                        samples.push(ListenerSample {
-                            inode,
-                            port,
-                            queue: response.header.recv_queue,
-                            limit: response.header.send_queue,
-                            drops: drops.unwrap_or(0),
-                        });
-                    }
-                }
-                NetlinkPayload::Done(_) => return Ok(true),
-                NetlinkPayload::Error(error) => {
-                    return Err(AcceptError::Netlink {
-                        cause: io::Error::other(format!("{error:?}")),
-                    });
-                }
-                _ => {}
+/// Reads one batch of sock_diag answers into `samples`; returns whether the dump is done.
+fn read_listeners(received: &[u8], samples: &mut Vec<ListenerSample>) -> Result<bool, AcceptError> {
+    let mut offset = 0;
+    while offset < received.len() {
+        let message = NetlinkMessage::<SockDiagMessage>::deserialize(&received[offset..]).map_err(
+            |error| AcceptError::Netlink {
+                cause: io::Error::other(error.to_string()),
+            },
+        )?;
+        let length = message.header.length as usize;
+        match message.payload {
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                let drops = response.nlas.iter().find_map(|nla| match nla {
+                    Nla::MemInfo(info) => Some(u64::from(info.drops)),
+                    _ => None,
+                });
+                samples.push(ListenerSample {
+                    inode: u64::from(response.header.inode),
+                    port: response.header.socket_id.source_port,
+                    queue: response.header.recv_queue,
+                    limit: response.header.send_queue,
+                    drops: drops.unwrap_or(0),
+                });
             }
-            if length == 0 {
-                break;
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(error) => {
+                return Err(AcceptError::Netlink {
+                    cause: io::Error::other(format!("{error:?}")),
+                });
             }
-            offset += length;
+            _ => {}
         }
-        Ok(false)
+        if length == 0 {
+            break;
+        }
+        offset += length;
+    }
+    Ok(false)
+}
+
+/// The run's namespace samplers, by network namespace (the inode of `/proc/PID/ns/net`): the
+/// targets in one namespace share one.
+#[derive(Default, Clone)]
+pub struct NamespaceSamplers(Rc<RefCell<HashMap<u64, Rc<RefCell<NamespaceSampler>>>>>);
+
+impl NamespaceSamplers {
+    /// The sampler of `pid`'s network namespace (opened if no target in it has one).
+    fn of_process(&self, pid: u32) -> Result<Rc<RefCell<NamespaceSampler>>, AcceptError> {
+        let namespace = fs::metadata(format!("/proc/{pid}/ns/net"))
+            .map_err(|cause| AcceptError::Namespace { pid, cause })?
+            .ino();
+        if let Some(sampler) = self.0.borrow().get(&namespace) {
+            return Ok(Rc::clone(sampler));
+        }
+        let sampler = Rc::new(RefCell::new(NamespaceSampler::open(pid)?));
+        self.0.borrow_mut().insert(namespace, Rc::clone(&sampler));
+        Ok(sampler)
+    }
+}
+
+/// Asks sock_diag about one target's listeners, in the target's network namespace.
+pub struct QueueSampler {
+    pid: u32,
+    namespace: Rc<RefCell<NamespaceSampler>>,
+    /// The target's listening sockets: inode -> port.
+    listeners: HashMap<u64, u16>,
+}
+
+impl QueueSampler {
+    /// The sampler of process `pid`'s listeners, sharing `samplers`' one of its namespace.
+    pub fn open(pid: u32, samplers: &NamespaceSamplers) -> Result<Self, AcceptError> {
+        let mut sampler = Self {
+            pid,
+            namespace: samplers.of_process(pid)?,
+            listeners: HashMap::new(),
+        };
+        sampler.refresh_listeners();
+        Ok(sampler)
+    }
+
+    /// Re-reads which sockets the target listens on (listeners come and go): the namespace's
+    /// listeners that are among the target's open files.
+    pub fn refresh_listeners(&mut self) {
+        let sockets: HashSet<u64> = socket_inodes(self.pid).into_iter().collect();
+        if let Ok(listeners) = self.namespace.borrow_mut().listeners() {
+            self.listeners = listeners
+                .iter()
+                .filter(|listener| sockets.contains(&listener.inode))
+                .map(|listener| (listener.inode, listener.port))
+                .collect();
+        }
+    }
+
+    pub fn has_listeners(&self) -> bool {
+        !self.listeners.is_empty()
+    }
+
+    /// The target's listening sockets: inode -> port.
+    pub fn listeners(&self) -> &HashMap<u64, u16> {
+        &self.listeners
+    }
+
+    /// The target's listeners now.
+    pub fn sample(&mut self) -> Result<Vec<ListenerSample>, AcceptError> {
+        let mut namespace = self.namespace.borrow_mut();
+        Ok(namespace
+            .listeners()?
+            .iter()
+            .filter(|listener| self.listeners.contains_key(&listener.inode))
+            .copied()
+            .collect())
     }
 }
 
@@ -210,7 +275,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let _waiting = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let mut sampler = QueueSampler::open(std::process::id()).unwrap();
+        let mut sampler =
+            QueueSampler::open(std::process::id(), &NamespaceSamplers::default()).unwrap();
         let samples = sampler.sample().unwrap();
         let ours = samples
             .iter()

@@ -11,7 +11,7 @@ use super::{
     consumer::{Consumer, ConsumerParts, instance_of},
 };
 use crate::{
-    accept::AcceptWatch,
+    accept::{AcceptWatch, NamespaceSamplers},
     alert::Alerting,
     clock::WallClock,
     config::RunConfig,
@@ -24,6 +24,7 @@ use crate::{
     },
     probes::{KernelLog, Probes, Slot},
     stall::StallPipeline,
+    symbolize::SharedBlazesym,
     target::Target,
 };
 
@@ -45,6 +46,10 @@ pub struct Run {
     unclaimed_events: u64,
     /// With `--all`: the servers that could not be attached to (said once).
     pub refused: HashSet<u32>,
+    /// The accept-queue samplers, one per network namespace.
+    pub(super) samplers: NamespaceSamplers,
+    /// The symbolizer every target's pipeline shares (the kernel's symbols are read once).
+    symbols: SharedBlazesym,
 }
 
 impl Run {
@@ -67,6 +72,8 @@ impl Run {
             config: config.clone(),
             unclaimed_events: 0,
             refused: HashSet::new(),
+            samplers: NamespaceSamplers::default(),
+            symbols: SharedBlazesym::default(),
         })
     }
 
@@ -88,7 +95,7 @@ impl Run {
             &target,
             &used,
         )?;
-        let parts = AcceptWatch::open(target.pid, self.clock)
+        let parts = AcceptWatch::open(target.pid, self.clock, &self.samplers)
             .map_err(anyhow::Error::from)
             .and_then(|accept| Ok((accept, self.own_sinks(&instance_of(&target))?)));
         let (accept, own_sinks) = match parts {
@@ -99,7 +106,12 @@ impl Run {
             }
         };
         let consumer = Consumer::new(ConsumerParts {
-            stalls: StallPipeline::new(target.pid, self.config.stall.clone(), self.clock),
+            stalls: StallPipeline::new(
+                target.pid,
+                self.config.stall.clone(),
+                self.clock,
+                self.symbols.clone(),
+            ),
             target,
             maps: self.maps.clone(),
             attachment,

@@ -74,7 +74,7 @@ impl Run {
     /// `--follow`: attaches to `target`, the process that took over the port after the
     /// followed one exited, and goes on into the same outputs and totals.
     pub fn follow(&mut self, target: Target) -> anyhow::Result<()> {
-        let sampler = QueueSampler::open(target.pid)?;
+        let sampler = QueueSampler::open(target.pid, &self.samplers)?;
         let attachment = Attachment::attach(
             &mut self.probes,
             &self.maps,

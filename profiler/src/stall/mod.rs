@@ -16,7 +16,7 @@ use crate::{
     attribute::Rules,
     clock::WallClock,
     output::record::Stall,
-    symbolize::{BlazeSymbols, Symbolizer},
+    symbolize::{BlazeSymbols, SharedBlazesym, Symbolizer},
     unwind::{DwarfUnwinder, StackUnwinder},
 };
 
@@ -33,13 +33,22 @@ pub struct StallSettings {
 pub struct StallPipeline {
     assembler: StallAssembler,
     resolver: StallResolver,
+    /// The run's symbolizer, for the next process (`retarget`).
+    symbols: SharedBlazesym,
 }
 
 impl StallPipeline {
-    /// The pipeline of process `pid`: its unwinder and its symbols, loaded now.
-    pub fn new(pid: u32, settings: StallSettings, clock: WallClock) -> Self {
-        let (unwinder, symbolizer) = process_parts(pid);
+    /// The pipeline of process `pid`: its unwinder and its symbols (looked up by the run's
+    /// `symbols`), loaded now.
+    pub fn new(
+        pid: u32,
+        settings: StallSettings,
+        clock: WallClock,
+        symbols: SharedBlazesym,
+    ) -> Self {
+        let (unwinder, symbolizer) = process_parts(pid, &symbols);
         let mut pipeline = Self::with_parts(pid, unwinder, symbolizer, settings, clock);
+        pipeline.symbols = symbols;
         pipeline.warm_up();
         pipeline
     }
@@ -53,6 +62,7 @@ impl StallPipeline {
         clock: WallClock,
     ) -> Self {
         Self {
+            symbols: SharedBlazesym::default(),
             assembler: StallAssembler::new(unwinder, settings.frequency_hz),
             resolver: StallResolver::new(
                 pid,
@@ -67,7 +77,7 @@ impl StallPipeline {
     /// Binds the pipeline to process `pid` (after an exec, or the next process with
     /// `--follow`): a new unwinder and new symbols, the counts kept.
     pub fn retarget(&mut self, pid: u32) {
-        let (unwinder, symbolizer) = process_parts(pid);
+        let (unwinder, symbolizer) = process_parts(pid, &self.symbols);
         self.assembler.retarget(unwinder);
         self.resolver.retarget(pid, symbolizer);
         self.warm_up();
@@ -116,10 +126,10 @@ impl StallPipeline {
 }
 
 /// The unwinder and the symbolizer of process `pid`.
-fn process_parts(pid: u32) -> (Box<dyn StackUnwinder>, Symbolizer) {
+fn process_parts(pid: u32, symbols: &SharedBlazesym) -> (Box<dyn StackUnwinder>, Symbolizer) {
     (
         Box::new(DwarfUnwinder::new(pid)),
-        Symbolizer::new(Box::new(BlazeSymbols::new(pid))).with_tail_calls(pid),
+        Symbolizer::new(Box::new(BlazeSymbols::new(pid, symbols.clone()))).with_tail_calls(pid),
     )
 }
 

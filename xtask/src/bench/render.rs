@@ -6,7 +6,7 @@ use super::{
     Figures, KERNEL_SIDE_LOAD, KernelSide, POLL_ROUNDS, POLLS_PER_ROUND, PollCost,
     load::{LoadComparison, Observer, ROUNDS, STORM_LOAD, STORM_PERIOD, STORM_STALL, Storm, Test},
     reaction::{ALERT_STALL, ALERT_THRESHOLD, ALERTS, AlertTimes, KEYS, SCANS, UserspaceSpeed},
-    switches::{PING_PONG_RUNS, PollWithMany, ROUND_TRIPS, SwitchCost},
+    switches::{IDLE_WINDOW, PING_PONG_RUNS, PollWithMany, ROUND_TRIPS, SwitchCost},
 };
 
 /// Figures of earlier designs, measured by this benchmark at the commits they name.
@@ -105,11 +105,15 @@ fn several_servers(
     writeln!(
         report,
         "\nThe poll loop above, watched by one `attach` that also watches {} idle servers: {:.1} ns per poll \
-         alone, {:.1} with it ({:+.1}).\n",
+         alone, {:.1} with it ({:+.1}). That profiler, over {} s with every server idle: {:.1}% of one CPU, \
+         {:.0} MiB resident.\n",
         poll.others,
         poll.alone_ns,
         poll.with_ns,
-        poll.with_ns - poll.alone_ns
+        poll.with_ns - poll.alone_ns,
+        IDLE_WINDOW.as_secs(),
+        poll.profiler_cpu_share * 100.0,
+        poll.profiler_rss_kib as f64 / 1024.0,
     )
 }
 

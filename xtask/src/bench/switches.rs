@@ -76,12 +76,20 @@ impl SwitchCost {
     }
 }
 
-/// The poll loop alone and with one profiler watching it and 16 idle servers.
+/// The poll loop alone and with one profiler watching it and 16 idle servers, and what that
+/// profiler itself used while they stayed idle.
 pub struct PollWithMany {
     pub others: usize,
     pub alone_ns: f64,
     pub with_ns: f64,
+    /// The profiler's CPU time over [`IDLE_WINDOW`], as a share of one CPU.
+    pub profiler_cpu_share: f64,
+    /// Its resident memory then (KiB).
+    pub profiler_rss_kib: u64,
 }
+
+/// How long the profiler's own use is measured with every server idle.
+pub const IDLE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Every [`Watchers::MEASURED`] figure, and the poll loop with the servers watched too.
 pub fn measure() -> anyhow::Result<(Vec<SwitchCost>, PollWithMany)> {
@@ -110,6 +118,12 @@ pub fn measure() -> anyhow::Result<(Vec<SwitchCost>, PollWithMany)> {
     let alone_ns = poll_loop.fastest_ns_per_poll()?;
     let watching = watch(&servers, false, Some(poll_loop.child.id()))?;
     let with_ns = poll_loop.fastest_ns_per_poll()?;
+    let profiler = watching[0].pid();
+    let before_s = super::process_cpu_s(profiler)?;
+    thread::sleep(IDLE_WINDOW);
+    let profiler_cpu_share =
+        (super::process_cpu_s(profiler)? - before_s) / IDLE_WINDOW.as_secs_f64();
+    let profiler_rss_kib = rss_kib(profiler)?;
     stop(watching);
     eprintln!(
         "bench: poll loop {alone_ns:.1} ns alone, {with_ns:.1} ns watched with {SERVERS} servers \
@@ -121,6 +135,8 @@ pub fn measure() -> anyhow::Result<(Vec<SwitchCost>, PollWithMany)> {
             others: SERVERS,
             alone_ns,
             with_ns,
+            profiler_cpu_share,
+            profiler_rss_kib,
         },
     ))
 }
@@ -169,6 +185,16 @@ fn watch(
         profilers.push(profiler);
     }
     Ok(profilers)
+}
+
+/// `VmRSS` of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
 }
 
 fn stop(profilers: Vec<Profiler>) {
