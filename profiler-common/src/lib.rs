@@ -88,6 +88,11 @@ pub struct RunningLoop {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for RunningLoop {}
 
+/// Read-only global: the pid of the one process a run watches for its whole life (then found
+/// by comparison, in slot 0, not through the maps); 0 when the run may watch several.
+pub const GLOBAL_SOLE_PID: &str = "SOLE_PID";
+/// Read-only global: with [`GLOBAL_SOLE_PID`], the thread id of its event loop.
+pub const GLOBAL_SOLE_TID: &str = "SOLE_TID";
 /// Read-only global: at most this many bytes of user stack are copied (<= [`USER_STACK_BYTES`]).
 pub const GLOBAL_USER_STACK_LIMIT: &str = "USER_STACK_LIMIT";
 
@@ -358,8 +363,8 @@ pub struct LoopState {
     pub poll_fd: u64,
     /// 1 when the current iteration began at such a poll.
     pub poll_handed_off: u64,
-    /// The loop thread's `task_struct` address as last seen in its poll (0 before), the key
-    /// of its [`MAP_LOOP_TASKS`] entry.
+    /// The loop thread's `task_struct` address as last seen leaving the CPU (0 before), the
+    /// key of its [`MAP_LOOP_TASKS`] entry.
     pub task: u64,
 }
 const _: () = assert!(core::mem::size_of::<LoopState>() == 72);

@@ -41,9 +41,16 @@ mod programs {
     #[unsafe(link_section = "license")]
     static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
-    // Read-only global, set by userspace before load (name in `profiler_common::GLOBAL_*`).
+    // Read-only globals, set by userspace before load (names in `profiler_common::GLOBAL_*`).
     #[unsafe(no_mangle)]
     static USER_STACK_LIMIT: u32 = USER_STACK_BYTES as u32;
+    /// A run that watches one process for its whole life gives its pid and loop thread here:
+    /// slot 0 is then found by comparing with them (constants to the verifier, whose branches
+    /// on them are pruned) instead of through the maps. 0: several targets, in the maps.
+    #[unsafe(no_mangle)]
+    static SOLE_PID: u32 = 0;
+    #[unsafe(no_mangle)]
+    static SOLE_TID: u32 = 0;
 
     /// Reads a read-only global.
     macro_rules! global {
@@ -77,9 +84,13 @@ mod programs {
     #[map]
     static TARGET_SETTINGS: Array<TargetSettings> = Array::with_max_entries(SLOTS, 0);
     /// Event-loop threads' `task_struct` addresses -> slot, to recognise one as `next` in
-    /// sched_switch and in sched_wakeup (written at the loop's poll when its task changes).
+    /// sched_switch and in sched_wakeup (written when the loop leaves a CPU with a task not yet noted).
     #[map]
     static LOOP_TASKS: HashMap<u64, u32> = HashMap::with_max_entries(SLOTS, 0);
+    /// With a sole target: its event-loop thread's `task_struct` address (set when it leaves a
+    /// CPU).
+    #[map]
+    static SOLE_LOOP_TASK: Array<u64> = Array::with_max_entries(1, 0);
     /// The event-loop thread running on this CPU (set when one is switched in or polls,
     /// cleared when it leaves): whether the thread leaving a CPU is one costs no lookup.
     #[map]
@@ -135,13 +146,46 @@ mod programs {
             .filter(|settings| settings.pid != 0)
     }
 
+    /// Whether the run watches one process only (see `SOLE_PID`).
+    #[inline(always)]
+    fn sole_target() -> bool {
+        global!(SOLE_PID) != 0
+    }
+
+    /// Whether the current thread is the sole target's event-loop thread.
+    #[inline(always)]
+    fn is_sole_loop_thread() -> bool {
+        bpf_get_current_pid_tgid()
+            == (u64::from(global!(SOLE_PID)) << 32 | u64::from(global!(SOLE_TID)))
+    }
+
+    /// The slot of the event-loop thread whose task is `task`, if it is one.
+    #[inline(always)]
+    fn loop_task_slot(task: u64) -> Option<u32> {
+        if sole_target() {
+            return SOLE_LOOP_TASK
+                .get(0)
+                .is_some_and(|sole| *sole == task)
+                .then_some(0);
+        }
+        // SAFETY: plain data, written by sched_switch.
+        unsafe { LOOP_TASKS.get(&task) }.copied()
+    }
+
     /// The target the current thread belongs to, and its thread id.
     #[inline(always)]
     fn current_target() -> Option<(Target, u32)> {
         let pid_tgid = bpf_get_current_pid_tgid();
         let pid = (pid_tgid >> 32) as u32;
-        // SAFETY: plain data, written only by userspace.
-        let slot = *unsafe { TARGETS.get(&pid) }?;
+        let slot = if sole_target() {
+            if pid != global!(SOLE_PID) {
+                return None;
+            }
+            0
+        } else {
+            // SAFETY: plain data, written only by userspace.
+            *unsafe { TARGETS.get(&pid) }?
+        };
         let settings = settings(slot).filter(|settings| settings.pid == pid)?;
         Some((Target { slot, settings }, pid_tgid as u32))
     }
@@ -151,6 +195,17 @@ mod programs {
     /// noted as running here.
     #[inline(always)]
     fn current_target_thread() -> Option<(Target, bool)> {
+        if sole_target() {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            if (pid_tgid >> 32) as u32 != global!(SOLE_PID) {
+                return None;
+            }
+            let settings = settings(0)?;
+            return Some((
+                Target { slot: 0, settings },
+                pid_tgid as u32 == global!(SOLE_TID),
+            ));
+        }
         // SAFETY: a helper without arguments.
         let current = unsafe { bpf_get_current_task() };
         let running = running_loop()?;
@@ -201,9 +256,13 @@ mod programs {
             .map(|pointer| unsafe { &mut *pointer })
     }
 
-    /// Adds `delta` to the count of loop threads off the CPU inside an iteration.
+    /// Adds `delta` to the count of loop threads off the CPU inside an iteration (with a sole
+    /// target, wake-ups compare with its task instead).
     #[inline(always)]
     fn loops_off_cpu_add(delta: i64) {
+        if sole_target() {
+            return;
+        }
         if let Some(pointer) = LOOPS_OFF_CPU.get_ptr_mut(0) {
             // SAFETY: a u64 map entry, updated atomically (loop threads on any CPU): a BPF
             // atomic add (the target has no `AtomicU64::fetch_add`).
@@ -217,10 +276,10 @@ mod programs {
         }
     }
 
-    /// Whether any loop thread is off the CPU inside an iteration.
+    /// Whether any loop thread may be off the CPU inside an iteration.
     #[inline(always)]
     fn any_loop_off_cpu() -> bool {
-        LOOPS_OFF_CPU.get(0).is_some_and(|count| *count as i64 > 0)
+        sole_target() || LOOPS_OFF_CPU.get(0).is_some_and(|count| *count as i64 > 0)
     }
 
     /// Adds one to a counter of `slot`. Counters are bumped from any CPU (handshakes in

@@ -62,12 +62,14 @@ pub struct ProbeTuning {
 }
 
 impl ProbeTuning {
-    /// The settings of the programs, whatever the targets.
-    pub fn probe_settings(&self) -> ProbeSettings {
+    /// The settings of the programs; `sole_target`: the (pid, loop tid) of the one process
+    /// the run watches for its whole life, if so.
+    pub fn probe_settings(&self, sole_target: Option<(u32, u32)>) -> ProbeSettings {
         ProbeSettings {
             user_stack_bytes: self.user_stack_bytes,
             ring_buffer_bytes: self.ring_buffer_bytes,
             max_targets: self.max_targets,
+            sole_target,
         }
     }
 

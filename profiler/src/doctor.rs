@@ -130,6 +130,7 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
         user_stack_bytes: 0,
         ring_buffer_bytes: 4096,
         max_targets: 1,
+        sole_target: None,
     };
     let mut probes = match Probes::load(settings) {
         Ok(probes) => probes,

@@ -28,9 +28,10 @@ use profiler_common::{
 };
 
 use super::{
-    ITERATION_HISTOGRAM, ITERATION_MAX, LOOP_TASKS, Target, any_loop_off_cpu, count,
-    current_loop_thread, current_target, current_target_thread, entry, loop_state,
-    loops_off_cpu_add, now_ns, running_loop, send, settings, stacks,
+    ITERATION_HISTOGRAM, ITERATION_MAX, LOOP_TASKS, SOLE_LOOP_TASK, Target, any_loop_off_cpu,
+    count, current_loop_thread, current_target, current_target_thread, entry, is_sole_loop_thread,
+    loop_state, loop_task_slot, loops_off_cpu_add, now_ns, running_loop, send, settings,
+    sole_target, stacks,
 };
 
 /// Task state of a thread that left the CPU still runnable (preempted, or rescheduled on its
@@ -63,7 +64,6 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     };
     if on_loop_thread {
         state.poll_fd = u64::from(poll_fd);
-        remember_loop_task(state, slot);
     } else if state.poll_fd == 0
         || u64::from(poll_fd) != state.poll_fd
         || state.blocked_in_poll != 0
@@ -109,13 +109,19 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Keeps the loop thread's entry in LOOP_TASKS, by which the scheduler programs know it as
-/// `next`: made at its first poll, and again when its task changes (after an exec).
+/// Keeps the loop thread's task, `current`, where the scheduler programs look for it as
+/// `next` (LOOP_TASKS, or SOLE_LOOP_TASK): noted when it leaves the CPU, if it changed (the
+/// first time, and after an exec).
 #[inline(always)]
-fn remember_loop_task(state: &mut LoopState, slot: u32) {
-    // SAFETY: a helper without arguments.
-    let current = unsafe { bpf_get_current_task() };
+fn remember_loop_task(state: &mut LoopState, slot: u32, current: u64) {
     if state.task == current {
+        return;
+    }
+    if sole_target() {
+        if let Some(task) = entry(&SOLE_LOOP_TASK, 0, 1, 0) {
+            *task = current;
+            state.task = current;
+        }
         return;
     }
     if state.task != 0 {
@@ -189,39 +195,38 @@ pub fn nested_poll_end(_ctx: RetProbeContext) -> u32 {
 }
 
 /// `sched_switch(preempt, prev, next, prev_state)`: an event-loop thread leaves or regains a
-/// CPU. Whether `prev` is one is known from this CPU's running loop (no lookup); `next` is
-/// looked up by its task.
+/// CPU. With a sole target, both are compared with its ids and task; otherwise whether `prev`
+/// is one is known from this CPU's running loop (no lookup), and `next` is looked up by its
+/// task.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
-    let Some(running) = running_loop() else {
-        return 0;
-    };
-    if running.task != 0 {
-        // SAFETY: a helper without arguments.
-        let current = unsafe { bpf_get_current_task() };
-        if running.task == current {
-            running.task = 0;
-            let slot = running.slot as u32;
-            if let Some(settings) = settings(slot)
-                && let Some(state) = loop_state(slot)
-            {
-                let preempt = ctx.arg::<u64>(0) & 1 != 0;
-                let prev_state = ctx.arg::<u64>(3) as u32;
-                let target = Target { slot, settings };
-                stacks::switched_out(&ctx, &target, state, preempt || prev_state == TASK_RUNNING);
-            }
+    if let Some((slot, current)) = loop_leaving_cpu() {
+        if let Some(settings) = settings(slot)
+            && let Some(state) = loop_state(slot)
+        {
+            remember_loop_task(state, slot, current);
+            let preempt = ctx.arg::<u64>(0) & 1 != 0;
+            let prev_state = ctx.arg::<u64>(3) as u32;
+            let target = Target { slot, settings };
+            stacks::switched_out(&ctx, &target, state, preempt || prev_state == TASK_RUNNING);
+        }
+        if sole_target() {
+            return 0; // the next task is not the sole loop: it is the one leaving
         }
     }
     let next: u64 = ctx.arg(2);
-    // SAFETY: plain data, written by the loop's poll.
-    let Some(slot) = (unsafe { LOOP_TASKS.get(&next) }).copied() else {
+    let Some(slot) = loop_task_slot(next) else {
         return 0;
     };
     let (Some(settings), Some(state)) = (settings(slot), loop_state(slot)) else {
         return 0;
     };
-    running.task = next;
-    running.slot = u64::from(slot);
+    if !sole_target()
+        && let Some(running) = running_loop()
+    {
+        running.task = next;
+        running.slot = u64::from(slot);
+    }
     if state.blocked_in_poll != 0 {
         // Back from a poll it blocked in: the loop has its events, an iteration begins.
         state.blocked_in_poll = 0;
@@ -233,6 +238,28 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
+/// The slot and task of the event-loop thread leaving this CPU, if the current thread is one:
+/// the sole target's by its ids, otherwise this CPU's running loop (no lookup), which it then
+/// is no more.
+#[inline(always)]
+fn loop_leaving_cpu() -> Option<(u32, u64)> {
+    if sole_target() {
+        // SAFETY: a helper without arguments.
+        return is_sole_loop_thread().then(|| (0, unsafe { bpf_get_current_task() }));
+    }
+    let running = running_loop()?;
+    if running.task == 0 {
+        return None;
+    }
+    // SAFETY: a helper without arguments.
+    let current = unsafe { bpf_get_current_task() };
+    if running.task != current {
+        return None;
+    }
+    running.task = 0;
+    Some((running.slot as u32, current))
+}
+
 /// `sched_wakeup(p)`: note when an event-loop thread, blocked inside an iteration, is woken.
 /// While no loop thread is off the CPU inside an iteration (nearly always), nothing is looked up.
 #[btf_tracepoint(function = "sched_wakeup")]
@@ -241,8 +268,7 @@ pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let task: u64 = ctx.arg(0);
-    // SAFETY: plain data, written by the loop's poll.
-    if let Some(slot) = (unsafe { LOOP_TASKS.get(&task) }).copied()
+    if let Some(slot) = loop_task_slot(task)
         && let Some(state) = loop_state(slot)
         && state.switch_out_ns != 0
         && state.wakeup_ns == 0

@@ -40,7 +40,12 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     let metrics_listener = config.metrics.and_then(bind_metrics);
     let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new()));
     warn_if_no_stack_fits(config.probes.ring_buffer_bytes);
-    let mut probes = Probes::load(config.probes.probe_settings())?;
+    // One process for the whole run: the programs compare with its ids instead of looking it up.
+    let sole_target = match (&config.selection, targets.as_slice(), config.follow_port) {
+        (Selection::Targets(_), [only], None) => Some((only.pid, only.main_tid)),
+        _ => None,
+    };
+    let mut probes = Probes::load(config.probes.probe_settings(sole_target))?;
     // The scheduler programs before the poll entries: an iteration the poll timer starts
     // must not miss the switch-out that tells it the loop went idle.
     probes.attach_scheduler()?;

@@ -17,9 +17,10 @@ use aya::{
 };
 pub use maps::{KernelMaps, Slot};
 use profiler_common::{
-    GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX,
-    MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_LOOP_TASKS, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP,
-    MAP_TARGET_SETTINGS, MAP_TARGETS, PER_TARGET_MAPS, PER_TARGET_MULTI_MAPS,
+    GLOBAL_SOLE_PID, GLOBAL_SOLE_TID, GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS,
+    MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_LOOP_TASKS,
+    MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS, MAP_TARGETS, PER_TARGET_MAPS,
+    PER_TARGET_MULTI_MAPS,
 };
 
 /// The kernel programs' log (aya-log): their rare-path messages, read into our log.
@@ -104,6 +105,10 @@ pub struct ProbeSettings {
     pub ring_buffer_bytes: u32,
     /// Targets the per-target maps have room for.
     pub max_targets: u32,
+    /// The (pid, event-loop tid) of the one process a run watches for its whole life: the
+    /// programs then find it by comparison rather than through the maps (cheaper on every
+    /// context switch and poll). `None` when the run may watch several.
+    pub sole_target: Option<(u32, u32)>,
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
@@ -162,9 +167,12 @@ impl Probes {
         } else {
             KERNEL_LOG_OFF
         };
+        let (sole_pid, sole_tid) = settings.sole_target.unwrap_or((0, 0));
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&btf))
+            .override_global(GLOBAL_SOLE_PID, &sole_pid, true)
+            .override_global(GLOBAL_SOLE_TID, &sole_tid, true)
             .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
             .override_global(GLOBAL_KERNEL_LOG_LEVEL, &kernel_log_level, true)
             .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes);

@@ -55,7 +55,9 @@ impl Watchers {
 
     pub fn label(self) -> String {
         match (self.one_per_instance, self.instances) {
-            (false, 1) => "one `attach` watching 1 idle server".to_owned(),
+            (false, 1) => {
+                "one `attach` watching 1 idle server (a sole target: its ids compared)".to_owned()
+            }
             (false, n) => format!("one `attach` watching {n} idle servers"),
             (true, n) => format!("{n} `attach`, one per idle server"),
         }
