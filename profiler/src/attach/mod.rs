@@ -21,10 +21,7 @@ use crate::{
     config::{OutputPaths, RunConfig, Selection},
     kernel,
     metrics::{self, Metrics},
-    output::{
-        ConsoleSink, FoldedStacks, JsonSink, PprofSink, SharedSinks, Sink, StackFilesSink,
-        record::StopReason,
-    },
+    output::{ConsoleSink, FoldedStacks, JsonSink, SharedSinks, Sink, record::StopReason},
     privileges,
     probes::Probes,
 };
@@ -133,28 +130,21 @@ fn open_sinks(paths: &OutputPaths, several: bool) -> anyhow::Result<Vec<Box<dyn 
     }
     let shared =
         |path: &Option<std::path::PathBuf>| path.clone().filter(|path| !run::names_instance(path));
-    let (folded, flamegraph) = (shared(&paths.folded), shared(&paths.flamegraph));
-    if folded.is_some() || flamegraph.is_some() {
-        let stacks = FoldedStacks::new(paths.stack_root);
-        let stacks = if several {
-            stacks.with_instance_root()
-        } else {
-            stacks
-        };
-        let sink = StackFilesSink::create(
-            folded.as_deref(),
-            flamegraph.as_deref(),
-            "redis-stallprof: where the stalls spent their time".to_owned(),
-            stacks,
-        )
-        .context("cannot write the stack files")?;
-        sinks.push(Box::new(sink));
-    }
-    if let Some(path) = shared(&paths.pprof) {
-        let sink = PprofSink::create(&path)
-            .with_context(|| format!("cannot write the pprof file `{}`", path.display()))?;
-        sinks.push(Box::new(sink));
-    }
+    let stacks = FoldedStacks::new(paths.stack_root);
+    let stacks = if several {
+        stacks.with_instance_root()
+    } else {
+        stacks
+    };
+    sinks.extend(run::stack_sinks(
+        run::StackPaths {
+            folded: shared(&paths.folded),
+            flamegraph: shared(&paths.flamegraph),
+            pprof: shared(&paths.pprof),
+        },
+        "redis-stallprof: where the stalls spent their time".to_owned(),
+        stacks,
+    )?);
     Ok(sinks)
 }
 

@@ -1,7 +1,13 @@
 //! A run's shared parts (the programs, loaded once; the maps; the sinks and metrics every
 //! instance writes to) and one [`Consumer`] per watched target, to which the ring buffer's
 //! events go by the pid they carry.
-use std::{cell::RefCell, collections::HashSet, path::Path, rc::Rc, sync::Arc};
+use std::{
+    cell::RefCell,
+    collections::HashSet,
+    path::{Path, PathBuf},
+    rc::Rc,
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -145,24 +151,15 @@ impl Run {
                 .filter(|path| names_instance(path))
                 .map(|path| instance_path(path, instance))
         };
-        let (folded, flamegraph) = (own(&paths.folded), own(&paths.flamegraph));
-        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-        if folded.is_some() || flamegraph.is_some() {
-            let sink = StackFilesSink::create(
-                folded.as_deref(),
-                flamegraph.as_deref(),
-                flamegraph_title(&instance.name, instance.pid),
-                FoldedStacks::new(paths.stack_root),
-            )
-            .context("cannot write the stack files")?;
-            sinks.push(Box::new(sink));
-        }
-        if let Some(path) = own(&paths.pprof) {
-            let sink = PprofSink::create(&path)
-                .with_context(|| format!("cannot write the pprof file `{}`", path.display()))?;
-            sinks.push(Box::new(sink));
-        }
-        Ok(sinks)
+        stack_sinks(
+            StackPaths {
+                folded: own(&paths.folded),
+                flamegraph: own(&paths.flamegraph),
+                pprof: own(&paths.pprof),
+            },
+            flamegraph_title(&instance.name, instance.pid),
+            FoldedStacks::new(paths.stack_root),
+        )
     }
 
     /// Handles every event waiting in the ring buffer, each by its target's consumer.
@@ -267,6 +264,39 @@ impl Run {
             consumer.finish_after_error(&mut console);
         }
     }
+}
+
+/// The stack files of some instances (all, or one).
+pub struct StackPaths {
+    pub folded: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
+    pub pprof: Option<PathBuf>,
+}
+
+/// The sinks writing `paths` (created now): the folded lines and the flamegraph (`title`) of
+/// `stacks`, and the pprof profile.
+pub fn stack_sinks(
+    paths: StackPaths,
+    title: String,
+    stacks: FoldedStacks,
+) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if paths.folded.is_some() || paths.flamegraph.is_some() {
+        let sink = StackFilesSink::create(
+            paths.folded.as_deref(),
+            paths.flamegraph.as_deref(),
+            title,
+            stacks,
+        )
+        .context("cannot write the stack files")?;
+        sinks.push(Box::new(sink));
+    }
+    if let Some(path) = paths.pprof {
+        let sink = PprofSink::create(&path)
+            .with_context(|| format!("cannot write the pprof file `{}`", path.display()))?;
+        sinks.push(Box::new(sink));
+    }
+    Ok(sinks)
 }
 
 /// Whether `path` holds a placeholder that names the instance.
