@@ -37,17 +37,14 @@ pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
 /// Name of the `PerCpuArray<u64>` of counters, [`COUNTERS`] per slot, indexed by [`Counter`]
 /// (summed over CPUs).
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
-/// The per-target maps' names, for sizing them with the number of slots.
-pub const PER_TARGET_MAPS: [(&str, u32); 6] = [
+/// The per-target maps, sized with the number of slots: (name, entries per slot).
+pub const PER_TARGET_MAPS: [(&str, u32); 8] = [
     (MAP_TARGETS, 1),
     (MAP_TARGET_SETTINGS, 1),
     (MAP_LOOP_TASKS, 1),
     (MAP_ITERATION_MAX, 1),
     (MAP_LOOP_STATE, 1),
     (MAP_OFF_CPU_STACKS, 1),
-];
-/// The per-target maps with several entries per slot: (name, entries per slot).
-pub const PER_TARGET_MULTI_MAPS: [(&str, u32); 2] = [
     (MAP_ITERATION_HISTOGRAM, ITERATION_BUCKETS),
     (MAP_COUNTERS, COUNTERS),
 ];

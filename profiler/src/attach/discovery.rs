@@ -55,6 +55,8 @@ pub fn watch_new_servers(run: &mut Run) {
             return;
         }
     };
+    // A pid refused once and gone since may come back as another server.
+    run.refused.retain(|pid| pids.contains(pid));
     for pid in pids {
         if run.watches(pid) || run.refused.contains(&pid) {
             continue;

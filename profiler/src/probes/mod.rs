@@ -20,7 +20,6 @@ use profiler_common::{
     GLOBAL_SOLE_PID, GLOBAL_SOLE_TID, GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS,
     MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_LOOP_TASKS,
     MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS, MAP_TARGETS, PER_TARGET_MAPS,
-    PER_TARGET_MULTI_MAPS,
 };
 
 /// The kernel programs' log (aya-log): their rare-path messages, read into our log.
@@ -176,7 +175,7 @@ impl Probes {
             .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
             .override_global(GLOBAL_KERNEL_LOG_LEVEL, &kernel_log_level, true)
             .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes);
-        for (map, entries_per_target) in PER_TARGET_MAPS.into_iter().chain(PER_TARGET_MULTI_MAPS) {
+        for (map, entries_per_target) in PER_TARGET_MAPS {
             loader.map_max_entries(map, settings.max_targets * entries_per_target);
         }
         let ebpf = loader
