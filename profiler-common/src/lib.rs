@@ -32,19 +32,23 @@ pub const MAP_LOOP_STATE: &str = "LOOP_STATE";
 /// Name of the `Array<StackEvent>` holding, by slot, the stacks the event-loop thread left the
 /// CPU with, while it is off the CPU inside an iteration.
 pub const MAP_OFF_CPU_STACKS: &str = "OFF_CPU_STACKS";
+/// Name of the `Array<FaultSampling>`: by slot, the page faults counted since each kind's last
+/// sample and when the next sample may be taken.
+pub const MAP_FAULT_SAMPLING: &str = "FAULT_SAMPLING";
 /// Name of the `HashMap<u16, u32>` of the targets' listening ports -> slot (set by userspace).
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
 /// Name of the `PerCpuArray<u64>` of counters, [`COUNTERS`] per slot, indexed by [`Counter`]
 /// (summed over CPUs).
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
 /// The per-target maps, sized with the number of slots: (name, entries per slot).
-pub const PER_TARGET_MAPS: [(&str, u32); 8] = [
+pub const PER_TARGET_MAPS: [(&str, u32); 9] = [
     (MAP_TARGETS, 1),
     (MAP_TARGET_SETTINGS, 1),
     (MAP_LOOP_TASKS, 1),
     (MAP_ITERATION_MAX, 1),
     (MAP_LOOP_STATE, 1),
     (MAP_OFF_CPU_STACKS, 1),
+    (MAP_FAULT_SAMPLING, 1),
     (MAP_ITERATION_HISTOGRAM, ITERATION_BUCKETS),
     (MAP_COUNTERS, COUNTERS),
 ];
@@ -66,8 +70,11 @@ pub struct TargetSettings {
     pub gate_ns: u64,
     /// Time off the CPU (ns) below which a block is only counted.
     pub min_block_ns: u64,
+    /// At most one page-fault stack sample per this long (ns) per target: each sample stands
+    /// for the faults of its kind counted since the last one. 0: no fault samples.
+    pub fault_sample_interval_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<TargetSettings>() == 32);
+const _: () = assert!(core::mem::size_of::<TargetSettings>() == 40);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for TargetSettings {}
@@ -125,11 +132,14 @@ pub enum Counter {
     AcceptsUntracked = 10,
     OffCpuRecordsUnread = 11,
     IterationsNotTimed = 12,
+    NewPageFaults = 13,
+    WriteProtectFaults = 14,
+    FaultEventsLost = 15,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 16] = [
         Counter::StallEventsLost,
         Counter::BlockingPolls,
         Counter::StackEventsLost,
@@ -143,6 +153,9 @@ impl Counter {
         Counter::AcceptsUntracked,
         Counter::OffCpuRecordsUnread,
         Counter::IterationsNotTimed,
+        Counter::NewPageFaults,
+        Counter::WriteProtectFaults,
+        Counter::FaultEventsLost,
     ];
 
     /// The counter's slot in [`MAP_COUNTERS`].
@@ -163,6 +176,8 @@ impl Counter {
             Counter::AcceptsUntracked => Some("accepts_untracked"),
             Counter::OffCpuRecordsUnread => Some("off_cpu_records_unread"),
             Counter::IterationsNotTimed => Some("iterations_not_timed"),
+            Counter::FaultEventsLost => Some("fault_events"),
+            Counter::NewPageFaults | Counter::WriteProtectFaults => None,
             Counter::BlockingPolls
             | Counter::ShortBlocks
             | Counter::BlocksBeforeGate
@@ -210,6 +225,17 @@ impl Counter {
                 "iterations not timed: the loop's return from an idle poll was not seen (an \
                  unmatched switch-out), so their start is unknown"
             }
+            Counter::NewPageFaults => {
+                "page faults of the target's threads writing to a page not present (a new \
+                 resident page)"
+            }
+            Counter::WriteProtectFaults => {
+                "page faults of the target's threads writing to a present, write-protected page \
+                 (a page read before, or copy on write)"
+            }
+            Counter::FaultEventsLost => {
+                "page-fault stack samples the kernel could not send (ring buffer full)"
+            }
         }
     }
 }
@@ -232,6 +258,32 @@ pub const EVENT_KIND_CONNECTION: u32 = 5;
 pub const EVENT_KIND_ACCEPT: u32 = 6;
 /// Event kind: the target executed a new program ([`ExecEvent`]).
 pub const EVENT_KIND_EXEC: u32 = 7;
+/// Event kind: a page fault of a thread of the target, with its stacks ([`StackEvent`]).
+pub const EVENT_KIND_PAGE_FAULT: u32 = 8;
+/// Event kind: a connection to a listening port of the target closed ([`ConnectionEvent`]).
+pub const EVENT_KIND_CONNECTION_CLOSED: u32 = 9;
+
+/// A write fault on a page not present: the kernel maps a new page (resident memory grows).
+pub const FAULT_KIND_NEW_PAGE: u32 = 0;
+/// A write to a present page mapped read-only: the first write to a page read before (the
+/// zero page is replaced by a new one), or copy on write (after a fork, a page shared with the
+/// child is copied).
+pub const FAULT_KIND_WRITE_PROTECT: u32 = 1;
+
+/// Page-fault sampling state of one target (kernel-side, by slot in [`MAP_FAULT_SAMPLING`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultSampling {
+    /// No sample before this time.
+    pub next_sample_ns: u64,
+    /// Faults of each kind ([`FAULT_KIND_NEW_PAGE`], [`FAULT_KIND_WRITE_PROTECT`]) since that
+    /// kind's last sample.
+    pub unsampled: [u64; 2],
+}
+const _: () = assert!(core::mem::size_of::<FaultSampling>() == 24);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FaultSampling {}
 
 /// The target called `execve` successfully: same pid, new program (Redis re-executes itself
 /// on `DEBUG RESTART`; an in-place upgrade executes a new binary). Its mappings, and so every
@@ -252,11 +304,13 @@ const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24);
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ExecEvent {}
 
-/// A connection entered a listener's accept queue (SYN_RECV -> ESTABLISHED).
+/// A connection entered a listener's accept queue (SYN_RECV -> ESTABLISHED), or one of a
+/// listener's connections closed (-> CLOSE).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectionEvent {
-    /// Always [`EVENT_KIND_CONNECTION`].
+    /// [`EVENT_KIND_CONNECTION`] (it entered the accept queue) or
+    /// [`EVENT_KIND_CONNECTION_CLOSED`].
     pub kind: u32,
     /// The listening port.
     pub port: u16,
@@ -410,7 +464,7 @@ unsafe impl aya::Pod for MadviseEvent {}
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct StackEvent {
-    /// [`EVENT_KIND_ON_CPU`] or [`EVENT_KIND_OFF_CPU`].
+    /// [`EVENT_KIND_ON_CPU`], [`EVENT_KIND_OFF_CPU`] or [`EVENT_KIND_PAGE_FAULT`].
     pub kind: u32,
     pub tid: u32,
     /// When the sample was taken (on-CPU) or the thread ran again (off-CPU).
@@ -433,12 +487,19 @@ pub struct StackEvent {
     pub user_stack_len: u32,
     /// The target's pid.
     pub pid: u32,
+    /// Page fault: the address that faulted.
+    pub fault_address: u64,
+    /// Page fault: the faults of its kind this sample stands for (those since the last sample).
+    pub faults: u64,
+    /// Page fault: [`FAULT_KIND_NEW_PAGE`] or [`FAULT_KIND_WRITE_PROTECT`].
+    pub fault_kind: u32,
+    pub _padding: u32,
     /// Kernel instruction pointers, leaf first.
     pub kernel_stack: [u64; KERNEL_STACK_DEPTH],
     pub user_stack: [u8; USER_STACK_BUFFER_BYTES],
 }
 const _: () = assert!(
-    core::mem::size_of::<StackEvent>() == 80 + 8 * KERNEL_STACK_DEPTH + USER_STACK_BUFFER_BYTES
+    core::mem::size_of::<StackEvent>() == 104 + 8 * KERNEL_STACK_DEPTH + USER_STACK_BUFFER_BYTES
 );
 
 #[cfg(feature = "user")]

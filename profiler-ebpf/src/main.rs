@@ -6,7 +6,9 @@
 //!   again after leaving the CPU, its off-CPU and run-queue time with the stacks it left with
 //!   (`stacks`);
 //! - time the target's `madvise` calls (`madvise`) and follow connections entering and leaving
-//!   its listeners' accept queues (`connections`).
+//!   its listeners' accept queues, and closing (`connections`);
+//! - count the page faults of the target's threads and send a few with their stacks, each
+//!   standing for the faults since the previous one (`memory`).
 //!
 //! One set of programs serves every target: userspace gives each a slot, and each target's
 //! state lives in its slot of the maps, found from the current thread's pid (one hash lookup)
@@ -32,8 +34,8 @@ mod programs {
         maps::{Array, HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
     };
     use profiler_common::{
-        COUNTERS, Counter, DEFAULT_MAX_TARGETS, ITERATION_BUCKETS, LoopState, RunningLoop,
-        StackEvent, TargetSettings, USER_STACK_BYTES,
+        COUNTERS, Counter, DEFAULT_MAX_TARGETS, FaultSampling, ITERATION_BUCKETS, LoopState,
+        RunningLoop, StackEvent, TargetSettings, USER_STACK_BYTES,
     };
 
     /// GPL-compatible: the stack and memory-read helpers are GPL-only.
@@ -63,6 +65,7 @@ mod programs {
     mod connections;
     mod loop_timing;
     mod madvise;
+    mod memory;
     mod stacks;
 
     /// Default ring-buffer size (userspace may change it before load): 16 MiB holds about 780
@@ -112,6 +115,9 @@ mod programs {
     /// runs again (its kernel stack is read then, only if the time off the CPU is reported).
     #[map]
     static OFF_CPU_STACKS: Array<StackEvent> = Array::with_max_entries(SLOTS, 0);
+    /// Page-fault sampling state, by slot.
+    #[map]
+    static FAULT_SAMPLING: Array<FaultSampling> = Array::with_max_entries(SLOTS, 0);
     /// madvise calls in flight, by thread id: (entry time, length, advice).
     #[map]
     static MADVISE_IN_FLIGHT: HashMap<u32, [u64; 3]> = HashMap::with_max_entries(MAX_THREADS, 0);

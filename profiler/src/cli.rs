@@ -135,6 +135,19 @@ pub struct AttachArgs {
     /// How often to sample the listening sockets' accept queues.
     #[arg(long, default_value = "10ms", value_parser = parse_positive_duration)]
     pub queue_interval: Duration,
+    /// At most one page-fault stack sample per this long per target (each stands for the
+    /// faults since the previous one): bounds the cost when memory grows fast.
+    #[arg(long, default_value = "10ms", value_parser = parse_positive_duration)]
+    pub fault_sample_interval: Duration,
+    /// Do not trace page faults (no `memory` records).
+    #[arg(long)]
+    pub no_memory: bool,
+    /// Write the memory growth's stacks as folded lines (weights in KiB) at exit.
+    #[arg(long, value_name = "PATH")]
+    pub memory_folded: Option<PathBuf>,
+    /// Write the memory growth's stacks as a flamegraph SVG at exit.
+    #[arg(long, value_name = "PATH")]
+    pub memory_flamegraph: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,

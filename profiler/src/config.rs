@@ -59,6 +59,9 @@ pub struct ProbeTuning {
     pub frequency_hz: u64,
     /// Targets the kernel's maps have room for.
     pub max_targets: u32,
+    /// At most one page-fault sample per this long per target; `None`: page faults are not
+    /// traced.
+    pub fault_sample_interval_ns: Option<u64>,
 }
 
 impl ProbeTuning {
@@ -81,6 +84,7 @@ impl ProbeTuning {
             threshold_ns: self.threshold_ns,
             gate_ns: self.gate_ns,
             min_block_ns: self.min_block_ns,
+            fault_sample_interval_ns: self.fault_sample_interval_ns.unwrap_or(0),
         }
     }
 }
@@ -93,6 +97,9 @@ pub struct OutputPaths {
     pub flamegraph: Option<PathBuf>,
     pub pprof: Option<PathBuf>,
     pub stack_root: StackRoot,
+    /// The memory growth's stacks: folded lines and a flamegraph.
+    pub memory_folded: Option<PathBuf>,
+    pub memory_flamegraph: Option<PathBuf>,
 }
 
 /// Which processes a run watches.
@@ -181,6 +188,8 @@ impl RunConfig {
                 ring_buffer_bytes: args.ring_buffer_kib * 1024,
                 max_targets: args.max_targets,
                 frequency_hz,
+                fault_sample_interval_ns: (!args.no_memory)
+                    .then(|| nanos(args.fault_sample_interval)),
             },
             stall: StallSettings {
                 threshold: args.threshold,
@@ -193,6 +202,8 @@ impl RunConfig {
                 flamegraph: args.flamegraph.clone(),
                 pprof: args.pprof.clone(),
                 stack_root: args.stack_root,
+                memory_folded: args.memory_folded.clone(),
+                memory_flamegraph: args.memory_flamegraph.clone(),
             },
             metrics: args.metrics,
             alert,

@@ -151,6 +151,13 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
         ),
     );
     check(
+        "page-fault probes",
+        attach_verdict(
+            probes.attach_memory(),
+            "exceptions:page_fault_user and page_fault_kernel attach",
+        ),
+    );
+    check(
         "connection probes",
         attach_verdict(
             probes.attach_connections(),

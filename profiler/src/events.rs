@@ -1,9 +1,10 @@
 //! Ring-buffer bytes -> typed events. Malformed records become a [`DecodeError`] (counted as
 //! lost by the caller), never a panic.
 use profiler_common::{
-    AcceptEvent, ConnectionEvent, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION, EVENT_KIND_EXEC,
-    EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_STALL, ExecEvent,
-    MadviseEvent, StackEvent, StallEvent,
+    AcceptEvent, ConnectionEvent, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION,
+    EVENT_KIND_CONNECTION_CLOSED, EVENT_KIND_EXEC, EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU,
+    EVENT_KIND_ON_CPU, EVENT_KIND_PAGE_FAULT, EVENT_KIND_STALL, ExecEvent, MadviseEvent,
+    StackEvent, StallEvent,
 };
 
 /// An event sent by the kernel programs.
@@ -12,8 +13,13 @@ pub enum Event<'a> {
     Stall(StallEvent),
     /// On- or off-CPU stack sample, borrowed from the ring buffer.
     Stack(&'a StackEvent),
+    /// A page-fault sample with its stacks, borrowed from the ring buffer.
+    PageFault(&'a StackEvent),
     Madvise(MadviseEvent),
+    /// A connection entered an accept queue.
     Connection(ConnectionEvent),
+    /// A connection to a listener closed.
+    ConnectionClosed(ConnectionEvent),
     Accept(AcceptEvent),
     Exec(ExecEvent),
 }
@@ -23,9 +29,9 @@ impl Event<'_> {
     pub fn pid(&self) -> u32 {
         match self {
             Event::Stall(event) => event.pid,
-            Event::Stack(event) => event.pid,
+            Event::Stack(event) | Event::PageFault(event) => event.pid,
             Event::Madvise(event) => event.pid,
-            Event::Connection(event) => event.pid,
+            Event::Connection(event) | Event::ConnectionClosed(event) => event.pid,
             Event::Accept(event) => event.pid,
             Event::Exec(event) => event.pid,
         }
@@ -54,8 +60,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     match kind {
         EVENT_KIND_STALL => Ok(Event::Stall(read::<StallEvent>(bytes)?)),
         EVENT_KIND_ON_CPU | EVENT_KIND_OFF_CPU => Ok(Event::Stack(stack_event(bytes)?)),
+        EVENT_KIND_PAGE_FAULT => Ok(Event::PageFault(stack_event(bytes)?)),
         EVENT_KIND_MADVISE => Ok(Event::Madvise(read::<MadviseEvent>(bytes)?)),
         EVENT_KIND_CONNECTION => Ok(Event::Connection(read::<ConnectionEvent>(bytes)?)),
+        EVENT_KIND_CONNECTION_CLOSED => {
+            Ok(Event::ConnectionClosed(read::<ConnectionEvent>(bytes)?))
+        }
         EVENT_KIND_ACCEPT => Ok(Event::Accept(read::<AcceptEvent>(bytes)?)),
         EVENT_KIND_EXEC => Ok(Event::Exec(read::<ExecEvent>(bytes)?)),
         kind => Err(DecodeError::UnknownKind { kind }),

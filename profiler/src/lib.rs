@@ -21,6 +21,7 @@ pub mod events;
 pub mod histogram;
 pub mod kernel;
 pub mod madvise;
+pub mod memory;
 pub mod memory_map;
 pub mod metrics;
 pub mod output;

@@ -1,7 +1,11 @@
 //! Prometheus metrics at `/metrics` (`--metrics ADDR`): iteration and stall histograms, stalls
-//! per origin and mechanism, madvise bytes and latency, lost events; every metric carries its
-//! instance's `pid`, `port` and `server`. Served by hyper on the run's own runtime.
-use std::{convert::Infallible, sync::Arc};
+//! per origin and mechanism, madvise bytes and latency, lost events, memory growth per origin
+//! and mechanism, client connections per address (the top ones and `other`); every metric
+//! carries its instance's `pid`, `port` and `server`. Served by hyper on the run's own runtime.
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex},
+};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
@@ -18,7 +22,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::output::record::{Instance, Stall};
+use crate::output::record::{ConnectionCensus, Instance, MemoryGrowth, Stall};
 
 /// The instance every metric is of.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +70,14 @@ struct MadviseLabels {
     advice: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    #[prometheus(flatten)]
+    instance: InstanceLabels,
+    /// A client address among the top ones, or `other`.
+    client: String,
+}
+
 /// A histogram family's constructor (a plain fn: the families must be `Clone`).
 type MakeHistogram = fn() -> Histogram;
 
@@ -96,6 +108,14 @@ pub struct Metrics {
     lost_events: Family<InstanceLabels, Counter>,
     accept_overflows: Family<PortLabels, Counter>,
     accept_queue: Family<PortLabels, Gauge>,
+    memory_growth: Family<CauseLabels, Counter>,
+    new_page_bytes: Family<InstanceLabels, Counter>,
+    given_back_bytes: Family<InstanceLabels, Counter>,
+    resident_bytes: Family<InstanceLabels, Gauge>,
+    client_connections: Family<ClientLabels, Gauge>,
+    client_idle_seconds: Family<ClientLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    connections_opened: Family<InstanceLabels, Counter>,
+    connections_closed: Family<InstanceLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -117,6 +137,14 @@ impl Metrics {
             lost_events: Family::default(),
             accept_overflows: Family::default(),
             accept_queue: Family::default(),
+            memory_growth: Family::default(),
+            new_page_bytes: Family::default(),
+            given_back_bytes: Family::default(),
+            resident_bytes: Family::default(),
+            client_connections: Family::default(),
+            client_idle_seconds: Family::default(),
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
         };
         metrics.register_all(&mut registry);
         metrics.registry = registry;
@@ -129,6 +157,7 @@ impl Metrics {
         let metrics = InstanceMetrics {
             metrics: Arc::clone(self),
             labels: InstanceLabels::of(instance),
+            clients: Arc::default(),
         };
         metrics.create_series();
         metrics
@@ -176,6 +205,46 @@ impl Metrics {
             "Connections waiting in a listening port's accept queue",
             self.accept_queue.clone(),
         );
+        registry.register(
+            "memory_growth_bytes",
+            "Resident memory faulted in (sampled page faults), by what Redis was doing and what the pages are for",
+            self.memory_growth.clone(),
+        );
+        registry.register(
+            "memory_new_page_bytes",
+            "Pages the target's threads faulted in (every page fault on a page not present)",
+            self.new_page_bytes.clone(),
+        );
+        registry.register(
+            "memory_given_back_bytes",
+            "Resident memory given back (pages faulted in minus the resident change)",
+            self.given_back_bytes.clone(),
+        );
+        registry.register(
+            "resident_bytes",
+            "The target's resident memory (VmRSS) at the last interval",
+            self.resident_bytes.clone(),
+        );
+        registry.register(
+            "client_connections",
+            "Established client connections by client address (the top addresses, then other)",
+            self.client_connections.clone(),
+        );
+        registry.register(
+            "client_connection_idle_seconds",
+            "Median time since a client's connections last received data (the top addresses)",
+            self.client_idle_seconds.clone(),
+        );
+        registry.register(
+            "client_connections_opened",
+            "Client connections opened (handshake completed)",
+            self.connections_opened.clone(),
+        );
+        registry.register(
+            "client_connections_closed",
+            "Client connections closed",
+            self.connections_closed.clone(),
+        );
     }
 
     /// The text exposition (OpenMetrics, which Prometheus reads).
@@ -192,6 +261,8 @@ impl Metrics {
 pub struct InstanceMetrics {
     metrics: Arc<Metrics>,
     labels: InstanceLabels,
+    /// The client addresses its last census published (removed when they drop out).
+    clients: Arc<Mutex<Vec<String>>>,
 }
 
 impl InstanceMetrics {
@@ -260,6 +331,76 @@ impl InstanceMetrics {
             .accept_overflows
             .get_or_create(&labels)
             .inc_by(new_overflows);
+    }
+
+    /// Takes in an interval's memory growth.
+    pub fn observe_memory(&self, growth: &MemoryGrowth) {
+        for entry in &growth.growth {
+            let labels = CauseLabels {
+                instance: self.labels.clone(),
+                origin: entry.origin.clone(),
+                mechanism: entry.mechanism.clone(),
+            };
+            self.metrics
+                .memory_growth
+                .get_or_create(&labels)
+                .inc_by(entry.bytes);
+        }
+        let metrics = &self.metrics;
+        metrics
+            .new_page_bytes
+            .get_or_create(&self.labels)
+            .inc_by(growth.new_page_bytes);
+        metrics
+            .given_back_bytes
+            .get_or_create(&self.labels)
+            .inc_by(growth.given_back_bytes);
+        metrics
+            .resident_bytes
+            .get_or_create(&self.labels)
+            .set(growth.resident_bytes as i64);
+    }
+
+    /// Takes in a census: the top addresses and `other` (whose series replace the last
+    /// census's), and the opens and closes.
+    pub fn observe_connections(&self, census: &ConnectionCensus) {
+        let metrics = &self.metrics;
+        let client = |client: &str| ClientLabels {
+            instance: self.labels.clone(),
+            client: client.to_owned(),
+        };
+        let mut published = self.clients.lock().unwrap_or_else(|poison| poison.into_inner());
+        for gone in published.drain(..) {
+            metrics.client_connections.remove(&client(&gone));
+            metrics.client_idle_seconds.remove(&client(&gone));
+        }
+        let mut listed = 0;
+        for entry in &census.clients {
+            let labels = client(&entry.addr);
+            metrics
+                .client_connections
+                .get_or_create(&labels)
+                .set(entry.established as i64);
+            metrics
+                .client_idle_seconds
+                .get_or_create(&labels)
+                .set(entry.idle_ms.p50 as f64 / 1e3);
+            listed += entry.established;
+            published.push(entry.addr.clone());
+        }
+        metrics
+            .client_connections
+            .get_or_create(&client("other"))
+            .set(census.established.saturating_sub(listed) as i64);
+        published.push("other".to_owned());
+        metrics
+            .connections_opened
+            .get_or_create(&self.labels)
+            .inc_by(census.opened);
+        metrics
+            .connections_closed
+            .get_or_create(&self.labels)
+            .inc_by(census.closed);
     }
 
     /// Brings the lost-events counter up to `total`.
@@ -336,7 +477,32 @@ mod tests {
         first.observe_madvise("main", "MADV_DONTNEED", 4096, 0.000_1);
         first.set_lost_events(2);
         first.observe_accept_queue(6379, 7, 1);
+        first.observe_memory(&MemoryGrowth {
+            resident_bytes: 8 << 20,
+            new_page_bytes: 4 << 20,
+            growth: vec![crate::output::record::GrowthEntry {
+                origin: "command:sadd".into(),
+                mechanism: "allocation".into(),
+                bytes: 3 << 20,
+                share: 1.0,
+            }],
+            ..MemoryGrowth::default()
+        });
+        let census = |addr: &str| ConnectionCensus {
+            established: 250,
+            opened: 2,
+            clients: vec![crate::output::record::ClientCensus {
+                addr: addr.into(),
+                established: 200,
+                idle_ms: crate::output::record::IdleTimes { min: 1, p50: 1_500, max: 2 },
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        first.observe_connections(&census("10.0.0.9"));
+        first.observe_connections(&census("10.0.0.7"));
         let text = metrics.encode();
+        assert!(!text.contains("10.0.0.9"), "an address out of the top is removed: {text}");
         let labels = r#"pid="42",port="6379",server="redis-server""#;
         for expected in [
             format!("redis_stallprof_eventloop_iteration_seconds_count{{{labels}}} 3"),
@@ -346,6 +512,12 @@ mod tests {
             format!("redis_stallprof_madvise_bytes_total{{{labels},thread_role=\"main\",advice=\"MADV_DONTNEED\"}} 4096"),
             format!("redis_stallprof_lost_events_total{{{labels}}} 2"),
             format!("redis_stallprof_accept_queue_length{{{labels},listen_port=\"6379\"}} 7"),
+            format!("redis_stallprof_memory_growth_bytes_total{{{labels},origin=\"command:sadd\",mechanism=\"allocation\"}} 3145728"),
+            format!("redis_stallprof_resident_bytes{{{labels}}} 8388608"),
+            format!("redis_stallprof_client_connections{{{labels},client=\"10.0.0.7\"}} 200"),
+            format!("redis_stallprof_client_connections{{{labels},client=\"other\"}} 50"),
+            format!("redis_stallprof_client_connection_idle_seconds{{{labels},client=\"10.0.0.7\"}} 1.5"),
+            format!("redis_stallprof_client_connections_opened_total{{{labels}}} 4"),
             "# EOF".to_owned(),
         ] {
             assert!(

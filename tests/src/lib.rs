@@ -139,14 +139,13 @@ impl NetworkNamespace {
     }
 }
 
-/// Starts `count` TCP connections to `127.0.0.1:port` at once (in `namespace`, else in ours),
-/// without waiting for them (non-blocking connects, as a client pool does); closed when dropped.
-pub fn connection_storm(
-    port: u16,
-    count: usize,
+/// Runs `work` on a thread inside `namespace` (in ours when `None`): the sockets it opens
+/// stay in that namespace whatever thread uses them later.
+pub fn in_namespace<T: Send>(
     namespace: Option<&NetworkNamespace>,
-) -> Vec<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    work: impl FnOnce() -> T + Send,
+) -> T {
+    use std::os::fd::AsRawFd;
     let namespace = namespace.map(|ns| {
         fs::File::open(format!("/var/run/netns/{}", ns.name)).expect("open the namespace")
     });
@@ -161,38 +160,66 @@ pub fn connection_storm(
                         "setns"
                     );
                 }
-                let address = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: port.to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                (0..count)
-                    .map(|_| {
-                        // SAFETY: a new socket, owned at once; connect reads `address`.
-                        unsafe {
-                            let fd = libc::socket(
-                                libc::AF_INET,
-                                libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
-                                0,
-                            );
-                            assert!(fd >= 0, "socket");
-                            let socket = OwnedFd::from_raw_fd(fd);
-                            let length = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                            libc::connect(
-                                fd,
-                                (&address as *const libc::sockaddr_in).cast(),
-                                length,
-                            );
-                            socket
-                        }
-                    })
-                    .collect()
+                work()
             })
             .join()
-            .expect("the connecting thread")
+            .expect("the thread in the namespace")
+    })
+}
+
+/// A TCP socket from `source` (any port) connecting to `127.0.0.1:port`; with `blocking`, the
+/// connection is established when this returns.
+fn tcp_socket_from(source: [u8; 4], port: u16, blocking: bool) -> std::os::fd::OwnedFd {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let address = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let (local, server) = (address(source, 0), address([127, 0, 0, 1], port));
+    let length = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let flags = if blocking { 0 } else { libc::SOCK_NONBLOCK };
+    // SAFETY: a new socket, owned at once; bind and connect read the addresses above.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | flags, 0);
+        assert!(fd >= 0, "socket");
+        let socket = OwnedFd::from_raw_fd(fd);
+        assert_eq!(libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), length), 0, "bind");
+        let connected = libc::connect(fd, (&server as *const libc::sockaddr_in).cast(), length);
+        assert!(!blocking || connected == 0, "connect to port {port}");
+        socket
+    }
+}
+
+/// Starts `count` TCP connections to `127.0.0.1:port` at once (in `namespace`, else in ours),
+/// without waiting for them (non-blocking connects, as a client pool does); closed when dropped.
+pub fn connection_storm(
+    port: u16,
+    count: usize,
+    namespace: Option<&NetworkNamespace>,
+) -> Vec<std::os::fd::OwnedFd> {
+    in_namespace(namespace, || {
+        (0..count)
+            .map(|_| tcp_socket_from([127, 0, 0, 1], port, false))
+            .collect()
+    })
+}
+
+/// `count` established connections to `127.0.0.1:port` from the address `source` (any of
+/// 127.0.0.0/8 in a namespace's loopback), in `namespace`.
+pub fn connect_from(
+    source: [u8; 4],
+    port: u16,
+    count: usize,
+    namespace: Option<&NetworkNamespace>,
+) -> Vec<std::net::TcpStream> {
+    in_namespace(namespace, || {
+        (0..count)
+            .map(|_| std::net::TcpStream::from(tcp_socket_from(source, port, true)))
+            .collect()
     })
 }
 
@@ -334,6 +361,17 @@ impl RedisServer {
     }
 
     /// The server's log file.
+    /// The server's resident memory (`VmRSS`), in bytes.
+    pub fn resident_bytes(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid)).expect("status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }

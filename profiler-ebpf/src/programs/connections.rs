@@ -1,16 +1,21 @@
 //! Connections to the target's listening ports: each one entering an accept queue (its
-//! handshake completed) and each one the target takes off a queue (`accept`/`accept4`).
+//! handshake completed), each one the target takes off a queue (`accept`/`accept4`), and each
+//! one closing.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::debug;
 use profiler_common::{
     AcceptEvent, ConnectionEvent, Counter, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION,
+    EVENT_KIND_CONNECTION_CLOSED,
 };
 
 use super::{ACCEPT_IN_FLIGHT, LISTEN_PORTS, count, current_target, now_ns, send, settings};
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
 const AF_INET: u16 = 2;
 
 /// Offsets in `events/sock/inet_sock_set_state/format`.
@@ -35,10 +40,11 @@ const ACCEPT_FD_OFFSET: usize = 16;
 const ACCEPT_RET_OFFSET: usize = 16;
 
 /// `sock:inet_sock_set_state`: a connection to one of the target's ports completed its
-/// handshake (SYN_RECV -> ESTABLISHED) and entered the accept queue. Fires in softirq context,
-/// so it filters on the port, not the process.
+/// handshake (SYN_RECV -> ESTABLISHED) and entered the accept queue, or one closed (any
+/// state of an accepted connection -> CLOSE). Fires in softirq context, so it filters on the
+/// port, not the process.
 #[tracepoint]
-pub fn handshake_done(ctx: TracePointContext) -> u32 {
+pub fn connection_state(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets of fields of the tracepoint's record (see `set_state`).
     let (old_state, new_state, port, family, protocol) = unsafe {
         (
@@ -49,7 +55,15 @@ pub fn handshake_done(ctx: TracePointContext) -> u32 {
             ctx.read_at::<u16>(set_state::PROTOCOL).unwrap_or(0),
         )
     };
-    if protocol != IPPROTO_TCP || old_state != TCP_SYN_RECV || new_state != TCP_ESTABLISHED {
+    let kind = match (old_state, new_state) {
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => EVENT_KIND_CONNECTION,
+        // A listener closing, or a connection the target opened itself (its source port is
+        // not a listener's), is not a client's.
+        (TCP_LISTEN | TCP_SYN_SENT, _) => return 0,
+        (_, TCP_CLOSE) => EVENT_KIND_CONNECTION_CLOSED,
+        _ => return 0,
+    };
+    if protocol != IPPROTO_TCP {
         return 0;
     }
     // SAFETY: a lookup by value in a map of plain data.
@@ -74,7 +88,7 @@ pub fn handshake_done(ctx: TracePointContext) -> u32 {
         }
     }
     let event = ConnectionEvent {
-        kind: EVENT_KIND_CONNECTION,
+        kind,
         port,
         family,
         time_ns: now_ns(),

@@ -27,7 +27,7 @@ use super::{
 
 /// The user registers an unwinder starts from, and the system call the thread is in.
 #[derive(Clone, Copy)]
-struct UserRegs {
+pub(super) struct UserRegs {
     ip: u64,
     sp: u64,
     bp: u64,
@@ -52,7 +52,7 @@ impl UserRegs {
     /// The loads are volatile so the compiler cannot merge them with the loads of a context's
     /// registers (the verifier refuses one instruction used with two kinds of pointer).
     #[inline(always)]
-    fn of_current_task() -> Self {
+    pub(super) fn of_current_task() -> Self {
         // SAFETY: bpf_task_pt_regs returns a trusted pointer to the current task's saved
         // registers; the verifier turns the field loads into fault-safe ones.
         unsafe {
@@ -116,6 +116,9 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     event.runqueue_ns = 0;
     event.preempted = 0;
     event.pid = target.settings.pid;
+    event.fault_address = 0;
+    event.faults = 0;
+    event.fault_kind = 0;
     capture_stacks(ctx.as_ptr(), event, &user_regs);
     reserved.submit(0);
     0
@@ -239,7 +242,7 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, target: &Target, state: &m
 /// Fills the stack fields of `event`: kernel instruction pointers from the program's context,
 /// user registers from `user_regs`, and the user stack above the stack pointer.
 #[inline(always)]
-fn capture_stacks(ctx: *mut core::ffi::c_void, event: &mut StackEvent, user_regs: &UserRegs) {
+pub(super) fn capture_stacks(ctx: *mut core::ffi::c_void, event: &mut StackEvent, user_regs: &UserRegs) {
     // SAFETY: the buffer is the event's own kernel_stack array and the size is its size.
     let kernel_bytes = unsafe {
         bpf_get_stack(

@@ -133,7 +133,7 @@ impl ConnectionTracker {
 }
 
 /// The client address of a connection event.
-fn client_address(event: &ConnectionEvent) -> std::net::IpAddr {
+pub fn client_address(event: &ConnectionEvent) -> std::net::IpAddr {
     const AF_INET: u16 = 2;
     if event.family == AF_INET {
         let [a, b, c, d, ..] = event.client_addr;

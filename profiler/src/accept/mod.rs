@@ -1,7 +1,9 @@
 //! Accept queues of the target's listening TCP sockets: sampled with netlink sock_diag
 //! ([`sampler`]), turned into drops per stall or outside stalls ([`tracker`]), with the
 //! connections entering and leaving the queues ([`connections`]) and the namespace's
-//! `TcpExtListenOverflows` / `ListenDrops`. [`AcceptWatch`] is all of it for one target.
+//! `TcpExtListenOverflows` / `ListenDrops`, and the census of the client connections
+//! ([`census`]). [`AcceptWatch`] is all of it for one target.
+pub mod census;
 pub mod connections;
 pub mod sampler;
 pub mod tracker;
@@ -10,14 +12,15 @@ use std::{collections::HashMap, fs};
 
 use profiler_common::{AcceptEvent, ConnectionEvent};
 
-pub use connections::ConnectionTracker;
+pub use census::Census;
+pub use connections::{ConnectionTracker, client_address};
 pub use sampler::{AcceptError, NamespaceSamplers, QueueSampler};
 pub use tracker::AcceptTracker;
 
 use crate::{
     clock::{WallClock, monotonic_now_ns},
     metrics::InstanceMetrics,
-    output::record::{AcceptOverflow, AcceptSummary, StallAccept},
+    output::record::{AcceptOverflow, AcceptSummary, ConnectionCensus, ConnectionTotals, StallAccept},
 };
 
 /// The watch on one target's accept queues.
@@ -26,6 +29,7 @@ pub struct AcceptWatch {
     sampler: QueueSampler,
     tracker: AcceptTracker,
     connections: ConnectionTracker,
+    census: Census,
     /// The namespace's (ListenOverflows, ListenDrops) when the run began.
     namespace_counters_at_start: Option<(u64, u64)>,
     clock: WallClock,
@@ -48,6 +52,7 @@ impl AcceptWatch {
             sampler,
             tracker: AcceptTracker::default(),
             connections: ConnectionTracker::new(pid),
+            census: Census::default(),
             namespace_counters_at_start: namespace_listen_counters(pid),
             clock,
             sampling_failed: false,
@@ -68,6 +73,39 @@ impl AcceptWatch {
     /// A connection entered an accept queue.
     pub fn connection(&mut self, event: &ConnectionEvent) {
         self.connections.connection(event);
+        self.census.opened(client_address(event));
+    }
+
+    /// A connection to a listener closed.
+    pub fn connection_closed(&mut self, event: &ConnectionEvent) {
+        self.census.closed(client_address(event));
+    }
+
+    /// The census of the client connections, `seconds` after the last; `None` when there is
+    /// nothing to tell. A failure is reported once (with the accept queues').
+    pub fn census(&mut self, seconds: f64) -> Option<ConnectionCensus> {
+        let connections = match self.sampler.connections() {
+            Ok(connections) => connections,
+            Err(error) => {
+                self.report_sampling_failure(&error);
+                Vec::new()
+            }
+        };
+        self.census.take(&connections, seconds)
+    }
+
+    /// The census over the run.
+    pub fn census_totals(&self) -> ConnectionTotals {
+        self.census.totals()
+    }
+
+    fn report_sampling_failure(&mut self, error: &AcceptError) {
+        if !std::mem::replace(&mut self.sampling_failed, true) {
+            log::warn!(
+                "{}; accept-queue and connection figures may be incomplete",
+                crate::error_chain::error_chain(error)
+            );
+        }
     }
 
     /// The target accepted a connection.
@@ -80,12 +118,7 @@ impl AcceptWatch {
         let samples = match self.sampler.sample() {
             Ok(samples) => samples,
             Err(error) => {
-                if !std::mem::replace(&mut self.sampling_failed, true) {
-                    log::warn!(
-                        "{}; accept-queue figures may be incomplete",
-                        crate::error_chain::error_chain(&error)
-                    );
-                }
+                self.report_sampling_failure(&error);
                 return;
             }
         };

@@ -1,10 +1,12 @@
 //! The targets' listening sockets sampled with netlink sock_diag, in each target's own network
-//! namespace: each listener's accept queue, its limit and its drop counter. The targets of one
-//! namespace share its socket and its dumps (one per tick, not one per target).
+//! namespace: each listener's accept queue, its limit and its drop counter, and the
+//! connections of its clients (address, idle time, bytes received) for the census. The targets
+//! of one namespace share its socket and its listener dumps (one per tick, not one per target).
 use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
     fs, io,
+    net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt as _},
     rc::Rc,
     time::{Duration, Instant},
@@ -16,7 +18,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -49,6 +51,19 @@ pub struct ListenerSample {
     pub limit: u32,
     /// The listener's drop counter (connections dropped with the queue full, among others).
     pub drops: u64,
+}
+
+/// One connection to a listener, at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionSample {
+    /// The socket's inode (it names the connection while it lives).
+    pub inode: u64,
+    /// The client's address.
+    pub client: IpAddr,
+    /// Time since data was last received from the client (`tcpi_last_data_recv`), in ms.
+    pub idle_ms: Option<u32>,
+    /// Bytes received from the client so far (`tcpi_bytes_received`).
+    pub received_bytes: Option<u64>,
 }
 
 /// How old a namespace's dump may be to serve another target's sample: the targets sample one
@@ -108,52 +123,128 @@ impl NamespaceSampler {
             .is_some_and(|(taken, _)| taken.elapsed() < DUMP_REUSE);
         if !fresh {
             let mut listeners = Vec::new();
-            for family in [AF_INET, AF_INET6] {
-                self.dump(family, &mut listeners)?;
-            }
+            self.dump(StateFlags::LISTEN, ExtensionFlags::SKMEMINFO, |response| {
+                let drops = response.nlas.iter().find_map(|nla| match nla {
+                    Nla::MemInfo(info) => Some(u64::from(info.drops)),
+                    _ => None,
+                });
+                listeners.push(ListenerSample {
+                    inode: u64::from(response.header.inode),
+                    port: response.header.socket_id.source_port,
+                    queue: response.header.recv_queue,
+                    limit: response.header.send_queue,
+                    drops: drops.unwrap_or(0),
+                });
+            })?;
             self.last = Some((Instant::now(), listeners));
         }
         Ok(self.last.as_ref().map_or(&[], |(_, listeners)| listeners))
     }
 
-    fn dump(&mut self, family: u8, samples: &mut Vec<ListenerSample>) -> Result<(), AcceptError> {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        let socket_id = if family == AF_INET {
-            SocketId::new_v4()
-        } else {
-            SocketId::new_v6()
-        };
-        let request = InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::SKMEMINFO,
-            states: StateFlags::LISTEN,
-            socket_id,
-        };
-        let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
-        packet.finalize();
-        let mut buffer = vec![0; packet.buffer_len()];
-        packet.serialize(&mut buffer);
-        self.socket
-            .send(&buffer, 0)
-            .map_err(|cause| AcceptError::Netlink { cause })?;
+    /// The namespace's connections whose local port is one of `ports` (the clients of those
+    /// listeners), with their `tcp_info`.
+    fn connections(&mut self, ports: &HashSet<u16>) -> Result<Vec<ConnectionSample>, AcceptError> {
+        let mut connections = Vec::new();
+        let states = StateFlags::ESTABLISHED | StateFlags::CLOSE_WAIT;
+        self.dump(states, ExtensionFlags::INFO, |response| {
+            let id = &response.header.socket_id;
+            if !ports.contains(&id.source_port) {
+                return;
+            }
+            let info = response.nlas.iter().find_map(|nla| match nla {
+                Nla::TcpInfo(bytes) => Some(bytes.as_slice()),
+                _ => None,
+            });
+            connections.push(ConnectionSample {
+                inode: u64::from(response.header.inode),
+                client: id.destination_address,
+                idle_ms: info.and_then(|info| tcp_info_field::<u32>(info, TCPI_LAST_DATA_RECV)),
+                received_bytes: info
+                    .and_then(|info| tcp_info_field::<u64>(info, TCPI_BYTES_RECEIVED)),
+            });
+        })?;
+        Ok(connections)
+    }
 
-        let mut received = Vec::with_capacity(64 * 1024);
-        loop {
-            received.clear();
+    /// Dumps the namespace's TCP sockets in `states` (IPv4, then IPv6) with `extensions`,
+    /// handing each to `each`.
+    fn dump(
+        &mut self,
+        states: StateFlags,
+        extensions: ExtensionFlags,
+        mut each: impl FnMut(&InetResponse),
+    ) -> Result<(), AcceptError> {
+        for family in [AF_INET, AF_INET6] {
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+            let socket_id = if family == AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            };
+            let request = InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: extensions.clone(),
+                states: states.clone(),
+                socket_id,
+            };
+            let mut packet =
+                NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+            packet.finalize();
+            let mut buffer = vec![0; packet.buffer_len()];
+            packet.serialize(&mut buffer);
             self.socket
-                .recv(&mut received, 0)
+                .send(&buffer, 0)
                 .map_err(|cause| AcceptError::Netlink { cause })?;
-            if read_listeners(&received, samples)? {
-                return Ok(());
+            let mut received = Vec::with_capacity(64 * 1024);
+            loop {
+                received.clear();
+                self.socket
+                    .recv(&mut received, 0)
+                    .map_err(|cause| AcceptError::Netlink { cause })?;
+                if read_responses(&received, &mut each)? {
+                    break;
+                }
             }
         }
+        Ok(())
     }
 }
 
-/// Reads one batch of sock_diag answers into `samples`; returns whether the dump is done.
-fn read_listeners(received: &[u8], samples: &mut Vec<ListenerSample>) -> Result<bool, AcceptError> {
+/// Offset of `__u32 tcpi_last_data_recv` (ms) in `struct tcp_info` (`include/uapi/linux/tcp.h`).
+const TCPI_LAST_DATA_RECV: usize = 52;
+/// Offset of `__u64 tcpi_bytes_received` in `struct tcp_info` (Linux 4.1 and later).
+const TCPI_BYTES_RECEIVED: usize = 128;
+
+/// A field of a `struct tcp_info` as the kernel sent it (`None` if it is too short).
+fn tcp_info_field<T: FromLeBytes>(info: &[u8], offset: usize) -> Option<T> {
+    info.get(offset..offset + size_of::<T>()).map(T::from_le)
+}
+
+/// An integer from its little-endian bytes.
+trait FromLeBytes: Sized {
+    fn from_le(bytes: &[u8]) -> Self;
+}
+
+impl FromLeBytes for u32 {
+    fn from_le(bytes: &[u8]) -> Self {
+        u32::from_le_bytes(bytes.try_into().unwrap_or_default())
+    }
+}
+
+impl FromLeBytes for u64 {
+    fn from_le(bytes: &[u8]) -> Self {
+        u64::from_le_bytes(bytes.try_into().unwrap_or_default())
+    }
+}
+
+/// Reads one batch of sock_diag answers, handing each socket to `each`; returns whether the
+/// dump is done.
+fn read_responses(
+    received: &[u8],
+    each: &mut impl FnMut(&InetResponse),
+) -> Result<bool, AcceptError> {
     let mut offset = 0;
     while offset < received.len() {
         let message = NetlinkMessage::<SockDiagMessage>::deserialize(&received[offset..]).map_err(
@@ -164,17 +255,7 @@ fn read_listeners(received: &[u8], samples: &mut Vec<ListenerSample>) -> Result<
         let length = message.header.length as usize;
         match message.payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                let drops = response.nlas.iter().find_map(|nla| match nla {
-                    Nla::MemInfo(info) => Some(u64::from(info.drops)),
-                    _ => None,
-                });
-                samples.push(ListenerSample {
-                    inode: u64::from(response.header.inode),
-                    port: response.header.socket_id.source_port,
-                    queue: response.header.recv_queue,
-                    limit: response.header.send_queue,
-                    drops: drops.unwrap_or(0),
-                });
+                each(&response);
             }
             NetlinkPayload::Done(_) => return Ok(true),
             NetlinkPayload::Error(error) => {
@@ -252,6 +333,15 @@ impl QueueSampler {
     /// The target's listening sockets: inode -> port.
     pub fn listeners(&self) -> &HashMap<u64, u16> {
         &self.listeners
+    }
+
+    /// The connections to the target's listeners now.
+    pub fn connections(&mut self) -> Result<Vec<ConnectionSample>, AcceptError> {
+        let ports: HashSet<u16> = self.listeners.values().copied().collect();
+        if ports.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.namespace.borrow_mut().connections(&ports)
     }
 
     /// The target's listeners now.

@@ -1,6 +1,6 @@
 //! The consumer of one watched target: one `handle_*` per kind of kernel event, the periodic
-//! work the driver asks for (interval lines, histogram, in-progress alerts, accept queues), and
-//! `end` with the summary. The target's life (exec, `--follow`) is in `target_life`.
+//! work the driver asks for (interval lines with memory growth and the connection census,
+//! histogram, in-progress alerts, accept queues), and `end` with the summary. The target's life (exec, `--follow`) is in `target_life`.
 use std::{sync::Arc, time::Duration};
 
 use profiler_common::{
@@ -17,6 +17,7 @@ use crate::{
     events::Event,
     histogram::IterationHistogram,
     madvise::MadviseStats,
+    memory::{FaultCounts, MemoryWatch, status_kib},
     metrics::{InstanceMetrics, Metrics},
     output::{
         Outputs, Sink,
@@ -45,6 +46,8 @@ pub struct Consumer {
     pub(super) histogram: IterationHistogram,
     pub(super) stalls: StallPipeline,
     pub(super) madvise: MadviseStats,
+    /// Memory growth (`None` with `--no-memory`).
+    pub(super) memory: Option<MemoryWatch>,
     pub(super) accept: AcceptWatch,
     pub(super) alerting: Option<Alerting>,
     pub(super) metrics: Option<InstanceMetrics>,
@@ -52,6 +55,8 @@ pub struct Consumer {
     pub(super) threshold: Duration,
     pub(super) started: Instant,
     interval_stalls: u64,
+    /// When the current interval began (memory growth and census are per interval).
+    interval_started: Instant,
     /// Records of the ring buffer that did not decode (they name no target: every consumer
     /// counts them).
     pub(super) decode_errors: u64,
@@ -74,6 +79,8 @@ pub struct ConsumerParts {
     pub alerting: Option<Alerting>,
     pub metrics: Option<Arc<Metrics>>,
     pub threshold: Duration,
+    /// Whether page faults are traced.
+    pub memory: bool,
 }
 
 impl Consumer {
@@ -81,6 +88,10 @@ impl Consumer {
         let instance = instance_of(&parts.target);
         Self {
             madvise: MadviseStats::new(parts.target.pid),
+            // The target's slot is new: its fault counts start at zero.
+            memory: parts
+                .memory
+                .then(|| MemoryWatch::new(parts.target.pid, FaultCounts::default())),
             metrics: parts.metrics.map(|metrics| metrics.of(&instance)),
             instance,
             target: parts.target,
@@ -95,6 +106,7 @@ impl Consumer {
             threshold: parts.threshold,
             started: Instant::now(),
             interval_stalls: 0,
+            interval_started: Instant::now(),
             decode_errors: 0,
             reported_lost: 0,
             samples_lost_at_last_stall: 0,
@@ -107,8 +119,10 @@ impl Consumer {
         match event {
             Event::Stall(event) => self.handle_stall(&event)?,
             Event::Stack(event) => self.handle_stack(event),
+            Event::PageFault(event) => self.handle_page_fault(event),
             Event::Madvise(event) => self.handle_madvise(&event),
             Event::Connection(event) => self.handle_connection(&event),
+            Event::ConnectionClosed(event) => self.accept.connection_closed(&event),
             Event::Accept(event) => self.handle_accept(&event),
             Event::Exec(_) => self.handle_exec()?,
         }
@@ -164,7 +178,20 @@ impl Consumer {
         self.stalls.add_stack(event);
     }
 
+    /// A page-fault sample: its faults' bytes named and added to the growth.
+    fn handle_page_fault(&mut self, event: &StackEvent) {
+        let Some(memory) = &mut self.memory else {
+            return;
+        };
+        let copy_on_write = memory.is_copy_on_write(event);
+        let (frames, attribution) = self.stalls.name_growth(event, copy_on_write);
+        memory.add_sample(event, &frames, &attribution);
+    }
+
     fn handle_madvise(&mut self, event: &MadviseEvent) {
+        if let Some(memory) = &mut self.memory {
+            memory.add_madvise(event);
+        }
         let (thread_role, advice) = self.madvise.add(event);
         self.stalls.add_madvise(event);
         if let Some(metrics) = &self.metrics {
@@ -295,7 +322,37 @@ impl Consumer {
         Ok(())
     }
 
-    /// The interval line.
+    /// The kernel's fault counts of the target over the run.
+    fn fault_counts(&self) -> Result<FaultCounts, ProbeError> {
+        FaultCounts::read(|counter| self.counter(counter))
+    }
+
+    /// The interval's memory growth and the connection census, when there is something to
+    /// tell.
+    fn report_memory_and_connections(&mut self, seconds: f64) -> anyhow::Result<()> {
+        let faults = self.fault_counts()?;
+        let memory = self
+            .memory
+            .as_mut()
+            .and_then(|memory| memory.take_interval(faults, seconds));
+        if let Some(mut report) = memory {
+            report.instance = self.instance.clone();
+            if let Some(metrics) = &self.metrics {
+                metrics.observe_memory(&report.growth);
+            }
+            self.outputs.memory(&report)?;
+        }
+        if let Some(mut census) = self.accept.census(seconds) {
+            census.instance = self.instance.clone();
+            if let Some(metrics) = &self.metrics {
+                metrics.observe_connections(&census);
+            }
+            self.outputs.connections(&census)?;
+        }
+        Ok(())
+    }
+
+    /// The interval line, memory growth and connection census.
     pub fn report_interval(&mut self, interval: Duration) -> anyhow::Result<()> {
         self.refresh_histogram()?;
         let lost = self.lost_events()?.total();
@@ -308,7 +365,8 @@ impl Consumer {
         };
         self.reported_lost = lost;
         self.outputs.interval(&report)?;
-        Ok(())
+        self.interval_started = Instant::now();
+        self.report_memory_and_connections(interval.as_secs_f64())
     }
 
     /// The `attached` record of the current target.
@@ -351,8 +409,11 @@ impl Consumer {
         Ok(())
     }
 
-    /// Ends the run: the summary on every output.
+    /// Ends the run: the last interval's memory growth and census, then the summary on every
+    /// output.
     pub fn end(&mut self, stopped: StopReason) -> anyhow::Result<StopReason> {
+        let since_last_interval = self.interval_started.elapsed().as_secs_f64();
+        self.report_memory_and_connections(since_last_interval)?;
         let summary = self.summary(stopped)?;
         self.outputs.summary(&summary)?;
         Ok(stopped)
@@ -383,7 +444,7 @@ impl Consumer {
         ))
     }
 
-    fn summary(&self, stopped: StopReason) -> Result<Summary, ProbeError> {
+    fn summary(&mut self, stopped: StopReason) -> Result<Summary, ProbeError> {
         let mut summary = Summary::new(&self.histogram.total(), self.lost_events()?, stopped);
         summary.instance = self.instance.clone();
         summary.stalls = self.causes.stalls();
@@ -394,6 +455,11 @@ impl Consumer {
         summary.accept = Some(self.accept.summary());
         summary.alerts = self.alerting.as_ref().map(Alerting::counts);
         summary.profiler = self.profiler_cost();
+        let faults = self.fault_counts()?;
+        if let Some(memory) = &mut self.memory {
+            summary.memory = Some(memory.run_growth(faults));
+        }
+        summary.connections = Some(self.accept.census_totals());
         Ok(summary)
     }
 
@@ -414,16 +480,7 @@ impl Consumer {
 /// `VmRSS` in `/proc/self/status`: the kernel updates the high-water mark only when memory is
 /// unmapped, so it can lag behind the current size.
 fn peak_rss_kib() -> u64 {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return 0;
-    };
-    let kib = |field: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(field))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let kib = |field| status_kib("/proc/self/status", field).unwrap_or(0);
     kib("VmHWM:").max(kib("VmRSS:"))
 }
 

@@ -21,7 +21,10 @@ use crate::{
     config::{OutputPaths, RunConfig, Selection},
     kernel,
     metrics::{self, Metrics},
-    output::{ConsoleSink, FoldedStacks, JsonSink, SharedSinks, Sink, record::StopReason},
+    output::{
+        ConsoleSink, FoldedStacks, JsonSink, MemoryStacksSink, SharedSinks, Sink,
+        record::StopReason,
+    },
     privileges,
     probes::Probes,
 };
@@ -49,6 +52,9 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     probes.attach_poll_tracepoints(&tracepoints)?;
     probes.attach_madvise()?;
     probes.attach_connections()?;
+    if config.probes.fault_sample_interval_ns.is_some() {
+        probes.attach_memory()?;
+    }
     let events = probes.take_events()?;
     let mut run = Run::new(probes, sinks, metrics, &config)?;
     for target in targets {
@@ -145,6 +151,15 @@ fn open_sinks(paths: &OutputPaths, several: bool) -> anyhow::Result<Vec<Box<dyn 
         "redis-stallprof: where the stalls spent their time".to_owned(),
         stacks,
     )?);
+    if paths.memory_folded.is_some() || paths.memory_flamegraph.is_some() {
+        let sink = MemoryStacksSink::create(
+            paths.memory_folded.as_deref(),
+            paths.memory_flamegraph.as_deref(),
+            several,
+        )
+        .context("cannot write the memory stack files")?;
+        sinks.push(Box::new(sink));
+    }
     Ok(sinks)
 }
 

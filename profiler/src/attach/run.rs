@@ -126,6 +126,7 @@ impl Run {
             alerting: self.config.alert.clone().map(Alerting::new),
             metrics: self.metrics.clone(),
             threshold: self.config.stall.threshold,
+            memory: self.config.probes.fault_sample_interval_ns.is_some(),
         });
         let attached = consumer.attached_record();
         self.consumers.push(consumer);

@@ -27,6 +27,9 @@ impl Consumer {
     fn retarget(&mut self, target: Target, sampler: Option<QueueSampler>) {
         self.stalls.retarget(target.pid);
         self.madvise.follow(target.pid);
+        if let Some(memory) = &mut self.memory {
+            memory.retarget(target.pid);
+        }
         self.accept.retarget(target.pid, sampler);
         self.instance = instance_of(&target);
         if let Some(metrics) = &mut self.metrics {

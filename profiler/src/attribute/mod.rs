@@ -1,8 +1,9 @@
 //! Attribution: a symbolized stack -> its origin (what Redis was doing: a command, cron's
 //! query-buffer resize, expiry, ...) and its mechanism (where the time went: allocator purge,
-//! sleep, disk, CPU, ...), by rules read from TOML (`rules.toml`, compiled in; `--rules` replaces
-//! it). Rules match typed frames: kernel functions, user functions, or the module of unnamed
-//! user code.
+//! sleep, disk, CPU, ...; for memory growth, what the new pages are for: reply buffers, query
+//! buffers, ... or copies on write), by rules read from TOML (`rules.toml`, compiled in;
+//! `--rules` replaces it). Rules match typed frames: kernel functions, user functions, or the
+//! module of unnamed user code.
 mod glob;
 mod rules_file;
 
@@ -32,7 +33,14 @@ struct Rule {
 pub struct Rules {
     origins: Vec<Rule>,
     mechanisms: Vec<Rule>,
+    /// What new pages are for (`[[memory]]`), refining `allocation`.
+    memory: Vec<Rule>,
 }
+
+/// Mechanism of memory growth no `[[memory]]` rule names: new pages.
+pub const ALLOCATION: &str = "allocation";
+/// Mechanism of page faults copying a page shared with a child process (after a fork).
+pub const COPY_ON_WRITE: &str = "copy_on_write";
 
 /// Where a stack's time is attributed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,28 +82,47 @@ impl Rules {
         if kind == StackKind::Runqueue {
             return "runqueue".to_owned();
         }
-        let mut found: Option<String> = None;
-        // From the leaf towards the root: the innermost match, then refinements of it.
-        for (index, frame) in frames.iter().enumerate() {
-            let caller = frames.get(index + 1);
-            for rule in &self.mechanisms {
-                let Some(category) = rule.matches(frame, caller) else {
-                    continue;
-                };
-                match &found {
-                    None => found = Some(category),
-                    Some(current) if category.starts_with(&format!("{current}.")) => {
-                        found = Some(category)
-                    }
-                    Some(_) => {}
-                }
-            }
-        }
-        found.unwrap_or_else(|| match kind {
+        innermost(&self.mechanisms, frames).unwrap_or_else(|| match kind {
             StackKind::OnCpu => "cpu".to_owned(),
             StackKind::OffCpu | StackKind::Runqueue => "off_cpu".to_owned(),
         })
     }
+
+    /// The origin and mechanism of memory growth with the stack `frames` (leaf first): new
+    /// pages (`copy_on_write` false) are an `allocation`, refined by the `[[memory]]` rules.
+    pub fn attribute_growth(&self, copy_on_write: bool, frames: &[Frame]) -> Attribution {
+        let mechanism = if copy_on_write {
+            COPY_ON_WRITE.to_owned()
+        } else {
+            innermost(&self.memory, frames).unwrap_or_else(|| ALLOCATION.to_owned())
+        };
+        Attribution {
+            origin: self.origin(frames),
+            mechanism,
+        }
+    }
+}
+
+/// The category of the innermost frame one of `rules` matches, from the leaf towards the
+/// root, then refinements of it further out (`allocator.purge` refines `allocator`).
+fn innermost(rules: &[Rule], frames: &[Frame]) -> Option<String> {
+    let mut found: Option<String> = None;
+    for (index, frame) in frames.iter().enumerate() {
+        let caller = frames.get(index + 1);
+        for rule in rules {
+            let Some(category) = rule.matches(frame, caller) else {
+                continue;
+            };
+            match &found {
+                None => found = Some(category),
+                Some(current) if category.starts_with(&format!("{current}.")) => {
+                    found = Some(category)
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    found
 }
 
 /// Suffixes GCC gives the copies it makes of a function (`foo.constprop.0`, `foo.isra.0`,

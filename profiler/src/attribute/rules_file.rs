@@ -59,6 +59,8 @@ struct RulesFile {
     origin: Vec<RuleSpec>,
     #[serde(default)]
     mechanism: Vec<RuleSpec>,
+    #[serde(default)]
+    memory: Vec<RuleSpec>,
 }
 
 impl Rules {
@@ -103,6 +105,7 @@ impl Rules {
         let rules = Self {
             origins: check(file.origin, "origin")?,
             mechanisms: check(file.mechanism, "mechanism")?,
+            memory: check(file.memory, "memory")?,
         };
         if rules.origins.is_empty() && rules.mechanisms.is_empty() {
             return Err(RulesError::Empty {
@@ -142,6 +145,12 @@ fn check_rule(spec: RuleSpec, kind: &str, text: &str, origin: &str) -> Result<Ru
             format!(
                 "mechanism rule `{category}`: `generic`, `caller` and `tail_called` are for origins"
             ),
+        ));
+    }
+    if kind == "memory" && (spec.generic || spec.tail_called) {
+        return Err(invalid(
+            spec.category.span(),
+            format!("memory rule `{category}`: `generic` and `tail_called` are for origins"),
         ));
     }
     // `*` alone is allowed only under a required caller: it then names that caller's callee.

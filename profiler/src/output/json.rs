@@ -9,7 +9,9 @@ use serde::Serialize;
 
 use super::{
     Sink,
-    record::{AcceptOverflow, Alert, Attached, Stall, Summary},
+    record::{
+        AcceptOverflow, Alert, Attached, ConnectionCensus, MemoryReport, Stall, Summary,
+    },
 };
 use crate::cli::OutputPath;
 
@@ -20,6 +22,8 @@ enum Record<'a> {
     Stall(&'a Stall),
     Alert(&'a Alert),
     AcceptOverflow(&'a AcceptOverflow),
+    Memory(&'a MemoryReport),
+    Connections(&'a ConnectionCensus),
     Summary(&'a Summary),
 }
 
@@ -56,6 +60,14 @@ impl Sink for JsonSink {
 
     fn stall(&mut self, stall: &Stall) -> io::Result<()> {
         self.write(&Record::Stall(stall))
+    }
+
+    fn memory(&mut self, report: &MemoryReport) -> io::Result<()> {
+        self.write(&Record::Memory(report))
+    }
+
+    fn connections(&mut self, census: &ConnectionCensus) -> io::Result<()> {
+        self.write(&Record::Connections(census))
     }
 
     fn alert(&mut self, alert: &Alert) -> io::Result<()> {

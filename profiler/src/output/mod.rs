@@ -1,22 +1,27 @@
 //! Outputs: the records a run produces ([`record`], the JSON schema) and the sinks that write
 //! them (console lines on stderr, JSON lines to a file or stdout, folded stacks, a flamegraph
-//! and a pprof profile at exit). Every sink sees every record, in order; only outputs give frames their
-//! text ([`frame_text`]).
+//! and a pprof profile at exit, and the memory growth's stacks). Every sink sees every record,
+//! in order; only outputs give frames their text ([`frame_text`]).
 use std::{cell::RefCell, io, rc::Rc};
 
 mod console;
 pub mod frame_text;
 mod json;
+mod memory_stacks;
 mod pprof;
 pub mod record;
 mod stacks;
 
 pub use console::ConsoleSink;
 pub use json::JsonSink;
+pub use memory_stacks::MemoryStacksSink;
 pub use pprof::{PprofProfile, PprofSink};
 pub use stacks::{FoldedStacks, StackFilesSink, flamegraph_title};
 
-use record::{AcceptOverflow, Alert, Attached, IntervalReport, Stall, Summary};
+use record::{
+    AcceptOverflow, Alert, Attached, ConnectionCensus, IntervalReport, MemoryReport, Stall,
+    Summary,
+};
 
 /// A destination for a run's records; a sink writes the kinds it has a use for.
 pub trait Sink {
@@ -34,6 +39,14 @@ pub trait Sink {
         Ok(())
     }
     fn interval(&mut self, _report: &IntervalReport) -> io::Result<()> {
+        Ok(())
+    }
+    /// Memory growth in one interval.
+    fn memory(&mut self, _report: &MemoryReport) -> io::Result<()> {
+        Ok(())
+    }
+    /// The census of client connections.
+    fn connections(&mut self, _census: &ConnectionCensus) -> io::Result<()> {
         Ok(())
     }
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
@@ -102,6 +115,14 @@ impl Outputs {
         self.each(|sink| sink.interval(report))
     }
 
+    pub fn memory(&mut self, report: &MemoryReport) -> Result<(), OutputError> {
+        self.each(|sink| sink.memory(report))
+    }
+
+    pub fn connections(&mut self, census: &ConnectionCensus) -> Result<(), OutputError> {
+        self.each(|sink| sink.connections(census))
+    }
+
     /// Reopens every sink's files (SIGHUP).
     pub fn reopen(&mut self) -> Result<(), OutputError> {
         self.each(|sink| sink.reopen())
@@ -142,9 +163,35 @@ pub fn human_duration_us(us: u64) -> String {
     }
 }
 
+/// `312 MiB`, `20 KiB`, `1.2 GiB`: a size for people (binary units).
+pub fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        0..1_024 => format!("{bytes} B"),
+        1_024..1_048_576 => format!("{} KiB", bytes / 1_024),
+        1_048_576..1_073_741_824 => format!("{} MiB", bytes >> 20),
+        _ => format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64),
+    }
+}
+
+/// A signed size change for people: `+312 MiB`, `-5 KiB`.
+pub fn human_change(bytes: i64) -> String {
+    let sign = if bytes < 0 { '-' } else { '+' };
+    format!("{sign}{}", human_bytes(bytes.unsigned_abs()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_naturally() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(20 << 10), "20 KiB");
+        assert_eq!(human_bytes(312 << 20), "312 MiB");
+        assert_eq!(human_bytes(1_288_490_189), "1.2 GiB");
+        assert_eq!(human_change(-(5 << 20)), "-5 MiB");
+        assert_eq!(human_change(312 << 20), "+312 MiB");
+    }
 
     #[test]
     fn durations_read_naturally() {

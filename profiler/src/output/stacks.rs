@@ -46,7 +46,7 @@ pub fn kind_frame(kind: StackKind) -> &'static str {
 
 /// A frame's text made safe for a folded line: `;` separates frames and the last space the
 /// weight.
-fn folded_frame(text: &str) -> String {
+pub(super) fn folded_frame(text: &str) -> String {
     text.chars()
         .map(|c| if c == ';' { ':' } else { c })
         .collect()

@@ -111,17 +111,19 @@ pub struct ProbeSettings {
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
-const TRACEPOINT_PROGRAMS: [&str; 6] = [
+const TRACEPOINT_PROGRAMS: [&str; 8] = [
     "poll_entry",
     "madvise_entry",
     "madvise_return",
-    "handshake_done",
+    "user_page_fault",
+    "kernel_page_fault",
+    "connection_state",
     "accept_entry",
     "accept_return",
 ];
 /// `(program, tracepoint category, tracepoint)` of the connection tracers.
 const CONNECTION_PROGRAMS: [(&str, &str, &str); 5] = [
-    ("handshake_done", "sock", "inet_sock_set_state"),
+    ("connection_state", "sock", "inet_sock_set_state"),
     ("accept_entry", "syscalls", "sys_enter_accept4"),
     ("accept_entry", "syscalls", "sys_enter_accept"),
     ("accept_return", "syscalls", "sys_exit_accept4"),
@@ -131,6 +133,11 @@ const CONNECTION_PROGRAMS: [(&str, &str, &str); 5] = [
 const MADVISE_PROGRAMS: [(&str, &str, &str); 2] = [
     ("madvise_entry", "syscalls", "sys_enter_madvise"),
     ("madvise_return", "syscalls", "sys_exit_madvise"),
+];
+/// `(program, tracepoint category, tracepoint)` of the page-fault counters.
+const MEMORY_PROGRAMS: [(&str, &str, &str); 2] = [
+    ("user_page_fault", "exceptions", "page_fault_user"),
+    ("kernel_page_fault", "exceptions", "page_fault_kernel"),
 ];
 const UPROBE_PROGRAMS: [&str; 2] = ["nested_poll_begin", "nested_poll_end"];
 /// `(program, kernel tracepoint)` of the scheduler programs.
@@ -245,8 +252,16 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the connection tracers: handshakes completing on the listening ports, and the
-    /// target's accepts.
+    /// Attaches the page-fault counters to `exceptions:page_fault_{user,kernel}`.
+    pub fn attach_memory(&mut self) -> Result<(), ProbeError> {
+        for (program, category, tracepoint) in MEMORY_PROGRAMS {
+            self.attach_tracepoint(program, category, tracepoint)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the connection tracers: handshakes completing on the listening ports,
+    /// connections closing, and the target's accepts.
     pub fn attach_connections(&mut self) -> Result<(), ProbeError> {
         for (program, category, tracepoint) in CONNECTION_PROGRAMS {
             self.attach_tracepoint(program, category, tracepoint)?;

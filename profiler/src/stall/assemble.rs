@@ -213,8 +213,9 @@ impl StallAssembler {
         totals
     }
 
-    /// The weighted samples of a stack event, unwound.
-    fn unwind(&mut self, event: &StackEvent) -> Vec<PendingSample> {
+    /// A stack event's addresses, leaf first: its kernel instruction pointers and its user
+    /// stack unwound.
+    pub fn unwind_addresses(&mut self, event: &StackEvent) -> (Vec<u64>, Vec<u64>) {
         let user_stack =
             &event.user_stack[..(event.user_stack_len as usize).min(event.user_stack.len())];
         let recorded = RecordedStack {
@@ -230,6 +231,12 @@ impl StallAssembler {
         let kernel = event.kernel_stack
             [..(event.kernel_frames as usize).min(event.kernel_stack.len())]
             .to_vec();
+        (kernel, user)
+    }
+
+    /// The weighted samples of a stack event, unwound.
+    fn unwind(&mut self, event: &StackEvent) -> Vec<PendingSample> {
+        let (kernel, user) = self.unwind_addresses(event);
         let weights = if event.kind == EVENT_KIND_ON_CPU {
             [
                 (StackKind::OnCpu, self.sample_period_ns),

@@ -1,7 +1,8 @@
 //! Stalls, from kernel events to records, in two stages: [`assemble`] keeps the unwound
 //! samples of iterations in progress and hands over those of an iteration that turned out to
 //! be a stall; [`resolve`] symbolizes, attributes and sums them into the [`Stall`] record.
-//! [`StallPipeline`] is both, bound to one process.
+//! [`StallPipeline`] is both, bound to one process; it names page-fault samples the same way
+//! (for [`crate::memory`]).
 pub mod assemble;
 pub mod resolve;
 
@@ -13,9 +14,10 @@ pub use assemble::{AssemblyCounts, RunningIteration, StallAssembler, UnresolvedS
 pub use resolve::{StallContext, StallResolver, SymbolizeWork};
 
 use crate::{
-    attribute::Rules,
+    attribute::{Attribution, Rules},
     clock::WallClock,
     output::record::Stall,
+    stack::Frame,
     symbolize::{BlazeSymbols, SharedBlazesym, Symbolizer},
     unwind::{DwarfUnwinder, StackUnwinder},
 };
@@ -114,6 +116,21 @@ impl StallPipeline {
             self.assembler.memory_map(),
             StallContext::default(),
         )
+    }
+
+    /// A page-fault sample's frames (leaf first) and what its growth is attributed to
+    /// (`copy_on_write`: it copied a page shared with a child).
+    pub fn name_growth(
+        &mut self,
+        event: &StackEvent,
+        copy_on_write: bool,
+    ) -> (Vec<Frame>, Attribution) {
+        let (kernel, user) = self.assembler.unwind_addresses(event);
+        let frames = self
+            .resolver
+            .frames(&kernel, &user, self.assembler.memory_map());
+        let attribution = self.resolver.rules().attribute_growth(copy_on_write, &frames);
+        (frames, attribution)
     }
 
     pub fn counts(&self) -> AssemblyCounts {

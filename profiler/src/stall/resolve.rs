@@ -88,6 +88,21 @@ impl StallResolver {
         self.symbolizer.warm_up(memory_map);
     }
 
+    /// The frames (leaf first) of a stack's kernel and user addresses, symbolized.
+    pub fn frames(&mut self, kernel: &[u64], user: &[u64], memory_map: &MemoryMap) -> Vec<Frame> {
+        let started = Instant::now();
+        let mut frames = self.symbolizer.kernel_frames(kernel);
+        frames.extend(self.symbolizer.user_frames(user, memory_map));
+        self.work.samples_symbolized += 1;
+        self.work.symbolize += started.elapsed();
+        frames
+    }
+
+    /// The attribution rules.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
     /// The finished stall; `memory_map` places user code no symbol covers.
     pub fn resolve(
         &mut self,
@@ -95,20 +110,16 @@ impl StallResolver {
         memory_map: &MemoryMap,
         context: StallContext,
     ) -> Stall {
-        let started = Instant::now();
         let mut totals_ns: HashMap<StackKind, u64> = HashMap::new();
         // (kind, frames) -> (weight, samples)
         let mut distinct: HashMap<(StackKind, Vec<Frame>), (u64, u64)> = HashMap::new();
         for sample in &stall.samples {
-            let mut frames = self.symbolizer.kernel_frames(&sample.kernel);
-            frames.extend(self.symbolizer.user_frames(&sample.user, memory_map));
+            let frames = self.frames(&sample.kernel, &sample.user, memory_map);
             *totals_ns.entry(sample.kind).or_default() += sample.weight_ns;
             let (weight_ns, count) = distinct.entry((sample.kind, frames)).or_default();
             *weight_ns += sample.weight_ns;
             *count += 1;
         }
-        self.work.samples_symbolized += stall.samples.len() as u64;
-        self.work.symbolize += started.elapsed();
         let mut stacks: Vec<AttributedStack> = distinct
             .into_iter()
             .map(|((kind, frames), (weight_ns, samples))| AttributedStack {

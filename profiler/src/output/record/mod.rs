@@ -1,7 +1,13 @@
 //! Every record a run writes (the JSON schema in the README) and `report` reads back: the
 //! `attached` record, stalls with their stacks, alerts, accept-queue overflows outside stalls,
-//! and the [`summary`]. Fields added later are `#[serde(default)]`, so older recordings read.
+//! memory growth ([`memory`]), the connection census ([`connections`]), and the [`summary`].
+//! Fields added later are `#[serde(default)]`, so older recordings read.
+mod connections;
+mod memory;
 mod summary;
+
+pub use connections::{ClientCensus, ConnectionCensus, ConnectionTotals, IdleTimes};
+pub use memory::{GrowthEntry, GrowthStack, MemoryGrowth, MemoryReport};
 
 use std::time::SystemTime;
 

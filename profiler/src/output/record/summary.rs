@@ -59,6 +59,12 @@ pub struct Summary {
     /// What the run cost the profiler itself.
     #[serde(default)]
     pub profiler: ProfilerCost,
+    /// Resident-memory growth over the run by origin (unless `--no-memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<super::MemoryGrowth>,
+    /// The client connections over the run (when a TCP listener was watched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<super::ConnectionTotals>,
 }
 
 impl Summary {
@@ -83,6 +89,8 @@ impl Summary {
             accept: None,
             alerts: None,
             profiler: ProfilerCost::default(),
+            memory: None,
+            connections: None,
         }
     }
 }
