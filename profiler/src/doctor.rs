@@ -154,7 +154,7 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
         "page-fault probes",
         attach_verdict(
             probes.attach_memory(),
-            "exceptions:page_fault_user and page_fault_kernel attach",
+            "tp_btf/page_fault_user and page_fault_kernel attach",
         ),
     );
     check(

@@ -50,7 +50,10 @@ impl FaultCounts {
     /// the target's pages meanwhile.
     fn bytes(self, forked: bool, page_bytes: u64) -> (u64, u64) {
         if forked {
-            (self.new_pages * page_bytes, self.write_protected * page_bytes)
+            (
+                self.new_pages * page_bytes,
+                self.write_protected * page_bytes,
+            )
         } else {
             ((self.new_pages + self.write_protected) * page_bytes, 0)
         }
@@ -89,7 +92,11 @@ impl Tally {
     }
 
     /// The period's growth, up to `resident` now, with `faulted` bytes (new pages, copied).
-    fn growth(&self, resident: Option<u64>, (new_page_bytes, copied_bytes): (u64, u64)) -> MemoryGrowth {
+    fn growth(
+        &self,
+        resident: Option<u64>,
+        (new_page_bytes, copied_bytes): (u64, u64),
+    ) -> MemoryGrowth {
         let resident_change_bytes = match (resident, self.resident_at_start) {
             (Some(now), Some(then)) => now as i64 - then as i64,
             _ => 0,
@@ -153,10 +160,9 @@ impl Tally {
         let rest = stacks.split_off(stacks.len().min(MAX_STACKS));
         let mut others: Vec<GrowthStack> = Vec::new();
         for stack in rest {
-            match others
-                .iter_mut()
-                .find(|other| (&other.origin, &other.mechanism) == (&stack.origin, &stack.mechanism))
-            {
+            match others.iter_mut().find(|other| {
+                (&other.origin, &other.mechanism) == (&stack.origin, &stack.mechanism)
+            }) {
                 Some(other) => {
                     other.bytes += stack.bytes;
                     other.samples += stack.samples;
@@ -343,13 +349,20 @@ mod tests {
         let mut tally = Tally::default();
         let sadd = attribution("command:sadd", "allocation");
         for index in 0..MAX_STACKS as u64 + 5 {
-            tally.add(&sadd, &[Frame::User(format!("f{index}").into())], 4096 * (index + 1));
+            tally.add(
+                &sadd,
+                &[Frame::User(format!("f{index}").into())],
+                4096 * (index + 1),
+            );
         }
         let stacks = tally.heaviest_stacks();
         assert_eq!(stacks.len(), MAX_STACKS + 1);
         let other = stacks.last().unwrap();
         assert_eq!(other.frames, [Frame::OtherStacks]);
-        assert_eq!((other.bytes, other.samples), (4096 * (1 + 2 + 3 + 4 + 5), 5));
+        assert_eq!(
+            (other.bytes, other.samples),
+            (4096 * (1 + 2 + 3 + 4 + 5), 5)
+        );
     }
 
     #[test]
@@ -368,7 +381,10 @@ mod tests {
             write_protected: 2,
         });
         // No child: the writes to write-protected pages were first writes (new pages).
-        assert_eq!((run.new_page_bytes, run.copied_bytes), (6 * page_bytes(), 0));
+        assert_eq!(
+            (run.new_page_bytes, run.copied_bytes),
+            (6 * page_bytes(), 0)
+        );
     }
 
     #[test]

@@ -369,7 +369,10 @@ impl InstanceMetrics {
             instance: self.labels.clone(),
             client: client.to_owned(),
         };
-        let mut published = self.clients.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut published = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         for gone in published.drain(..) {
             metrics.client_connections.remove(&client(&gone));
             metrics.client_idle_seconds.remove(&client(&gone));
@@ -494,7 +497,11 @@ mod tests {
             clients: vec![crate::output::record::ClientCensus {
                 addr: addr.into(),
                 established: 200,
-                idle_ms: crate::output::record::IdleTimes { min: 1, p50: 1_500, max: 2 },
+                idle_ms: crate::output::record::IdleTimes {
+                    min: 1,
+                    p50: 1_500,
+                    max: 2,
+                },
                 ..Default::default()
             }],
             ..Default::default()
@@ -502,7 +509,10 @@ mod tests {
         first.observe_connections(&census("10.0.0.9"));
         first.observe_connections(&census("10.0.0.7"));
         let text = metrics.encode();
-        assert!(!text.contains("10.0.0.9"), "an address out of the top is removed: {text}");
+        assert!(
+            !text.contains("10.0.0.9"),
+            "an address out of the top is removed: {text}"
+        );
         let labels = r#"pid="42",port="6379",server="redis-server""#;
         for expected in [
             format!("redis_stallprof_eventloop_iteration_seconds_count{{{labels}}} 3"),

@@ -187,7 +187,11 @@ fn tcp_socket_from(source: [u8; 4], port: u16, blocking: bool) -> std::os::fd::O
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | flags, 0);
         assert!(fd >= 0, "socket");
         let socket = OwnedFd::from_raw_fd(fd);
-        assert_eq!(libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), length), 0, "bind");
+        assert_eq!(
+            libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), length),
+            0,
+            "bind"
+        );
         let connected = libc::connect(fd, (&server as *const libc::sockaddr_in).cast(), length);
         assert!(!blocking || connected == 0, "connect to port {port}");
         socket
@@ -716,4 +720,23 @@ pub fn leave_big_idle_query_buffers(
         }
     }
     connections
+}
+
+/// Adds `count` sets of one short non-integer member each (`SADD set:N mN`), pipelined:
+/// each becomes a hash table, several times the memory its member needs.
+pub fn add_small_sets(client: &mut redis::Connection, count: usize) {
+    let commands: Vec<redis::Cmd> = (0..count)
+        .map(|index| {
+            let mut command = redis::cmd("SADD");
+            command.arg(format!("set:{index}")).arg(format!("m{index}"));
+            command
+        })
+        .collect();
+    for chunk in commands.chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for command in chunk {
+            pipe.add_command(command.clone()).ignore();
+        }
+        pipe.query::<()>(client).expect("SADD pipeline");
+    }
 }

@@ -94,7 +94,7 @@ fn the_static_binary_alone_in_an_empty_root_names_a_stall() {
     );
     let redis = RedisServer::start(&[]);
     let root = EmptyRoot::with(&binary);
-    let mut profiler = Command::new("chroot")
+    let profiler = Command::new("chroot")
         .arg(root.dir.path())
         .args([
             "/redis-stallprof",

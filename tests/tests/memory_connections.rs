@@ -7,19 +7,9 @@ use std::{
 };
 
 use serde_json::Value;
-use stallprof_testkit::{NetworkNamespace, Profiler, RedisServer, connect_from, number};
-
-/// Sends `commands` on `client` in pipelines and reads every reply.
-fn pipelined(client: &mut redis::Connection, commands: impl Iterator<Item = redis::Cmd>) {
-    let commands: Vec<redis::Cmd> = commands.collect();
-    for chunk in commands.chunks(10_000) {
-        let mut pipe = redis::pipe();
-        for command in chunk {
-            pipe.add_command(command.clone()).ignore();
-        }
-        pipe.query::<()>(client).expect("pipeline");
-    }
-}
+use stallprof_testkit::{
+    NetworkNamespace, Profiler, RedisServer, add_small_sets, connect_from, number,
+};
 
 /// The stacks of a `memory` growth object with the given origin and mechanism.
 fn stacks_of<'a>(growth: &'a Value, origin: &str, mechanism: &str) -> Vec<&'a Value> {
@@ -53,17 +43,9 @@ fn many_sets_of_one_member_grow_memory_named_by_sadd_and_its_encoding() {
         folded.path().to_str().unwrap(),
     ]);
     let resident_before = redis.resident_bytes();
-    let mut client = redis.client();
     // 300,000 sets of one short member that is not an integer: each is a hash table, four
     // times the memory its member needs.
-    pipelined(
-        &mut client,
-        (0..300_000).map(|index| {
-            let mut command = redis::cmd("SADD");
-            command.arg(format!("set:{index}")).arg(format!("m{index}"));
-            command
-        }),
-    );
+    add_small_sets(&mut redis.client(), 300_000);
     let grown = redis.resident_bytes() - resident_before;
     thread::sleep(Duration::from_millis(300));
     let run = profiler.stop();
@@ -98,10 +80,19 @@ fn many_sets_of_one_member_grow_memory_named_by_sadd_and_its_encoding() {
     // Interval records say the same, and nothing was copied on write (no child).
     let records = run.of_type("memory");
     assert!(!records.is_empty(), "{}", run.stderr);
-    assert!(records.iter().all(|record| number(&record["copied_bytes"]) == 0));
-    assert!(records.iter().any(|record| record["growth"][0]["origin"] == "command:sadd"));
     assert!(
-        run.stderr.contains("MEMORY resident +") && run.stderr.contains("command:sadd (allocation)"),
+        records
+            .iter()
+            .all(|record| number(&record["copied_bytes"]) == 0)
+    );
+    assert!(
+        records
+            .iter()
+            .any(|record| record["growth"][0]["origin"] == "command:sadd")
+    );
+    assert!(
+        run.stderr.contains("MEMORY resident +")
+            && run.stderr.contains("command:sadd (allocation)"),
         "{}",
         run.stderr
     );
@@ -109,7 +100,8 @@ fn many_sets_of_one_member_grow_memory_named_by_sadd_and_its_encoding() {
     assert!(
         folded
             .lines()
-            .any(|line| line.starts_with("command:sadd;allocation;") && line.contains(";saddCommand;")),
+            .any(|line| line.starts_with("command:sadd;allocation;")
+                && line.contains(";saddCommand;")),
         "{folded}"
     );
 }
@@ -210,7 +202,11 @@ fn a_pool_of_two_hundred_idle_connections_and_a_reconnecting_client_are_told_apa
         .iter()
         .filter(|(established, _, _, received, _)| *established == 200 && *received > 0)
         .collect();
-    assert!(in_use.len() >= 3, "the pool's 200 in several censuses: {pool_census:?}\n{}", run.stderr);
+    assert!(
+        in_use.len() >= 3,
+        "the pool's 200 in several censuses: {pool_census:?}\n{}",
+        run.stderr
+    );
     for &&(_, _, _, _, idle_p50_ms) in &in_use {
         assert!((300..=3_000).contains(&idle_p50_ms), "{pool_census:?}");
     }
@@ -220,10 +216,19 @@ fn a_pool_of_two_hundred_idle_connections_and_a_reconnecting_client_are_told_apa
     let churn_census = census_of(&run, "127.0.0.3");
     let opened: u64 = churn_census.iter().map(|(_, opened, ..)| opened).sum();
     let closed: u64 = churn_census.iter().map(|(_, _, closed, ..)| closed).sum();
-    assert_eq!((opened, closed), (RECONNECTS, RECONNECTS), "{churn_census:?}");
+    assert_eq!(
+        (opened, closed),
+        (RECONNECTS, RECONNECTS),
+        "{churn_census:?}"
+    );
     // One open at a time, and a few closed ones Redis had not closed yet at a census: never
     // anything like the pool.
-    assert!(churn_census.iter().all(|(established, ..)| *established < 10), "{churn_census:?}");
+    assert!(
+        churn_census
+            .iter()
+            .all(|(established, ..)| *established < 10),
+        "{churn_census:?}"
+    );
 
     let totals = &run.summary()["connections"];
     assert!(number(&totals["max_established"]) >= 200, "{totals}");

@@ -3,7 +3,10 @@
 use std::{fs, path::Path, thread, time::Duration};
 
 use anyhow::Context as _;
-use stallprof_testkit::{Profiler, RedisServer, connection_storm, leave_big_idle_query_buffers};
+use stallprof_testkit::{
+    Profiler, RedisServer, add_small_sets, connect_from, connection_storm,
+    leave_big_idle_query_buffers,
+};
 
 /// One way to make Redis stall, as `redis-cli` arguments, with what it shows.
 struct Scenario {
@@ -39,7 +42,11 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     let json = out_dir.join("stalls.jsonl");
     let folded = out_dir.join("stalls.folded");
     let flamegraph = out_dir.join("stalls.svg");
+    let memory_flamegraph = out_dir.join("memory.svg");
     let redis = RedisServer::start(&[
+        // Clients from 127.0.0.2 (the pool below) are not 127.0.0.1.
+        "--protected-mode",
+        "no",
         "--latency-monitor-threshold",
         "1",
         "--jemalloc-bg-thread",
@@ -54,7 +61,10 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     );
     let pid = redis.pid().to_string();
     let (folded_arg, flamegraph_arg) = (folded.to_string_lossy(), flamegraph.to_string_lossy());
+    let memory_flamegraph_arg = memory_flamegraph.to_string_lossy();
     let args = [
+        "--memory-flamegraph",
+        &memory_flamegraph_arg,
         "--pid",
         &pid,
         "--interval",
@@ -98,6 +108,13 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     let clients = leave_big_idle_query_buffers(redis.port, 20, 32 << 20);
     thread::sleep(Duration::from_secs(5));
     drop(clients);
+    eprintln!(
+        "demo: now memory that grows with no big key: 200,000 sets of one member each (SADD), while a pool of 100 connections from 127.0.0.2 sits nearly idle"
+    );
+    let pool = connect_from([127, 0, 0, 2], redis.port, 100, None);
+    add_small_sets(&mut redis.client(), 200_000);
+    thread::sleep(Duration::from_millis(2_500));
+    drop(pool);
     eprintln!("demo: Redis's own view (LATENCY LATEST: event, time, latest ms, max ms):");
     eprintln!("{}", redis.cli(&["LATENCY", "LATEST"]).trim_end());
     eprintln!("demo: stopping the profiler with Ctrl-C (SIGINT)");
@@ -138,6 +155,17 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
         }
     }
 
+    for (record, needle) in [
+        (" MEMORY ", "command:sadd"),
+        (" CONNECTIONS ", "127.0.0.2: 100 established"),
+    ] {
+        if let Some(line) = lines
+            .iter()
+            .find(|line| line.contains(record) && line.contains(needle))
+        {
+            eprintln!("{line}");
+        }
+    }
     eprintln!(
         "demo: {} JSON records in {}; the stall records hold their stacks",
         run.records.len(),
@@ -160,6 +188,10 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     eprintln!(
         "demo: flamegraph in {} (off-CPU stacks aqua, on-CPU red)",
         flamegraph.display()
+    );
+    eprintln!(
+        "demo: memory growth's flamegraph in {} (origin, mechanism, then the stack)",
+        memory_flamegraph.display()
     );
     eprintln!("demo: outputs are in {}", out_dir.display());
     Ok(())

@@ -74,6 +74,9 @@ enum Task {
     },
     /// Measure only what watching idle servers adds per context switch (printed, not written).
     SwitchCost,
+    /// Measure only the cost of tracing page faults while Redis's memory grows (printed, not
+    /// written).
+    MemoryCost,
     /// Build the static binary (x86_64 musl, the eBPF object embedded) into target/dist/.
     Dist,
     /// Profile a server under a long storm of stalls and check that memory stays bounded.
@@ -134,6 +137,11 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             setup()?;
             build()?;
             bench::switches::measure().map(drop)
+        }
+        Task::MemoryCost => {
+            setup()?;
+            build()?;
+            bench::memory::measure().map(drop)
         }
         Task::Soak { minutes } => {
             setup()?;

@@ -242,7 +242,11 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, target: &Target, state: &m
 /// Fills the stack fields of `event`: kernel instruction pointers from the program's context,
 /// user registers from `user_regs`, and the user stack above the stack pointer.
 #[inline(always)]
-pub(super) fn capture_stacks(ctx: *mut core::ffi::c_void, event: &mut StackEvent, user_regs: &UserRegs) {
+pub(super) fn capture_stacks(
+    ctx: *mut core::ffi::c_void,
+    event: &mut StackEvent,
+    user_regs: &UserRegs,
+) {
     // SAFETY: the buffer is the event's own kernel_stack array and the size is its size.
     let kernel_bytes = unsafe {
         bpf_get_stack(

@@ -43,7 +43,11 @@ impl Census {
 
     /// The census of `connections` (the target's connections now), `seconds` after the last;
     /// `None` when there is nothing to tell (no connection, none opened or closed).
-    pub fn take(&mut self, connections: &[ConnectionSample], seconds: f64) -> Option<ConnectionCensus> {
+    pub fn take(
+        &mut self,
+        connections: &[ConnectionSample],
+        seconds: f64,
+    ) -> Option<ConnectionCensus> {
         let opened = std::mem::take(&mut self.opened);
         let closed = std::mem::take(&mut self.closed);
         let received_at_last = std::mem::take(&mut self.received_at_last);
@@ -57,7 +61,10 @@ impl Census {
             let idle_ms = u64::from(connection.idle_ms.unwrap_or(0));
             idle.entry(connection.client).or_default().push(idle_ms);
             if let Some(bytes) = connection.received_bytes {
-                let before = received_at_last.get(&connection.inode).copied().unwrap_or(0);
+                let before = received_at_last
+                    .get(&connection.inode)
+                    .copied()
+                    .unwrap_or(0);
                 let new_bytes = bytes.saturating_sub(before);
                 *received.entry(connection.client).or_default() += new_bytes;
                 *self.run_received.entry(connection.client).or_default() += new_bytes;
@@ -78,7 +85,10 @@ impl Census {
                 opened: opened.get(&addr).copied().unwrap_or(0),
                 closed: closed.get(&addr).copied().unwrap_or(0),
                 received_bytes: received.get(&addr).copied().unwrap_or(0),
-                idle_ms: idle.get_mut(&addr).map(idle_times).unwrap_or_default(),
+                idle_ms: idle
+                    .get_mut(&addr)
+                    .map(|times| idle_times(times))
+                    .unwrap_or_default(),
             })
             .collect();
         rank(&mut clients);
@@ -135,8 +145,16 @@ impl Census {
             .collect();
         rank(&mut clients);
         ConnectionTotals {
-            opened: self.run_opened_closed.values().map(|(opened, _)| opened).sum(),
-            closed: self.run_opened_closed.values().map(|(_, closed)| closed).sum(),
+            opened: self
+                .run_opened_closed
+                .values()
+                .map(|(opened, _)| opened)
+                .sum(),
+            closed: self
+                .run_opened_closed
+                .values()
+                .map(|(_, closed)| closed)
+                .sum(),
             max_established: self.max_established,
             clients,
         }
@@ -151,7 +169,7 @@ fn rank(clients: &mut Vec<ClientCensus>) {
     clients.truncate(TOP_ADDRESSES);
 }
 
-fn idle_times(times: &mut Vec<u64>) -> IdleTimes {
+fn idle_times(times: &mut [u64]) -> IdleTimes {
     times.sort_unstable();
     IdleTimes {
         min: times.first().copied().unwrap_or(0),
@@ -185,24 +203,43 @@ mod tests {
             census.closed(churner);
         }
         let first = census.take(&pool, 1.0).unwrap();
-        assert_eq!((first.established, first.opened, first.closed), (200, 30, 30));
+        assert_eq!(
+            (first.established, first.opened, first.closed),
+            (200, 30, 30)
+        );
         assert_eq!(first.addresses, 1);
         let top = &first.clients[0];
         assert_eq!((top.addr.as_str(), top.established), ("127.0.0.2", 200));
-        assert_eq!(top.idle_ms, IdleTimes { min: 1_000, p50: 2_000, max: 2_990 });
+        assert_eq!(
+            top.idle_ms,
+            IdleTimes {
+                min: 1_000,
+                p50: 2_000,
+                max: 2_990
+            }
+        );
         assert_eq!(top.received_bytes, 200 * 140);
         let other = &first.clients[1];
-        assert_eq!((other.addr.as_str(), other.opened, other.closed), ("127.0.0.3", 30, 30));
+        assert_eq!(
+            (other.addr.as_str(), other.opened, other.closed),
+            ("127.0.0.3", 30, 30)
+        );
         // The next census counts only what each connection received since.
         let later: Vec<ConnectionSample> = pool
             .iter()
-            .map(|sample| ConnectionSample { received_bytes: Some(154), ..*sample })
+            .map(|sample| ConnectionSample {
+                received_bytes: Some(154),
+                ..*sample
+            })
             .collect();
         let second = census.take(&later, 1.0).unwrap();
         assert_eq!(second.clients[0].received_bytes, 200 * 14);
         assert_eq!((second.opened, second.closed), (0, 0));
         let totals = census.totals();
-        assert_eq!((totals.opened, totals.closed, totals.max_established), (30, 30, 200));
+        assert_eq!(
+            (totals.opened, totals.closed, totals.max_established),
+            (30, 30, 200)
+        );
         assert_eq!(totals.clients[0].established, 200);
         assert_eq!(totals.clients[0].received_bytes, 200 * 154);
     }

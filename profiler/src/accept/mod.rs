@@ -20,7 +20,9 @@ pub use tracker::AcceptTracker;
 use crate::{
     clock::{WallClock, monotonic_now_ns},
     metrics::InstanceMetrics,
-    output::record::{AcceptOverflow, AcceptSummary, ConnectionCensus, ConnectionTotals, StallAccept},
+    output::record::{
+        AcceptOverflow, AcceptSummary, ConnectionCensus, ConnectionTotals, StallAccept,
+    },
 };
 
 /// The watch on one target's accept queues.

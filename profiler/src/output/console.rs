@@ -205,7 +205,12 @@ impl Sink for ConsoleSink {
         lines.extend(accept_lines(summary));
         lines.extend(alerts_line(summary));
         lines.extend(madvise_lines(summary));
-        lines.extend(summary.memory.as_ref().map(|growth| format!("  memory: {}", growth_text(growth))));
+        lines.extend(
+            summary
+                .memory
+                .as_ref()
+                .map(|growth| format!("  memory: {}", growth_text(growth))),
+        );
         lines.extend(connection_lines(summary));
         let prefix = self.prefix(&summary.instance);
         let mut stderr = io::stderr().lock();
@@ -364,7 +369,11 @@ fn growth_text(growth: &MemoryGrowth) -> String {
         human_change(growth.resident_change_bytes),
         human_bytes(growth.resident_bytes),
         human_bytes(growth.new_page_bytes),
-        if named.is_empty() { "not sampled".to_owned() } else { named.join(", ") },
+        if named.is_empty() {
+            "not sampled".to_owned()
+        } else {
+            named.join(", ")
+        },
         human_bytes(growth.given_back_bytes),
         human_bytes(growth.madvised_bytes),
         human_bytes(growth.copied_bytes),

@@ -9,9 +9,7 @@ use serde::Serialize;
 
 use super::{
     Sink,
-    record::{
-        AcceptOverflow, Alert, Attached, ConnectionCensus, MemoryReport, Stall, Summary,
-    },
+    record::{AcceptOverflow, Alert, Attached, ConnectionCensus, MemoryReport, Stall, Summary},
 };
 use crate::cli::OutputPath;
 

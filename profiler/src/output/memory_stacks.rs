@@ -92,9 +92,11 @@ impl Sink for MemoryStacksSink {
             rewind(file)?;
             let mut options = flamegraph::Options::default();
             options.title = "redis-stallprof: where resident memory grew".to_owned();
-            options.subtitle = Some("origin; mechanism; the stack that faulted the pages in".to_owned());
+            options.subtitle =
+                Some("origin; mechanism; the stack that faulted the pages in".to_owned());
             options.count_name = "KiB".to_owned();
-            options.colors = flamegraph::color::Palette::Basic(flamegraph::color::BasicPalette::Mem);
+            options.colors =
+                flamegraph::color::Palette::Basic(flamegraph::color::BasicPalette::Mem);
             flamegraph::from_lines(
                 &mut options,
                 lines.iter().map(String::as_str),

@@ -19,8 +19,7 @@ pub use pprof::{PprofProfile, PprofSink};
 pub use stacks::{FoldedStacks, StackFilesSink, flamegraph_title};
 
 use record::{
-    AcceptOverflow, Alert, Attached, ConnectionCensus, IntervalReport, MemoryReport, Stall,
-    Summary,
+    AcceptOverflow, Alert, Attached, ConnectionCensus, IntervalReport, MemoryReport, Stall, Summary,
 };
 
 /// A destination for a run's records; a sink writes the kinds it has a use for.

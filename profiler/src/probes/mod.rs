@@ -111,12 +111,10 @@ pub struct ProbeSettings {
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
-const TRACEPOINT_PROGRAMS: [&str; 8] = [
+const TRACEPOINT_PROGRAMS: [&str; 6] = [
     "poll_entry",
     "madvise_entry",
     "madvise_return",
-    "user_page_fault",
-    "kernel_page_fault",
     "connection_state",
     "accept_entry",
     "accept_return",
@@ -134,10 +132,10 @@ const MADVISE_PROGRAMS: [(&str, &str, &str); 2] = [
     ("madvise_entry", "syscalls", "sys_enter_madvise"),
     ("madvise_return", "syscalls", "sys_exit_madvise"),
 ];
-/// `(program, tracepoint category, tracepoint)` of the page-fault counters.
-const MEMORY_PROGRAMS: [(&str, &str, &str); 2] = [
-    ("user_page_fault", "exceptions", "page_fault_user"),
-    ("kernel_page_fault", "exceptions", "page_fault_kernel"),
+/// `(program, kernel tracepoint)` of the page-fault counters.
+const MEMORY_PROGRAMS: [(&str, &str); 2] = [
+    ("user_page_fault", "page_fault_user"),
+    ("kernel_page_fault", "page_fault_kernel"),
 ];
 const UPROBE_PROGRAMS: [&str; 2] = ["nested_poll_begin", "nested_poll_end"];
 /// `(program, kernel tracepoint)` of the scheduler programs.
@@ -198,7 +196,7 @@ impl Probes {
         for name in UPROBE_PROGRAMS {
             probes.load_program::<UProbe>(name, |program| program.load())?;
         }
-        for (name, tracepoint) in SCHEDULER_PROGRAMS {
+        for (name, tracepoint) in SCHEDULER_PROGRAMS.into_iter().chain(MEMORY_PROGRAMS) {
             probes.load_program::<BtfTracePoint>(name, |program| program.load(tracepoint, &btf))?;
         }
         probes.load_program::<PerfEvent>(SAMPLE_PROGRAM, |program| program.load())?;
@@ -252,12 +250,9 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the page-fault counters to `exceptions:page_fault_{user,kernel}`.
+    /// Attaches the page-fault counters to `tp_btf/page_fault_{user,kernel}`.
     pub fn attach_memory(&mut self) -> Result<(), ProbeError> {
-        for (program, category, tracepoint) in MEMORY_PROGRAMS {
-            self.attach_tracepoint(program, category, tracepoint)?;
-        }
-        Ok(())
+        self.attach_btf_tracepoints(&MEMORY_PROGRAMS)
     }
 
     /// Attaches the connection tracers: handshakes completing on the listening ports,
@@ -272,7 +267,15 @@ impl Probes {
     /// Attaches the scheduler programs: `sched_switch` and `sched_wakeup` (blocking polls,
     /// off-CPU and run-queue time) and `sched_process_exec` (the target running a new program).
     pub fn attach_scheduler(&mut self) -> Result<(), ProbeError> {
-        for (program, tracepoint) in SCHEDULER_PROGRAMS {
+        self.attach_btf_tracepoints(&SCHEDULER_PROGRAMS)
+    }
+
+    /// Attaches each `(program, kernel tracepoint)` as a BTF-typed tracepoint.
+    fn attach_btf_tracepoints(
+        &mut self,
+        programs: &[(&'static str, &'static str)],
+    ) -> Result<(), ProbeError> {
+        for &(program, tracepoint) in programs {
             self.program::<BtfTracePoint>(program)?
                 .attach()
                 .map_err(|cause| ProbeError::Attach {

@@ -129,7 +129,10 @@ impl StallPipeline {
         let frames = self
             .resolver
             .frames(&kernel, &user, self.assembler.memory_map());
-        let attribution = self.resolver.rules().attribute_growth(copy_on_write, &frames);
+        let attribution = self
+            .resolver
+            .rules()
+            .attribute_growth(copy_on_write, &frames);
         (frames, attribution)
     }
 

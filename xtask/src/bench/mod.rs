@@ -8,12 +8,15 @@
 //! 1. throughput and p99 under `redis-benchmark` with nothing, redis-stallprof or `perf record`
 //!    attached, alternating (module `load`);
 //! 2. the same under a storm of stalls, with the profiler's peak memory;
-//! 3. userspace unwinding and symbolizing speed, and time to alert (module `reaction`).
+//! 3. userspace unwinding and symbolizing speed, and time to alert (module `reaction`);
+//! 4. page faults handled while Redis's memory grows fast, and what a fault of any other
+//!    process pays (module `memory`).
 //!
 //! Redis runs on CPU 0, the load generator on CPU 1. [`measure`] takes the figures, `render`
 //! writes them as Markdown.
 pub mod compare;
 mod load;
+pub mod memory;
 mod reaction;
 mod render;
 pub mod switches;
@@ -54,6 +57,7 @@ pub struct Figures {
     pub storm: Storm,
     pub userspace: UserspaceSpeed,
     pub alerts: AlertTimes,
+    pub memory: memory::MemoryCost,
     /// How long the measurements took.
     pub seconds: f64,
 }
@@ -76,6 +80,7 @@ fn measure() -> anyhow::Result<Figures> {
         storm: load::storm(&redis)?,
         userspace: reaction::userspace_speed(&redis)?,
         alerts: reaction::time_to_alert(&redis)?,
+        memory: memory::measure()?,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -96,6 +101,10 @@ pub struct ProgramCost {
 /// The kernel programs' own cost under [`KERNEL_SIDE_LOAD`].
 pub struct KernelSide {
     pub iterations: u64,
+    /// Redis's page faults under the load, and the memory records they made (a healthy
+    /// server takes none).
+    pub redis_faults: u64,
+    pub memory_records: usize,
     pub redis_cpu_ns: u64,
     pub programs: Vec<ProgramCost>,
 }
@@ -133,8 +142,13 @@ fn kernel_side(redis: &RedisServer) -> anyhow::Result<KernelSide> {
         })
         .filter(|program| program.runs > 0)
         .collect();
+    let memory = &run.summary()["memory"];
     Ok(KernelSide {
         iterations: run.summary()["iterations"].as_u64().unwrap_or(0).max(1),
+        redis_faults: (memory["new_page_bytes"].as_u64().unwrap_or(0)
+            + memory["copied_bytes"].as_u64().unwrap_or(0))
+            / 4096,
+        memory_records: run.of_type("memory").len(),
         redis_cpu_ns: after_cpu.saturating_sub(before_cpu).max(1),
         programs,
     })

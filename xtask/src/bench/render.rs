@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use super::{
     Figures, KERNEL_SIDE_LOAD, KernelSide, POLL_ROUNDS, POLLS_PER_ROUND, PollCost,
     load::{LoadComparison, Observer, ROUNDS, STORM_LOAD, STORM_PERIOD, STORM_STALL, Storm, Test},
+    memory::{MemoryCost, SETS},
     reaction::{ALERT_STALL, ALERT_THRESHOLD, ALERTS, AlertTimes, KEYS, SCANS, UserspaceSpeed},
     switches::{IDLE_WINDOW, PING_PONG_RUNS, PollWithMany, ROUND_TRIPS, SwitchCost},
 };
@@ -39,6 +40,7 @@ fn write_all(report: &mut String, figures: &Figures) -> std::fmt::Result {
     storm(report, &figures.storm)?;
     userspace(report, &figures.userspace)?;
     alerts(report, &figures.alerts)?;
+    memory(report, &figures.memory)?;
     writeln!(report, "The measurements took {:.0} s.\n", figures.seconds)?;
     report.push_str(HISTORY);
     Ok(())
@@ -151,6 +153,64 @@ fn kernel_side(report: &mut String, kernel: &KernelSide) -> std::fmt::Result {
         "| all | | | {:.1} | {:.3}% |\n",
         per_iteration(total_ns),
         share(total_ns)
+    )?;
+    writeln!(
+        report,
+        "The page-fault programs run for every fault on the host (here the load generator's) and \
+         return at once for other processes. Redis itself, healthy under this load, took {} page \
+         faults: {} `memory` records.\n",
+        kernel.redis_faults, kernel.memory_records
+    )
+}
+
+fn memory(report: &mut String, memory: &MemoryCost) -> std::fmt::Result {
+    writeln!(report, "## Memory growth\n")?;
+    writeln!(
+        report,
+        "A client adds {SETS} sets of one member each (`SADD set:N mN`, pipelined 10,000 at a time) \
+         to a fresh server with `attach` watching (`--fault-sample-interval 10ms`, the default), \
+         `kernel.bpf_stats_enabled=1`.\n"
+    )?;
+    writeln!(report, "| figure | value |")?;
+    writeln!(report, "|---|---|")?;
+    let per_second = |count: u64| count as f64 / memory.seconds.max(1e-9);
+    writeln!(
+        report,
+        "| write faults of Redis handled | {} in {:.2} s: {:.0} a second |",
+        memory.faults,
+        memory.seconds,
+        per_second(memory.faults)
+    )?;
+    writeln!(
+        report,
+        "| fault samples sent with their stacks | {} ({:.0} a second) |",
+        memory.samples,
+        per_second(memory.samples)
+    )?;
+    writeln!(
+        report,
+        "| fault programs (every fault on the host) | {} runs, {:.0} ns per run |",
+        memory.program_runs,
+        memory.program_ns as f64 / memory.program_runs.max(1) as f64
+    )?;
+    writeln!(
+        report,
+        "| their share of Redis's main-thread CPU ({:.2} s) | {:.2}% |",
+        memory.redis_cpu_ns as f64 / 1e9,
+        memory.program_ns as f64 * 100.0 / memory.redis_cpu_ns as f64
+    )?;
+    writeln!(
+        report,
+        "| resident growth; share attributed to `command:sadd` | {} MiB; {:.1}% |",
+        memory.resident_growth_bytes >> 20,
+        memory.sadd_share * 100.0
+    )?;
+    writeln!(
+        report,
+        "| a page fault of another process (writing fresh pages), alone / with `attach` | {:.0} ns / {:.0} ns (+{:.0}) |\n",
+        memory.unrelated_alone_ns,
+        memory.unrelated_with_ns,
+        memory.unrelated_with_ns - memory.unrelated_alone_ns
     )
 }
 
