@@ -183,6 +183,8 @@ impl Tally {
 pub struct MemoryWatch {
     pid: u32,
     page_bytes: u64,
+    /// The resident size last read (kept when the process is gone).
+    last_resident: Option<u64>,
     interval: Tally,
     /// Whether a forked child was seen in the current interval.
     forked: bool,
@@ -196,6 +198,7 @@ impl MemoryWatch {
         Self {
             pid,
             page_bytes: page_bytes(),
+            last_resident: resident,
             interval: Tally::new(faults, resident),
             forked: false,
             run: Tally::new(faults, resident),
@@ -221,7 +224,7 @@ impl MemoryWatch {
     /// `--follow`): its resident size is measured from now, the bytes so far kept.
     pub fn retarget(&mut self, pid: u32) {
         self.pid = pid;
-        let resident = resident_bytes(pid);
+        let resident = self.resident();
         self.interval.resident_at_start = resident;
         self.run.resident_at_start = resident;
     }
@@ -244,7 +247,7 @@ impl MemoryWatch {
     /// The interval that ends now, with the kernel's `faults` now: a record when the target
     /// took page faults in it (a healthy server in steady state takes none).
     pub fn take_interval(&mut self, faults: FaultCounts, seconds: f64) -> Option<MemoryReport> {
-        let resident = resident_bytes(self.pid);
+        let resident = self.resident();
         let faulted = self.interval_bytes(faults);
         self.forked = false;
         self.run.ended_bytes.0 += faulted.0;
@@ -261,6 +264,14 @@ impl MemoryWatch {
         })
     }
 
+    /// The target's resident size now, or the last one read once it is gone.
+    fn resident(&mut self) -> Option<u64> {
+        if let Some(resident) = resident_bytes(self.pid) {
+            self.last_resident = Some(resident);
+        }
+        self.last_resident
+    }
+
     /// The current interval's faults up to `faults` now, in bytes (new pages, copied).
     fn interval_bytes(&mut self, faults: FaultCounts) -> (u64, u64) {
         let faulted = faults.since(self.interval.faults_at_start);
@@ -272,10 +283,9 @@ impl MemoryWatch {
     pub fn run_growth(&mut self, faults: FaultCounts) -> MemoryGrowth {
         let current = self.interval_bytes(faults);
         let (new_pages, copied) = self.run.ended_bytes;
-        self.run.growth(
-            resident_bytes(self.pid),
-            (new_pages + current.0, copied + current.1),
-        )
+        let resident = self.resident();
+        self.run
+            .growth(resident, (new_pages + current.0, copied + current.1))
     }
 }
 

@@ -170,6 +170,15 @@ fn an_unwritable_output_path_fails_before_attaching() {
         "cannot write the JSON output `/nonexistent-dir/stalls.jsonl`",
     );
     assert!(!String::from_utf8_lossy(&output.stderr).contains("attached"));
+    let output = run_profiler(&[
+        "attach",
+        "--pid",
+        &redis.pid().to_string(),
+        "--memory-flamegraph",
+        "/nonexistent-dir/memory.svg",
+    ]);
+    assert_fails_with(&output, "cannot write the memory stack files");
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("attached"));
 }
 
 #[test]
@@ -180,6 +189,7 @@ fn bad_flags_are_usage_errors() {
         &["attach", "--all", "--pid", "1"],
         &["attach", "--no-wait"],
         &["attach", "--pid", "-3"],
+        &["attach", "--fault-sample-interval", "0ms"],
     ] {
         let output = run_profiler(args);
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -3,9 +3,8 @@
 //! root first, weights in KiB; and a flamegraph of them, written whole at each summary.
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::{self, BufWriter, Write},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use inferno::flamegraph;
@@ -13,14 +12,12 @@ use inferno::flamegraph;
 use super::{
     Sink, frame_text,
     record::{MemoryReport, Summary},
-    stacks::{folded_frame, rewind},
+    stacks::{StackFiles, folded_frame},
 };
 
-/// Writes the growth's stacks summed over the run. The files are created when the sink is, so
-/// an unwritable path fails before attaching.
+/// Writes the growth's stacks summed over the run.
 pub struct MemoryStacksSink {
-    folded: Option<(PathBuf, File)>,
-    flamegraph: Option<(PathBuf, File)>,
+    files: StackFiles,
     /// Whether each stack starts with its instance.
     instance_root: bool,
     /// Folded stack (root first) -> bytes.
@@ -33,13 +30,8 @@ impl MemoryStacksSink {
         flamegraph: Option<&Path>,
         instance_root: bool,
     ) -> io::Result<Self> {
-        let open = |path: Option<&Path>| -> io::Result<Option<(PathBuf, File)>> {
-            path.map(|path| Ok((path.to_owned(), File::create(path)?)))
-                .transpose()
-        };
         Ok(Self {
-            folded: open(folded)?,
-            flamegraph: open(flamegraph)?,
+            files: StackFiles::create(folded, flamegraph)?,
             instance_root,
             bytes: BTreeMap::new(),
         })
@@ -53,6 +45,17 @@ impl MemoryStacksSink {
             .map(|(stack, bytes)| format!("{stack} {}", bytes / 1024))
             .collect()
     }
+}
+
+/// The flamegraph of `lines` (folded, weights in KiB).
+fn write_flamegraph(lines: &[String], writer: impl Write) -> io::Result<()> {
+    let mut options = flamegraph::Options::default();
+    options.title = "redis-stallprof: where resident memory grew".to_owned();
+    options.subtitle = Some("origin; mechanism; the stack that faulted the pages in".to_owned());
+    options.count_name = "KiB".to_owned();
+    options.colors = flamegraph::color::Palette::Basic(flamegraph::color::BasicPalette::Mem);
+    flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), writer)
+        .map_err(io::Error::other)
 }
 
 impl Sink for MemoryStacksSink {
@@ -80,50 +83,24 @@ impl Sink for MemoryStacksSink {
 
     fn summary(&mut self, _summary: &Summary) -> io::Result<()> {
         let lines = self.lines();
-        if let Some((_, file)) = &mut self.folded {
-            rewind(file)?;
-            let mut writer = BufWriter::new(&*file);
-            for line in &lines {
-                writeln!(writer, "{line}")?;
-            }
-            writer.flush()?;
-        }
-        if let Some((_, file)) = &mut self.flamegraph {
-            rewind(file)?;
-            let mut options = flamegraph::Options::default();
-            options.title = "redis-stallprof: where resident memory grew".to_owned();
-            options.subtitle =
-                Some("origin; mechanism; the stack that faulted the pages in".to_owned());
-            options.count_name = "KiB".to_owned();
-            options.colors =
-                flamegraph::color::Palette::Basic(flamegraph::color::BasicPalette::Mem);
-            flamegraph::from_lines(
-                &mut options,
-                lines.iter().map(String::as_str),
-                BufWriter::new(&*file),
-            )
-            .map_err(io::Error::other)?;
-        }
-        Ok(())
+        self.files.write(
+            |file| {
+                let mut writer = BufWriter::new(file);
+                for line in &lines {
+                    writeln!(writer, "{line}")?;
+                }
+                writer.flush()
+            },
+            |writer| write_flamegraph(&lines, writer),
+        )
     }
 
     fn reopen(&mut self) -> io::Result<()> {
-        for (path, file) in [&mut self.folded, &mut self.flamegraph]
-            .into_iter()
-            .flatten()
-        {
-            *file = File::create(&*path)?;
-        }
-        Ok(())
+        self.files.reopen()
     }
 
     fn describe(&self) -> String {
-        let paths: Vec<String> = [&self.folded, &self.flamegraph]
-            .into_iter()
-            .flatten()
-            .map(|(path, _)| format!("`{}`", path.display()))
-            .collect();
-        format!("the memory stack files {}", paths.join(" and "))
+        self.files.describe("memory stack")
     }
 }
 

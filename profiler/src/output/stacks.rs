@@ -195,11 +195,67 @@ pub(super) fn rewind(file: &mut File) -> io::Result<()> {
     file.rewind()
 }
 
-/// Writes the folded file and the flamegraph at the end of a run. The files are created when
-/// the sink is, so an unwritable path fails before attaching.
-pub struct StackFilesSink {
+/// A sink's folded-lines file and flamegraph file, created when the sink is (so an unwritable
+/// path fails before attaching) and written whole, again at each summary.
+pub(super) struct StackFiles {
     folded: Option<(PathBuf, File)>,
     flamegraph: Option<(PathBuf, File)>,
+}
+
+impl StackFiles {
+    pub(super) fn create(folded: Option<&Path>, flamegraph: Option<&Path>) -> io::Result<Self> {
+        let open = |path: Option<&Path>| -> io::Result<Option<(PathBuf, File)>> {
+            path.map(|path| Ok((path.to_owned(), File::create(path)?)))
+                .transpose()
+        };
+        Ok(Self {
+            folded: open(folded)?,
+            flamegraph: open(flamegraph)?,
+        })
+    }
+
+    /// Writes the files anew: the folded lines with `folded`, the SVG with `flamegraph`.
+    pub(super) fn write(
+        &mut self,
+        folded: impl FnOnce(&File) -> io::Result<()>,
+        flamegraph: impl FnOnce(BufWriter<&File>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if let Some((_, file)) = &mut self.folded {
+            rewind(file)?;
+            folded(file)?;
+        }
+        if let Some((_, file)) = &mut self.flamegraph {
+            rewind(file)?;
+            flamegraph(BufWriter::new(&*file))?;
+        }
+        Ok(())
+    }
+
+    /// The files are written whole at exit: after a rotation, create them again at their paths.
+    pub(super) fn reopen(&mut self) -> io::Result<()> {
+        for (path, file) in [&mut self.folded, &mut self.flamegraph]
+            .into_iter()
+            .flatten()
+        {
+            *file = File::create(&*path)?;
+        }
+        Ok(())
+    }
+
+    /// `the <what> files `a` and `b``, for an error message.
+    pub(super) fn describe(&self, what: &str) -> String {
+        let paths: Vec<String> = [&self.folded, &self.flamegraph]
+            .into_iter()
+            .flatten()
+            .map(|(path, _)| format!("`{}`", path.display()))
+            .collect();
+        format!("the {what} files {}", paths.join(" and "))
+    }
+}
+
+/// Writes the folded file and the flamegraph at the end of a run.
+pub struct StackFilesSink {
+    files: StackFiles,
     title: String,
     stacks: FoldedStacks,
 }
@@ -211,13 +267,8 @@ impl StackFilesSink {
         title: String,
         stacks: FoldedStacks,
     ) -> io::Result<Self> {
-        let open = |path: Option<&Path>| -> io::Result<Option<(PathBuf, File)>> {
-            path.map(|path| Ok((path.to_owned(), File::create(path)?)))
-                .transpose()
-        };
         Ok(Self {
-            folded: open(folded)?,
-            flamegraph: open(flamegraph)?,
+            files: StackFiles::create(folded, flamegraph)?,
             title,
             stacks,
         })
@@ -232,36 +283,19 @@ impl Sink for StackFilesSink {
 
     /// Writes the files whole; again at each instance's summary when they hold several.
     fn summary(&mut self, _summary: &Summary) -> io::Result<()> {
-        if let Some((_, file)) = &mut self.folded {
-            rewind(file)?;
-            self.stacks.write_folded(&*file)?;
-        }
-        if let Some((_, file)) = &mut self.flamegraph {
-            rewind(file)?;
-            self.stacks
-                .write_flamegraph(&self.title, BufWriter::new(&*file))?;
-        }
-        Ok(())
+        let (stacks, title) = (&self.stacks, &self.title);
+        self.files.write(
+            |file| stacks.write_folded(file),
+            |writer| stacks.write_flamegraph(title, writer),
+        )
     }
 
-    /// The files are written whole at exit: after a rotation, create them again at their paths.
     fn reopen(&mut self) -> io::Result<()> {
-        for (path, file) in [&mut self.folded, &mut self.flamegraph]
-            .into_iter()
-            .flatten()
-        {
-            *file = File::create(&*path)?;
-        }
-        Ok(())
+        self.files.reopen()
     }
 
     fn describe(&self) -> String {
-        let paths: Vec<String> = [&self.folded, &self.flamegraph]
-            .into_iter()
-            .flatten()
-            .map(|(path, _)| format!("`{}`", path.display()))
-            .collect();
-        format!("the stack files {}", paths.join(" and "))
+        self.files.describe("stack")
     }
 }
 

@@ -1,11 +1,12 @@
 //! The maps the kernel programs fill and userspace reads: each target's slot (its settings,
-//! iteration histogram and maximum, counters, loop state and the stacks its loop left the CPU
-//! with) and the listening ports userspace tells the kernel.
+//! iteration histogram and maximum, counters, loop state, the stacks its loop left the CPU
+//! with, its page-fault sampling state) and the listening ports userspace tells the kernel.
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use profiler_common::{
-    COUNTERS, Counter, ITERATION_BUCKETS, LoopState, MAP_COUNTERS, MAP_ITERATION_HISTOGRAM,
-    MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP,
-    MAP_TARGET_SETTINGS, MAP_TARGETS, RunningLoop, StackEvent, TargetSettings,
+    COUNTERS, Counter, FaultSampling, ITERATION_BUCKETS, LoopState, MAP_COUNTERS,
+    MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS,
+    MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS, MAP_TARGETS,
+    RunningLoop, StackEvent, TargetSettings,
 };
 
 use super::{ProbeError, map_error};
@@ -24,6 +25,7 @@ pub struct KernelMaps {
     pub(super) counters: PerCpuArray<MapData, u64>,
     pub(super) loop_state: Array<MapData, LoopState>,
     pub(super) off_cpu_stacks: Array<MapData, StackEvent>,
+    pub(super) fault_sampling: Array<MapData, FaultSampling>,
     pub(super) listen_ports: HashMap<MapData, u16, u32>,
     pub(super) max_targets: u32,
 }
@@ -87,11 +89,14 @@ impl KernelMaps {
         self.set_listen_ports(slot, &[])
     }
 
-    /// Zeroes `slot`'s loop state, histogram, maximum and counters.
+    /// Zeroes `slot`'s loop state, histogram, maximum, counters and fault sampling.
     fn clear_slot(&mut self, slot: Slot) -> Result<(), ProbeError> {
         self.loop_state
             .set(slot, LoopState::default(), 0)
             .map_err(map_error(MAP_LOOP_STATE))?;
+        self.fault_sampling
+            .set(slot, FaultSampling::default(), 0)
+            .map_err(map_error(MAP_FAULT_SAMPLING))?;
         self.iteration_max
             .set(slot, 0, 0)
             .map_err(map_error(MAP_ITERATION_MAX))?;

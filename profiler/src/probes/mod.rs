@@ -18,8 +18,9 @@ use aya::{
 pub use maps::{KernelMaps, Slot};
 use profiler_common::{
     GLOBAL_SOLE_PID, GLOBAL_SOLE_TID, GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS,
-    MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_LOOP_TASKS,
-    MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS, MAP_TARGETS, PER_TARGET_MAPS,
+    MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS,
+    MAP_LOOP_STATE, MAP_LOOP_TASKS, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS,
+    MAP_TARGETS, PER_TARGET_MAPS,
 };
 
 /// The kernel programs' log (aya-log): their rare-path messages, read into our log.
@@ -414,6 +415,7 @@ impl Probes {
             counters: self.take(MAP_COUNTERS)?,
             loop_state: self.take(MAP_LOOP_STATE)?,
             off_cpu_stacks: self.take(MAP_OFF_CPU_STACKS)?,
+            fault_sampling: self.take(MAP_FAULT_SAMPLING)?,
             listen_ports: self.take(MAP_LISTEN_PORTS)?,
             max_targets: self.max_targets,
         })
