@@ -6,6 +6,7 @@ mod attachment;
 mod consumer;
 mod discovery;
 mod driver;
+mod reports;
 mod run;
 mod target_life;
 

@@ -2,16 +2,9 @@
 //! per origin and mechanism, madvise bytes and latency, lost events, memory growth per origin
 //! and mechanism, client connections per address (the top ones and `other`); every metric
 //! carries its instance's `pid`, `port` and `server`. Served by hyper on the run's own runtime.
-use std::{
-    convert::Infallible,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
-use http_body_util::Full;
-use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use prometheus_client::{
-    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::Family,
@@ -20,63 +13,14 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::net::TcpListener;
+
+mod labels;
+mod serve;
+
+use labels::{CauseLabels, ClientLabels, InstanceLabels, MadviseLabels, PortLabels};
+pub use serve::serve;
 
 use crate::output::record::{ConnectionCensus, Instance, MemoryGrowth, Stall};
-
-/// The instance every metric is of.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct InstanceLabels {
-    pid: String,
-    /// Its lowest listening port ("" without one).
-    port: String,
-    /// `redis-server` or `valkey-server`.
-    server: String,
-}
-
-impl InstanceLabels {
-    fn of(instance: &Instance) -> Self {
-        Self {
-            pid: instance.pid.to_string(),
-            port: instance
-                .port
-                .map(|port| port.to_string())
-                .unwrap_or_default(),
-            server: instance.name.clone(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CauseLabels {
-    #[prometheus(flatten)]
-    instance: InstanceLabels,
-    origin: String,
-    mechanism: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PortLabels {
-    #[prometheus(flatten)]
-    instance: InstanceLabels,
-    listen_port: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MadviseLabels {
-    #[prometheus(flatten)]
-    instance: InstanceLabels,
-    thread_role: String,
-    advice: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClientLabels {
-    #[prometheus(flatten)]
-    instance: InstanceLabels,
-    /// A client address among the top ones, or `other`.
-    client: String,
-}
 
 /// A histogram family's constructor (a plain fn: the families must be `Clone`).
 type MakeHistogram = fn() -> Histogram;
@@ -416,130 +360,5 @@ impl InstanceMetrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until the run ends.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let metrics = Arc::clone(&metrics);
-                async move { Ok::<_, Infallible>(respond(&request, &metrics)) }
-            });
-            if let Err(error) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                log::debug!("metrics connection: {error}");
-            }
-        });
-    }
-}
-
-fn respond(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = if request.uri().path() == "/metrics" {
-        (
-            200,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        )
-    } else {
-        (
-            404,
-            "text/plain; charset=utf-8",
-            "not found: metrics are at /metrics\n".to_owned(),
-        )
-    };
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("a valid response")
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_exposition_names_every_metric_with_its_instance() {
-        let metrics = Arc::new(Metrics::new());
-        let instance = |pid, port| Instance {
-            pid,
-            port,
-            name: "redis-server".into(),
-        };
-        let first = metrics.of(&instance(42, Some(6379)));
-        let second = metrics.of(&instance(43, None));
-        first.observe_iterations(0.000_02, 3);
-        second.observe_iterations(0.000_02, 5);
-        let stall = Stall::example("command:debug", "syscall.sleep", 250_000);
-        first.observe_stall(&stall);
-        first.observe_madvise("main", "MADV_DONTNEED", 4096, 0.000_1);
-        first.set_lost_events(2);
-        first.observe_accept_queue(6379, 7, 1);
-        first.observe_memory(&MemoryGrowth {
-            resident_bytes: 8 << 20,
-            new_page_bytes: 4 << 20,
-            growth: vec![crate::output::record::GrowthEntry {
-                origin: "command:sadd".into(),
-                mechanism: "allocation".into(),
-                bytes: 3 << 20,
-                share: 1.0,
-            }],
-            ..MemoryGrowth::default()
-        });
-        let census = |addr: &str| ConnectionCensus {
-            established: 250,
-            opened: 2,
-            clients: vec![crate::output::record::ClientCensus {
-                addr: addr.into(),
-                established: 200,
-                idle_ms: crate::output::record::IdleTimes {
-                    min: 1,
-                    p50: 1_500,
-                    max: 2,
-                },
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        first.observe_connections(&census("10.0.0.9"));
-        first.observe_connections(&census("10.0.0.7"));
-        let text = metrics.encode();
-        assert!(
-            !text.contains("10.0.0.9"),
-            "an address out of the top is removed: {text}"
-        );
-        let labels = r#"pid="42",port="6379",server="redis-server""#;
-        for expected in [
-            format!("redis_stallprof_eventloop_iteration_seconds_count{{{labels}}} 3"),
-            r#"redis_stallprof_eventloop_iteration_seconds_count{pid="43",port="",server="redis-server"} 5"#.to_owned(),
-            format!("redis_stallprof_stall_seconds_count{{{labels}}} 1"),
-            format!("redis_stallprof_stalls_total{{{labels},origin=\"command:debug\",mechanism=\"syscall.sleep\"}} 1"),
-            format!("redis_stallprof_madvise_bytes_total{{{labels},thread_role=\"main\",advice=\"MADV_DONTNEED\"}} 4096"),
-            format!("redis_stallprof_lost_events_total{{{labels}}} 2"),
-            format!("redis_stallprof_accept_queue_length{{{labels},listen_port=\"6379\"}} 7"),
-            format!("redis_stallprof_memory_growth_bytes_total{{{labels},origin=\"command:sadd\",mechanism=\"allocation\"}} 3145728"),
-            format!("redis_stallprof_resident_bytes{{{labels}}} 8388608"),
-            format!("redis_stallprof_client_connections{{{labels},client=\"10.0.0.7\"}} 200"),
-            format!("redis_stallprof_client_connections{{{labels},client=\"other\"}} 50"),
-            format!("redis_stallprof_client_connection_idle_seconds{{{labels},client=\"10.0.0.7\"}} 1.5"),
-            format!("redis_stallprof_client_connections_opened_total{{{labels}}} 4"),
-            "# EOF".to_owned(),
-        ] {
-            assert!(
-                text.contains(&expected),
-                "{expected:?} missing from:\n{text}"
-            );
-        }
-        assert_eq!(
-            text.matches("# TYPE redis_stallprof_eventloop_iteration_seconds ")
-                .count(),
-            1,
-            "one family for every instance: {text}"
-        );
-    }
-}
+mod tests;
