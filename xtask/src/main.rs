@@ -74,6 +74,9 @@ enum Task {
     },
     /// Measure only what watching idle servers adds per context switch (printed, not written).
     SwitchCost,
+    /// Measure only the kernel programs' run time under load (printed, not written; set
+    /// REDIS_STALLPROF_BIN to measure another build).
+    KernelSide,
     /// Measure only the cost of tracing page faults while Redis's memory grows (printed, not
     /// written).
     MemoryCost,
@@ -137,6 +140,11 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             setup()?;
             build()?;
             bench::switches::measure().map(drop)
+        }
+        Task::KernelSide => {
+            setup()?;
+            build()?;
+            bench::print_kernel_side()
         }
         Task::MemoryCost => {
             setup()?;

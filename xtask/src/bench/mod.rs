@@ -85,6 +85,29 @@ fn measure() -> anyhow::Result<Figures> {
     })
 }
 
+/// Measures only the kernel side under load and prints it (`cargo xtask kernel-side`; with
+/// `REDIS_STALLPROF_BIN` set, of another build, for a side-by-side comparison).
+pub fn print_kernel_side() -> anyhow::Result<()> {
+    let redis = RedisServer::start(&[]);
+    pin(redis.pid(), 0)?;
+    let kernel = kernel_side(&redis)?;
+    for program in &kernel.programs {
+        eprintln!(
+            "kernel side: {} {} runs, {:.0} ns per run",
+            program.name,
+            program.runs,
+            program.ns as f64 / program.runs as f64
+        );
+    }
+    eprintln!(
+        "kernel side: {:.1} ns per iteration, {:.3}% of Redis's main-thread CPU ({} iterations)",
+        kernel.total_ns() as f64 / kernel.iterations as f64,
+        kernel.total_ns() as f64 * 100.0 / kernel.redis_cpu_ns as f64,
+        kernel.iterations
+    );
+    Ok(())
+}
+
 /// The load under which the kernel programs' run time is taken.
 const KERNEL_SIDE_LOAD: load::Load = load::Load {
     pipeline: 1,
