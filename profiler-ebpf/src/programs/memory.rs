@@ -1,11 +1,11 @@
-//! Page faults of every thread of the targets, from user code (`tp_btf/page_fault_user`)
-//! and from the kernel touching user memory for them (`tp_btf/page_fault_kernel`, a `read`
-//! into a new buffer): each write fault counted by kind (a new page, or a write to a
-//! write-protected one), and at most one per
-//! `fault_sample_interval_ns` per target sent with its stacks, standing for the faults of its
-//! kind since the previous sample. The cost is bounded whatever the fault rate; a healthy
-//! server in steady state takes no fault and sends nothing. BTF-typed tracepoints: every fault
-//! on the host runs them, and they skip the classic tracepoint's record (about 100 ns a fault).
+//! Page faults of every thread of the targets, from user code (`tp_btf/page_fault_user`) and
+//! from the kernel touching user memory for them (`tp_btf/page_fault_kernel`, a `read` into a
+//! new buffer): each write fault counted by kind (a new page, or a write to a write-protected
+//! one), and at most one per `fault_sample_interval_ns` per target sent with its stacks,
+//! standing for the faults of its kind since the previous sample. The cost is bounded whatever
+//! the fault rate; a healthy server in steady state takes no fault and sends nothing.
+//! BTF-typed tracepoints: every fault on the host runs them, and they skip the classic
+//! tracepoint's record (about 100 ns a fault).
 use aya_ebpf::{EbpfContext, macros::btf_tracepoint, programs::BtfTracePointContext};
 use profiler_common::{
     Counter, EVENT_KIND_PAGE_FAULT, FAULT_KIND_NEW_PAGE, FAULT_KIND_WRITE_PROTECT, StackEvent,
