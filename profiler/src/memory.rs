@@ -15,7 +15,7 @@ use profiler_common::{Counter, FAULT_KIND_WRITE_PROTECT, MadviseEvent, StackEven
 use crate::{
     attribute::Attribution,
     output::record::{GrowthEntry, GrowthStack, MemoryGrowth, MemoryReport},
-    stack::{Frame, SummableStack, heaviest_then_others},
+    stack::Frame,
 };
 
 /// Distinct stacks listed per record; the lighter rest is summed per attribution.
@@ -137,7 +137,7 @@ impl Tally {
 
     /// The [`MAX_STACKS`] heaviest stacks, then the rest summed per attribution.
     fn heaviest_stacks(&self) -> Vec<GrowthStack> {
-        let stacks = self
+        let mut stacks: Vec<GrowthStack> = self
             .stacks
             .iter()
             .map(|((attribution, frames), &(bytes, samples))| GrowthStack {
@@ -148,7 +148,34 @@ impl Tally {
                 frames: frames.clone(),
             })
             .collect();
-        heaviest_then_others(stacks, MAX_STACKS)
+        let heaviest_first = |a: &GrowthStack, b: &GrowthStack| {
+            (b.bytes, &a.origin, &a.mechanism, &a.frames).cmp(&(
+                a.bytes,
+                &b.origin,
+                &b.mechanism,
+                &b.frames,
+            ))
+        };
+        stacks.sort_by(heaviest_first);
+        let rest = stacks.split_off(stacks.len().min(MAX_STACKS));
+        let mut others: Vec<GrowthStack> = Vec::new();
+        for stack in rest {
+            match others.iter_mut().find(|other| {
+                (&other.origin, &other.mechanism) == (&stack.origin, &stack.mechanism)
+            }) {
+                Some(other) => {
+                    other.bytes += stack.bytes;
+                    other.samples += stack.samples;
+                }
+                None => others.push(GrowthStack {
+                    frames: vec![Frame::OtherStacks],
+                    ..stack
+                }),
+            }
+        }
+        others.sort_by(heaviest_first);
+        stacks.extend(others);
+        stacks
     }
 }
 
@@ -278,25 +305,6 @@ pub fn status_kib(path: &str, field: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-impl SummableStack for GrowthStack {
-    fn weight(&self) -> u64 {
-        self.bytes
-    }
-
-    fn same_group(&self, other: &Self) -> bool {
-        (&self.origin, &self.mechanism) == (&other.origin, &other.mechanism)
-    }
-
-    fn absorb(&mut self, other: Self) {
-        self.bytes += other.bytes;
-        self.samples += other.samples;
-    }
-
-    fn frames_mut(&mut self) -> &mut Vec<Frame> {
-        &mut self.frames
-    }
 }
 
 /// The system's page size.

@@ -1,6 +1,5 @@
 //! What a stack is made of, shared by every stage after unwinding: where the thread was when a
-//! stack was taken ([`StackKind`]), each frame's meaning ([`Frame`]), and how a list of weighted
-//! stacks keeps its heaviest ([`heaviest_then_others`]). Outputs give frames
+//! stack was taken ([`StackKind`]) and each frame's meaning ([`Frame`]). Outputs give frames
 //! their text form (`output::frame_text`); the stages in between match on the type.
 use std::rc::Rc;
 
@@ -60,36 +59,4 @@ impl Frame {
             _ => None,
         }
     }
-}
-
-/// A distinct stack with a weight, which [`heaviest_then_others`] can sum with others of its
-/// group (same kind and attribution).
-pub trait SummableStack: Ord {
-    fn weight(&self) -> u64;
-    /// Whether `other` belongs to this stack's group.
-    fn same_group(&self, other: &Self) -> bool;
-    /// Adds `other`'s weight and samples to this stack.
-    fn absorb(&mut self, other: Self);
-    fn frames_mut(&mut self) -> &mut Vec<Frame>;
-}
-
-/// The `max` heaviest of `stacks`, heaviest first, then the rest summed per group into entries
-/// whose only frame is [`Frame::OtherStacks`] (heaviest first), so the weights still add up.
-pub fn heaviest_then_others<T: SummableStack>(mut stacks: Vec<T>, max: usize) -> Vec<T> {
-    let heaviest_first = |a: &T, b: &T| b.weight().cmp(&a.weight()).then_with(|| a.cmp(b));
-    stacks.sort_by(heaviest_first);
-    let rest = stacks.split_off(stacks.len().min(max));
-    let mut others: Vec<T> = Vec::new();
-    for mut stack in rest {
-        match others.iter_mut().find(|other| other.same_group(&stack)) {
-            Some(other) => other.absorb(stack),
-            None => {
-                *stack.frames_mut() = vec![Frame::OtherStacks];
-                others.push(stack);
-            }
-        }
-    }
-    others.sort_by(heaviest_first);
-    stacks.extend(others);
-    stacks
 }

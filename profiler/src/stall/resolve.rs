@@ -13,7 +13,7 @@ use crate::{
     clock::WallClock,
     memory_map::MemoryMap,
     output::record::{BreakdownEntry, Instance, Stall, StallAccept, WeightedStack},
-    stack::{Frame, StackKind, SummableStack, heaviest_then_others},
+    stack::{Frame, StackKind},
     symbolize::Symbolizer,
 };
 
@@ -266,9 +266,29 @@ fn breakdown(stacks: &[AttributedStack]) -> (String, String, Vec<BreakdownEntry>
 
 /// The heaviest [`MAX_STACKS_PER_STALL`] stacks, heaviest first, and the rest summed per kind
 /// and attribution.
-fn heaviest_stacks(stacks: Vec<AttributedStack>) -> Vec<WeightedStack> {
-    heaviest_then_others(stacks, MAX_STACKS_PER_STALL)
+fn heaviest_stacks(mut stacks: Vec<AttributedStack>) -> Vec<WeightedStack> {
+    stacks.sort_by(|a, b| b.weight_ns.cmp(&a.weight_ns).then_with(|| a.cmp(b)));
+    let rest = stacks.split_off(stacks.len().min(MAX_STACKS_PER_STALL));
+    let mut others: Vec<AttributedStack> = Vec::new();
+    for stack in rest {
+        match others
+            .iter_mut()
+            .find(|other| other.kind == stack.kind && other.attribution == stack.attribution)
+        {
+            Some(other) => {
+                other.weight_ns += stack.weight_ns;
+                other.samples += stack.samples;
+            }
+            None => others.push(AttributedStack {
+                frames: vec![Frame::OtherStacks],
+                ..stack
+            }),
+        }
+    }
+    others.sort_by(|a, b| b.weight_ns.cmp(&a.weight_ns).then_with(|| a.cmp(b)));
+    stacks
         .into_iter()
+        .chain(others)
         .map(|stack| WeightedStack {
             weight_us: stack.weight_ns / 1_000,
             kind: stack.kind,
@@ -278,25 +298,6 @@ fn heaviest_stacks(stacks: Vec<AttributedStack>) -> Vec<WeightedStack> {
             frames: stack.frames,
         })
         .collect()
-}
-
-impl SummableStack for AttributedStack {
-    fn weight(&self) -> u64 {
-        self.weight_ns
-    }
-
-    fn same_group(&self, other: &Self) -> bool {
-        (self.kind, &self.attribution) == (other.kind, &other.attribution)
-    }
-
-    fn absorb(&mut self, other: Self) {
-        self.weight_ns += other.weight_ns;
-        self.samples += other.samples;
-    }
-
-    fn frames_mut(&mut self) -> &mut Vec<Frame> {
-        &mut self.frames
-    }
 }
 
 #[cfg(test)]

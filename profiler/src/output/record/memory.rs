@@ -48,7 +48,7 @@ pub struct GrowthEntry {
 }
 
 /// One distinct stack of the growth and the bytes faulted in under it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrowthStack {
     pub origin: String,
     pub mechanism: String,
