@@ -129,7 +129,12 @@ pub struct AttachArgs {
     /// Kill an --alert-exec command still running after this long.
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     pub alert_timeout: Duration,
-    /// Run --alert-exec at most this many times a minute; further alerts are counted.
+    /// Run --alert-exec commands as this user: a name (with its primary group), UID or UID:GID
+    /// (default: the profiler's user, without any capability).
+    #[arg(long, value_name = "USER", requires = "alert_exec")]
+    pub alert_user: Option<crate::alert::AlertUser>,
+    /// Run --alert-exec at most this many times a minute, all targets together; further
+    /// alerts are counted.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub alert_max_per_minute: u32,
     /// How often to sample the listening sockets' accept queues.

@@ -224,6 +224,7 @@ fn alert_exec(args: &AttachArgs, argv: &[String]) -> Result<ExecSettings, Config
         argv: argv.to_vec(),
         timeout: args.alert_timeout,
         max_per_minute: args.alert_max_per_minute,
+        user: args.alert_user,
     })
 }
 

@@ -53,3 +53,11 @@ pub fn drop_after_attach(follow: bool) -> Result<Vec<Capability>, caps::errors::
     dropped.sort_by_key(|capability| capability.index());
     Ok(dropped)
 }
+
+/// Empties the calling thread's effective, permitted and inheritable sets (for a thread that
+/// needs no privilege, such as the metrics server's; the other threads keep theirs).
+pub fn drop_all_in_this_thread() -> Result<(), caps::errors::CapsError> {
+    caps::clear(None, CapSet::Inheritable)?;
+    caps::clear(None, CapSet::Effective)?;
+    caps::clear(None, CapSet::Permitted)
+}

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::{
     cli::ReportArgs,
     output::{
-        ConsoleSink, FoldedStacks, PprofProfile, Sink, flamegraph_title,
+        ConsoleSink, FoldedStacks, PprofProfile, Sink, create_output_file, flamegraph_title,
         record::{Stall, Summary},
     },
 };
@@ -57,8 +57,8 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
     }
     match &args.folded {
         Some(path) => {
-            let file =
-                File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
+            let file = create_output_file(path)
+                .with_context(|| format!("cannot write `{}`", path.display()))?;
             folded
                 .write_folded(file)
                 .with_context(|| format!("cannot write `{}`", path.display()))?;
@@ -68,15 +68,15 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
             .context("cannot write to stdout")?,
     }
     if let Some(path) = &args.pprof {
-        let file =
-            File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
+        let file = create_output_file(path)
+            .with_context(|| format!("cannot write `{}`", path.display()))?;
         pprof
             .write(io::BufWriter::new(file))
             .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     if let Some(path) = &args.flamegraph {
-        let file =
-            File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
+        let file = create_output_file(path)
+            .with_context(|| format!("cannot write `{}`", path.display()))?;
         let title = title.unwrap_or_else(|| "redis-stallprof".to_owned());
         folded
             .write_flamegraph(&title, io::BufWriter::new(file))

@@ -269,9 +269,21 @@ impl Symbolizer {
 }
 
 /// Looks every address up in `cache`, asks `lookup` for the missing ones in one batch, and
-/// makes their frames with `frame`.
+/// makes their frames with `frame`. A cache that would pass [`CACHE_LIMIT`] is emptied first;
+/// the frames asked for are answered from this batch's lookups either way.
 fn name_all(
     cache: &mut HashMap<u64, Frame>,
+    addresses: &[u64],
+    lookup: impl FnOnce(&[u64]) -> Vec<Option<String>>,
+    frame: impl Fn(u64, Option<String>) -> Frame,
+) -> Vec<Frame> {
+    name_all_within(cache, CACHE_LIMIT, addresses, lookup, frame)
+}
+
+/// [`name_all`] with the cache bounded by `limit`.
+fn name_all_within(
+    cache: &mut HashMap<u64, Frame>,
+    limit: usize,
     addresses: &[u64],
     lookup: impl FnOnce(&[u64]) -> Vec<Option<String>>,
     frame: impl Fn(u64, Option<String>) -> Frame,
@@ -283,20 +295,31 @@ fn name_all(
         .collect();
     missing.sort_unstable();
     missing.dedup();
-    if !missing.is_empty() {
-        if cache.len() + missing.len() > CACHE_LIMIT {
-            cache.clear();
-        }
-        let names = lookup(&missing);
-        for (index, &address) in missing.iter().enumerate() {
-            let name = names.get(index).cloned().flatten();
-            cache.insert(address, frame(address, name));
-        }
-    }
-    addresses
+    let names = if missing.is_empty() {
+        Vec::new()
+    } else {
+        lookup(&missing)
+    };
+    let looked_up: HashMap<u64, Frame> = missing
         .iter()
-        .map(|address| cache[address].clone())
-        .collect()
+        .enumerate()
+        .map(|(index, &address)| (address, frame(address, names.get(index).cloned().flatten())))
+        .collect();
+    let frames: Vec<Frame> = addresses
+        .iter()
+        .map(|address| {
+            looked_up
+                .get(address)
+                .or_else(|| cache.get(address))
+                .cloned()
+                .unwrap_or(Frame::Unknown)
+        })
+        .collect();
+    if cache.len() + looked_up.len() > limit {
+        cache.clear();
+    }
+    cache.extend(looked_up.into_iter().take(limit));
+    frames
 }
 
 #[cfg(test)]
@@ -358,6 +381,31 @@ pub(crate) mod tests {
         );
         assert_eq!(kernel[0], Frame::Kernel("do_nanosleep".into()));
         assert_eq!(kernel[1], Frame::KernelAddress(0xffff_2000));
+    }
+
+    #[test]
+    fn a_full_cache_is_emptied_without_losing_the_frames_asked_for() {
+        let mut cache = HashMap::new();
+        let name = |address: u64, name: Option<String>| {
+            Frame::User(name.unwrap_or_else(|| format!("{address:x}")).into())
+        };
+        let lookup = |missing: &[u64]| missing.iter().map(|_| None).collect::<Vec<_>>();
+        let first = name_all_within(&mut cache, 4, &[1, 2, 3], lookup, name);
+        assert_eq!(first.len(), 3);
+        // Two cached addresses and three new ones pass the limit of four: the cache is
+        // emptied, and the cached ones are still answered.
+        let second = name_all_within(&mut cache, 4, &[7, 1, 8, 2, 9], lookup, name);
+        assert_eq!(
+            second,
+            ["7", "1", "8", "2", "9"].map(|text| Frame::User(text.into()))
+        );
+        assert!(cache.len() <= 4, "{}", cache.len());
+        for round in 0..100u64 {
+            let addresses: Vec<u64> = (round * 10..round * 10 + 6).chain([1, 2]).collect();
+            let frames = name_all_within(&mut cache, 4, &addresses, lookup, name);
+            assert_eq!(frames.len(), addresses.len());
+            assert!(cache.len() <= 4);
+        }
     }
 
     #[test]

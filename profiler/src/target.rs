@@ -100,7 +100,7 @@ impl Target {
     pub fn from_pid(pid: u32) -> Result<Self, TargetError> {
         let process = Path::new("/proc").join(pid.to_string());
         let stat = fs::read_to_string(process.join("stat")).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
+            if is_gone(&source) {
                 TargetError::NoSuchProcess { pid }
             } else {
                 TargetError::Proc {
@@ -128,11 +128,14 @@ impl Target {
     }
 
     /// True while the process we attached to still runs (not a zombie, not a pid reused later).
+    /// Only "no such process" says it exited: any other failure to read `/proc` (no descriptor
+    /// left, say) says nothing of the target, which is taken to run on.
     pub fn is_alive(&self) -> bool {
-        fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .ok()
-            .and_then(|stat| ProcStat::parse(&stat))
-            .is_some_and(|stat| stat.start_ticks == self.start_ticks && stat.state != 'Z')
+        match fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            Ok(stat) => ProcStat::parse(&stat)
+                .is_some_and(|stat| stat.start_ticks == self.start_ticks && stat.state != 'Z'),
+            Err(error) => !is_gone(&error),
+        }
     }
 }
 
@@ -145,6 +148,11 @@ impl fmt::Display for Target {
         }
         Ok(())
     }
+}
+
+/// Whether reading a process's `/proc` files failed because the process is gone.
+fn is_gone(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(libc::ESRCH)
 }
 
 fn is_redis_name(name: &str) -> bool {

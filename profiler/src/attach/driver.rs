@@ -1,7 +1,11 @@
 //! The driver of a run: a select loop over the ring buffer, the timers, the signals and the
 //! deadline, dispatching each to the run's consumers; it ends the targets that exit, watches
 //! the ones `--all` finds, and says why the watch stopped.
-use std::time::Duration;
+use std::{
+    io,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -27,6 +31,45 @@ const ACCEPT_HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 const METRICS_REFRESH_PERIOD: Duration = Duration::from_secs(1);
 /// With `--all`, how often to look for Redis servers that started.
 const DISCOVERY_PERIOD: Duration = Duration::from_millis(500);
+
+/// SIGINT and SIGTERM received so far (see [`quit_on_second_signal`]).
+static STOP_SIGNALS: AtomicU32 = AtomicU32::new(0);
+
+/// Makes a second SIGINT or SIGTERM end the process at once (exit code 130). The first asks
+/// the run to stop and write its summaries and files, which takes a while with many targets,
+/// or for ever on an output that blocks (a full pipe, a hung file system): the second does not
+/// wait for that. The kernel detaches the programs when the process ends. Installed once,
+/// when the run's own handlers are (before them, a first signal would go unseen).
+fn quit_on_second_signal() -> io::Result<()> {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    INSTALLED.call_once(|| result = install_second_signal_action());
+    result
+}
+
+fn install_second_signal_action() -> io::Result<()> {
+    const MESSAGE: &[u8] =
+        b"redis-stallprof: second signal: quitting without finishing the outputs\n";
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the action only does what a signal handler may: an atomic add, write(2)
+        // and _exit(2).
+        unsafe {
+            signal_hook_registry::register(signal, || {
+                if STOP_SIGNALS.fetch_add(1, Ordering::SeqCst) >= 1 {
+                    libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+                    libc::_exit(130);
+                }
+            })
+        }?;
+    }
+    Ok(())
+}
+
+/// Says the run is stopping on a signal, and how to stop it sooner.
+fn stopping_on_signal() -> StopReason {
+    log::warn!("stopping: writing the summaries and files (a second Ctrl-C quits at once)");
+    StopReason::Signal
+}
 
 /// The timers of a watch.
 struct Timers {
@@ -93,6 +136,7 @@ pub async fn watch(
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    quit_on_second_signal().context("cannot handle SIGINT and SIGTERM")?;
     let mut timers = Timers::new(config, run, started);
     let deadline = async {
         match remaining {
@@ -131,8 +175,8 @@ pub async fn watch(
                 }
             }
             () = &mut deadline => break StopReason::Duration,
-            _ = sigint.recv() => break StopReason::Signal,
-            _ = sigterm.recv() => break StopReason::Signal,
+            _ = sigint.recv() => break stopping_on_signal(),
+            _ = sigterm.recv() => break stopping_on_signal(),
             _ = sighup.recv() => each(run, |consumer| consumer.outputs.reopen().map_err(Into::into)),
         };
         if let Err(error) = step {

@@ -77,12 +77,10 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let (Some(listener), Some(metrics)) = (metrics_listener, &run.metrics) {
+        metrics::spawn_server(listener, Arc::clone(metrics)).context("cannot serve metrics")?;
+    }
     runtime.block_on(async {
-        if let (Some(listener), Some(metrics)) = (metrics_listener, &run.metrics) {
-            let listener =
-                tokio::net::TcpListener::from_std(listener).context("cannot serve metrics")?;
-            tokio::spawn(metrics::serve(listener, Arc::clone(metrics)));
-        }
         let events = driver::register(events)?;
         watch(run, &config, events).await
     })

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     accept::{AcceptWatch, NamespaceSamplers},
-    alert::Alerting,
+    alert::{AlertRunner, Alerting},
     clock::WallClock,
     config::RunConfig,
     events,
@@ -56,6 +56,8 @@ pub struct Run {
     pub(super) samplers: NamespaceSamplers,
     /// The symbolizer every target's pipeline shares (the kernel's symbols are read once).
     symbols: SharedBlazesym,
+    /// The `--alert-exec` runner every target's alerts go to.
+    alert_runner: Option<Rc<AlertRunner>>,
 }
 
 impl Run {
@@ -67,6 +69,14 @@ impl Run {
     ) -> anyhow::Result<Self> {
         let kernel_log = probes.take_kernel_log();
         let maps = probes.take_maps()?;
+        let alert_runner = config
+            .alert
+            .as_ref()
+            .and_then(|alert| alert.exec.clone())
+            .map(AlertRunner::start)
+            .transpose()
+            .context("cannot start the --alert-exec runner")?
+            .map(Rc::new);
         Ok(Self {
             probes,
             maps: Rc::new(RefCell::new(maps)),
@@ -80,6 +90,7 @@ impl Run {
             refused: HashSet::new(),
             samplers: NamespaceSamplers::default(),
             symbols: SharedBlazesym::default(),
+            alert_runner,
         })
     }
 
@@ -123,7 +134,11 @@ impl Run {
             attachment,
             outputs: Outputs::new(self.sinks.clone(), own_sinks),
             accept,
-            alerting: self.config.alert.clone().map(Alerting::new),
+            alerting: self
+                .config
+                .alert
+                .as_ref()
+                .map(|alert| Alerting::new(alert.threshold, self.alert_runner.clone())),
             metrics: self.metrics.clone(),
             threshold: self.config.stall.threshold,
             memory: self.config.probes.fault_sample_interval_ns.is_some(),
@@ -245,6 +260,7 @@ impl Run {
                 self.unclaimed_events
             );
         }
+        self.finish_alerts();
         let mut first_error = None;
         for consumer in &mut self.consumers {
             if let Err(error) = consumer.flush_target().and_then(|()| consumer.end(stopped)) {
@@ -254,8 +270,17 @@ impl Run {
         first_error.map_or(Ok(stopped), Err)
     }
 
+    /// Lets the queued `--alert-exec` commands run (for one `--alert-timeout`) and counts
+    /// the rest, before the summaries count them.
+    fn finish_alerts(&self) {
+        if let Some(runner) = &self.alert_runner {
+            runner.finish();
+        }
+    }
+
     /// Best effort after a failure: every consumer's summary on the console alone.
     pub fn finish_after_error(&mut self) {
+        self.finish_alerts();
         let mut console = if self.consumers.len() > 1 {
             ConsoleSink::naming_instances()
         } else {

@@ -1,7 +1,8 @@
 //! Prometheus metrics at `/metrics` (`--metrics ADDR`): iteration and stall histograms, stalls
 //! per origin and mechanism, madvise bytes and latency, lost events, memory growth per origin
 //! and mechanism, client connections per address (the top ones and `other`); every metric
-//! carries its instance's `pid`, `port` and `server`. Served by hyper on the run's own runtime.
+//! carries its instance's `pid`, `port` and `server`. Served by hyper on a thread of its own
+//! ([`serve`]).
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
@@ -18,7 +19,7 @@ mod labels;
 mod serve;
 
 use labels::{CauseLabels, ClientLabels, InstanceLabels, MadviseLabels, PortLabels};
-pub use serve::serve;
+pub use serve::spawn_server;
 
 use crate::output::record::{ConnectionCensus, Instance, MemoryGrowth, Stall};
 

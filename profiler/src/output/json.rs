@@ -1,9 +1,6 @@
 //! JSON lines: one object per record with a `"type"` field (schema in the README). Each line is
 //! flushed as it is written, so a reader sees `attached` as soon as the probes are live.
-use std::{
-    fs::{File, OpenOptions},
-    io::{self, BufWriter, Write},
-};
+use std::io::{self, BufWriter, Write};
 
 use serde::Serialize;
 
@@ -36,7 +33,7 @@ impl JsonSink {
     pub fn create(path: &OutputPath) -> io::Result<Self> {
         let writer: Box<dyn Write> = match path {
             OutputPath::Stdout => Box::new(io::stdout()),
-            OutputPath::File(file) => Box::new(File::create(file)?),
+            OutputPath::File(file) => Box::new(super::create_output_file(file)?),
         };
         Ok(Self {
             path: path.clone(),
@@ -88,7 +85,7 @@ impl Sink for JsonSink {
     fn reopen(&mut self) -> io::Result<()> {
         if let OutputPath::File(path) = &self.path {
             self.writer.flush()?;
-            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            let file = super::append_output_file(path)?;
             self.writer = BufWriter::new(Box::new(file));
         }
         Ok(())

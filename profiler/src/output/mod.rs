@@ -2,7 +2,14 @@
 //! them (console lines on stderr, JSON lines to a file or stdout, folded stacks, a flamegraph
 //! and a pprof profile at exit, and the memory growth's stacks). Every sink sees every record,
 //! in order; only outputs give frames their text ([`frame_text`]).
-use std::{cell::RefCell, io, rc::Rc};
+use std::{
+    cell::RefCell,
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::OpenOptionsExt as _,
+    path::Path,
+    rc::Rc,
+};
 
 mod console;
 pub mod frame_text;
@@ -143,6 +150,38 @@ impl Outputs {
     }
 }
 
+/// Creates (or empties) the output file at `path`, never through a symbolic link planted in its
+/// place: the profiler runs as root, and outputs often go to directories others can write to.
+pub fn create_output_file(path: &Path) -> io::Result<File> {
+    open_output_file(
+        path,
+        OpenOptions::new().write(true).create(true).truncate(true),
+    )
+}
+
+/// Opens the output file at `path` to append to it (created if missing), never through a
+/// symbolic link (see [`create_output_file`]).
+pub fn append_output_file(path: &Path) -> io::Result<File> {
+    open_output_file(path, OpenOptions::new().create(true).append(true))
+}
+
+fn open_output_file(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    options
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|error| {
+            if error.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::other(format!(
+                    "`{}` is a symbolic link; outputs are not written through one (give the \
+                     path it points to, or - for stdout)",
+                    path.display()
+                ))
+            } else {
+                error
+            }
+        })
+}
+
 /// `812us`, `12.3ms`, `1.43s`: a duration for people.
 pub fn human_duration_ns(ns: u64) -> String {
     match ns {
@@ -181,6 +220,22 @@ pub fn human_change(bytes: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_output_is_never_written_through_a_symbolic_link() {
+        let directory = tempfile::tempdir().unwrap();
+        let victim = directory.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let planted = directory.path().join("stalls.jsonl");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let error = create_output_file(&planted).unwrap_err().to_string();
+        assert!(error.contains("is a symbolic link"), "{error}");
+        assert!(append_output_file(&planted).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        let plain = directory.path().join("plain");
+        create_output_file(&plain).unwrap();
+        assert!(append_output_file(&plain).is_ok());
+    }
 
     #[test]
     fn sizes_read_naturally() {

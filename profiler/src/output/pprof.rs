@@ -252,7 +252,7 @@ impl PprofSink {
     pub fn create(path: &Path) -> io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
-            file: File::create(path)?,
+            file: super::create_output_file(path)?,
             profile: PprofProfile::default(),
         })
     }
@@ -271,7 +271,7 @@ impl Sink for PprofSink {
 
     /// Written whole at exit: after a rotation, created again at its path.
     fn reopen(&mut self) -> io::Result<()> {
-        self.file = File::create(&self.path)?;
+        self.file = super::create_output_file(&self.path)?;
         Ok(())
     }
 

@@ -205,7 +205,7 @@ pub(super) struct StackFiles {
 impl StackFiles {
     pub(super) fn create(folded: Option<&Path>, flamegraph: Option<&Path>) -> io::Result<Self> {
         let open = |path: Option<&Path>| -> io::Result<Option<(PathBuf, File)>> {
-            path.map(|path| Ok((path.to_owned(), File::create(path)?)))
+            path.map(|path| Ok((path.to_owned(), super::create_output_file(path)?)))
                 .transpose()
         };
         Ok(Self {
@@ -237,7 +237,7 @@ impl StackFiles {
             .into_iter()
             .flatten()
         {
-            *file = File::create(&*path)?;
+            *file = super::create_output_file(path)?;
         }
         Ok(())
     }

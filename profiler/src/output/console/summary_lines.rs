@@ -119,12 +119,15 @@ fn accept_lines(summary: &Summary) -> Vec<String> {
 fn alerts_line(summary: &Summary) -> Option<String> {
     let alerts = summary.alerts.as_ref()?;
     Some(format!(
-        "  alerts: {} final, {} in progress; --alert-exec runs {}, suppressed {}, failed {}",
+        "  alerts: {} final, {} in progress; --alert-exec runs {}, suppressed {}, dropped {}, \
+         failed {}, not run {}",
         alerts.finals,
         alerts.in_progress,
         alerts.exec_runs,
         alerts.exec_suppressed,
+        alerts.exec_dropped,
         alerts.exec_failed,
+        alerts.exec_not_run,
     ))
 }
 

@@ -291,10 +291,17 @@ pub struct AlertCounts {
     pub in_progress: u64,
     /// `--alert-exec` runs started.
     pub exec_runs: u64,
-    /// Alerts not given to `--alert-exec` because of `--alert-max-per-minute`.
+    /// Alerts not given to `--alert-exec` because of `--alert-max-per-minute` (one cap for
+    /// the run's targets together).
     pub exec_suppressed: u64,
+    /// Alerts dropped because too many already waited for the command.
+    #[serde(default)]
+    pub exec_dropped: u64,
     /// Runs that could not start, failed, or were killed after the timeout.
     pub exec_failed: u64,
+    /// Alerts still waiting for the command when the run ended.
+    #[serde(default)]
+    pub exec_not_run: u64,
 }
 
 /// One line of the madvise summary.
