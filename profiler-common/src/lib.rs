@@ -35,7 +35,8 @@ pub const MAP_OFF_CPU_STACKS: &str = "OFF_CPU_STACKS";
 /// Name of the `Array<FaultSampling>`: by slot, the page faults counted since each kind's last
 /// sample and when the next sample may be taken.
 pub const MAP_FAULT_SAMPLING: &str = "FAULT_SAMPLING";
-/// Name of the `HashMap<u16, u32>` of the targets' listening ports -> slot (set by userspace).
+/// Name of the `HashMap<ListenKey, u32>` of the targets' listening ports, by network
+/// namespace -> slot (set by userspace).
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
 /// Name of the `PerCpuArray<u64>` of counters, [`COUNTERS`] per slot, indexed by [`Counter`]
 /// (summed over CPUs).
@@ -99,6 +100,28 @@ pub const GLOBAL_SOLE_PID: &str = "SOLE_PID";
 pub const GLOBAL_SOLE_TID: &str = "SOLE_TID";
 /// Read-only global: at most this many bytes of user stack are copied (<= [`USER_STACK_BYTES`]).
 pub const GLOBAL_USER_STACK_LIMIT: &str = "USER_STACK_LIMIT";
+/// Read-only global: the offset of a socket's `struct net *` in `struct sock`
+/// (`__sk_common.skc_net`), read from the kernel's BTF; 0 when unknown (ports are then told
+/// apart by number only).
+pub const GLOBAL_SOCK_NET_OFFSET: &str = "SOCK_NET_OFFSET";
+/// Read-only global: the offset of the namespace's inode number in `struct net` (`ns.inum`).
+pub const GLOBAL_NET_INUM_OFFSET: &str = "NET_INUM_OFFSET";
+
+/// A listening port as the connection tracer knows it: its number within a network namespace
+/// (many pods listen on 6379, each in its own namespace), by [`MAP_LISTEN_PORTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    /// The network namespace's inode number (that of `/proc/PID/ns/net`); 0 when the
+    /// kernel's layout is unknown.
+    pub netns: u32,
+    pub port: u16,
+    pub _padding: u16,
+}
+const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ListenKey {}
 
 /// The poll system calls of an event loop: (name, x86_64 syscall number, required). The entry
 /// tracepoint of each (`syscalls:sys_enter_<name>`) ends an iteration; the number tells the

@@ -34,8 +34,8 @@ mod programs {
         maps::{Array, HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
     };
     use profiler_common::{
-        COUNTERS, Counter, DEFAULT_MAX_TARGETS, FaultSampling, ITERATION_BUCKETS, LoopState,
-        RunningLoop, StackEvent, TargetSettings, USER_STACK_BYTES,
+        COUNTERS, Counter, DEFAULT_MAX_TARGETS, FaultSampling, ITERATION_BUCKETS, ListenKey,
+        LoopState, RunningLoop, StackEvent, TargetSettings, USER_STACK_BYTES,
     };
 
     /// GPL-compatible: the stack and memory-read helpers are GPL-only.
@@ -53,6 +53,12 @@ mod programs {
     static SOLE_PID: u32 = 0;
     #[unsafe(no_mangle)]
     static SOLE_TID: u32 = 0;
+    /// Where a socket's network namespace is, from the kernel's BTF (`GLOBAL_SOCK_NET_OFFSET`,
+    /// `GLOBAL_NET_INUM_OFFSET`); 0: unknown, ports keyed by number only.
+    #[unsafe(no_mangle)]
+    static SOCK_NET_OFFSET: u32 = 0;
+    #[unsafe(no_mangle)]
+    static NET_INUM_OFFSET: u32 = 0;
 
     /// Reads a read-only global.
     macro_rules! global {
@@ -124,9 +130,9 @@ mod programs {
     /// Listening ports of the targets (their ports, TLS ports, cluster buses, ...), with room
     /// to spare.
     const MAX_LISTEN_PORTS: u32 = 1024;
-    /// The targets' listening ports -> slot, written by userspace.
+    /// The targets' listening ports, by network namespace -> slot, written by userspace.
     #[map]
-    static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
+    static LISTEN_PORTS: HashMap<ListenKey, u32> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
     /// `accept`/`accept4` calls in flight, by thread id: the listening socket's fd.
     #[map]
     static ACCEPT_IN_FLIGHT: HashMap<u32, i64> = HashMap::with_max_entries(MAX_THREADS, 0);

@@ -20,6 +20,7 @@ pub mod error_chain;
 pub mod events;
 pub mod histogram;
 pub mod kernel;
+pub mod kernel_layout;
 pub mod madvise;
 pub mod memory;
 pub mod memory_map;

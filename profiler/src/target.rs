@@ -75,6 +75,8 @@ pub struct Target {
     pub exe: PathBuf,
     /// TCP ports it listens on (IPv4 and IPv6), sorted.
     pub ports: Vec<u16>,
+    /// Its network namespace: the inode number of `/proc/PID/ns/net` (0 if unreadable).
+    pub netns: u32,
     /// Start time (clock ticks after boot) to tell the process from a later one with its pid.
     start_ticks: u64,
 }
@@ -123,6 +125,7 @@ impl Target {
             name: stat.name,
             exe: process.join("exe"),
             ports: listening_ports(pid)?,
+            netns: network_namespace(pid),
             start_ticks: stat.start_ticks,
         })
     }
@@ -148,6 +151,16 @@ impl fmt::Display for Target {
         }
         Ok(())
     }
+}
+
+/// The inode number of process `pid`'s network namespace (as the kernel's `ns.inum`), 0 if
+/// it cannot be read.
+pub fn network_namespace(pid: u32) -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .and_then(|namespace| u32::try_from(namespace.ino()).ok())
+        .unwrap_or(0)
 }
 
 /// Whether reading a process's `/proc` files failed because the process is gone.

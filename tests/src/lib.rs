@@ -276,9 +276,15 @@ impl RedisServer {
 
     /// Starts a server inside `namespace`; `cli` then runs there too.
     pub fn start_in(namespace: &NetworkNamespace, extra: &[&str]) -> Self {
+        Self::start_in_on(namespace, free_port(), extra)
+    }
+
+    /// Starts a server inside `namespace` on `port` (each namespace has its own ports: pods
+    /// all listen on 6379).
+    pub fn start_in_on(namespace: &NetworkNamespace, port: u16, extra: &[&str]) -> Self {
         Self::start_with(
             with_debug_command(namespace.command(REDIS_SERVER)),
-            free_port(),
+            port,
             extra,
             Some(namespace.name.clone()),
         )

@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stallprof_testkit::{Profiler, RedisServer, profiler_bin, scrape_metrics};
+use serde_json::Value;
+use stallprof_testkit::{
+    NetworkNamespace, Profiler, RedisServer, connect_from, number, profiler_bin, scrape_metrics,
+};
 
 /// The hexadecimal value of a `/proc/PID/status` line such as `CapEff:`.
 fn status_hex(status: &str, name: &str) -> u64 {
@@ -262,4 +265,54 @@ fn a_flood_of_half_sent_requests_neither_exhausts_descriptors_nor_stops_the_prof
     );
     assert_eq!(run.of_type("stall").len(), 1, "{}", run.stderr);
     assert!(run.status.success(), "{}", run.stderr);
+}
+
+#[test]
+fn one_port_number_in_three_network_namespaces_is_three_servers_apart() {
+    let port = stallprof_testkit::free_port();
+    let namespaces: Vec<NetworkNamespace> = ["ports-a", "ports-b", "ports-c"]
+        .into_iter()
+        .map(NetworkNamespace::create)
+        .collect();
+    let servers: Vec<RedisServer> = namespaces
+        .iter()
+        .map(|namespace| RedisServer::start_in_on(namespace, port, &["--protected-mode", "no"]))
+        .collect();
+    let mut args: Vec<String> = vec!["--interval".into(), "1s".into()];
+    for server in &servers {
+        args.extend(["--pid".into(), server.pid().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let profiler = Profiler::attach(&args);
+    let clients = [30, 10, 3];
+    for (namespace, &count) in namespaces.iter().zip(&clients) {
+        let connections = connect_from([127, 0, 0, 2], port, count, Some(namespace));
+        thread::sleep(Duration::from_millis(300));
+        drop(connections);
+    }
+    thread::sleep(Duration::from_millis(1_500));
+    let run = profiler.stop();
+    assert!(run.status.success(), "{}", run.stderr);
+    let summaries = run.of_type("summary");
+    assert_eq!(summaries.len(), 3, "{}", run.stderr);
+    for (server, &count) in servers.iter().zip(&clients) {
+        let summary: &Value = summaries
+            .iter()
+            .find(|summary| summary["instance"]["pid"] == server.pid())
+            .unwrap_or_else(|| panic!("no summary of pid {}", server.pid()));
+        let totals = &summary["connections"];
+        assert_eq!(
+            (number(&totals["opened"]), number(&totals["closed"])),
+            (count as u64, count as u64),
+            "pid {}: {totals}",
+            server.pid()
+        );
+        let waits = &summary["accept"]["waits"];
+        assert_eq!(
+            (number(&waits["connections"]), number(&waits["accepted"])),
+            (count as u64, count as u64),
+            "pid {}: each connection entered and left its own server's queue: {waits}",
+            server.pid()
+        );
+    }
 }

@@ -1,11 +1,13 @@
 //! Connections to the target's listening ports: each one entering an accept queue (its
 //! handshake completed), each one the target takes off a queue (`accept`/`accept4`), and each
 //! one closing.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::generated::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext,
+};
 use aya_log_ebpf::debug;
 use profiler_common::{
     AcceptEvent, ConnectionEvent, Counter, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION,
-    EVENT_KIND_CONNECTION_CLOSED,
+    EVENT_KIND_CONNECTION_CLOSED, ListenKey,
 };
 
 use super::{ACCEPT_IN_FLIGHT, LISTEN_PORTS, count, current_target, now_ns, send, settings};
@@ -20,6 +22,8 @@ const AF_INET: u16 = 2;
 
 /// Offsets in `events/sock/inet_sock_set_state/format`.
 mod set_state {
+    /// `skaddr`: the socket.
+    pub const SOCKET: usize = 8;
     pub const OLD_STATE: usize = 16;
     pub const NEW_STATE: usize = 20;
     /// `sport`: the listener's port, on the server side of the connection.
@@ -66,8 +70,14 @@ pub fn connection_state(ctx: TracePointContext) -> u32 {
     if protocol != IPPROTO_TCP {
         return 0;
     }
+    let key = ListenKey {
+        // SAFETY: offset of a field of the tracepoint's record (see `set_state`).
+        netns: network_namespace(unsafe { ctx.read_at::<u64>(set_state::SOCKET) }.unwrap_or(0)),
+        port,
+        _padding: 0,
+    };
     // SAFETY: a lookup by value in a map of plain data.
-    let Some(slot) = (unsafe { LISTEN_PORTS.get(&port) }).copied() else {
+    let Some(slot) = (unsafe { LISTEN_PORTS.get(&key) }).copied() else {
         return 0;
     };
     let Some(settings) = settings(slot) else {
@@ -100,6 +110,37 @@ pub fn connection_state(ctx: TracePointContext) -> u32 {
     };
     send(&event, slot, Counter::ConnectionEventsLost);
     0
+}
+
+/// The inode number of the network namespace of the socket at `socket` (a `struct sock`):
+/// two reads at the offsets userspace found in the kernel's BTF; 0 when they are unknown or
+/// a read fails.
+#[inline(always)]
+fn network_namespace(socket: u64) -> u32 {
+    let (net_offset, inum_offset) = (global!(SOCK_NET_OFFSET), global!(NET_INUM_OFFSET));
+    if net_offset == 0 || socket == 0 {
+        return 0;
+    }
+    let mut net: u64 = 0;
+    let mut inum: u32 = 0;
+    // SAFETY: kernel reads by a helper that fails instead of faulting, into our own locals.
+    unsafe {
+        if bpf_probe_read_kernel(
+            (&raw mut net).cast(),
+            8,
+            (socket + u64::from(net_offset)) as *const core::ffi::c_void,
+        ) != 0
+            || net == 0
+            || bpf_probe_read_kernel(
+                (&raw mut inum).cast(),
+                4,
+                (net + u64::from(inum_offset)) as *const core::ffi::c_void,
+            ) != 0
+        {
+            return 0;
+        }
+    }
+    inum
 }
 
 /// `sys_enter_accept4` / `sys_enter_accept`: remember the listening socket.

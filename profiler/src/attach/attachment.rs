@@ -69,7 +69,7 @@ impl Attachment {
         {
             let mut maps = maps.borrow_mut();
             maps.add_target(slot, tuning.for_target(target.pid, target.main_tid))?;
-            maps.set_listen_ports(slot, &target.ports)?;
+            maps.set_listen_ports(slot, target.netns, &target.ports)?;
         }
         let links = match probes.attach_target(
             target.main_tid,

@@ -252,7 +252,9 @@ impl Consumer {
             return Ok(before_ns);
         };
         let ports = self.accept.refresh_listeners();
-        self.maps.borrow_mut().set_listen_ports(slot, &ports)?;
+        self.maps
+            .borrow_mut()
+            .set_listen_ports(slot, self.target.netns, &ports)?;
         if let (None, Some(&port)) = (self.instance.port, ports.first()) {
             self.instance.port = Some(port);
             if let Some(metrics) = &mut self.metrics {

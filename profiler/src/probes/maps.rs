@@ -3,7 +3,7 @@
 //! with, its page-fault sampling state) and the listening ports userspace tells the kernel.
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use profiler_common::{
-    COUNTERS, Counter, FaultSampling, ITERATION_BUCKETS, LoopState, MAP_COUNTERS,
+    COUNTERS, Counter, FaultSampling, ITERATION_BUCKETS, ListenKey, LoopState, MAP_COUNTERS,
     MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS,
     MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS, MAP_TARGETS,
     RunningLoop, StackEvent, TargetSettings,
@@ -26,8 +26,10 @@ pub struct KernelMaps {
     pub(super) loop_state: Array<MapData, LoopState>,
     pub(super) off_cpu_stacks: Array<MapData, StackEvent>,
     pub(super) fault_sampling: Array<MapData, FaultSampling>,
-    pub(super) listen_ports: HashMap<MapData, u16, u32>,
+    pub(super) listen_ports: HashMap<MapData, ListenKey, u32>,
     pub(super) max_targets: u32,
+    /// Whether listening ports are keyed by network namespace (see [`Self::set_listen_ports`]).
+    pub(super) namespaces_known: bool,
 }
 
 impl KernelMaps {
@@ -86,7 +88,7 @@ impl KernelMaps {
                 .set(0, values, 0)
                 .map_err(map_error(MAP_RUNNING_LOOP))?;
         }
-        self.set_listen_ports(slot, &[])
+        self.set_listen_ports(slot, 0, &[])
     }
 
     /// Zeroes `slot`'s loop state, histogram, maximum, counters and fault sampling.
@@ -166,25 +168,38 @@ impl KernelMaps {
         Ok(Some(Box::new(stacks)))
     }
 
-    /// Tells the connection tracer which ports are `slot`'s target's.
-    pub fn set_listen_ports(&mut self, slot: Slot, ports: &[u16]) -> Result<(), ProbeError> {
+    /// Tells the connection tracer which ports are `slot`'s target's, in its network
+    /// namespace `netns` (by number alone when the kernel's layout is unknown).
+    pub fn set_listen_ports(
+        &mut self,
+        slot: Slot,
+        netns: u32,
+        ports: &[u16],
+    ) -> Result<(), ProbeError> {
         let map_error = map_error(MAP_LISTEN_PORTS);
-        let known: Vec<u16> = self
+        let netns = if self.namespaces_known { netns } else { 0 };
+        let wanted: Vec<ListenKey> = ports
+            .iter()
+            .map(|&port| ListenKey {
+                netns,
+                port,
+                _padding: 0,
+            })
+            .collect();
+        let known: Vec<ListenKey> = self
             .listen_ports
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(&map_error)?
             .into_iter()
             .filter(|(_, port_slot)| *port_slot == slot)
-            .map(|(port, _)| port)
+            .map(|(key, _)| key)
             .collect();
-        for port in known.iter().filter(|port| !ports.contains(port)) {
-            self.listen_ports.remove(port).map_err(&map_error)?;
+        for key in known.iter().filter(|key| !wanted.contains(key)) {
+            self.listen_ports.remove(key).map_err(&map_error)?;
         }
-        for port in ports.iter().filter(|port| !known.contains(port)) {
-            self.listen_ports
-                .insert(port, slot, 0)
-                .map_err(&map_error)?;
+        for key in wanted.iter().filter(|key| !known.contains(key)) {
+            self.listen_ports.insert(key, slot, 0).map_err(&map_error)?;
         }
         Ok(())
     }

@@ -17,11 +17,13 @@ use aya::{
 };
 pub use maps::{KernelMaps, Slot};
 use profiler_common::{
-    GLOBAL_SOLE_PID, GLOBAL_SOLE_TID, GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS,
-    MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS,
-    MAP_LOOP_STATE, MAP_LOOP_TASKS, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS,
-    MAP_TARGETS, PER_TARGET_MAPS,
+    GLOBAL_NET_INUM_OFFSET, GLOBAL_SOCK_NET_OFFSET, GLOBAL_SOLE_PID, GLOBAL_SOLE_TID,
+    GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS, MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM,
+    MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_LOOP_TASKS, MAP_OFF_CPU_STACKS,
+    MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS, MAP_TARGETS, PER_TARGET_MAPS,
 };
+
+use crate::{error_chain::error_chain, kernel_layout::KernelLayout};
 
 /// The kernel programs' log (aya-log): their rare-path messages, read into our log.
 pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -147,6 +149,27 @@ const SCHEDULER_PROGRAMS: [(&str, &str); 3] = [
 ];
 const SAMPLE_PROGRAM: &str = "on_cpu_sample";
 
+/// Where a socket's network namespace lies in this kernel's structures (`struct sock` ->
+/// `struct net *`, `struct net` -> the namespace's inode number), for the connection tracer
+/// to tell one port number in several namespaces apart; (0, 0) when the kernel's BTF does not
+/// say, said once.
+fn socket_namespace_offsets() -> (u32, u32) {
+    let offsets = KernelLayout::of_running_kernel().and_then(|layout| {
+        Ok((
+            layout.offset_of("sock", "__sk_common.skc_net")?,
+            layout.offset_of("net", "ns.inum")?,
+        ))
+    });
+    offsets.unwrap_or_else(|error| {
+        log::warn!(
+            "{}; connections to one port number in several network namespaces cannot be told \
+             apart",
+            error_chain(&error)
+        );
+        (0, 0)
+    })
+}
+
 /// One target's own program links; the rest of the programs serve every target.
 pub struct TargetLinks {
     sampler: PerfEventLinkId,
@@ -158,6 +181,8 @@ pub struct TargetLinks {
 pub struct Probes {
     ebpf: Ebpf,
     max_targets: u32,
+    /// Whether the connection tracer knows a socket's network namespace.
+    namespaces_known: bool,
 }
 
 impl Probes {
@@ -173,11 +198,14 @@ impl Probes {
             KERNEL_LOG_OFF
         };
         let (sole_pid, sole_tid) = settings.sole_target.unwrap_or((0, 0));
+        let (sock_net_offset, net_inum_offset) = socket_namespace_offsets();
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&btf))
             .override_global(GLOBAL_SOLE_PID, &sole_pid, true)
             .override_global(GLOBAL_SOLE_TID, &sole_tid, true)
+            .override_global(GLOBAL_SOCK_NET_OFFSET, &sock_net_offset, true)
+            .override_global(GLOBAL_NET_INUM_OFFSET, &net_inum_offset, true)
             .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
             .override_global(GLOBAL_KERNEL_LOG_LEVEL, &kernel_log_level, true)
             .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes);
@@ -190,6 +218,7 @@ impl Probes {
         let mut probes = Self {
             ebpf,
             max_targets: settings.max_targets,
+            namespaces_known: sock_net_offset != 0,
         };
         for name in TRACEPOINT_PROGRAMS {
             probes.load_program::<TracePoint>(name, |program| program.load())?;
@@ -418,6 +447,7 @@ impl Probes {
             fault_sampling: self.take(MAP_FAULT_SAMPLING)?,
             listen_ports: self.take(MAP_LISTEN_PORTS)?,
             max_targets: self.max_targets,
+            namespaces_known: self.namespaces_known,
         })
     }
 
