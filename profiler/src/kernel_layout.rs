@@ -11,8 +11,6 @@ use std::{collections::HashMap, fs, io, path::Path};
 
 /// BTF's magic number (`BTF_MAGIC`), little-endian.
 const BTF_MAGIC: u16 = 0xeb9f;
-/// Size of a `struct btf_type` record without its trailing data.
-const TYPE_RECORD: usize = 12;
 
 // BTF kinds (`include/uapi/linux/btf.h`).
 const KIND_INT: u32 = 1;
@@ -156,7 +154,6 @@ impl KernelLayout {
                 }
             }
         }
-        debug_assert!(TYPE_RECORD == 12);
         Ok(layout)
     }
 
