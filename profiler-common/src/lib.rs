@@ -134,7 +134,7 @@ pub const POLL_SYSCALLS: [(&str, u64, bool); 3] = [
 ];
 
 /// Slots in the counters map (room for counters added later).
-pub const COUNTERS: u32 = 16;
+pub const COUNTERS: u32 = 24;
 
 /// The counters the kernel programs keep, one slot each in [`MAP_COUNTERS`] (a per-CPU array:
 /// userspace sums the CPUs). Some count data lost on its way to userspace ([`Counter::loss_key`]);
@@ -158,11 +158,13 @@ pub enum Counter {
     NewPageFaults = 13,
     WriteProtectFaults = 14,
     FaultEventsLost = 15,
+    KernelStacksUnread = 16,
+    LoopTasksUntracked = 17,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 18] = [
         Counter::StallEventsLost,
         Counter::BlockingPolls,
         Counter::StackEventsLost,
@@ -179,6 +181,8 @@ impl Counter {
         Counter::NewPageFaults,
         Counter::WriteProtectFaults,
         Counter::FaultEventsLost,
+        Counter::KernelStacksUnread,
+        Counter::LoopTasksUntracked,
     ];
 
     /// The counter's slot in [`MAP_COUNTERS`].
@@ -200,6 +204,8 @@ impl Counter {
             Counter::OffCpuRecordsUnread => Some("off_cpu_records_unread"),
             Counter::IterationsNotTimed => Some("iterations_not_timed"),
             Counter::FaultEventsLost => Some("fault_events"),
+            Counter::KernelStacksUnread => Some("kernel_stacks_unread"),
+            Counter::LoopTasksUntracked => Some("loop_tasks_untracked"),
             Counter::NewPageFaults | Counter::WriteProtectFaults => None,
             Counter::BlockingPolls
             | Counter::ShortBlocks
@@ -255,6 +261,13 @@ impl Counter {
             Counter::WriteProtectFaults => {
                 "page faults of the target's threads writing to a present, write-protected page \
                  (a page read before, or copy on write)"
+            }
+            Counter::KernelStacksUnread => {
+                "samples whose kernel stack the kernel could not read (sent without it)"
+            }
+            Counter::LoopTasksUntracked => {
+                "event-loop threads the scheduler programs could not note (their table was \
+                 full): their times off the CPU go unseen"
             }
             Counter::FaultEventsLost => {
                 "page-fault stack samples the kernel could not send (ring buffer full)"

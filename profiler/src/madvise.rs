@@ -1,15 +1,12 @@
 //! madvise calls of every thread of the target -> per thread role and advice: calls, bytes
 //! and a latency histogram, for the summary. Roles come from thread names (`comm`): `main`,
 //! Redis's `bio_*` threads, `io_thd_*`, `jemalloc_bg_thd`, else `other`.
-use std::{
-    collections::{BTreeMap, HashMap},
-    fs,
-};
+use std::{collections::HashMap, fs};
 
 use hdrhistogram::Histogram;
 use profiler_common::MadviseEvent;
 
-use crate::output::record::MadviseSummary;
+use crate::{bounded::BoundedMap, output::record::MadviseSummary};
 
 /// `MADV_*` names by value (Linux `include/uapi/asm-generic/mman-common.h`).
 const ADVICE_NAMES: [(i32, &str); 26] = [
@@ -60,10 +57,27 @@ pub fn thread_role(pid: u32, tid: u32, name: &str) -> String {
     "other".to_owned()
 }
 
+/// Thread roles remembered by tid (forgotten all at once past this: threads come and go).
+const MAX_REMEMBERED_THREADS: usize = 4096;
+/// (role, advice) pairs with totals of their own; the rest go under ("other", "other"): roles
+/// come from the target's thread names and advice from its calls' arguments.
+const MAX_TOTALS: usize = 256;
+
 struct Totals {
     calls: u64,
     bytes: u64,
     duration_ns: Histogram<u64>,
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Self {
+            calls: 0,
+            bytes: 0,
+            duration_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 2)
+                .expect("constant bounds are valid"),
+        }
+    }
 }
 
 /// Accumulates every madvise call of the target.
@@ -71,7 +85,7 @@ pub struct MadviseStats {
     pid: u32,
     /// Thread roles by tid, read from `/proc` the first time a thread is seen.
     roles: HashMap<u32, String>,
-    totals: BTreeMap<(String, String), Totals>,
+    totals: BoundedMap<(String, String), Totals>,
 }
 
 impl MadviseStats {
@@ -79,7 +93,7 @@ impl MadviseStats {
         Self {
             pid,
             roles: HashMap::new(),
-            totals: BTreeMap::new(),
+            totals: BoundedMap::new(MAX_TOTALS),
         }
     }
 
@@ -93,6 +107,9 @@ impl MadviseStats {
     /// Counts a call; returns its thread role and advice name.
     pub fn add(&mut self, event: &MadviseEvent) -> (String, String) {
         let pid = self.pid;
+        if self.roles.len() >= MAX_REMEMBERED_THREADS && !self.roles.contains_key(&event.tid) {
+            self.roles.clear();
+        }
         let role = self
             .roles
             .entry(event.tid)
@@ -103,24 +120,27 @@ impl MadviseStats {
             })
             .clone();
         let key = (role, advice_name(event.advice));
-        let totals = self.totals.entry(key.clone()).or_insert_with(|| Totals {
-            calls: 0,
-            bytes: 0,
-            duration_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 2)
-                .expect("constant bounds are valid"),
-        });
+        let named = if self.totals.keeps(&key) {
+            key.clone()
+        } else {
+            ("other".to_owned(), "other".to_owned())
+        };
+        let totals = self.totals.entry(key);
         totals.calls += 1;
         totals.bytes += event.len;
         let _ = totals
             .duration_ns
             .record(event.duration_ns.clamp(1, 3_600_000_000_000));
-        key
+        named
     }
 
-    /// One line per thread role and advice, sorted.
+    /// One line per thread role and advice, sorted (then `other` for the rest).
     pub fn summary(&self) -> Vec<MadviseSummary> {
-        self.totals
-            .iter()
+        let mut own: Vec<(&(String, String), &Totals)> = self.totals.iter().collect();
+        own.sort_by_key(|(key, _)| *key);
+        let other = ("other".to_owned(), "other".to_owned());
+        own.into_iter()
+            .chain(self.totals.other().map(|totals| (&other, totals)))
             .map(|((role, advice), totals)| MadviseSummary {
                 thread_role: role.clone(),
                 advice: advice.clone(),

@@ -20,6 +20,9 @@ use crate::{
 
 /// Distinct stacks listed per record; the lighter rest is summed per attribution.
 const MAX_STACKS: usize = 32;
+/// Distinct stacks a period (the run above all) keeps; later ones are summed per attribution
+/// from the start.
+const MAX_KEPT_STACKS: usize = 4096;
 /// `MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`: advice that gives memory back.
 const GIVING_BACK_ADVICE: [i32; 3] = [4, 8, 9];
 
@@ -83,10 +86,11 @@ impl Tally {
     }
 
     fn add(&mut self, attribution: &Attribution, frames: &[Frame], bytes: u64) {
-        let (total, samples) = self
-            .stacks
-            .entry((attribution.clone(), frames.to_vec()))
-            .or_default();
+        let mut key = (attribution.clone(), frames.to_vec());
+        if self.stacks.len() >= MAX_KEPT_STACKS && !self.stacks.contains_key(&key) {
+            key.1 = vec![Frame::OtherStacks];
+        }
+        let (total, samples) = self.stacks.entry(key).or_default();
         *total += bytes;
         *samples += 1;
     }

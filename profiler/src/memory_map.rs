@@ -1,7 +1,7 @@
 //! A process's executable mappings, from `/proc/PID/maps`: which file (module) holds an
 //! address, and where in that file. Used to load unwind tables and to name frames that have no
 //! symbol (`module+0xoffset`).
-use std::{fs, io, path::PathBuf};
+use std::{fs, io};
 
 use crate::stack::Frame;
 
@@ -16,6 +16,9 @@ pub struct Mapping {
     pub path: String,
     /// A name for people other than the file name (the process's own executable).
     pub name: Option<String>,
+    /// The file's device (`major:minor` in the maps, as `st_dev`) and inode.
+    pub device: u64,
+    pub inode: u64,
 }
 
 impl Mapping {
@@ -26,16 +29,9 @@ impl Mapping {
             .unwrap_or_else(|| self.path.rsplit('/').next().unwrap_or(&self.path))
     }
 
-    /// Where the file can be opened from here: `/proc/PID/map_files/...` reaches the mapped
-    /// file even in another mount namespace or after it was deleted.
-    pub fn openable_paths(&self, pid: u32) -> [PathBuf; 2] {
-        [
-            PathBuf::from(format!(
-                "/proc/{pid}/map_files/{:x}-{:x}",
-                self.start, self.end
-            )),
-            PathBuf::from(format!("/proc/{pid}/root{}", self.path)),
-        ]
+    /// Whether the file with this device and inode is the one mapped.
+    pub fn is_file(&self, device: u64, inode: u64) -> bool {
+        (self.device, self.inode) == (device, inode)
     }
 }
 
@@ -111,7 +107,8 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let (start, end) = fields.next()?.split_once('-')?;
     let permissions = fields.next()?;
     let file_offset = fields.next()?;
-    let (_device, _inode) = (fields.next()?, fields.next()?);
+    let (device, inode) = (fields.next()?, fields.next()?);
+    let (major, minor) = device.split_once(':')?;
     let path = fields.collect::<Vec<_>>().join(" ");
     if !permissions.contains('x') || !path.starts_with('/') {
         return None;
@@ -122,6 +119,11 @@ fn parse_line(line: &str) -> Option<Mapping> {
         file_offset: u64::from_str_radix(file_offset, 16).ok()?,
         path: path.trim_end_matches(" (deleted)").to_owned(),
         name: None,
+        device: libc::makedev(
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        ),
+        inode: inode.parse().ok()?,
     })
 }
 
@@ -173,6 +175,15 @@ mod tests {
         assert_eq!(map.unnamed_frame(0x7f1e2b17d000), Frame::Unknown);
         assert_eq!(map.unnamed_frame(0), Frame::Unknown);
         assert_eq!(map.find(0x7f1e2b200000).unwrap().module_name(), "a file");
+    }
+
+    #[test]
+    fn a_mapping_knows_its_file_by_device_and_inode() {
+        let map = MemoryMap::parse(MAPS);
+        let executable = &map.mappings()[0];
+        assert_eq!(executable.inode, 1050);
+        assert!(executable.is_file(libc::makedev(0xfe, 0x01), 1050));
+        assert!(!executable.is_file(libc::makedev(0xfe, 0x01), 1051));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! symbol covers keeps its module and offset (user) or its address (kernel): frames never
 //! vanish. Frames are cached per address.
 use std::{
+    cell::RefCell,
     collections::{HashMap, HashSet},
     rc::Rc,
 };
@@ -17,6 +18,7 @@ use blazesym::{
 
 use crate::{
     memory_map::{Mapping, MemoryMap},
+    module_file::ModuleFile,
     stack::Frame,
     tail_calls::TailCallTargets,
 };
@@ -41,24 +43,32 @@ pub trait SymbolSource {
 }
 
 /// One blazesym symbolizer for a run: its caches (the kernel's symbols above all, read once
-/// from `/proc/kallsyms`) serve every target.
+/// from `/proc/kallsyms`) serve every target. What it caches of a process is evicted when
+/// that process's [`BlazeSymbols`] goes, so a run through many processes stays bounded.
 #[derive(Clone)]
-pub struct SharedBlazesym(Rc<blazesym::symbolize::Symbolizer>);
+pub struct SharedBlazesym(Rc<RefCell<blazesym::symbolize::Symbolizer>>);
 
 impl Default for SharedBlazesym {
     fn default() -> Self {
-        Self(Rc::new(
+        Self(Rc::new(RefCell::new(
             blazesym::symbolize::Symbolizer::builder()
                 .enable_code_info(false)
                 .enable_inlined_fns(false)
+                // Debug files are found by names the target's own files hold: never followed.
+                .set_debug_dirs(None::<&[&str]>)
                 .build(),
-        ))
+        )))
     }
 }
 
-/// blazesym, for one process and the running kernel.
+/// blazesym, for one process and the running kernel. Names come from the symbol tables of the
+/// files the process maps, read through `/proc/PID/map_files`: never from a perf map or a
+/// debug link, files whose paths the process (anyone's, with `--all`) chooses.
 pub struct BlazeSymbols {
     symbolizer: SharedBlazesym,
+    pid: u32,
+    /// The process's file mappings when it was bound (to evict them even after it exited).
+    mappings: Vec<Mapping>,
     process: Source<'static>,
     kernel: Source<'static>,
 }
@@ -71,9 +81,16 @@ impl BlazeSymbols {
             debug_syms: false,
             ..Default::default()
         };
+        let mut process = Process::new(Pid::from(pid));
+        process.debug_syms = false;
+        process.perf_map = false;
         Self {
             symbolizer,
-            process: Source::Process(Process::new(Pid::from(pid))),
+            pid,
+            mappings: MemoryMap::read(pid)
+                .map(|map| map.mappings().to_vec())
+                .unwrap_or_default(),
+            process: Source::Process(process),
             kernel: Source::Kernel(kernel),
         }
     }
@@ -82,6 +99,7 @@ impl BlazeSymbols {
         match self
             .symbolizer
             .0
+            .borrow()
             .symbolize(source, Input::AbsAddr(addresses))
         {
             Ok(symbols) => symbols
@@ -96,6 +114,28 @@ impl BlazeSymbols {
                 vec![None; addresses.len()]
             }
         }
+    }
+}
+
+impl Drop for BlazeSymbols {
+    /// Evicts what the run's symbolizer keeps of this process: its mappings and the files it
+    /// opened through the process's `map_files` (a file other processes map stays open).
+    fn drop(&mut self) {
+        use blazesym::symbolize::evict::{self, Evict};
+        let pid = self.pid;
+        let mut symbolizer = self.symbolizer.0.borrow_mut();
+        let now = MemoryMap::read(pid).map(|map| map.mappings().to_vec());
+        let ranges: HashSet<(u64, u64)> = self
+            .mappings
+            .iter()
+            .chain(now.iter().flatten())
+            .map(|mapping| (mapping.start, mapping.end))
+            .collect();
+        for (start, end) in ranges {
+            let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+            let _ = symbolizer.evict(&Evict::Elf(evict::Elf::new(path)));
+        }
+        let _ = symbolizer.evict(&Evict::Process(evict::Process::new(Pid::from(pid))));
     }
 }
 
@@ -176,14 +216,15 @@ impl Symbolizer {
     /// The tail-call targets of the executable `mapping` comes from, read the first time.
     fn tail_call_targets(&mut self, mapping: &Mapping) -> Option<&TailCallTargets> {
         let (pid, targets) = self.tail_calls.as_mut()?;
-        Some(targets.get_or_insert_with(|| {
-            let data = mapping
-                .openable_paths(*pid)
-                .iter()
-                .find_map(|path| std::fs::read(path).ok());
-            data.map(|data| TailCallTargets::of_file(&data))
-                .unwrap_or_default()
-        }))
+        Some(
+            targets.get_or_insert_with(|| match ModuleFile::open(*pid, mapping) {
+                Ok(data) => TailCallTargets::of_file(&data),
+                Err(error) => {
+                    log::debug!("{}", crate::error_chain::error_chain(&error));
+                    TailCallTargets::default()
+                }
+            }),
+        )
     }
 
     /// Loads the symbols of every file in `memory_map` and the kernel's, and reads the

@@ -11,6 +11,10 @@ use std::{
 
 /// Process names (`comm`) of the servers we profile without `--force`.
 pub const REDIS_NAMES: [&str; 2] = ["redis-server", "valkey-server"];
+/// Functions every Redis and Valkey server's executable exports (they link with `-rdynamic`):
+/// `--all` takes a process by its name only when its executable has them too, since any local
+/// user can start a process of that name.
+const SERVER_FUNCTIONS: [&str; 2] = ["aeMain", "serverCron"];
 
 /// How the user chose the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +46,11 @@ pub enum TargetError {
     NotRedis { pid: u32, name: String },
     #[error("no running redis-server or valkey-server found")]
     NoRedisRunning,
+    #[error(
+        "process {pid} is named `{name}` but its executable is not a Redis or Valkey server (it \
+         exports no `aeMain` and `serverCron`); not watched"
+    )]
+    NotRedisExecutable { pid: u32, name: String },
     #[error(
         "several Redis servers are running: {servers}; choose with --pid or --port, or watch them \
          all with --all"
@@ -161,6 +170,32 @@ pub fn network_namespace(pid: u32) -> u32 {
         .ok()
         .and_then(|namespace| u32::try_from(namespace.ino()).ok())
         .unwrap_or(0)
+}
+
+/// Checks that the executable of `target` is a Redis or Valkey server's (see
+/// [`SERVER_FUNCTIONS`]): opened and mapped as a module is, its symbol tables read.
+pub fn check_server_executable(target: &Target) -> Result<(), TargetError> {
+    use object::{Object as _, ObjectSymbol as _};
+    let not_redis = || TargetError::NotRedisExecutable {
+        pid: target.pid,
+        name: target.name.clone(),
+    };
+    let executable =
+        crate::module_file::ModuleFile::open_executable(target.pid).map_err(|error| {
+            log::debug!("{}", crate::error_chain::error_chain(&error));
+            not_redis()
+        })?;
+    let file = object::File::parse(&*executable).map_err(|_| not_redis())?;
+    let exports = |function: &str| {
+        file.dynamic_symbols()
+            .chain(file.symbols())
+            .any(|symbol| symbol.is_definition() && symbol.name() == Ok(function))
+    };
+    if SERVER_FUNCTIONS.iter().all(|function| exports(function)) {
+        Ok(())
+    } else {
+        Err(not_redis())
+    }
 }
 
 /// Whether reading a process's `/proc` files failed because the process is gone.
@@ -404,6 +439,13 @@ mod tests {
         ];
         let pids: Vec<u32> = redis_servers(&processes).iter().map(|p| p.pid).collect();
         assert_eq!(pids, [10, 13]);
+    }
+
+    #[test]
+    fn a_process_whose_executable_exports_no_event_loop_is_not_a_server() {
+        let ours = Target::from_pid(std::process::id()).unwrap();
+        let error = check_server_executable(&ours).unwrap_err().to_string();
+        assert!(error.contains("is not a Redis or Valkey server"), "{error}");
     }
 
     #[test]

@@ -528,7 +528,40 @@ impl Profiler {
         Self::spawn(args, json.to_owned(), None)
     }
 
+    /// Starts `redis-stallprof attach ARGS --json JSON` without waiting for an `attached`
+    /// record (`--all` with no server yet has none); gives it `settle` to load its programs.
+    pub fn start_writing(args: &[&str], json: &Path, settle: Duration) -> Self {
+        let profiler = Self::start_child(args, json.to_owned(), None);
+        thread::sleep(settle);
+        assert!(!profiler.has_exited(), "the profiler ended at once");
+        profiler
+    }
+
     fn spawn(args: &[&str], json: PathBuf, temporary: Option<tempfile::NamedTempFile>) -> Self {
+        let profiler = Self::start_child(args, json, temporary);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !profiler
+            .records()
+            .iter()
+            .any(|record| record["type"] == "attached")
+        {
+            if Instant::now() > deadline || profiler.has_exited() {
+                let run = profiler.stop();
+                panic!(
+                    "the profiler did not attach: {:?}\n{}",
+                    run.status, run.stderr
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        profiler
+    }
+
+    fn start_child(
+        args: &[&str],
+        json: PathBuf,
+        temporary: Option<tempfile::NamedTempFile>,
+    ) -> Self {
         // A file left by an earlier run would show its `attached` record before this run's.
         let _ = fs::remove_file(&json);
         let mut child = Command::new(profiler_bin())
@@ -548,28 +581,12 @@ impl Profiler {
                 text
             })
         });
-        let profiler = Self {
+        Self {
             child,
             json,
             _temporary: temporary,
             stderr,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !profiler
-            .records()
-            .iter()
-            .any(|record| record["type"] == "attached")
-        {
-            if Instant::now() > deadline || profiler.has_exited() {
-                let run = profiler.stop();
-                panic!(
-                    "the profiler did not attach: {:?}\n{}",
-                    run.status, run.stderr
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
         }
-        profiler
     }
 
     /// The profiler's process id.

@@ -129,6 +129,8 @@ fn remember_loop_task(state: &mut LoopState, slot: u32, current: u64) {
     }
     if LOOP_TASKS.insert(&current, &slot, 0).is_ok() {
         state.task = current;
+    } else {
+        count(slot, Counter::LoopTasksUntracked);
     }
 }
 

@@ -111,6 +111,11 @@ fn page_fault(ctx: &BtfTracePointContext) {
     event.fault_address = address;
     event.faults = faults;
     event.fault_kind = kind;
-    capture_stacks(ctx.as_ptr(), event, &UserRegs::of_current_task());
+    capture_stacks(
+        ctx.as_ptr(),
+        event,
+        &UserRegs::of_current_task(),
+        target.slot,
+    );
     reserved.submit(0);
 }

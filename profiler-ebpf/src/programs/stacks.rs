@@ -119,7 +119,7 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     event.fault_address = 0;
     event.faults = 0;
     event.fault_kind = 0;
-    capture_stacks(ctx.as_ptr(), event, &user_regs);
+    capture_stacks(ctx.as_ptr(), event, &user_regs, target.slot);
     reserved.submit(0);
     0
 }
@@ -154,7 +154,7 @@ pub(super) fn switched_out(
         stacks.kernel_frames = 0;
         capture_user_stack(stacks, &user_regs);
     } else {
-        capture_stacks(ctx.as_ptr(), stacks, &user_regs);
+        capture_stacks(ctx.as_ptr(), stacks, &user_regs, target.slot);
     }
     if state.switch_out_ns == 0 {
         loops_off_cpu_add(1);
@@ -219,14 +219,17 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, target: &Target, state: &m
     if state.preempted != 0 {
         // SAFETY: `next` of sched_switch is a trusted task pointer; the buffer is the event's
         // kernel_stack array and the size is its size.
-        event.kernel_frames = frames(unsafe {
-            bpf_get_task_stack(
-                ctx.arg::<*mut core::ffi::c_void>(2).cast(),
-                event.kernel_stack.as_mut_ptr().cast(),
-                (KERNEL_STACK_DEPTH * 8) as u32,
-                0,
-            )
-        });
+        event.kernel_frames = frames(
+            unsafe {
+                bpf_get_task_stack(
+                    ctx.arg::<*mut core::ffi::c_void>(2).cast(),
+                    event.kernel_stack.as_mut_ptr().cast(),
+                    (KERNEL_STACK_DEPTH * 8) as u32,
+                    0,
+                )
+            },
+            slot,
+        );
     }
     event.kind = EVENT_KIND_OFF_CPU;
     event.tid = target.settings.loop_tid;
@@ -240,12 +243,14 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, target: &Target, state: &m
 }
 
 /// Fills the stack fields of `event`: kernel instruction pointers from the program's context,
-/// user registers from `user_regs`, and the user stack above the stack pointer.
+/// user registers from `user_regs`, and the user stack above the stack pointer (a kernel
+/// stack that cannot be read is counted for `slot`).
 #[inline(always)]
 pub(super) fn capture_stacks(
     ctx: *mut core::ffi::c_void,
     event: &mut StackEvent,
     user_regs: &UserRegs,
+    slot: u32,
 ) {
     // SAFETY: the buffer is the event's own kernel_stack array and the size is its size.
     let kernel_bytes = unsafe {
@@ -256,13 +261,17 @@ pub(super) fn capture_stacks(
             0,
         )
     };
-    event.kernel_frames = frames(kernel_bytes);
+    event.kernel_frames = frames(kernel_bytes, slot);
     capture_user_stack(event, user_regs);
 }
 
-/// Kernel frames in a stack helper's result (bytes written, or a negative error).
+/// Kernel frames in a stack helper's result (bytes written, or a negative error: counted for
+/// `slot`).
 #[inline(always)]
-fn frames(kernel_bytes: i64) -> u32 {
+fn frames(kernel_bytes: i64, slot: u32) -> u32 {
+    if kernel_bytes < 0 {
+        count(slot, Counter::KernelStacksUnread);
+    }
     if kernel_bytes > 0 {
         (kernel_bytes / 8) as u32
     } else {

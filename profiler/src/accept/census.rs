@@ -9,36 +9,58 @@ use std::{
 };
 
 use super::sampler::ConnectionSample;
-use crate::output::record::{ClientCensus, ConnectionCensus, ConnectionTotals, IdleTimes};
+use crate::{
+    bounded::BoundedMap,
+    output::record::{ClientCensus, ConnectionCensus, ConnectionTotals, IdleTimes},
+};
 
 /// Client addresses listed per census; metrics name these (and sum the rest as `other`).
 pub const TOP_ADDRESSES: usize = 20;
+/// Client addresses kept with their own counts, per interval and over the run (a client that
+/// cycles through addresses, as IPv6 privacy addresses do, cannot grow them further).
+const KEPT_ADDRESSES: usize = 4096;
+/// The name the addresses past [`KEPT_ADDRESSES`] are counted under.
+const OTHER_ADDRESSES: &str = "other";
 
 /// Opens and closes per address since the last census, and what each connection had
 /// received at the last one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Census {
-    opened: HashMap<IpAddr, u64>,
-    closed: HashMap<IpAddr, u64>,
-    /// Socket inode -> bytes received at the last census.
+    opened: BoundedMap<IpAddr, u64>,
+    closed: BoundedMap<IpAddr, u64>,
+    /// Socket inode -> bytes received at the last census (the connections established then).
     received_at_last: HashMap<u64, u64>,
     /// Over the run: per address (opened, closed) and bytes received, and the most
     /// connections at once.
-    run_opened_closed: HashMap<IpAddr, (u64, u64)>,
-    run_received: HashMap<IpAddr, u64>,
+    run_opened_closed: BoundedMap<IpAddr, (u64, u64)>,
+    run_received: BoundedMap<IpAddr, u64>,
     max_established: u64,
     last: Option<ConnectionCensus>,
 }
 
+impl Default for Census {
+    fn default() -> Self {
+        Self {
+            opened: BoundedMap::new(KEPT_ADDRESSES),
+            closed: BoundedMap::new(KEPT_ADDRESSES),
+            received_at_last: HashMap::new(),
+            run_opened_closed: BoundedMap::new(KEPT_ADDRESSES),
+            run_received: BoundedMap::new(KEPT_ADDRESSES),
+            max_established: 0,
+            last: None,
+        }
+    }
+}
+
 impl Census {
     pub fn opened(&mut self, client: IpAddr) {
-        *self.opened.entry(client).or_default() += 1;
-        self.run_opened_closed.entry(client).or_default().0 += 1;
+        *self.opened.entry(client) += 1;
+        self.run_opened_closed.entry(client).0 += 1;
     }
 
     pub fn closed(&mut self, client: IpAddr) {
-        *self.closed.entry(client).or_default() += 1;
-        self.run_opened_closed.entry(client).or_default().1 += 1;
+        *self.closed.entry(client) += 1;
+        self.run_opened_closed.entry(client).1 += 1;
     }
 
     /// The census of `connections` (the target's connections now), `seconds` after the last;
@@ -48,8 +70,8 @@ impl Census {
         connections: &[ConnectionSample],
         seconds: f64,
     ) -> Option<ConnectionCensus> {
-        let opened = std::mem::take(&mut self.opened);
-        let closed = std::mem::take(&mut self.closed);
+        let opened = self.opened.take();
+        let closed = self.closed.take();
         let received_at_last = std::mem::take(&mut self.received_at_last);
         if connections.is_empty() && opened.is_empty() && closed.is_empty() {
             self.last = None;
@@ -67,14 +89,14 @@ impl Census {
                     .unwrap_or(0);
                 let new_bytes = bytes.saturating_sub(before);
                 *received.entry(connection.client).or_default() += new_bytes;
-                *self.run_received.entry(connection.client).or_default() += new_bytes;
+                *self.run_received.entry(connection.client) += new_bytes;
                 self.received_at_last.insert(connection.inode, bytes);
             }
         }
         let addresses: HashSet<IpAddr> = idle
             .keys()
-            .chain(opened.keys())
-            .chain(closed.keys())
+            .chain(opened.iter().map(|(addr, _)| addr))
+            .chain(closed.iter().map(|(addr, _)| addr))
             .copied()
             .collect();
         let mut clients: Vec<ClientCensus> = addresses
@@ -91,6 +113,14 @@ impl Census {
                     .unwrap_or_default(),
             })
             .collect();
+        if opened.other().is_some() || closed.other().is_some() {
+            clients.push(ClientCensus {
+                addr: OTHER_ADDRESSES.to_owned(),
+                opened: opened.other().copied().unwrap_or(0),
+                closed: closed.other().copied().unwrap_or(0),
+                ..ClientCensus::default()
+            });
+        }
         rank(&mut clients);
         let established = connections.len() as u64;
         self.max_established = self.max_established.max(established);
@@ -119,9 +149,10 @@ impl Census {
             .collect();
         let addresses: HashSet<String> = self
             .run_opened_closed
-            .keys()
-            .map(IpAddr::to_string)
+            .iter()
+            .map(|(addr, _)| addr.to_string())
             .chain(last.keys().map(|addr| (*addr).to_owned()))
+            .filter(|addr| addr != OTHER_ADDRESSES)
             .collect();
         let mut clients: Vec<ClientCensus> = addresses
             .into_iter()
@@ -143,6 +174,17 @@ impl Census {
                 }
             })
             .collect();
+        let folded = self.run_opened_closed.folded() + self.run_received.folded();
+        if folded > 0 {
+            let (opened, closed) = self.run_opened_closed.other().copied().unwrap_or_default();
+            clients.push(ClientCensus {
+                addr: OTHER_ADDRESSES.to_owned(),
+                opened,
+                closed,
+                received_bytes: self.run_received.other().copied().unwrap_or(0),
+                ..ClientCensus::default()
+            });
+        }
         rank(&mut clients);
         ConnectionTotals {
             opened: self
@@ -157,6 +199,7 @@ impl Census {
                 .sum(),
             max_established: self.max_established,
             clients,
+            addresses_folded: folded,
         }
     }
 }
@@ -242,6 +285,37 @@ mod tests {
         );
         assert_eq!(totals.clients[0].established, 200);
         assert_eq!(totals.clients[0].received_bytes, 200 * 154);
+    }
+
+    #[test]
+    fn a_client_cycling_through_addresses_is_counted_under_other_past_the_limit() {
+        let mut census = Census::default();
+        let addresses = KEPT_ADDRESSES as u32 + 500;
+        for index in 0..addresses {
+            let client = IpAddr::from(std::net::Ipv6Addr::from(
+                0x2001_0db8_u128 << 96 | u128::from(index),
+            ));
+            census.opened(client);
+            census.closed(client);
+        }
+        assert!(census.run_opened_closed.iter().count() <= KEPT_ADDRESSES);
+        let interval = census.take(&[], 10.0).unwrap();
+        assert_eq!(
+            (interval.opened, interval.closed),
+            (u64::from(addresses), u64::from(addresses))
+        );
+        let totals = census.totals();
+        assert_eq!(
+            (totals.opened, totals.closed),
+            (u64::from(addresses), u64::from(addresses))
+        );
+        assert_eq!(totals.addresses_folded, 2 * 500);
+        let other = totals
+            .clients
+            .iter()
+            .find(|client| client.addr == "other")
+            .unwrap();
+        assert_eq!((other.opened, other.closed), (500, 500));
     }
 
     #[test]

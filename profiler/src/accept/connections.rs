@@ -16,6 +16,9 @@ const TOP_CLIENTS: usize = 5;
 /// Connections remembered for the stalls' counts: a storm of this many in one stall is counted
 /// in full.
 const RECENT_CONNECTIONS: usize = 100_000;
+/// Connections waiting per port at most: more than the largest accept queue (`somaxconn` is
+/// at most 65,535); older ones were accepted unseen and are forgotten.
+const MAX_QUEUED_PER_PORT: usize = 65_536;
 
 /// Connections entering the accept queues (handshakes) and leaving them (the target's
 /// accepts), from the kernel's events. A listener's accept queue is first in, first out, so
@@ -30,6 +33,8 @@ pub struct ConnectionTracker {
     fd_ports: HashMap<i64, Option<u16>>,
     waits_ns: Histogram<u64>,
     connections: u64,
+    /// Queued connections forgotten past [`MAX_QUEUED_PER_PORT`].
+    forgotten: u64,
 }
 
 impl ConnectionTracker {
@@ -42,6 +47,7 @@ impl ConnectionTracker {
             waits_ns: Histogram::new_with_bounds(1, 3_600_000_000_000, 2)
                 .expect("constant bounds are valid"),
             connections: 0,
+            forgotten: 0,
         }
     }
 
@@ -57,10 +63,12 @@ impl ConnectionTracker {
     /// A connection entered the accept queue of `event.port`.
     pub fn connection(&mut self, event: &ConnectionEvent) {
         self.connections += 1;
-        self.queued
-            .entry(event.port)
-            .or_default()
-            .push_back(event.time_ns);
+        let queued = self.queued.entry(event.port).or_default();
+        queued.push_back(event.time_ns);
+        if queued.len() > MAX_QUEUED_PER_PORT {
+            queued.pop_front();
+            self.forgotten += 1;
+        }
         self.recent
             .push_back((event.time_ns, client_address(event)));
         while self.recent.len() > RECENT_CONNECTIONS {
@@ -125,6 +133,7 @@ impl ConnectionTracker {
         AcceptWaits {
             connections: self.connections,
             accepted: self.waits_ns.len(),
+            forgotten: self.forgotten,
             p50_us: us(0.5),
             p99_us: us(0.99),
             max_us: self.waits_ns.max() / 1_000,

@@ -8,7 +8,7 @@ use std::{
     fs, io,
     net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt as _},
-    rc::Rc,
+    rc::{Rc, Weak},
     time::{Duration, Instant},
 };
 
@@ -274,9 +274,10 @@ fn read_responses(
 }
 
 /// The run's namespace samplers, by network namespace (the inode of `/proc/PID/ns/net`): the
-/// targets in one namespace share one.
+/// targets in one namespace share one. Held weakly: a namespace's socket (which keeps the
+/// namespace alive) closes with the last target in it, as a pod's goes when the pod does.
 #[derive(Default, Clone)]
-pub struct NamespaceSamplers(Rc<RefCell<HashMap<u64, Rc<RefCell<NamespaceSampler>>>>>);
+pub struct NamespaceSamplers(Rc<RefCell<HashMap<u64, Weak<RefCell<NamespaceSampler>>>>>);
 
 impl NamespaceSamplers {
     /// The sampler of `pid`'s network namespace (opened if no target in it has one).
@@ -284,12 +285,24 @@ impl NamespaceSamplers {
         let namespace = fs::metadata(format!("/proc/{pid}/ns/net"))
             .map_err(|cause| AcceptError::Namespace { pid, cause })?
             .ino();
-        if let Some(sampler) = self.0.borrow().get(&namespace) {
-            return Ok(Rc::clone(sampler));
+        let mut samplers = self.0.borrow_mut();
+        samplers.retain(|_, sampler| sampler.strong_count() > 0);
+        if let Some(sampler) = samplers.get(&namespace).and_then(Weak::upgrade) {
+            return Ok(sampler);
         }
         let sampler = Rc::new(RefCell::new(NamespaceSampler::open(pid)?));
-        self.0.borrow_mut().insert(namespace, Rc::clone(&sampler));
+        samplers.insert(namespace, Rc::downgrade(&sampler));
         Ok(sampler)
+    }
+
+    /// Namespaces with a sampler open now.
+    #[cfg(test)]
+    fn open_namespaces(&self) -> usize {
+        self.0
+            .borrow()
+            .values()
+            .filter(|sampler| sampler.strong_count() > 0)
+            .count()
     }
 }
 
@@ -359,6 +372,21 @@ impl QueueSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespace_s_socket_closes_with_its_last_target() {
+        let samplers = NamespaceSamplers::default();
+        let first = QueueSampler::open(std::process::id(), &samplers).unwrap();
+        let second = QueueSampler::open(std::process::id(), &samplers).unwrap();
+        assert!(
+            Rc::ptr_eq(&first.namespace, &second.namespace),
+            "one per namespace"
+        );
+        drop(first);
+        assert_eq!(samplers.open_namespaces(), 1);
+        drop(second);
+        assert_eq!(samplers.open_namespaces(), 0);
+    }
 
     #[test]
     fn our_own_listener_is_sampled_with_its_queue_and_limit() {

@@ -2,7 +2,7 @@
 //! work the driver asks for (interval lines with memory growth and the connection census,
 //! histogram, in-progress alerts, accept queues), and `end` with the summary. The target's
 //! life (exec, `--follow`) is in `target_life`.
-use std::{sync::Arc, time::Duration};
+use std::{cell::Cell, rc::Rc, sync::Arc, time::Duration};
 
 use profiler_common::{
     AcceptEvent, COUNTERS, ConnectionEvent, Counter, EVENT_KIND_OFF_CPU, MadviseEvent, StackEvent,
@@ -22,7 +22,7 @@ use crate::{
     metrics::{InstanceMetrics, Metrics},
     output::{
         Outputs,
-        record::{Alert, Instance, Stall, StallCauses},
+        record::{Alert, Instance, RunLosses, Stall, StallCauses},
     },
     probes::ProbeError,
     stall::{RunningIteration, StallContext, StallPipeline},
@@ -55,9 +55,8 @@ pub struct Consumer {
     pub(super) interval_stalls: u64,
     /// When the current interval began (memory growth and census are per interval).
     pub(super) interval_started: Instant,
-    /// Records of the ring buffer that did not decode (they name no target: every consumer
-    /// counts them).
-    pub(super) decode_errors: u64,
+    /// What the run lost that belongs to no target (shown in every summary).
+    pub(super) run_losses: Rc<Cell<RunLosses>>,
     /// Lost events already shown in an interval line.
     pub(super) reported_lost: u64,
     /// Stack samples lost (kernel and userspace) when the previous stall was assembled.
@@ -79,6 +78,7 @@ pub struct ConsumerParts {
     pub threshold: Duration,
     /// Whether page faults are traced.
     pub memory: bool,
+    pub run_losses: Rc<Cell<RunLosses>>,
 }
 
 impl Consumer {
@@ -105,7 +105,7 @@ impl Consumer {
             started: Instant::now(),
             interval_stalls: 0,
             interval_started: Instant::now(),
-            decode_errors: 0,
+            run_losses: parts.run_losses,
             reported_lost: 0,
             samples_lost_at_last_stall: 0,
             earlier_counters: [0; COUNTERS as usize],

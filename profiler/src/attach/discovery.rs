@@ -2,10 +2,10 @@
 //! Redis running), or with `--all` every Redis server, found again every half second.
 use crate::{
     config::Selection,
-    target::{Target, TargetError, TargetSelector, redis_server_pids},
+    target::{Target, TargetError, TargetSelector, check_server_executable, redis_server_pids},
 };
 
-use super::run::Run;
+use super::{attachment::AttachError, run::Run};
 
 /// The targets to attach to at the start. With `--all`, none running is an error only
 /// without `wait`.
@@ -29,7 +29,8 @@ pub fn initial_targets(selection: &Selection, force: bool) -> Result<Vec<Target>
         Selection::All { wait } => {
             let targets: Vec<Target> = redis_server_pids()?
                 .into_iter()
-                .filter_map(|pid| Target::from_pid(pid).ok())
+                // Those that are not servers are said at the first look for new ones.
+                .filter_map(|pid| server_at(pid).ok())
                 .collect();
             if targets.is_empty() {
                 if !wait {
@@ -45,8 +46,16 @@ pub fn initial_targets(selection: &Selection, force: bool) -> Result<Vec<Target>
     }
 }
 
-/// `--all`: attaches to every Redis server that started since the last look. One that cannot
-/// be attached to is said once and left alone.
+/// The process `pid` found by `--all`, if its executable is a Redis or Valkey server's.
+fn server_at(pid: u32) -> Result<Target, TargetError> {
+    let target = Target::from_pid(pid)?;
+    check_server_executable(&target)?;
+    Ok(target)
+}
+
+/// `--all`: attaches to every Redis server that started since the last look. One that is not
+/// a server or cannot be attached to is said once and left alone while it lives; one refused
+/// for want of a free slot is tried again at the next look (a slot frees when a server exits).
 pub fn watch_new_servers(run: &mut Run) {
     let pids = match redis_server_pids() {
         Ok(pids) => pids,
@@ -57,16 +66,27 @@ pub fn watch_new_servers(run: &mut Run) {
     };
     // A pid refused once and gone since may come back as another server.
     run.refused.retain(|pid| pids.contains(pid));
+    run.waiting_for_slot.retain(|pid| pids.contains(pid));
     for pid in pids {
         if run.watches(pid) || run.refused.contains(&pid) {
             continue;
         }
-        let attached = Target::from_pid(pid)
+        let attached = server_at(pid)
             .map_err(anyhow::Error::from)
             .and_then(|target| run.watch(target));
-        if let Err(error) = attached {
+        let Err(error) = attached else {
+            run.waiting_for_slot.remove(&pid);
+            continue;
+        };
+        let no_free_slot = matches!(
+            error.downcast_ref::<AttachError>(),
+            Some(AttachError::NoFreeSlot { .. })
+        );
+        if !no_free_slot {
             log::warn!("cannot watch pid {pid}: {error:#}");
             run.refused.insert(pid);
+        } else if run.waiting_for_slot.insert(pid) {
+            log::warn!("{error:#}; it is watched once a slot frees");
         }
     }
 }

@@ -110,11 +110,22 @@ impl Consumer {
     /// Ends the run: the last interval's memory growth and census, then the summary on every
     /// output.
     pub fn end(&mut self, stopped: StopReason) -> anyhow::Result<StopReason> {
+        self.report_last_interval()?;
+        self.write_summary(stopped)?;
+        Ok(stopped)
+    }
+
+    /// The memory growth and census of the interval that ends with the run.
+    pub fn report_last_interval(&mut self) -> anyhow::Result<()> {
         let since_last_interval = self.interval_started.elapsed().as_secs_f64();
-        self.report_memory_and_connections(since_last_interval)?;
+        self.report_memory_and_connections(since_last_interval)
+    }
+
+    /// The summary, on every output.
+    pub fn write_summary(&mut self, stopped: StopReason) -> anyhow::Result<()> {
         let summary = self.summary(stopped)?;
         self.outputs.summary(&summary)?;
-        Ok(stopped)
+        Ok(())
     }
 
     /// Best effort after a failure: the summary on `sink` alone.
@@ -135,7 +146,7 @@ impl Consumer {
         Ok(LostEvents::new(
             |counter| kernel[counter.index() as usize],
             |loss| match loss {
-                UserLoss::Undecodable => self.decode_errors,
+                UserLoss::StacksCutShort => counts.stacks_cut_short,
                 UserLoss::SamplesNotKept => counts.samples_not_kept,
                 UserLoss::MadviseNotKept => counts.madvise_not_kept,
             },
@@ -158,6 +169,7 @@ impl Consumer {
             summary.memory = Some(memory.run_growth(faults));
         }
         summary.connections = Some(self.accept.census_totals());
+        summary.run_lost = self.run_losses.get();
         Ok(summary)
     }
 

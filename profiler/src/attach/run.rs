@@ -2,7 +2,7 @@
 //! instance writes to) and one [`Consumer`] per watched target, to which the ring buffer's
 //! events go by the pid they carry.
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::HashSet,
     path::{Path, PathBuf},
     rc::Rc,
@@ -26,7 +26,7 @@ use crate::{
     output::{
         ConsoleSink, FoldedStacks, Outputs, PprofSink, SharedSinks, Sink, StackFilesSink,
         flamegraph_title,
-        record::{Instance, StopReason},
+        record::{Instance, RunLosses, StopReason},
     },
     probes::{KernelLog, Probes, Slot},
     stall::StallPipeline,
@@ -48,10 +48,13 @@ pub struct Run {
     pub metrics: Option<Arc<Metrics>>,
     clock: WallClock,
     pub(super) config: RunConfig,
-    /// Events of no watched target (the last ones of a target already ended).
-    unclaimed_events: u64,
+    /// What the run lost that belongs to no target: records that did not decode, and events
+    /// of a target whose watch had ended.
+    losses: Rc<Cell<RunLosses>>,
     /// With `--all`: the servers that could not be attached to (said once).
     pub refused: HashSet<u32>,
+    /// With `--all`: the servers waiting for a free slot (said once; tried at each look).
+    pub waiting_for_slot: HashSet<u32>,
     /// The accept-queue samplers, one per network namespace.
     pub(super) samplers: NamespaceSamplers,
     /// The symbolizer every target's pipeline shares (the kernel's symbols are read once).
@@ -86,8 +89,9 @@ impl Run {
             metrics,
             clock: WallClock::new(),
             config: config.clone(),
-            unclaimed_events: 0,
+            losses: Rc::default(),
             refused: HashSet::new(),
+            waiting_for_slot: HashSet::new(),
             samplers: NamespaceSamplers::default(),
             symbols: SharedBlazesym::default(),
             alert_runner,
@@ -142,6 +146,7 @@ impl Run {
             metrics: self.metrics.clone(),
             threshold: self.config.stall.threshold,
             memory: self.config.probes.fault_sample_interval_ns.is_some(),
+            run_losses: Rc::clone(&self.losses),
         });
         let attached = consumer.attached_record();
         self.consumers.push(consumer);
@@ -190,18 +195,24 @@ impl Run {
                         .find(|consumer| consumer.target.pid == pid)
                     {
                         Some(consumer) => consumer.handle(event)?,
-                        None => self.unclaimed_events += 1,
+                        None => self.add_loss(|losses| losses.of_ended_targets += 1),
                     }
                 }
                 Err(error) => {
-                    for consumer in &mut self.consumers {
-                        consumer.decode_errors += 1;
+                    if self.losses.get().undecodable == 0 {
+                        log::warn!("dropped a malformed event: {error} (counted in run_lost)");
                     }
-                    log::warn!("dropped a malformed event: {error}");
+                    self.add_loss(|losses| losses.undecodable += 1);
                 }
             }
         }
         Ok(())
+    }
+
+    fn add_loss(&self, add: impl FnOnce(&mut RunLosses)) {
+        let mut losses = self.losses.get();
+        add(&mut losses);
+        self.losses.set(losses);
     }
 
     /// Re-reads every target's listeners, then reports the drops no stall can claim any more
@@ -240,9 +251,13 @@ impl Run {
         log::warn!("{} exited", consumer.target);
         let ended = consumer
             .flush_target()
-            .and_then(|()| consumer.end(StopReason::TargetExited).map(drop));
+            .and_then(|()| consumer.report_last_interval());
         self.detach(&mut consumer);
-        ended
+        // Its series go before its summary: the metrics show the servers that run.
+        if let Some(metrics) = &consumer.metrics {
+            metrics.forget();
+        }
+        ended.and_then(|()| consumer.write_summary(StopReason::TargetExited))
     }
 
     /// Gives back `consumer`'s slot and own programs.
@@ -254,12 +269,6 @@ impl Run {
 
     /// Ends the run: every consumer's last figures and summary (`stopped`).
     pub fn end(&mut self, stopped: StopReason) -> anyhow::Result<StopReason> {
-        if self.unclaimed_events > 0 {
-            log::debug!(
-                "{} events came after their target had ended",
-                self.unclaimed_events
-            );
-        }
         self.finish_alerts();
         let mut first_error = None;
         for consumer in &mut self.consumers {

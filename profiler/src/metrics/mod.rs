@@ -3,7 +3,10 @@
 //! and mechanism, client connections per address (the top ones and `other`); every metric
 //! carries its instance's `pid`, `port` and `server`. Served by hyper on a thread of its own
 //! ([`serve`]).
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     metrics::{
@@ -102,7 +105,7 @@ impl Metrics {
         let metrics = InstanceMetrics {
             metrics: Arc::clone(self),
             labels: InstanceLabels::of(instance),
-            clients: Arc::default(),
+            series: Arc::default(),
         };
         metrics.create_series();
         metrics
@@ -201,20 +204,100 @@ impl Metrics {
     }
 }
 
+/// Label sets of one kind an instance may create: past this, its series are labelled `other`
+/// (origins come from the target's own symbols, thread roles from its thread names).
+const MAX_SERIES_PER_KIND: usize = 256;
+/// The label value of the series past [`MAX_SERIES_PER_KIND`].
+const OTHER_LABEL: &str = "other";
+
+/// The series an instance created besides its own labels' (removed with it).
+#[derive(Default)]
+struct InstanceSeries {
+    stall_causes: HashSet<CauseLabels>,
+    memory_causes: HashSet<CauseLabels>,
+    madvise: HashSet<MadviseLabels>,
+    ports: HashSet<PortLabels>,
+    /// The client addresses its last census published (removed when they drop out).
+    clients: Vec<String>,
+}
+
+/// `labels` if `created` has them or room for them, else `other` (made by `other`).
+fn bounded_labels<L: Clone + Eq + std::hash::Hash>(
+    created: &mut HashSet<L>,
+    labels: L,
+    other: impl FnOnce() -> L,
+) -> L {
+    if created.contains(&labels) || created.len() < MAX_SERIES_PER_KIND {
+        created.insert(labels.clone());
+        return labels;
+    }
+    let other = other();
+    created.insert(other.clone());
+    other
+}
+
 /// One instance's view of the run's metrics: what it records carries its labels.
 #[derive(Clone)]
 pub struct InstanceMetrics {
     metrics: Arc<Metrics>,
     labels: InstanceLabels,
-    /// The client addresses its last census published (removed when they drop out).
-    clients: Arc<Mutex<Vec<String>>>,
+    series: Arc<Mutex<InstanceSeries>>,
 }
 
 impl InstanceMetrics {
-    /// The same metrics, now labelled with `instance` (after an exec or `--follow`).
+    /// The same metrics, now labelled with `instance` (after an exec or `--follow`): the
+    /// series of the former labels are removed.
     pub fn relabel(&mut self, instance: &Instance) {
-        self.labels = InstanceLabels::of(instance);
+        let labels = InstanceLabels::of(instance);
+        if labels != self.labels {
+            self.forget();
+            self.labels = labels;
+        }
         self.create_series();
+    }
+
+    fn series(&self) -> std::sync::MutexGuard<'_, InstanceSeries> {
+        self.series
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Removes every series of this instance (it exited, or took other labels): a run
+    /// that outlives many servers (`--all`) shows only the live ones.
+    pub fn forget(&self) {
+        let metrics = &self.metrics;
+        let labels = &self.labels;
+        metrics.iterations.remove(labels);
+        metrics.stalls_seconds.remove(labels);
+        metrics.madvise_seconds.remove(labels);
+        metrics.lost_events.remove(labels);
+        metrics.new_page_bytes.remove(labels);
+        metrics.given_back_bytes.remove(labels);
+        metrics.resident_bytes.remove(labels);
+        metrics.connections_opened.remove(labels);
+        metrics.connections_closed.remove(labels);
+        let mut series = self.series();
+        for cause in series.stall_causes.drain() {
+            metrics.stalls.remove(&cause);
+        }
+        for cause in series.memory_causes.drain() {
+            metrics.memory_growth.remove(&cause);
+        }
+        for madvise in series.madvise.drain() {
+            metrics.madvise_bytes.remove(&madvise);
+        }
+        for port in series.ports.drain() {
+            metrics.accept_queue.remove(&port);
+            metrics.accept_overflows.remove(&port);
+        }
+        for client in series.clients.drain(..) {
+            let client = ClientLabels {
+                instance: labels.clone(),
+                client,
+            };
+            metrics.client_connections.remove(&client);
+            metrics.client_idle_seconds.remove(&client);
+        }
     }
 
     fn create_series(&self) {
@@ -238,12 +321,30 @@ impl InstanceMetrics {
             .stalls_seconds
             .get_or_create(&self.labels)
             .observe(stall.duration_us as f64 / 1e6);
+        let labels = self.cause_labels(&stall.origin, &stall.mechanism, |series| {
+            &mut series.stall_causes
+        });
+        self.metrics.stalls.get_or_create(&labels).inc();
+    }
+
+    /// The labels of a cause in the set `kind` picks (`other` past its bound).
+    fn cause_labels(
+        &self,
+        origin: &str,
+        mechanism: &str,
+        kind: impl FnOnce(&mut InstanceSeries) -> &mut HashSet<CauseLabels>,
+    ) -> CauseLabels {
         let labels = CauseLabels {
             instance: self.labels.clone(),
-            origin: stall.origin.clone(),
-            mechanism: stall.mechanism.clone(),
+            origin: origin.to_owned(),
+            mechanism: mechanism.to_owned(),
         };
-        self.metrics.stalls.get_or_create(&labels).inc();
+        let mut series = self.series();
+        bounded_labels(kind(&mut series), labels, || CauseLabels {
+            instance: self.labels.clone(),
+            origin: OTHER_LABEL.to_owned(),
+            mechanism: OTHER_LABEL.to_owned(),
+        })
     }
 
     pub fn observe_madvise(&self, thread_role: &str, advice: &str, bytes: u64, seconds: f64) {
@@ -252,6 +353,11 @@ impl InstanceMetrics {
             thread_role: thread_role.to_owned(),
             advice: advice.to_owned(),
         };
+        let labels = bounded_labels(&mut self.series().madvise, labels, || MadviseLabels {
+            instance: self.labels.clone(),
+            thread_role: OTHER_LABEL.to_owned(),
+            advice: OTHER_LABEL.to_owned(),
+        });
         self.metrics
             .madvise_bytes
             .get_or_create(&labels)
@@ -268,6 +374,10 @@ impl InstanceMetrics {
             instance: self.labels.clone(),
             listen_port: port.to_string(),
         };
+        let labels = bounded_labels(&mut self.series().ports, labels, || PortLabels {
+            instance: self.labels.clone(),
+            listen_port: OTHER_LABEL.to_owned(),
+        });
         self.metrics
             .accept_queue
             .get_or_create(&labels)
@@ -281,11 +391,9 @@ impl InstanceMetrics {
     /// Takes in an interval's memory growth.
     pub fn observe_memory(&self, growth: &MemoryGrowth) {
         for entry in &growth.growth {
-            let labels = CauseLabels {
-                instance: self.labels.clone(),
-                origin: entry.origin.clone(),
-                mechanism: entry.mechanism.clone(),
-            };
+            let labels = self.cause_labels(&entry.origin, &entry.mechanism, |series| {
+                &mut series.memory_causes
+            });
             self.metrics
                 .memory_growth
                 .get_or_create(&labels)
@@ -314,10 +422,8 @@ impl InstanceMetrics {
             instance: self.labels.clone(),
             client: client.to_owned(),
         };
-        let mut published = self
-            .clients
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let mut series = self.series();
+        let published = &mut series.clients;
         for gone in published.drain(..) {
             metrics.client_connections.remove(&client(&gone));
             metrics.client_idle_seconds.remove(&client(&gone));

@@ -2,7 +2,6 @@
 //! at the growth's origin and mechanism (and its instance when a run watches several), frames
 //! root first, weights in KiB; and a flamegraph of them, written whole at each summary.
 use std::{
-    collections::BTreeMap,
     io::{self, BufWriter, Write},
     path::Path,
 };
@@ -12,8 +11,9 @@ use inferno::flamegraph;
 use super::{
     Sink, frame_text,
     record::{MemoryReport, Summary},
-    stacks::{StackFiles, folded_frame},
+    stacks::{MAX_FOLDED_STACKS, StackFiles, folded_frame, folded_lines},
 };
+use crate::bounded::BoundedMap;
 
 /// Writes the growth's stacks summed over the run.
 pub struct MemoryStacksSink {
@@ -21,7 +21,7 @@ pub struct MemoryStacksSink {
     /// Whether each stack starts with its instance.
     instance_root: bool,
     /// Folded stack (root first) -> bytes.
-    bytes: BTreeMap<String, u64>,
+    bytes: BoundedMap<String, u64>,
 }
 
 impl MemoryStacksSink {
@@ -33,17 +33,13 @@ impl MemoryStacksSink {
         Ok(Self {
             files: StackFiles::create(folded, flamegraph)?,
             instance_root,
-            bytes: BTreeMap::new(),
+            bytes: BoundedMap::new(MAX_FOLDED_STACKS),
         })
     }
 
-    /// `root;...;leaf KiB` lines, sorted.
+    /// `root;...;leaf KiB` lines, sorted (the stacks past the limit last, on one line).
     fn lines(&self) -> Vec<String> {
-        self.bytes
-            .iter()
-            .filter(|(_, bytes)| **bytes >= 1024)
-            .map(|(stack, bytes)| format!("{stack} {}", bytes / 1024))
-            .collect()
+        folded_lines(&self.bytes, |bytes| bytes / 1024)
     }
 }
 
@@ -76,7 +72,7 @@ impl Sink for MemoryStacksSink {
                         .map(|frame| folded_frame(&frame_text::render(frame))),
                 )
                 .collect();
-            *self.bytes.entry(frames.join(";")).or_default() += stack.bytes;
+            *self.bytes.entry(frames.join(";")) += stack.bytes;
         }
         Ok(())
     }

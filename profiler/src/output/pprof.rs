@@ -120,12 +120,24 @@ mod proto {
     }
 }
 
-/// A pprof profile being built: strings and functions interned, samples appended.
+/// Distinct samples (stack and labels) a profile keeps; the time of the ones after that goes
+/// to one sample of a single `[other stacks]` location (the functions and strings of a
+/// profile are those of its samples, so they are bounded too).
+const MAX_SAMPLES: usize = super::stacks::MAX_FOLDED_STACKS;
+
+/// What tells samples apart: their locations (leaf first) and labels (key, value), as string
+/// table indexes.
+type SampleKey = (Vec<u64>, Vec<(i64, i64)>);
+
+/// A pprof profile being built: strings and functions interned, samples summed per stack and
+/// labels.
 pub struct PprofProfile {
     profile: proto::Profile,
     strings: HashMap<String, i64>,
     /// Frame text -> its function's (and location's) id.
     functions: HashMap<String, u64>,
+    /// (locations, labels) -> the index of its sample.
+    samples: HashMap<SampleKey, usize>,
     started: SystemTime,
 }
 
@@ -135,6 +147,7 @@ impl Default for PprofProfile {
             profile: proto::Profile::default(),
             strings: HashMap::new(),
             functions: HashMap::new(),
+            samples: HashMap::new(),
             started: SystemTime::now(),
         };
         profile.string(""); // index 0 is the empty string
@@ -209,22 +222,51 @@ impl PprofProfile {
             let mut value = vec![0; SAMPLE_TYPES.len()];
             value[0] = ns;
             value[column] = ns;
-            let label = [
+            let labels = [
                 ("origin", stack.origin.as_str()),
                 ("mechanism", stack.mechanism.as_str()),
                 ("instance", instance.as_str()),
             ]
             .into_iter()
-            .map(|(key, text)| proto::Label {
-                key: self.string(key),
-                str: self.string(text),
-            })
+            .map(|(key, text)| (self.string(key), self.string(text)))
             .collect();
-            self.profile.sample.push(proto::Sample {
-                location_id,
-                value,
-                label,
-            });
+            self.add_sample(location_id, labels, &value);
+        }
+    }
+
+    /// Adds `value` to the sample of these locations and labels (made if it is new and there
+    /// is room, else the `[other stacks]` one).
+    fn add_sample(&mut self, location_id: Vec<u64>, labels: Vec<(i64, i64)>, value: &[i64]) {
+        let key = if self.samples.len() < MAX_SAMPLES
+            || self
+                .samples
+                .contains_key(&(location_id.clone(), labels.clone()))
+        {
+            (location_id, labels)
+        } else {
+            (
+                vec![self.location(super::stacks::OTHER_STACKS_FRAME)],
+                Vec::new(),
+            )
+        };
+        let index = match self.samples.get(&key) {
+            Some(&index) => index,
+            None => {
+                let (location_id, labels) = key.clone();
+                self.profile.sample.push(proto::Sample {
+                    location_id,
+                    value: vec![0; SAMPLE_TYPES.len()],
+                    label: labels
+                        .into_iter()
+                        .map(|(key, str)| proto::Label { key, str })
+                        .collect(),
+                });
+                self.samples.insert(key, self.profile.sample.len() - 1);
+                self.profile.sample.len() - 1
+            }
+        };
+        for (sum, added) in self.profile.sample[index].value.iter_mut().zip(value) {
+            *sum = sum.saturating_add(*added);
         }
     }
 
@@ -353,6 +395,36 @@ mod tests {
                 ("mechanism", "syscall.sleep"),
                 ("instance", "redis-server:6379 pid 42"),
             ]
+        );
+    }
+
+    #[test]
+    fn the_same_stack_sums_into_one_sample_and_distinct_ones_are_bounded() {
+        let stall = |leaf: String| Stall {
+            stacks: vec![WeightedStack {
+                weight_us: 10,
+                kind: StackKind::OnCpu,
+                origin: "command:keys".into(),
+                mechanism: "cpu".into(),
+                samples: 1,
+                frames: vec![Frame::User(leaf.into()), Frame::User("main".into())],
+            }],
+            ..Stall::example("command:keys", "cpu", 10)
+        };
+        let mut profile = PprofProfile::default();
+        profile.add_stall(&stall("keysCommand".into()));
+        profile.add_stall(&stall("keysCommand".into()));
+        assert_eq!(profile.profile.sample.len(), 1);
+        assert_eq!(profile.profile.sample[0].value[0], 20_000);
+        for index in 0..MAX_SAMPLES + 100 {
+            profile.add_stall(&stall(format!("f{index}")));
+        }
+        assert_eq!(profile.profile.sample.len(), MAX_SAMPLES + 1);
+        let total: i64 = profile.profile.sample.iter().map(|s| s.value[0]).sum();
+        assert_eq!(
+            total,
+            (MAX_SAMPLES as i64 + 102) * 10_000,
+            "no time is lost"
         );
     }
 }

@@ -5,7 +5,6 @@
 //! `--stack-root origin` or `cause`, the stall's origin (and mechanism) come before the kind,
 //! so the picture shows the attribution at a glance.
 use std::{
-    collections::BTreeMap,
     fs::File,
     io::{self, BufWriter, Write},
     path::{Path, PathBuf},
@@ -17,22 +16,34 @@ use super::{
     Sink, frame_text,
     record::{Stall, Summary},
 };
-use crate::{cli::StackRoot, stack::StackKind};
+use crate::{bounded::BoundedMap, cli::StackRoot, stack::StackKind};
 
 /// The flamegraph's title for a target.
 pub fn flamegraph_title(name: &str, pid: u32) -> String {
     format!("redis-stallprof: where the stalls of {name} pid {pid} spent their time")
 }
 
+/// Distinct folded stacks kept over a run; the weight of the ones after that goes to one
+/// `[other stacks]` line.
+pub const MAX_FOLDED_STACKS: usize = 4096;
+/// The one frame of the line that sums the stacks past [`MAX_FOLDED_STACKS`].
+pub const OTHER_STACKS_FRAME: &str = "[other stacks]";
+
 /// Folded stacks summed over stalls.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct FoldedStacks {
     /// What the stacks are rooted at.
     root: StackRoot,
     /// Whether each stack starts with its stall's instance (several in one file).
     instance_root: bool,
     /// Folded stack (root first) -> microseconds.
-    weights: BTreeMap<String, u64>,
+    weights: BoundedMap<String, u64>,
+}
+
+impl Default for FoldedStacks {
+    fn default() -> Self {
+        Self::new(StackRoot::default())
+    }
 }
 
 /// The root frame of a stack of `kind`.
@@ -58,7 +69,7 @@ impl FoldedStacks {
         Self {
             root,
             instance_root: false,
-            weights: BTreeMap::new(),
+            weights: BoundedMap::new(MAX_FOLDED_STACKS),
         }
     }
 
@@ -107,17 +118,14 @@ impl FoldedStacks {
                         .map(|frame| folded_frame(&frame_text::render(frame))),
                 );
             let folded = frames.collect::<Vec<String>>().join(";");
-            *self.weights.entry(folded).or_default() += stack.weight_us;
+            *self.weights.entry(folded) += stack.weight_us;
         }
     }
 
-    /// `root;...;leaf weight_us` lines, sorted.
+    /// `root;...;leaf weight_us` lines, sorted; the stacks past [`MAX_FOLDED_STACKS`] last,
+    /// on one `[other stacks]` line.
     pub fn lines(&self) -> Vec<String> {
-        self.weights
-            .iter()
-            .filter(|(_, weight)| **weight > 0)
-            .map(|(stack, weight)| format!("{stack} {weight}"))
-            .collect()
+        folded_lines(&self.weights, |weight| weight)
     }
 
     pub fn write_folded(&self, writer: impl Write) -> io::Result<()> {
@@ -155,6 +163,29 @@ impl FoldedStacks {
         flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), writer)
             .map_err(io::Error::other)
     }
+}
+
+/// The folded lines of `weights` (folded stack -> weight), sorted, with their weights in the
+/// unit `unit` gives (lines of weight 0 are left out), the stacks without room of their own
+/// on a last `[other stacks]` line.
+pub(super) fn folded_lines(
+    weights: &BoundedMap<String, u64>,
+    unit: impl Fn(u64) -> u64,
+) -> Vec<String> {
+    let mut lines: Vec<String> = weights
+        .iter()
+        .filter(|(_, weight)| unit(**weight) > 0)
+        .map(|(stack, weight)| format!("{stack} {}", unit(*weight)))
+        .collect();
+    lines.sort_unstable();
+    if let Some(other) = weights
+        .other()
+        .map(|weight| unit(*weight))
+        .filter(|weight| *weight > 0)
+    {
+        lines.push(format!("{OTHER_STACKS_FRAME} {other}"));
+    }
+    lines
 }
 
 /// A folded line for the SVG: the frames of an off-CPU or run-queue stack (below its kind
@@ -340,6 +371,22 @@ mod tests {
                 "[on-cpu];main;keysCommand 1000",
             ]
         );
+    }
+
+    #[test]
+    fn stacks_past_the_limit_are_summed_on_one_line() {
+        let mut folded = FoldedStacks::default();
+        for index in 0..MAX_FOLDED_STACKS + 10 {
+            let function = format!("f{index}");
+            folded.add_stall(&stall(vec![stack(
+                StackKind::OnCpu,
+                2,
+                &[&function, "main"],
+            )]));
+        }
+        let lines = folded.lines();
+        assert_eq!(lines.len(), MAX_FOLDED_STACKS + 1);
+        assert_eq!(lines.last().unwrap(), "[other stacks] 20");
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct AssemblyCounts {
     /// Event-loop madvise calls dropped because too many were pending.
     pub madvise_not_kept: u64,
     pub stacks_unwound: u64,
+    /// User stacks whose walk needed bytes beyond their copy.
+    pub stacks_cut_short: u64,
     /// Time spent unwinding.
     pub unwind: Duration,
 }
@@ -225,8 +227,10 @@ impl StallAssembler {
             bytes: user_stack,
         };
         let started = Instant::now();
-        let user = self.unwinder.unwind(&recorded).lookup_addresses;
+        let unwound = self.unwinder.unwind(&recorded);
+        let user = unwound.lookup_addresses;
         self.counts.stacks_unwound += 1;
+        self.counts.stacks_cut_short += u64::from(unwound.cut_short);
         self.counts.unwind += started.elapsed();
         let kernel = event.kernel_stack
             [..(event.kernel_frames as usize).min(event.kernel_stack.len())]

@@ -36,6 +36,7 @@ impl StackUnwinder for ReturnAddressChain {
             .map(|address| address - 1);
         UserStack {
             lookup_addresses: std::iter::once(stack.ip).chain(returns).collect(),
+            cut_short: false,
         }
     }
 

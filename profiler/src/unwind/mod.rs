@@ -3,7 +3,7 @@
 //! [`DwarfUnwinder`] walks with framehop from each module's `.eh_frame`, `.eh_frame_hdr` and
 //! `.debug_frame`. Modules come from `/proc/PID/maps`, are loaded once per mapping, and are
 //! refreshed when an address falls outside every known module.
-use std::{collections::BTreeMap, fs, time::Instant};
+use std::{collections::BTreeMap, time::Instant};
 
 use framehop::{
     ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _,
@@ -11,7 +11,10 @@ use framehop::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use crate::memory_map::{Mapping, MemoryMap};
+use crate::{
+    memory_map::{Mapping, MemoryMap},
+    module_file::ModuleFile,
+};
 
 /// Deepest stack walked; Redis's deepest paths are a few dozen frames.
 pub const MAX_FRAMES: usize = 256;
@@ -24,6 +27,8 @@ pub struct UserStack {
     /// Addresses to look up: the instruction pointer, then each return address minus one (so
     /// it falls inside the call instruction).
     pub lookup_addresses: Vec<u64>,
+    /// Whether the walk stopped for want of stack bytes the copy did not hold.
+    pub cut_short: bool,
 }
 
 /// The registers and stack bytes a sample recorded.
@@ -165,12 +170,22 @@ impl DwarfUnwinder {
         );
         // The walk ends at the outermost frame, or early (stack copy too short, unknown code):
         // what was found until then is kept.
-        while lookup_addresses.len() < MAX_FRAMES
-            && let Ok(Some(frame)) = frames.next()
-        {
-            lookup_addresses.push(lookup_address(frame));
+        let mut cut_short = false;
+        while lookup_addresses.len() < MAX_FRAMES {
+            match frames.next() {
+                Ok(Some(frame)) => lookup_addresses.push(lookup_address(frame)),
+                Ok(None) => break,
+                Err(error) => {
+                    cut_short = matches!(error, framehop::Error::CouldNotReadStack(address)
+                        if address >= stack.sp.saturating_add(stack.bytes.len() as u64));
+                    break;
+                }
+            }
         }
-        UserStack { lookup_addresses }
+        UserStack {
+            lookup_addresses,
+            cut_short,
+        }
     }
 }
 
@@ -185,10 +200,9 @@ fn lookup_address(frame: FrameAddress) -> u64 {
 /// addresses (SVMA) and the process's (AVMA), taken from the PT_LOAD segment the mapping
 /// comes from (a segment's `p_offset` need not be page aligned, the mapping's offset is).
 fn load_module(pid: u32, mapping: &Mapping) -> Option<Module<Vec<u8>>> {
-    let data = mapping
-        .openable_paths(pid)
-        .iter()
-        .find_map(|path| fs::read(path).ok())?;
+    let data = ModuleFile::open(pid, mapping)
+        .map_err(|error| log::debug!("{}", crate::error_chain::error_chain(&error)))
+        .ok()?;
     let file = object::File::parse(&*data).ok()?;
     let mapping_size = mapping.end - mapping.start;
     let segment = file.segments().find(|segment| {

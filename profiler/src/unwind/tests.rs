@@ -9,7 +9,7 @@ fn record_own_stack(buffer: &mut Vec<u8>) -> (u64, u64, u64) {
     unsafe {
         std::arch::asm!("lea {ip}, [rip]", "mov {sp}, rsp", "mov {bp}, rbp", ip = out(reg) ip, sp = out(reg) sp, bp = out(reg) bp);
     }
-    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let stack_end = maps
         .lines()
         .filter_map(|line| {

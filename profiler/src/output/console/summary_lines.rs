@@ -3,13 +3,14 @@
 use super::{TOP_ON_A_LINE, growth_text};
 use crate::output::{
     human_duration_ns, human_duration_us,
-    record::{StopReason, Summary},
+    record::{RunLosses, StopReason, Summary},
 };
 
 /// Every line of the summary, in order.
 pub(super) fn lines(summary: &Summary) -> Vec<String> {
     let mut lines = vec![totals_line(summary), profiler_line(summary)];
     lines.extend(lost_line(summary));
+    lines.extend(run_lost_line(summary));
     lines.extend(cause_lines(summary));
     lines.extend(accept_lines(summary));
     lines.extend(alerts_line(summary));
@@ -67,6 +68,18 @@ fn lost_line(summary: &Summary) -> Option<String> {
         .map(|(count, what)| format!("{count} {what}"))
         .collect();
     (!lost.is_empty()).then(|| format!("  lost: {}", lost.join("; ")))
+}
+
+/// What the run lost that no instance is charged with; nothing when nothing was.
+fn run_lost_line(summary: &Summary) -> Option<String> {
+    let lost = summary.run_lost;
+    (lost != RunLosses::default()).then(|| {
+        format!(
+            "  lost by the run (no instance to charge): {} records that did not decode, {} \
+             events of targets already ended",
+            lost.undecodable, lost.of_ended_targets
+        )
+    })
 }
 
 fn cause_lines(summary: &Summary) -> Vec<String> {

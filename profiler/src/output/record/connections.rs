@@ -74,6 +74,11 @@ pub struct ConnectionTotals {
     /// The most connections established at one census.
     pub max_established: u64,
     /// Per address: opens, closes and bytes received over the run; established and idle at
-    /// the last census.
+    /// the last census. An address that came after the run had seen too many is counted
+    /// under `other`.
     pub clients: Vec<ClientCensus>,
+    /// Opens, closes and receptions counted under `other` because the run already kept as
+    /// many addresses as it keeps.
+    #[serde(default)]
+    pub addresses_folded: u64,
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use summary::{
     AcceptSummary, AcceptWaits, AlertCounts, CauseSummary, LostEvents, MadviseSummary,
-    PortOverflows, ProfilerCost, StallCauses, StopReason, Summary, UserLoss,
+    PortOverflows, ProfilerCost, RunLosses, StallCauses, StopReason, Summary, UserLoss,
 };
 
 use crate::{

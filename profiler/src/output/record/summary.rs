@@ -65,6 +65,19 @@ pub struct Summary {
     /// The client connections over the run (when a TCP listener was watched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<super::ConnectionTotals>,
+    /// What the run lost that belongs to no watched instance (the same in every summary of
+    /// the run).
+    #[serde(default)]
+    pub run_lost: RunLosses,
+}
+
+/// Records of the ring buffer no instance can be charged with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunLosses {
+    /// Records that did not decode (they name no target).
+    pub undecodable: u64,
+    /// Events of a target whose watch had ended (sent as it exited).
+    pub of_ended_targets: u64,
 }
 
 impl Summary {
@@ -91,6 +104,7 @@ impl Summary {
             profiler: ProfilerCost::default(),
             memory: None,
             connections: None,
+            run_lost: RunLosses::default(),
         }
     }
 }
@@ -161,8 +175,8 @@ impl StallCauses {
 /// Data userspace itself could not keep (the kernel's losses are [`Counter`]s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UserLoss {
-    /// Records that did not decode.
-    Undecodable,
+    /// User stacks whose walk needed bytes the copy did not hold.
+    StacksCutShort,
     /// Stack samples beyond the pending limit.
     SamplesNotKept,
     /// Event-loop madvise calls beyond the pending limit.
@@ -171,7 +185,7 @@ pub enum UserLoss {
 
 impl UserLoss {
     pub const ALL: [UserLoss; 3] = [
-        UserLoss::Undecodable,
+        UserLoss::StacksCutShort,
         UserLoss::SamplesNotKept,
         UserLoss::MadviseNotKept,
     ];
@@ -179,7 +193,7 @@ impl UserLoss {
     /// The key in the summary's `lost` object.
     pub fn key(self) -> &'static str {
         match self {
-            Self::Undecodable => "undecodable",
+            Self::StacksCutShort => "stacks_cut_short",
             Self::SamplesNotKept => "samples_not_kept",
             Self::MadviseNotKept => "madvise_not_kept",
         }
@@ -187,7 +201,10 @@ impl UserLoss {
 
     pub fn description(self) -> &'static str {
         match self {
-            Self::Undecodable => "records userspace could not decode",
+            Self::StacksCutShort => {
+                "user stacks unwound only part of the way: the walk needed bytes beyond the copy \
+                 (an unreadable page, or more than --stack-bytes)"
+            }
             Self::SamplesNotKept => "stack samples userspace could not keep (too many pending)",
             Self::MadviseNotKept => {
                 "event-loop madvise calls userspace could not keep (too many pending)"
@@ -264,6 +281,10 @@ pub struct AcceptWaits {
     pub connections: u64,
     /// Connections accepted whose entry into the queue was seen.
     pub accepted: u64,
+    /// Connections forgotten unaccepted: more waited on a port than any accept queue holds
+    /// (their accepts were not seen).
+    #[serde(default)]
+    pub forgotten: u64,
     pub p50_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
@@ -355,8 +376,10 @@ mod tests {
             "madvise_untracked",
             "connection_events",
             "exec_events",
-            "undecodable",
+            "kernel_stacks_unread",
+            "loop_tasks_untracked",
             "samples_not_kept",
+            "stacks_cut_short",
         ] {
             assert_eq!(json[key], 0, "the schema's {key} is still there: {json}");
         }
