@@ -111,14 +111,53 @@ pub enum Selection {
     All { wait: bool },
 }
 
+/// How a run watches, made once from the flags: what the kernel programs are given, whether
+/// records name their instance, when the run attaches again and when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// One process for the whole run: the programs compare with its ids (no map lookups).
+    Sole,
+    /// One port (`--follow`): when its process exits, the next one on it is watched.
+    FollowedPort(u16),
+    /// Several processes named at the start (`--pid`, `--port` repeated).
+    Several,
+    /// Every Redis server on the host, found again every half second (`--all`).
+    All,
+}
+
+impl RunMode {
+    /// Whether the run may watch several instances, so every record and stack names its own.
+    pub fn names_instances(self) -> bool {
+        matches!(self, Self::Several | Self::All)
+    }
+
+    /// Whether the run attaches to processes after its start (it keeps what that needs).
+    pub fn attaches_later(self) -> bool {
+        matches!(self, Self::FollowedPort(_) | Self::All)
+    }
+
+    /// Whether the run looks for new servers and goes on when every target has exited.
+    pub fn discovers(self) -> bool {
+        self == Self::All
+    }
+
+    /// The port whose next process the run follows.
+    pub fn followed_port(self) -> Option<u16> {
+        match self {
+            Self::FollowedPort(port) => Some(port),
+            _ => None,
+        }
+    }
+}
+
 /// An `attach` run, checked.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
+    /// Which processes to watch at the start.
     pub selection: Selection,
+    pub mode: RunMode,
     /// Profile a process that is not a Redis server.
     pub force: bool,
-    /// With `--follow`: the port whose next process is attached to when the target exits.
-    pub follow_port: Option<u16>,
     pub probes: ProbeTuning,
     pub stall: StallSettings,
     pub outputs: OutputPaths,
@@ -157,6 +196,12 @@ impl RunConfig {
         if args.follow && args.port.len() > 1 {
             return Err(ConfigError::FollowOnePort);
         }
+        let mode = match (&selection, args.port.first()) {
+            (Selection::All { .. }, _) => RunMode::All,
+            (_, Some(&port)) if args.follow => RunMode::FollowedPort(port),
+            (Selection::Targets(selectors), _) if selectors.len() > 1 => RunMode::Several,
+            (Selection::Targets(_), _) => RunMode::Sole,
+        };
         let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
         let gate_ns = nanos(args.gate.unwrap_or(args.threshold / 2));
         let frequency_hz = args
@@ -178,8 +223,8 @@ impl RunConfig {
         };
         Ok(Self {
             selection,
+            mode,
             force: args.force,
-            follow_port: args.port.first().copied().filter(|_| args.follow),
             probes: ProbeTuning {
                 threshold_ns: nanos(args.threshold),
                 gate_ns,
@@ -247,7 +292,7 @@ mod tests {
     fn the_gate_defaults_to_half_the_threshold_and_follow_needs_its_port() {
         let run = config(&["--port", "6379", "--follow", "--threshold", "4ms"]).unwrap();
         assert_eq!(run.probes.gate_ns, 2_000_000);
-        assert_eq!(run.follow_port, Some(6379));
+        assert_eq!(run.mode, RunMode::FollowedPort(6379));
         assert_eq!(
             run.selection,
             Selection::Targets(vec![TargetSelector::Port(6379)])
@@ -282,6 +327,15 @@ mod tests {
             config(&["--all", "--no-wait"]).unwrap().selection,
             Selection::All { wait: false }
         );
+        let modes = [
+            (&["--pid", "7"][..], RunMode::Sole),
+            (&[][..], RunMode::Sole),
+            (&["--pid", "7", "--pid", "8"][..], RunMode::Several),
+            (&["--all"][..], RunMode::All),
+        ];
+        for (flags, mode) in modes {
+            assert_eq!(config(flags).unwrap().mode, mode, "{flags:?}");
+        }
     }
 
     #[test]

@@ -5,12 +5,14 @@
 use std::{cell::Cell, rc::Rc, sync::Arc, time::Duration};
 
 use profiler_common::{
-    AcceptEvent, COUNTERS, ConnectionEvent, Counter, EVENT_KIND_OFF_CPU, MadviseEvent, StackEvent,
-    StallEvent,
+    AcceptEvent, ConnectionEvent, EVENT_KIND_OFF_CPU, MadviseEvent, StackEvent, StallEvent,
 };
 use tokio::time::Instant;
 
-use super::attachment::{Attachment, SharedMaps};
+use super::{
+    attachment::{Attachment, SharedMaps},
+    binding::{Binding, Interval, LossLedger},
+};
 use crate::{
     accept::AcceptWatch,
     alert::Alerting,
@@ -22,9 +24,8 @@ use crate::{
     metrics::{InstanceMetrics, Metrics},
     output::{
         Outputs,
-        record::{Alert, Instance, RunLosses, Stall, StallCauses},
+        record::{Alert, Instance, RunLosses, StallCauses},
     },
-    probes::ProbeError,
     stall::{RunningIteration, StallContext, StallPipeline},
     target::Target,
 };
@@ -34,12 +35,8 @@ const ACCEPT_ATTRIBUTION_DELAY_NS: u64 = 100_000_000;
 
 /// What a run knows of one watched target.
 pub struct Consumer {
-    pub(super) target: Target,
-    /// The name its records go out with.
-    pub(super) instance: Instance,
-    pub(super) maps: SharedMaps,
-    /// Its slot and own programs (`None` once detached).
-    pub(super) attachment: Option<Attachment>,
+    /// The process watched now, its name and slot.
+    pub(super) binding: Binding,
     pub(super) outputs: Outputs,
     pub(super) histogram: IterationHistogram,
     pub(super) stalls: StallPipeline,
@@ -52,17 +49,9 @@ pub struct Consumer {
     pub(super) causes: StallCauses,
     pub(super) threshold: Duration,
     pub(super) started: Instant,
-    pub(super) interval_stalls: u64,
-    /// When the current interval began (memory growth and census are per interval).
-    pub(super) interval_started: Instant,
-    /// What the run lost that belongs to no target (shown in every summary).
-    pub(super) run_losses: Rc<Cell<RunLosses>>,
-    /// Lost events already shown in an interval line.
-    pub(super) reported_lost: u64,
-    /// Stack samples lost (kernel and userspace) when the previous stall was assembled.
-    samples_lost_at_last_stall: u64,
-    /// Kernel-side counters of the targets followed before this one (`--follow`).
-    pub(super) earlier_counters: [u64; COUNTERS as usize],
+    pub(super) losses: LossLedger,
+    /// The interval now running (memory growth and census are per interval).
+    pub(super) interval: Interval,
 }
 
 /// The parts a consumer starts with.
@@ -83,18 +72,17 @@ pub struct ConsumerParts {
 
 impl Consumer {
     pub fn new(parts: ConsumerParts) -> Self {
-        let instance = instance_of(&parts.target);
+        let binding = Binding::new(parts.target, parts.maps, parts.attachment);
         Self {
-            madvise: MadviseStats::new(parts.target.pid),
+            madvise: MadviseStats::new(binding.target.pid),
             // The target's slot is new: its fault counts start at zero.
             memory: parts
                 .memory
-                .then(|| MemoryWatch::new(parts.target.pid, FaultCounts::default())),
-            metrics: parts.metrics.map(|metrics| metrics.of(&instance)),
-            instance,
-            target: parts.target,
-            maps: parts.maps,
-            attachment: Some(parts.attachment),
+                .then(|| MemoryWatch::new(binding.target.pid, FaultCounts::default())),
+            metrics: parts
+                .metrics
+                .map(|metrics| metrics.of(parts.outputs.instance())),
+            binding,
             outputs: parts.outputs,
             histogram: IterationHistogram::default(),
             stalls: parts.stalls,
@@ -103,12 +91,8 @@ impl Consumer {
             causes: StallCauses::default(),
             threshold: parts.threshold,
             started: Instant::now(),
-            interval_stalls: 0,
-            interval_started: Instant::now(),
-            run_losses: parts.run_losses,
-            reported_lost: 0,
-            samples_lost_at_last_stall: 0,
-            earlier_counters: [0; COUNTERS as usize],
+            losses: LossLedger::new(parts.run_losses),
+            interval: Interval::new(),
         }
     }
 
@@ -127,38 +111,21 @@ impl Consumer {
         Ok(())
     }
 
-    /// The slot of the target in the maps (`None` while detached: `--follow` waiting).
-    fn slot(&self) -> Option<crate::probes::Slot> {
-        self.attachment.as_ref().map(|attachment| attachment.slot)
-    }
-
-    /// `stall` with this target's name on it.
-    fn named(&self, mut stall: Stall) -> Stall {
-        stall.instance = self.instance.clone();
-        stall
-    }
-
     /// A stall event: the stall with its stacks, accept queues and completeness, to the
     /// outputs, the metrics and the alerts.
     fn handle_stall(&mut self, event: &StallEvent) -> anyhow::Result<()> {
         let accept = self
             .accept
             .stall(event.start_ns, event.end_ns, self.metrics.as_ref());
-        // Samples the kernel could not send or userspace could not keep, and times off the CPU
-        // whose end the kernel did not see (their record was never made).
-        let samples_lost = self.counter(Counter::StackEventsLost)?
-            + self.counter(Counter::OffCpuRecordsUnread)?
-            + self.counter(Counter::UnmatchedSwitchOuts)?
-            + self.stalls.counts().samples_not_kept;
-        let incomplete = samples_lost > self.samples_lost_at_last_stall;
-        self.samples_lost_at_last_stall = samples_lost;
-        let stall = self
+        let incomplete = self
+            .losses
+            .samples_lost_since_last_stall(&self.binding, &self.stalls.counts())?;
+        let mut stall = self
             .stalls
             .stall(event, StallContext { accept, incomplete });
-        let stall = self.named(stall);
         self.causes.add(&stall);
-        self.interval_stalls += 1;
-        self.outputs.stall(&stall)?;
+        self.interval.stalls += 1;
+        self.outputs.stall(&mut stall)?;
         if let Some(metrics) = &self.metrics {
             metrics.observe_stall(&stall);
         }
@@ -166,8 +133,8 @@ impl Consumer {
             .alerting
             .as_mut()
             .and_then(|alerting| alerting.final_alert(&stall));
-        if let Some(alert) = alert {
-            self.outputs.alert(&alert)?;
+        if let Some(mut alert) = alert {
+            self.outputs.alert(&mut alert)?;
         }
         Ok(())
     }
@@ -210,22 +177,13 @@ impl Consumer {
         self.accept.accepted(event);
     }
 
-    /// A kernel counter over the whole run, earlier targets included.
-    pub(super) fn counter(&self, counter: Counter) -> Result<u64, ProbeError> {
-        let now = match self.slot() {
-            Some(slot) => self.maps.borrow().counter(slot, counter)?,
-            None => 0,
-        };
-        Ok(now + self.earlier_counters[counter.index() as usize])
-    }
-
     /// Takes in the kernel's iteration histogram (and gives it to the metrics).
     pub fn refresh_histogram(&mut self) -> anyhow::Result<()> {
-        let Some(slot) = self.slot() else {
+        let Some(slot) = self.binding.slot() else {
             return Ok(());
         };
-        let buckets = self.maps.borrow().histogram(slot)?;
-        let max_ns = self.maps.borrow_mut().take_iteration_max_ns(slot)?;
+        let buckets = self.binding.maps.borrow().histogram(slot)?;
+        let max_ns = self.binding.maps.borrow_mut().take_iteration_max_ns(slot)?;
         let added = self.histogram.update(&buckets, max_ns);
         if let Some(metrics) = &self.metrics {
             for (midpoint_ns, count) in added {
@@ -248,20 +206,26 @@ impl Consumer {
     /// [`Self::report_overflows_before`] that time.
     pub fn refresh_listeners(&mut self) -> anyhow::Result<u64> {
         let mut before_ns = monotonic_now_ns().saturating_sub(ACCEPT_ATTRIBUTION_DELAY_NS);
-        let Some(slot) = self.slot() else {
+        let Some(slot) = self.binding.slot() else {
             return Ok(before_ns);
         };
         let ports = self.accept.refresh_listeners();
-        self.maps
+        self.binding
+            .maps
             .borrow_mut()
-            .set_listen_ports(slot, self.target.netns, &ports)?;
-        if let (None, Some(&port)) = (self.instance.port, ports.first()) {
-            self.instance.port = Some(port);
+            .set_listen_ports(slot, self.binding.target.netns, &ports)?;
+        if let (None, Some(&port)) = (self.outputs.instance().port, ports.first()) {
+            let instance = Instance {
+                port: Some(port),
+                ..self.outputs.instance().clone()
+            };
             if let Some(metrics) = &mut self.metrics {
-                metrics.relabel(&self.instance);
+                metrics.relabel(&instance);
             }
+            self.outputs.rename(instance);
         }
         if let Some(iteration_ns) = self
+            .binding
             .maps
             .borrow()
             .loop_state(slot)?
@@ -275,8 +239,7 @@ impl Consumer {
     /// Reports the drops before `before_ns` that no stall claimed.
     pub fn report_overflows_before(&mut self, before_ns: u64) -> anyhow::Result<()> {
         for mut overflow in self.accept.overflows_outside_stalls(before_ns) {
-            overflow.instance = self.instance.clone();
-            self.outputs.accept_overflow(&overflow)?;
+            self.outputs.accept_overflow(&mut overflow)?;
         }
         Ok(())
     }
@@ -286,10 +249,10 @@ impl Consumer {
         let Some(alerting) = &self.alerting else {
             return Ok(());
         };
-        let Some(slot) = self.slot() else {
+        let Some(slot) = self.binding.slot() else {
             return Ok(());
         };
-        let state = self.maps.borrow().loop_state(slot)?;
+        let state = self.binding.maps.borrow().loop_state(slot)?;
         let Some(iteration_ns) = state.running_iteration_start_ns() else {
             return Ok(());
         };
@@ -297,7 +260,11 @@ impl Consumer {
         if !alerting.in_progress_due(iteration_ns, now_ns) {
             return Ok(());
         }
-        let mut blocked = self.maps.borrow().pending_off_cpu_stacks(slot, &state)?;
+        let mut blocked = self
+            .binding
+            .maps
+            .borrow()
+            .pending_off_cpu_stacks(slot, &state)?;
         if let Some(stacks) = &mut blocked {
             stacks.kind = EVENT_KIND_OFF_CPU;
             stacks.iteration_start_ns = iteration_ns;
@@ -307,27 +274,19 @@ impl Consumer {
         let iteration = RunningIteration {
             start_ns: iteration_ns,
             now_ns,
-            tid: self.target.main_tid,
+            tid: self.binding.target.main_tid,
             poll_handed_off: state.poll_handed_off != 0,
         };
-        let stall = self.stalls.in_progress(iteration, blocked.as_deref());
-        let stall = self.named(stall);
+        let mut stall = self.stalls.in_progress(iteration, blocked.as_deref());
+        // Named before the alert: its command is told the instance.
+        self.outputs.name(&mut stall);
         let alert: Option<Alert> = self
             .alerting
             .as_mut()
             .map(|alerting| alerting.in_progress_alert(iteration_ns, now_ns, stall));
-        if let Some(alert) = alert {
-            self.outputs.alert(&alert)?;
+        if let Some(mut alert) = alert {
+            self.outputs.alert(&mut alert)?;
         }
         Ok(())
-    }
-}
-
-/// The name `target`'s records go out with.
-pub fn instance_of(target: &Target) -> Instance {
-    Instance {
-        pid: target.pid,
-        port: target.ports.first().copied(),
-        name: target.name.clone(),
     }
 }

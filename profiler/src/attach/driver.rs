@@ -16,11 +16,7 @@ use tokio::{
 };
 
 use super::{discovery, run::Run};
-use crate::{
-    alert::IN_PROGRESS_CHECK_PERIOD,
-    config::{RunConfig, Selection},
-    output::record::StopReason,
-};
+use crate::{alert::IN_PROGRESS_CHECK_PERIOD, config::RunConfig, output::record::StopReason};
 
 /// How often we check that the target still runs.
 const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
@@ -93,10 +89,7 @@ impl Timers {
             metrics_refresh: optional(run.metrics.is_some(), METRICS_REFRESH_PERIOD),
             queue_sample: interval_at(started, config.queue_interval),
             accept_housekeeping: every(ACCEPT_HOUSEKEEPING_PERIOD),
-            discovery: optional(
-                matches!(config.selection, Selection::All { .. }),
-                DISCOVERY_PERIOD,
-            ),
+            discovery: optional(config.mode.discovers(), DISCOVERY_PERIOD),
         }
     }
 }
@@ -209,14 +202,13 @@ fn end_exited(
         return Ok(None);
     }
     run.drain(events)?;
-    if config.follow_port.is_some() {
+    if config.mode.followed_port().is_some() {
         return Ok(Some(StopReason::TargetExited));
     }
     for index in exited {
         run.end_exited(index)?;
     }
-    let waits_for_more = matches!(config.selection, Selection::All { .. });
-    Ok((run.consumers.is_empty() && !waits_for_more).then_some(StopReason::TargetExited))
+    Ok((run.consumers.is_empty() && !config.mode.discovers()).then_some(StopReason::TargetExited))
 }
 
 /// What is left of `--duration` since `started`.

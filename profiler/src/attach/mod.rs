@@ -3,6 +3,7 @@
 //! consumers until a stop condition -> summaries. With `--follow`, the next process on the
 //! port is attached to and the run goes on; with `--all`, every Redis server that starts is.
 mod attachment;
+mod binding;
 mod consumer;
 mod discovery;
 mod driver;
@@ -19,7 +20,7 @@ use run::Run;
 
 use crate::{
     cli::AttachArgs,
-    config::{OutputPaths, RunConfig, Selection},
+    config::{OutputPaths, RunConfig, RunMode},
     kernel,
     metrics::{self, Metrics},
     output::{
@@ -35,15 +36,17 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     let tracepoints = kernel::preflight()?;
     let config = RunConfig::from_args(args)?;
     let targets = discovery::initial_targets(&config.selection, config.force)?;
-    let several = targets.len() > 1 || matches!(config.selection, Selection::All { .. });
-    let sinks: SharedSinks = Rc::new(RefCell::new(open_sinks(&config.outputs, several)?));
+    let sinks: SharedSinks = Rc::new(RefCell::new(open_sinks(
+        &config.outputs,
+        config.mode.names_instances(),
+    )?));
     // Bound now, so a busy address is reported before attaching (the run goes on without).
     let metrics_listener = config.metrics.and_then(bind_metrics);
     let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new()));
     warn_if_no_stack_fits(config.probes.ring_buffer_bytes);
     // One process for the whole run: the programs compare with its ids instead of looking it up.
-    let sole_target = match (&config.selection, targets.as_slice(), config.follow_port) {
-        (Selection::Targets(_), [only], None) => Some((only.pid, only.main_tid)),
+    let sole_target = match (config.mode, targets.as_slice()) {
+        (RunMode::Sole, [only]) => Some((only.pid, only.main_tid)),
         _ => None,
     };
     let mut probes = Probes::load(config.probes.probe_settings(sole_target))?;
@@ -66,8 +69,7 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     }
     // Before the run starts threads of its own: they inherit what is left. Attaching later
     // (--follow, --all) needs the capabilities kept.
-    let attaches_later = config.follow_port.is_some() || several;
-    match privileges::drop_after_attach(attaches_later) {
+    match privileges::drop_after_attach(config.mode.attaches_later()) {
         Ok(dropped) => log::debug!("capabilities dropped after attaching: {dropped:?}"),
         Err(error) => {
             log::warn!("cannot drop capabilities after attaching ({error}); going on with them")
@@ -97,7 +99,7 @@ async fn watch(
     loop {
         let remaining = driver::remaining(config, started);
         let stopped = driver::watch(&mut run, config, &mut events, started, remaining).await?;
-        let (StopReason::TargetExited, Some(port)) = (stopped, config.follow_port) else {
+        let (StopReason::TargetExited, Some(port)) = (stopped, config.mode.followed_port()) else {
             return run.end(stopped);
         };
         run.release_followed()?;
@@ -120,9 +122,9 @@ async fn watch(
 
 /// The outputs every target writes to, opened (files created) before attaching. Stack files
 /// whose paths name the instance (`{pid}`, `{port}`) are each target's own instead; shared
-/// ones root each stack at its instance when the run may watch `several`.
-fn open_sinks(paths: &OutputPaths, several: bool) -> anyhow::Result<Vec<Box<dyn Sink>>> {
-    let console = if several {
+/// ones root each stack at its instance when the run `names_instances`.
+fn open_sinks(paths: &OutputPaths, names_instances: bool) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+    let console = if names_instances {
         ConsoleSink::naming_instances()
     } else {
         ConsoleSink::default()
@@ -136,7 +138,7 @@ fn open_sinks(paths: &OutputPaths, several: bool) -> anyhow::Result<Vec<Box<dyn 
     let shared =
         |path: &Option<std::path::PathBuf>| path.clone().filter(|path| !run::names_instance(path));
     let stacks = FoldedStacks::new(paths.stack_root);
-    let stacks = if several {
+    let stacks = if names_instances {
         stacks.with_instance_root()
     } else {
         stacks
@@ -154,7 +156,7 @@ fn open_sinks(paths: &OutputPaths, several: bool) -> anyhow::Result<Vec<Box<dyn 
         let sink = MemoryStacksSink::create(
             paths.memory_folded.as_deref(),
             paths.memory_flamegraph.as_deref(),
-            several,
+            names_instances,
         )
         .context("cannot write the memory stack files")?;
         sinks.push(Box::new(sink));

@@ -3,8 +3,7 @@
 //! summary with the losses and the profiler's own cost.
 use std::time::Duration;
 
-use profiler_common::{COUNTERS, Counter};
-use tokio::time::Instant;
+use profiler_common::Counter;
 
 use super::consumer::Consumer;
 use crate::{
@@ -12,9 +11,7 @@ use crate::{
     memory::{FaultCounts, status_kib},
     output::{
         Sink,
-        record::{
-            Attached, IntervalReport, LostEvents, ProfilerCost, StopReason, Summary, UserLoss,
-        },
+        record::{Attached, IntervalReport, LostEvents, ProfilerCost, StopReason, Summary},
     },
     probes::ProbeError,
 };
@@ -22,7 +19,7 @@ use crate::{
 impl Consumer {
     /// The kernel's fault counts of the target over the run.
     fn fault_counts(&self) -> Result<FaultCounts, ProbeError> {
-        FaultCounts::read(|counter| self.counter(counter))
+        FaultCounts::read(|counter| self.binding.counter(counter))
     }
 
     /// The interval's memory growth and the connection census, when there is something to
@@ -34,18 +31,16 @@ impl Consumer {
             .as_mut()
             .and_then(|memory| memory.take_interval(faults, seconds));
         if let Some(mut report) = memory {
-            report.instance = self.instance.clone();
             if let Some(metrics) = &self.metrics {
                 metrics.observe_memory(&report.growth);
             }
-            self.outputs.memory(&report)?;
+            self.outputs.memory(&mut report)?;
         }
         if let Some(mut census) = self.accept.census(seconds) {
-            census.instance = self.instance.clone();
             if let Some(metrics) = &self.metrics {
                 metrics.observe_connections(&census);
             }
-            self.outputs.connections(&census)?;
+            self.outputs.connections(&mut census)?;
         }
         Ok(())
     }
@@ -54,30 +49,29 @@ impl Consumer {
     pub fn report_interval(&mut self, interval: Duration) -> anyhow::Result<()> {
         self.refresh_histogram()?;
         let lost = self.lost_events()?.total();
-        let report = IntervalReport {
-            instance: self.instance.clone(),
+        let mut report = IntervalReport {
+            instance: Default::default(),
             seconds: interval.as_secs_f64(),
             stats: self.histogram.take_interval(),
-            stalls: std::mem::take(&mut self.interval_stalls),
-            lost_events: lost - self.reported_lost,
+            stalls: self.interval.take(),
+            lost_events: self.losses.since_last_report(lost),
         };
-        self.reported_lost = lost;
-        self.outputs.interval(&report)?;
-        self.interval_started = Instant::now();
+        self.outputs.interval(&mut report)?;
         self.report_memory_and_connections(interval.as_secs_f64())
     }
 
     /// The `attached` record of the current target.
     pub fn attached_record(&self) -> Attached {
         Attached {
-            instance: self.instance.clone(),
+            instance: self.outputs.instance().clone(),
             time: std::time::SystemTime::now(),
-            pid: self.target.pid,
-            tid: self.target.main_tid,
+            pid: self.binding.target.pid,
+            tid: self.binding.target.main_tid,
             threshold_us: self.threshold.as_micros() as u64,
-            name: self.target.name.clone(),
-            ports: self.target.ports.clone(),
+            name: self.binding.target.name.clone(),
+            ports: self.binding.target.ports.clone(),
             nested_poll_tracking: self
+                .binding
                 .attachment
                 .as_ref()
                 .is_some_and(|attachment| attachment.nested_poll_tracking),
@@ -92,14 +86,14 @@ impl Consumer {
         self.report_overflows_before(u64::MAX)?;
         log::info!(
             "{}: kernel counters: {}",
-            self.instance,
+            self.outputs.instance(),
             Counter::ALL
                 .iter()
                 .filter(|counter| counter.loss_key().is_none())
                 .map(|&counter| format!(
                     "{} {}",
                     counter.description(),
-                    self.counter(counter).unwrap_or(0)
+                    self.binding.counter(counter).unwrap_or(0)
                 ))
                 .collect::<Vec<_>>()
                 .join("; ")
@@ -117,14 +111,14 @@ impl Consumer {
 
     /// The memory growth and census of the interval that ends with the run.
     pub fn report_last_interval(&mut self) -> anyhow::Result<()> {
-        let since_last_interval = self.interval_started.elapsed().as_secs_f64();
+        let since_last_interval = self.interval.started.elapsed().as_secs_f64();
         self.report_memory_and_connections(since_last_interval)
     }
 
     /// The summary, on every output.
     pub fn write_summary(&mut self, stopped: StopReason) -> anyhow::Result<()> {
-        let summary = self.summary(stopped)?;
-        self.outputs.summary(&summary)?;
+        let mut summary = self.summary(stopped)?;
+        self.outputs.summary(&mut summary)?;
         Ok(())
     }
 
@@ -136,26 +130,14 @@ impl Consumer {
         }
     }
 
-    /// Events the kernel could not send, records that did not decode, samples not kept.
+    /// Events the kernel could not send and samples userspace could not keep.
     pub(super) fn lost_events(&self) -> Result<LostEvents, ProbeError> {
-        let mut kernel = [0; COUNTERS as usize];
-        for counter in Counter::ALL {
-            kernel[counter.index() as usize] = self.counter(counter)?;
-        }
-        let counts = self.stalls.counts();
-        Ok(LostEvents::new(
-            |counter| kernel[counter.index() as usize],
-            |loss| match loss {
-                UserLoss::StacksCutShort => counts.stacks_cut_short,
-                UserLoss::SamplesNotKept => counts.samples_not_kept,
-                UserLoss::MadviseNotKept => counts.madvise_not_kept,
-            },
-        ))
+        self.losses
+            .lost_events(&self.binding, &self.stalls.counts())
     }
 
     fn summary(&mut self, stopped: StopReason) -> Result<Summary, ProbeError> {
         let mut summary = Summary::new(&self.histogram.total(), self.lost_events()?, stopped);
-        summary.instance = self.instance.clone();
         summary.stalls = self.causes.stalls();
         summary.stack_samples = self.stalls.counts().received_samples;
         summary.duration_s = self.started.elapsed().as_secs_f64();
@@ -169,7 +151,7 @@ impl Consumer {
             summary.memory = Some(memory.run_growth(faults));
         }
         summary.connections = Some(self.accept.census_totals());
-        summary.run_lost = self.run_losses.get();
+        summary.run_lost = self.losses.of_the_run();
         Ok(summary)
     }
 

@@ -14,7 +14,8 @@ use aya::maps::{MapData, RingBuf};
 
 use super::{
     attachment::{Attachment, SharedMaps},
-    consumer::{Consumer, ConsumerParts, instance_of},
+    binding::instance_of,
+    consumer::{Consumer, ConsumerParts},
 };
 use crate::{
     accept::{AcceptWatch, NamespaceSamplers},
@@ -102,7 +103,7 @@ impl Run {
     pub fn watches(&self, pid: u32) -> bool {
         self.consumers
             .iter()
-            .any(|consumer| consumer.target.pid == pid)
+            .any(|consumer| consumer.binding.target.pid == pid)
     }
 
     /// Attaches to `target` and starts its consumer (its `attached` record goes out; if that
@@ -116,9 +117,10 @@ impl Run {
             &target,
             &used,
         )?;
+        let instance = instance_of(&target);
         let parts = AcceptWatch::open(target.pid, self.clock, &self.samplers)
             .map_err(anyhow::Error::from)
-            .and_then(|accept| Ok((accept, self.own_sinks(&instance_of(&target))?)));
+            .and_then(|accept| Ok((accept, self.own_sinks(&instance)?)));
         let (accept, own_sinks) = match parts {
             Ok(parts) => parts,
             Err(error) => {
@@ -136,7 +138,7 @@ impl Run {
             target,
             maps: self.maps.clone(),
             attachment,
-            outputs: Outputs::new(self.sinks.clone(), own_sinks),
+            outputs: Outputs::new(self.sinks.clone(), own_sinks, instance),
             accept,
             alerting: self
                 .config
@@ -148,10 +150,10 @@ impl Run {
             memory: self.config.probes.fault_sample_interval_ns.is_some(),
             run_losses: Rc::clone(&self.losses),
         });
-        let attached = consumer.attached_record();
+        let mut attached = consumer.attached_record();
         self.consumers.push(consumer);
         let consumer = self.consumers.last_mut().expect("pushed above");
-        consumer.outputs.attached(&attached)?;
+        consumer.outputs.attached(&mut attached)?;
         Ok(())
     }
 
@@ -159,7 +161,7 @@ impl Run {
     fn used_slots(&self) -> Vec<Slot> {
         self.consumers
             .iter()
-            .filter_map(|consumer| consumer.attachment.as_ref())
+            .filter_map(|consumer| consumer.binding.attachment.as_ref())
             .map(|attachment| attachment.slot)
             .collect()
     }
@@ -192,7 +194,7 @@ impl Run {
                     match self
                         .consumers
                         .iter_mut()
-                        .find(|consumer| consumer.target.pid == pid)
+                        .find(|consumer| consumer.binding.target.pid == pid)
                     {
                         Some(consumer) => consumer.handle(event)?,
                         None => self.add_loss(|losses| losses.of_ended_targets += 1),
@@ -240,7 +242,7 @@ impl Run {
     pub fn exited(&self) -> Vec<usize> {
         (0..self.consumers.len())
             .rev()
-            .filter(|&index| !self.consumers[index].target.is_alive())
+            .filter(|&index| !self.consumers[index].binding.target.is_alive())
             .collect()
     }
 
@@ -248,7 +250,7 @@ impl Run {
     /// and its summary (`target_exited`), and its target is detached.
     pub fn end_exited(&mut self, index: usize) -> anyhow::Result<()> {
         let mut consumer = self.consumers.remove(index);
-        log::warn!("{} exited", consumer.target);
+        log::warn!("{} exited", consumer.binding.target);
         let ended = consumer
             .flush_target()
             .and_then(|()| consumer.report_last_interval());
@@ -262,8 +264,8 @@ impl Run {
 
     /// Gives back `consumer`'s slot and own programs.
     pub fn detach(&mut self, consumer: &mut Consumer) {
-        if let Some(attachment) = consumer.attachment.take() {
-            attachment.detach(&mut self.probes, &self.maps, consumer.target.pid);
+        if let Some(attachment) = consumer.binding.attachment.take() {
+            attachment.detach(&mut self.probes, &self.maps, consumer.binding.target.pid);
         }
     }
 
@@ -290,7 +292,7 @@ impl Run {
     /// Best effort after a failure: every consumer's summary on the console alone.
     pub fn finish_after_error(&mut self) {
         self.finish_alerts();
-        let mut console = if self.consumers.len() > 1 {
+        let mut console = if self.config.mode.names_instances() {
             ConsoleSink::naming_instances()
         } else {
             ConsoleSink::default()

@@ -4,14 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use profiler_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{
-    attachment::Attachment,
-    consumer::{Consumer, instance_of},
-    run::Run,
-};
+use super::{attachment::Attachment, binding::instance_of, consumer::Consumer, run::Run};
 use crate::{
     accept::QueueSampler,
     output::record::StopReason,
@@ -31,27 +26,28 @@ impl Consumer {
             memory.retarget(target.pid);
         }
         self.accept.retarget(target.pid, sampler);
-        self.instance = instance_of(&target);
+        let instance = instance_of(&target);
         if let Some(metrics) = &mut self.metrics {
-            metrics.relabel(&self.instance);
+            metrics.relabel(&instance);
         }
-        self.target = target;
+        self.outputs.rename(instance);
+        self.binding.target = target;
     }
 
     /// The target ran a new program (same pid): its mappings are new, and so are the addresses
     /// to unwind and name. The outputs get a new `attached` record (its name may differ).
     pub(super) fn handle_exec(&mut self) -> anyhow::Result<()> {
-        let Ok(target) = Target::from_pid(self.target.pid) else {
+        let Ok(target) = Target::from_pid(self.binding.target.pid) else {
             return Ok(()); // gone already: the liveness check ends the run
         };
         log::warn!(
             "{} executed a new program ({}); its modules and symbols are reloaded",
-            self.target,
+            self.binding.target,
             target.name
         );
         self.retarget(target, None);
-        let attached = self.attached_record();
-        self.outputs.attached(&attached)?;
+        let mut attached = self.attached_record();
+        self.outputs.attached(&mut attached)?;
         Ok(())
     }
 }
@@ -64,12 +60,9 @@ impl Run {
             return Ok(());
         };
         consumer.flush_target()?;
-        for counter in Counter::ALL {
-            let count = consumer.counter(counter)?;
-            consumer.earlier_counters[counter.index() as usize] = count;
-        }
-        if let Some(attachment) = consumer.attachment.take() {
-            attachment.detach(&mut self.probes, &self.maps, consumer.target.pid);
+        consumer.binding.keep_counters()?;
+        if let Some(attachment) = consumer.binding.attachment.take() {
+            attachment.detach(&mut self.probes, &self.maps, consumer.binding.target.pid);
         }
         Ok(())
     }
@@ -89,14 +82,14 @@ impl Run {
             attachment.detach(&mut self.probes, &self.maps, target.pid);
             return Ok(());
         };
-        consumer.attachment = Some(attachment);
+        consumer.binding.attachment = Some(attachment);
         consumer.histogram.restart_kernel_counts();
         if let Some(alerting) = &mut consumer.alerting {
             alerting.forget_iteration();
         }
         consumer.retarget(target, Some(sampler));
-        let attached = consumer.attached_record();
-        consumer.outputs.attached(&attached)?;
+        let mut attached = consumer.attached_record();
+        consumer.outputs.attached(&mut attached)?;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! The rules file (TOML; `rules.toml` is compiled in, `--rules` replaces it) -> checked
 //! [`Rules`], or an error naming the file and line. The file's own comments say how rules
 //! match.
-use std::{fs, path::Path};
+use std::{fs, io::Read as _, path::Path};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -10,6 +10,8 @@ use super::{Rule, Rules};
 
 /// The rules compiled into the binary.
 pub const DEFAULT_RULES: &str = include_str!("rules.toml");
+/// The largest rules file read: the built-in rules are a few dozen KiB.
+const MAX_RULES_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
@@ -21,6 +23,8 @@ pub enum RulesError {
     },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
+    #[error("the rules file `{path}` is larger than {} KiB", MAX_RULES_BYTES >> 10)]
+    TooLarge { path: String },
     #[error(
         "{origin} has no rules (no [[origin]] or [[mechanism]] table): every stall would read `unknown`"
     )]
@@ -72,10 +76,19 @@ impl Rules {
 
     /// Reads a rules file.
     pub fn load(path: &Path) -> Result<Self, RulesError> {
-        let text = fs::read_to_string(path).map_err(|source| RulesError::Read {
+        let read_error = |cause| RulesError::Read {
             path: path.display().to_string(),
-            cause: source,
-        })?;
+            cause,
+        };
+        let mut text = String::new();
+        fs::File::open(path)
+            .and_then(|file| file.take(MAX_RULES_BYTES + 1).read_to_string(&mut text))
+            .map_err(read_error)?;
+        if text.len() as u64 > MAX_RULES_BYTES {
+            return Err(RulesError::TooLarge {
+                path: path.display().to_string(),
+            });
+        }
         Self::parse(&text, &format!("`{}`", path.display()))
     }
 
@@ -83,7 +96,7 @@ impl Rules {
     pub fn parse(text: &str, origin: &str) -> Result<Self, RulesError> {
         let file: RulesFile = toml::from_str(text).map_err(|error| {
             let line = error.span().map(|span| line_of(text, span.start));
-            let message = error.message().trim().to_owned();
+            let message = error.message().trim().replace('\n', " ");
             match line {
                 Some(line) => RulesError::Invalid {
                     origin: origin.to_owned(),
@@ -252,5 +265,42 @@ mod tests {
                 let _ = rules.attribute(StackKind::OnCpu, &frames);
             }
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// Whatever a rules file holds, it loads or is refused with one line naming it.
+        #[test]
+        fn a_mutated_rules_file_parses_or_fails_with_one_clear_line(
+            edits in proptest::collection::vec(
+                (0..DEFAULT_RULES.len(), 0..60usize, proptest::collection::vec(proptest::prelude::any::<char>(), 0..8)),
+                1..6,
+            )
+        ) {
+            let mut text: Vec<char> = DEFAULT_RULES.chars().collect();
+            for (at, cut, inserted) in edits {
+                let at = at.min(text.len());
+                let end = (at + cut).min(text.len());
+                text.splice(at..end, inserted);
+            }
+            let text: String = text.into_iter().collect();
+            if let Err(error) = Rules::parse(&text, "`r.toml`") {
+                let message = error.to_string();
+                proptest::prop_assert!(message.starts_with("`r.toml`"), "{}", message);
+                proptest::prop_assert!(!message.contains('\n'), "{}", message);
+            }
+        }
+    }
+
+    #[test]
+    fn a_rules_file_larger_than_the_limit_is_refused_unread() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("huge.toml");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let error = Rules::load(&path).unwrap_err().to_string();
+        assert!(error.contains("is larger than 1024 KiB"), "{error}");
     }
 }

@@ -72,7 +72,8 @@ impl Sink for MemoryStacksSink {
                         .map(|frame| folded_frame(&frame_text::render(frame))),
                 )
                 .collect();
-            *self.bytes.entry(frames.join(";")) += stack.bytes;
+            let bytes = self.bytes.entry(frames.join(";"));
+            *bytes = bytes.saturating_add(stack.bytes);
         }
         Ok(())
     }

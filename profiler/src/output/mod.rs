@@ -26,7 +26,8 @@ pub use pprof::{PprofProfile, PprofSink};
 pub use stacks::{FoldedStacks, StackFilesSink, flamegraph_title};
 
 use record::{
-    AcceptOverflow, Alert, Attached, ConnectionCensus, IntervalReport, MemoryReport, Stall, Summary,
+    AcceptOverflow, Alert, Attached, ConnectionCensus, Instance, IntervalReport, MemoryReport,
+    Stall, Summary,
 };
 
 /// A destination for a run's records; a sink writes the kinds it has a use for.
@@ -75,16 +76,68 @@ pub struct OutputError {
 /// Sinks every watched instance writes to (the run's console, JSON lines, shared stack files).
 pub type SharedSinks = Rc<RefCell<Vec<Box<dyn Sink>>>>;
 
+/// A record that names the instance it is about.
+pub trait Named {
+    fn name(&mut self, instance: &Instance);
+}
+
+macro_rules! named_by_field {
+    ($($record:ty),*) => {
+        $(impl Named for $record {
+            fn name(&mut self, instance: &Instance) {
+                self.instance = instance.clone();
+            }
+        })*
+    };
+}
+
+named_by_field!(
+    Attached,
+    Stall,
+    AcceptOverflow,
+    IntervalReport,
+    MemoryReport,
+    ConnectionCensus,
+    Summary
+);
+
+impl Named for Alert {
+    fn name(&mut self, instance: &Instance) {
+        self.stall.name(instance);
+    }
+}
+
 /// Every sink of one instance: the run's shared ones, then its own (stack files named after
-/// it).
+/// it). The instance is named here, once: every record that goes out carries its name.
 pub struct Outputs {
     shared: SharedSinks,
     own: Vec<Box<dyn Sink>>,
+    instance: Instance,
 }
 
 impl Outputs {
-    pub fn new(shared: SharedSinks, own: Vec<Box<dyn Sink>>) -> Self {
-        Self { shared, own }
+    pub fn new(shared: SharedSinks, own: Vec<Box<dyn Sink>>, instance: Instance) -> Self {
+        Self {
+            shared,
+            own,
+            instance,
+        }
+    }
+
+    /// The instance the records are about.
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    /// The records are about `instance` from now on (a new program, the next process, a port
+    /// known at last).
+    pub fn rename(&mut self, instance: Instance) {
+        self.instance = instance;
+    }
+
+    /// Names `record` as the outputs do (for a record that goes elsewhere first).
+    pub fn name(&self, record: &mut impl Named) {
+        record.name(&self.instance);
     }
 
     fn each(
@@ -101,31 +154,38 @@ impl Outputs {
         Ok(())
     }
 
-    pub fn attached(&mut self, attached: &Attached) -> Result<(), OutputError> {
+    pub fn attached(&mut self, attached: &mut Attached) -> Result<(), OutputError> {
+        attached.name(&self.instance);
         self.each(|sink| sink.attached(attached))
     }
 
-    pub fn stall(&mut self, stall: &Stall) -> Result<(), OutputError> {
+    pub fn stall(&mut self, stall: &mut Stall) -> Result<(), OutputError> {
+        stall.name(&self.instance);
         self.each(|sink| sink.stall(stall))
     }
 
-    pub fn alert(&mut self, alert: &Alert) -> Result<(), OutputError> {
+    pub fn alert(&mut self, alert: &mut Alert) -> Result<(), OutputError> {
+        alert.name(&self.instance);
         self.each(|sink| sink.alert(alert))
     }
 
-    pub fn accept_overflow(&mut self, overflow: &AcceptOverflow) -> Result<(), OutputError> {
+    pub fn accept_overflow(&mut self, overflow: &mut AcceptOverflow) -> Result<(), OutputError> {
+        overflow.name(&self.instance);
         self.each(|sink| sink.accept_overflow(overflow))
     }
 
-    pub fn interval(&mut self, report: &IntervalReport) -> Result<(), OutputError> {
+    pub fn interval(&mut self, report: &mut IntervalReport) -> Result<(), OutputError> {
+        report.name(&self.instance);
         self.each(|sink| sink.interval(report))
     }
 
-    pub fn memory(&mut self, report: &MemoryReport) -> Result<(), OutputError> {
+    pub fn memory(&mut self, report: &mut MemoryReport) -> Result<(), OutputError> {
+        report.name(&self.instance);
         self.each(|sink| sink.memory(report))
     }
 
-    pub fn connections(&mut self, census: &ConnectionCensus) -> Result<(), OutputError> {
+    pub fn connections(&mut self, census: &mut ConnectionCensus) -> Result<(), OutputError> {
+        census.name(&self.instance);
         self.each(|sink| sink.connections(census))
     }
 
@@ -135,7 +195,8 @@ impl Outputs {
     }
 
     /// Writes the summary to every sink that still works; reports the first failure.
-    pub fn summary(&mut self, summary: &Summary) -> Result<(), OutputError> {
+    pub fn summary(&mut self, summary: &mut Summary) -> Result<(), OutputError> {
+        summary.name(&self.instance);
         let mut first_error = None;
         let mut shared = self.shared.borrow_mut();
         for sink in shared.iter_mut().chain(&mut self.own) {

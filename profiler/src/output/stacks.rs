@@ -118,7 +118,8 @@ impl FoldedStacks {
                         .map(|frame| folded_frame(&frame_text::render(frame))),
                 );
             let folded = frames.collect::<Vec<String>>().join(";");
-            *self.weights.entry(folded) += stack.weight_us;
+            let weight = self.weights.entry(folded);
+            *weight = weight.saturating_add(stack.weight_us);
         }
     }
 

@@ -48,8 +48,9 @@ impl std::fmt::Display for Instance {
 }
 
 /// Sent once every probe is live.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attached {
+    #[serde(default)]
     pub instance: Instance,
     #[serde(with = "rfc3339")]
     pub time: SystemTime,
@@ -61,6 +62,7 @@ pub struct Attached {
     /// TCP ports the target listens on.
     pub ports: Vec<u16>,
     /// Whether polls from inside long commands (`processEventsWhileBlocked`) are recognised.
+    #[serde(default)]
     pub nested_poll_tracking: bool,
 }
 
