@@ -47,10 +47,10 @@ impl std::fmt::Display for Instance {
     }
 }
 
-/// Sent once every probe is live.
+/// Sent once every probe is live. Read back leniently (`report` needs only the name and pid).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Attached {
-    #[serde(default)]
     pub instance: Instance,
     #[serde(with = "rfc3339")]
     pub time: SystemTime,
@@ -62,8 +62,22 @@ pub struct Attached {
     /// TCP ports the target listens on.
     pub ports: Vec<u16>,
     /// Whether polls from inside long commands (`processEventsWhileBlocked`) are recognised.
-    #[serde(default)]
     pub nested_poll_tracking: bool,
+}
+
+impl Default for Attached {
+    fn default() -> Self {
+        Self {
+            instance: Instance::default(),
+            time: SystemTime::UNIX_EPOCH,
+            pid: 0,
+            tid: 0,
+            threshold_us: 0,
+            name: "redis-server".to_owned(),
+            ports: Vec::new(),
+            nested_poll_tracking: false,
+        }
+    }
 }
 
 /// One event-loop iteration at or above the threshold.
