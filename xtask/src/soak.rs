@@ -1,8 +1,11 @@
-//! `cargo xtask soak [MINUTES]`: a compressed long run. Redis serves `redis-benchmark` load while
-//! another client makes it stall in turn by sleeping, by scanning keys on the CPU and by purging
-//! memory, with every output of the profiler on (JSON, folded stacks, flamegraph, metrics,
+//! `cargo xtask soak [MINUTES]`: a compressed long run of `attach --all`, as on a fleet's host.
+//! One Redis serves `redis-benchmark` load while another client makes it stall in turn by
+//! sleeping, by scanning keys on the CPU and by purging memory; clients connect to it from
+//! ever new addresses; and short-lived servers start, stall and end all through the run (every
+//! 5 s). Every output of the profiler is on (JSON, folded stacks, flamegraph, pprof, metrics,
 //! alerts). Every 30 s it prints the profiler's resident memory; at the end it checks that the
-//! memory stayed bounded: no growth over the second half of the run beyond a small margin.
+//! memory stayed bounded (no growth over the second half of the run beyond a small margin) and
+//! that the metrics name only the servers still running.
 use std::{
     fs,
     process::{Command, Stdio},
@@ -27,12 +30,14 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
     let redis = RedisServer::start(&[]);
     let outputs = tempfile::tempdir()?;
     let path = |name: &str| outputs.path().join(name).to_string_lossy().into_owned();
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
     let pid = redis.pid().to_string();
     let profiler = Profiler::attach_writing(
         &[
-            "--pid",
-            &pid,
+            "--all",
+            "--pprof",
+            &path("stalls.pb.gz"),
             "--folded",
             &path("stalls.folded"),
             "--flamegraph",
@@ -67,6 +72,10 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
             }
         }
     });
+    let churn = thread::spawn({
+        let stop = stop.clone();
+        move || churn_servers(&stop)
+    });
     let mut client = redis.client();
     let started = Instant::now();
     let mut next_report = started;
@@ -80,6 +89,9 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
             _ => redis::cmd("FLUSHALL").clone(),
         };
         let _: redis::RedisResult<redis::Value> = command.query(&mut client);
+        // A client from a new address each round: the census meets more than it keeps.
+        let address = [127, 1 + (round / 250 % 250) as u8, (round % 250) as u8 + 2, 9];
+        drop(stallprof_testkit::connect_from(address, redis.port, 1, None));
         round += 1;
         thread::sleep(Duration::from_millis(200));
         if Instant::now() >= next_report {
@@ -97,8 +109,26 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = load.join();
+    let churned = churn.join().unwrap_or(0);
+    let page = stallprof_testkit::scrape_metrics(metrics_port);
     let run = profiler.stop();
-    let summary = run.summary();
+    let named_pids: std::collections::HashSet<&str> = page
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once("pid=\"")?.1.split_once('"').map(|(pid, _)| pid))
+        .collect();
+    eprintln!(
+        "soak: {churned} short-lived servers came and went; the metrics name {} pid(s): {named_pids:?}",
+        named_pids.len()
+    );
+    if named_pids.iter().any(|named| *named != pid) {
+        bail!("the metrics still name servers that exited");
+    }
+    let summary = run
+        .of_type("summary")
+        .into_iter()
+        .find(|summary| summary["instance"]["pid"].to_string() == pid)
+        .ok_or_else(|| anyhow::anyhow!("no summary of the loaded server"))?;
     eprintln!(
         "soak: {} stalls, {} stack samples, {} lost events, {} iterations; profiler peak RSS {:.1} MiB",
         summary["stalls"],
@@ -125,6 +155,20 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
     }
     eprintln!("soak: memory bounded");
     Ok(())
+}
+
+/// Starts a server every 5 s until `stop`, makes it stall once, and ends it; returns how many.
+fn churn_servers(stop: &AtomicBool) -> u64 {
+    let mut churned = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let server = RedisServer::start(&[]);
+        thread::sleep(Duration::from_secs(2));
+        server.cli(&["DEBUG", "SLEEP", "0.06"]);
+        thread::sleep(Duration::from_secs(3));
+        drop(server);
+        churned += 1;
+    }
+    churned
 }
 
 /// `VmRSS` of process `pid`, in KiB.
