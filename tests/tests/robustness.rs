@@ -143,7 +143,59 @@ fn after_attaching_only_the_capabilities_still_needed_remain() {
     const CAP_PERFMON: u64 = 1 << 38;
     const CAP_BPF: u64 = 1 << 39;
     let redis = RedisServer::start(&[]);
-    let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
+    let metrics_port = stallprof_testkit::free_port().to_string();
+    let profiler = Profiler::attach(&[
+        "--pid",
+        &redis.pid().to_string(),
+        "--alert",
+        "1s",
+        "--alert-exec",
+        "true",
+        "--metrics",
+        &format!("127.0.0.1:{metrics_port}"),
+    ]);
+    // Once the page answers, the metrics thread has given up its capabilities.
+    stallprof_testkit::scrape_metrics(metrics_port.parse().unwrap());
+    // Capabilities are per thread: every thread holds only what it needs.
+    let tasks: Vec<(String, u32)> = fs::read_dir(format!("/proc/{}/task", profiler.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| {
+            let tid: u32 = task.file_name().to_str()?.parse().ok()?;
+            let name = fs::read_to_string(task.path().join("comm")).ok()?;
+            Some((name.trim().to_owned(), tid))
+        })
+        .collect();
+    for (name, tid) in &tasks {
+        let status = |set| {
+            let text = fs::read_to_string(format!("/proc/{}/task/{tid}/status", profiler.pid()))
+                .unwrap();
+            let hex = text
+                .lines()
+                .find_map(|line| line.strip_prefix(set))
+                .unwrap()
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).unwrap()
+        };
+        let (effective, permitted) = (status("CapEff:"), status("CapPrm:"));
+        assert_eq!(
+            effective & (CAP_BPF | CAP_PERFMON | CAP_KILL | CAP_NET_ADMIN),
+            0,
+            "thread {name}: {effective:x}"
+        );
+        if name == "alert-exec" || name == "metrics" {
+            assert_eq!((effective, permitted), (0, 0), "thread {name} needs none");
+        }
+        if name == "alert-exec" {
+            assert_eq!(status("CapBnd:"), 0, "its commands can regain nothing");
+        }
+    }
+    let names: Vec<&str> = tasks.iter().map(|(name, _)| name.as_str()).collect();
+    assert!(
+        names.contains(&"alert-exec") && names.contains(&"metrics"),
+        "{names:?}"
+    );
     let effective = capability_set(profiler.pid(), "CapEff:");
     let permitted = capability_set(profiler.pid(), "CapPrm:");
     let bounding = capability_set(profiler.pid(), "CapBnd:");
