@@ -62,6 +62,20 @@ fn a_ring_buffer_too_small_for_stacks_loses_them_and_says_so() {
     );
     assert_eq!(lost["stall_events"], 0);
     assert_eq!(summary["stack_samples"], 0);
+    // Every loss has its key: the kernel's stacks it could not read, event-loop threads it
+    // could not note, user stacks cut short; and what no server can be charged with.
+    for key in [
+        "kernel_stacks_unread",
+        "loop_tasks_untracked",
+        "stacks_cut_short",
+    ] {
+        assert!(lost[key].is_u64(), "{key} in {lost}");
+    }
+    let run_lost = &summary["run_lost"];
+    assert!(
+        run_lost["undecodable"] == 0 && run_lost["of_ended_targets"].is_u64(),
+        "{run_lost}"
+    );
     assert!(
         run.stderr.contains("[incomplete: samples were lost]")
             && run
