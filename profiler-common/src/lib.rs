@@ -38,6 +38,9 @@ pub const MAP_FAULT_SAMPLING: &str = "FAULT_SAMPLING";
 /// Name of the `HashMap<ListenKey, u32>` of the targets' listening ports, by network
 /// namespace -> slot (set by userspace).
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
+/// Name of the `Array<u64>` (one entry) userspace sets to 1 while the fault programs that
+/// classify and sample page faults (host-wide BTF tracepoints) are attached.
+pub const MAP_FAULT_PROGRAMS_ON: &str = "FAULT_PROGRAMS_ON";
 /// Name of the `PerCpuArray<u64>` of counters, [`COUNTERS`] per slot, indexed by [`Counter`]
 /// (summed over CPUs).
 pub const MAP_COUNTERS: &str = "COUNTERS_MAP";
@@ -107,6 +110,41 @@ pub const GLOBAL_SOCK_NET_OFFSET: &str = "SOCK_NET_OFFSET";
 /// Read-only global: the offset of the namespace's inode number in `struct net` (`ns.inum`).
 pub const GLOBAL_NET_INUM_OFFSET: &str = "NET_INUM_OFFSET";
 
+/// Read-only global: where the scheduler's own accounting lies in this kernel's structures
+/// ([`SchedLayout`]); all zero when the kernel's BTF lacks it.
+pub const GLOBAL_SCHED_LAYOUT: &str = "SCHED_LAYOUT";
+
+/// Offsets in the kernel's structures, from its BTF, that let the programs find when the
+/// event-loop thread came back to the CPU without a host-wide `sched_switch` program: at its
+/// next event, from `sched_info.last_arrival` (the scheduler's clock when it last arrived on a
+/// CPU) against the run-queue clock when it left, and `sched_info.run_delay` (its time waiting
+/// on a run queue, summed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedLayout {
+    /// 1 when every offset below is known: the returns to the CPU are found this way (the
+    /// programs are attached per thread); 0: host-wide `sched_switch` sees them.
+    pub lazy_switch_in: u32,
+    /// `task_struct.se.cfs_rq`: the CFS run queue the thread is on.
+    pub task_cfs_rq: u32,
+    /// `cfs_rq.rq`: that run queue's CPU run queue.
+    pub cfs_rq_rq: u32,
+    /// `rq.clock`: the run queue's clock, as of this switch.
+    pub rq_clock: u32,
+    /// `task_struct.sched_info.last_arrival`.
+    pub last_arrival: u32,
+    /// `task_struct.sched_info.run_delay`.
+    pub run_delay: u32,
+    /// `task_struct.__state`: 0 (`TASK_RUNNING`) when a thread leaves the CPU preempted, not
+    /// blocked (a blocking thread may stay on its run queue a while: delayed dequeue).
+    pub state: u32,
+    pub _padding: u32,
+}
+const _: () = assert!(core::mem::size_of::<SchedLayout>() == 32);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SchedLayout {}
+
 /// A listening port as the connection tracer knows it: its number within a network namespace
 /// (many pods listen on 6379, each in its own namespace), by [`MAP_LISTEN_PORTS`].
 #[repr(C)]
@@ -160,11 +198,12 @@ pub enum Counter {
     FaultEventsLost = 15,
     KernelStacksUnread = 16,
     LoopTasksUntracked = 17,
+    FaultsUnclassified = 18,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 18] = [
+    pub const ALL: [Counter; 19] = [
         Counter::StallEventsLost,
         Counter::BlockingPolls,
         Counter::StackEventsLost,
@@ -183,6 +222,7 @@ impl Counter {
         Counter::FaultEventsLost,
         Counter::KernelStacksUnread,
         Counter::LoopTasksUntracked,
+        Counter::FaultsUnclassified,
     ];
 
     /// The counter's slot in [`MAP_COUNTERS`].
@@ -206,7 +246,9 @@ impl Counter {
             Counter::FaultEventsLost => Some("fault_events"),
             Counter::KernelStacksUnread => Some("kernel_stacks_unread"),
             Counter::LoopTasksUntracked => Some("loop_tasks_untracked"),
-            Counter::NewPageFaults | Counter::WriteProtectFaults => None,
+            Counter::NewPageFaults | Counter::WriteProtectFaults | Counter::FaultsUnclassified => {
+                None
+            }
             Counter::BlockingPolls
             | Counter::ShortBlocks
             | Counter::BlocksBeforeGate
@@ -269,6 +311,10 @@ impl Counter {
                 "event-loop threads the scheduler programs could not note (their table was \
                  full): their times off the CPU go unseen"
             }
+            Counter::FaultsUnclassified => {
+                "page faults of the target's threads before the fault programs, attached on \
+                 demand, were on (counted as new pages, without a stack)"
+            }
             Counter::FaultEventsLost => {
                 "page-fault stack samples the kernel could not send (ring buffer full)"
             }
@@ -298,6 +344,29 @@ pub const EVENT_KIND_EXEC: u32 = 7;
 pub const EVENT_KIND_PAGE_FAULT: u32 = 8;
 /// Event kind: a connection to a listening port of the target closed ([`ConnectionEvent`]).
 pub const EVENT_KIND_CONNECTION_CLOSED: u32 = 9;
+/// Event kind: a thread of the target took page faults while the fault programs were not
+/// attached ([`FaultingEvent`]; at most one per target per [`FAULTING_EVENT_PERIOD_NS`]).
+pub const EVENT_KIND_FAULTING: u32 = 10;
+/// The least time between two [`FaultingEvent`]s of one target.
+pub const FAULTING_EVENT_PERIOD_NS: u64 = 50_000_000;
+
+/// A target took page faults that the fault programs did not see (they are attached on
+/// demand): userspace attaches them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultingEvent {
+    /// Always [`EVENT_KIND_FAULTING`].
+    pub kind: u32,
+    pub tid: u32,
+    pub time_ns: u64,
+    /// The target's pid.
+    pub pid: u32,
+    pub _padding: u32,
+}
+const _: () = assert!(core::mem::size_of::<FaultingEvent>() == 24);
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FaultingEvent {}
 
 /// A write fault on a page not present: the kernel maps a new page (resident memory grows).
 pub const FAULT_KIND_NEW_PAGE: u32 = 0;
@@ -315,8 +384,10 @@ pub struct FaultSampling {
     /// Faults of each kind ([`FAULT_KIND_NEW_PAGE`], [`FAULT_KIND_WRITE_PROTECT`]) since that
     /// kind's last sample.
     pub unsampled: [u64; 2],
+    /// No [`EVENT_KIND_FAULTING`] before this time.
+    pub next_faulting_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<FaultSampling>() == 24);
+const _: () = assert!(core::mem::size_of::<FaultSampling>() == 32);
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for FaultSampling {}
@@ -453,8 +524,14 @@ pub struct LoopState {
     /// The loop thread's `task_struct` address as last seen leaving the CPU (0 before), the
     /// key of its [`MAP_LOOP_TASKS`] entry.
     pub task: u64,
+    /// With [`SchedLayout::lazy_switch_in`]: when it last left the CPU (idle or not), 0 once
+    /// its return was accounted for at one of its later events; the run-queue clock then; and
+    /// its `sched_info.run_delay` then.
+    pub out_ns: u64,
+    pub out_clock: u64,
+    pub out_run_delay: u64,
 }
-const _: () = assert!(core::mem::size_of::<LoopState>() == 72);
+const _: () = assert!(core::mem::size_of::<LoopState>() == 96);
 
 impl LoopState {
     /// When the iteration running now began; `None` while the loop idles in a poll (or before

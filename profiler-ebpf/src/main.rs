@@ -35,7 +35,7 @@ mod programs {
     };
     use profiler_common::{
         COUNTERS, Counter, DEFAULT_MAX_TARGETS, FaultSampling, ITERATION_BUCKETS, ListenKey,
-        LoopState, RunningLoop, StackEvent, TargetSettings, USER_STACK_BYTES,
+        LoopState, RunningLoop, SchedLayout, StackEvent, TargetSettings, USER_STACK_BYTES,
     };
 
     /// GPL-compatible: the stack and memory-read helpers are GPL-only.
@@ -59,6 +59,19 @@ mod programs {
     static SOCK_NET_OFFSET: u32 = 0;
     #[unsafe(no_mangle)]
     static NET_INUM_OFFSET: u32 = 0;
+    /// Where the scheduler's accounting lies (`GLOBAL_SCHED_LAYOUT`); all zero: `sched_switch`
+    /// sees the event-loop threads come back to the CPU.
+    #[unsafe(no_mangle)]
+    static SCHED_LAYOUT: SchedLayout = SchedLayout {
+        lazy_switch_in: 0,
+        task_cfs_rq: 0,
+        cfs_rq_rq: 0,
+        rq_clock: 0,
+        last_arrival: 0,
+        run_delay: 0,
+        state: 0,
+        _padding: 0,
+    };
 
     /// Reads a read-only global.
     macro_rules! global {
@@ -121,6 +134,9 @@ mod programs {
     /// runs again (its kernel stack is read then, only if the time off the CPU is reported).
     #[map]
     static OFF_CPU_STACKS: Array<StackEvent> = Array::with_max_entries(SLOTS, 0);
+    /// 1 while the fault programs (host-wide, attached on demand) are attached.
+    #[map]
+    static FAULT_PROGRAMS_ON: Array<u64> = Array::with_max_entries(1, 0);
     /// Page-fault sampling state, by slot.
     #[map]
     static FAULT_SAMPLING: Array<FaultSampling> = Array::with_max_entries(SLOTS, 0);

@@ -37,6 +37,18 @@ pub enum StackRoot {
     Cause,
 }
 
+/// How the scheduler and page-fault programs are attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeMode {
+    /// Perf events on the watched threads alone: other processes pay nothing per context
+    /// switch, and per page fault only while a watched server takes faults (falls back to
+    /// host-wide, saying so, where the kernel's BTF lacks the scheduler's accounting).
+    #[default]
+    PerThread,
+    /// BTF tracepoints on every context switch, wake-up and page fault of the host.
+    HostWide,
+}
+
 /// Flags of `redis-stallprof report`.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -162,6 +174,9 @@ pub struct AttachArgs {
     /// Size of the kernel-to-userspace ring buffer in KiB (a power of two).
     #[arg(long, default_value_t = 16384, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
+    /// How the scheduler and page-fault programs are attached (see the README's Cost).
+    #[arg(long, value_enum, default_value_t)]
+    pub probes: ProbeMode,
     /// Targets the kernel's maps have room for (each costs about 22 KiB of kernel memory).
     #[arg(long, default_value_t = profiler_common::DEFAULT_MAX_TARGETS,
           value_parser = clap::value_parser!(u32).range(1..=4096))]

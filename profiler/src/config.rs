@@ -9,7 +9,7 @@ use profiler_common::TargetSettings;
 use crate::{
     alert::{AlertSettings, ExecSettings, find_program},
     attribute::{Rules, RulesError},
-    cli::{AttachArgs, OutputPath, StackRoot},
+    cli::{AttachArgs, OutputPath, ProbeMode, StackRoot},
     probes::ProbeSettings,
     stall::StallSettings,
     target::TargetSelector,
@@ -62,6 +62,8 @@ pub struct ProbeTuning {
     /// At most one page-fault sample per this long per target; `None`: page faults are not
     /// traced.
     pub fault_sample_interval_ns: Option<u64>,
+    /// Host-wide scheduler and fault programs even where per-thread events would do.
+    pub host_wide: bool,
 }
 
 impl ProbeTuning {
@@ -73,6 +75,7 @@ impl ProbeTuning {
             ring_buffer_bytes: self.ring_buffer_bytes,
             max_targets: self.max_targets,
             sole_target,
+            host_wide: self.host_wide,
         }
     }
 
@@ -235,6 +238,7 @@ impl RunConfig {
                 frequency_hz,
                 fault_sample_interval_ns: (!args.no_memory)
                     .then(|| nanos(args.fault_sample_interval)),
+                host_wide: args.probes == ProbeMode::HostWide,
             },
             stall: StallSettings {
                 threshold: args.threshold,

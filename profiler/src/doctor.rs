@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::{
     error_chain::error_chain,
     kernel,
-    probes::{ProbeSettings, Probes},
+    probes::{HostTax, ProbeSettings, Probes},
 };
 
 /// Outcome of one check.
@@ -131,6 +131,7 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
         ring_buffer_bytes: 4096,
         max_targets: 1,
         sole_target: None,
+        host_wide: false,
     };
     let mut probes = match Probes::load(settings) {
         Ok(probes) => probes,
@@ -153,7 +154,7 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
     check(
         "page-fault probes",
         attach_verdict(
-            probes.attach_memory(),
+            probes.try_fault_programs(),
             "tp_btf/page_fault_user and page_fault_kernel attach",
         ),
     );
@@ -168,9 +169,15 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
         "scheduler probes",
         attach_verdict(
             probes.attach_scheduler(),
-            "tp_btf/sched_switch, sched_wakeup and sched_process_exec attach",
+            match probes.host_tax {
+                HostTax::PerThread => "tp_btf/sched_process_exec attaches",
+                HostTax::HostWide => {
+                    "tp_btf/sched_switch, sched_wakeup and sched_process_exec attach"
+                }
+            },
         ),
     );
+    check("host tax", host_tax_verdict(&mut probes));
     check(
         "on-CPU sampler",
         attach_verdict(
@@ -179,6 +186,30 @@ fn check_programs(tracepoints: &[String], check: &mut impl FnMut(&str, Verdict))
         ),
     );
     check("uprobes", uprobe_verdict(&mut probes));
+}
+
+/// What the rest of the host pays: per-thread events where they attach (tried on this very
+/// thread), else host-wide programs; and the syscall tracepoints' toll, which no mode avoids
+/// here.
+fn host_tax_verdict(probes: &mut Probes) -> Verdict {
+    let syscalls = "while attached, the syscall tracepoints put every thread of the host on the \
+                    kernel's slower system-call path (about +50 ns a call here)";
+    match probes.host_tax {
+        HostTax::PerThread => {
+            let pid = std::process::id();
+            match probes.attach_threads(pid, pid, true) {
+                Ok(links) => {
+                    probes.detach_threads(links);
+                    Verdict::Ok(format!("{}; {syscalls}", HostTax::PerThread.describe()))
+                }
+                Err(error) => Verdict::Fail(error_chain(&error)),
+            }
+        }
+        HostTax::HostWide => Verdict::Warn(format!(
+            "{} (the kernel's BTF lacks the scheduler's accounting); {syscalls}",
+            HostTax::HostWide.describe()
+        )),
+    }
 }
 
 /// A uprobe on a libc function in this process stands in for the one on Redis's

@@ -2,9 +2,9 @@
 //! lost by the caller), never a panic.
 use profiler_common::{
     AcceptEvent, ConnectionEvent, EVENT_KIND_ACCEPT, EVENT_KIND_CONNECTION,
-    EVENT_KIND_CONNECTION_CLOSED, EVENT_KIND_EXEC, EVENT_KIND_MADVISE, EVENT_KIND_OFF_CPU,
-    EVENT_KIND_ON_CPU, EVENT_KIND_PAGE_FAULT, EVENT_KIND_STALL, ExecEvent, MadviseEvent,
-    StackEvent, StallEvent,
+    EVENT_KIND_CONNECTION_CLOSED, EVENT_KIND_EXEC, EVENT_KIND_FAULTING, EVENT_KIND_MADVISE,
+    EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, EVENT_KIND_PAGE_FAULT, EVENT_KIND_STALL, ExecEvent,
+    FaultingEvent, MadviseEvent, StackEvent, StallEvent,
 };
 
 /// An event sent by the kernel programs.
@@ -22,6 +22,8 @@ pub enum Event<'a> {
     ConnectionClosed(ConnectionEvent),
     Accept(AcceptEvent),
     Exec(ExecEvent),
+    /// A target took page faults the fault programs, attached on demand, did not see.
+    Faulting(FaultingEvent),
 }
 
 impl Event<'_> {
@@ -34,6 +36,7 @@ impl Event<'_> {
             Event::Connection(event) | Event::ConnectionClosed(event) => event.pid,
             Event::Accept(event) => event.pid,
             Event::Exec(event) => event.pid,
+            Event::Faulting(event) => event.pid,
         }
     }
 }
@@ -68,6 +71,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         }
         EVENT_KIND_ACCEPT => Ok(Event::Accept(read::<AcceptEvent>(bytes)?)),
         EVENT_KIND_EXEC => Ok(Event::Exec(read::<ExecEvent>(bytes)?)),
+        EVENT_KIND_FAULTING => Ok(Event::Faulting(read::<FaultingEvent>(bytes)?)),
         kind => Err(DecodeError::UnknownKind { kind }),
     }
 }

@@ -34,10 +34,12 @@ pub struct FaultCounts {
 }
 
 impl FaultCounts {
-    /// The counts the kernel's `counter` gives.
+    /// The counts the kernel's `counter` gives. The faults taken before the fault programs
+    /// were attached (on demand: the first of a burst) are not classified: they count as new
+    /// pages, which most of them are.
     pub fn read<E>(mut counter: impl FnMut(Counter) -> Result<u64, E>) -> Result<Self, E> {
         Ok(Self {
-            new_pages: counter(Counter::NewPageFaults)?,
+            new_pages: counter(Counter::NewPageFaults)? + counter(Counter::FaultsUnclassified)?,
             write_protected: counter(Counter::WriteProtectFaults)?,
         })
     }

@@ -182,8 +182,8 @@ fn after_attaching_only_the_capabilities_still_needed_remain() {
         .collect();
     for (name, tid) in &tasks {
         let status = |set| {
-            let text = fs::read_to_string(format!("/proc/{}/task/{tid}/status", profiler.pid()))
-                .unwrap();
+            let text =
+                fs::read_to_string(format!("/proc/{}/task/{tid}/status", profiler.pid())).unwrap();
             let hex = text
                 .lines()
                 .find_map(|line| line.strip_prefix(set))

@@ -15,6 +15,7 @@ mod demo;
 mod ping_pong;
 mod poll_loop;
 mod soak;
+mod unrelated;
 
 /// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
 /// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests,
@@ -72,6 +73,17 @@ enum Task {
         #[arg(default_value_t = 6)]
         rounds: usize,
     },
+    /// Measure what the profiler costs processes it does not watch (system call, page fault,
+    /// context switch) and its watched loop's poll, side by side in alternation with no
+    /// profiler and with OTHER (another build's binary) when given; writes BENCHMARKS.md's
+    /// "Host tax".
+    HostTax {
+        /// Another build's `redis-stallprof` binary to compare with.
+        other: Option<PathBuf>,
+        /// Rounds of alternation.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Measure only what watching idle servers adds per context switch (printed, not written).
     SwitchCost,
     /// Measure only the kernel programs' run time under load (printed, not written; set
@@ -96,6 +108,13 @@ enum Task {
         /// Round trips.
         round_trips: u64,
     },
+    /// The host-tax bench's system-call loop: prints ns per `getppid` (not for people).
+    #[command(hide = true)]
+    SyscallLoop { calls: u64 },
+    /// The host-tax bench's page-fault loop: prints ns per first write to a fresh page (not
+    /// for people).
+    #[command(hide = true)]
+    FaultLoop { pages: u64 },
 }
 
 fn main() -> ExitCode {
@@ -136,6 +155,11 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             build()?;
             bench::compare::run(&other, rounds)
         }
+        Task::HostTax { other, rounds } => {
+            setup()?;
+            build()?;
+            bench::host_tax::run(&workspace_root(), other.as_deref(), rounds)
+        }
         Task::SwitchCost => {
             setup()?;
             build()?;
@@ -158,6 +182,8 @@ fn run_task(task: Task) -> anyhow::Result<()> {
         }
         Task::PollLoop => poll_loop::run(),
         Task::PingPong { round_trips } => ping_pong::run(round_trips),
+        Task::SyscallLoop { calls } => unrelated::syscalls(calls),
+        Task::FaultLoop { pages } => unrelated::faults(pages),
     }
 }
 

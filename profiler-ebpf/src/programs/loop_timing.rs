@@ -18,8 +18,10 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::bpf_get_current_task,
-    macros::{btf_tracepoint, tracepoint, uprobe, uretprobe},
-    programs::{BtfTracePointContext, ProbeContext, RetProbeContext, TracePointContext},
+    macros::{btf_tracepoint, perf_event, tracepoint, uprobe, uretprobe},
+    programs::{
+        BtfTracePointContext, PerfEventContext, ProbeContext, RetProbeContext, TracePointContext,
+    },
 };
 use aya_log_ebpf::debug;
 use profiler_common::{
@@ -64,6 +66,7 @@ pub fn poll_entry(ctx: TracePointContext) -> u32 {
     };
     if on_loop_thread {
         state.poll_fd = u64::from(poll_fd);
+        stacks::resume(&target, state);
     } else if state.poll_fd == 0
         || u64::from(poll_fd) != state.poll_fd
         || state.blocked_in_poll != 0
@@ -210,7 +213,12 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
             let preempt = ctx.arg::<u64>(0) & 1 != 0;
             let prev_state = ctx.arg::<u64>(3) as u32;
             let target = Target { slot, settings };
-            stacks::switched_out(&ctx, &target, state, preempt || prev_state == TASK_RUNNING);
+            stacks::switched_out(
+                ctx.as_ptr(),
+                &target,
+                state,
+                preempt || prev_state == TASK_RUNNING,
+            );
         }
         if sole_target() {
             return 0; // the next task is not the sole loop: it is the one leaving
@@ -237,6 +245,34 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     } else if state.switch_out_ns != 0 {
         stacks::switched_in(&ctx, &Target { slot, settings }, state);
     }
+    0
+}
+
+/// A per-thread context-switch perf event on an event-loop thread (the lazy switch-in of
+/// [`SchedLayout`]): it fires as the thread leaves the CPU, while it is still current, and for
+/// no other thread of the host. Its return before this (it ran since its last switch-out) is
+/// accounted for first.
+#[perf_event]
+pub fn loop_switch(ctx: PerfEventContext) -> u32 {
+    let Some((target, tid)) = current_target() else {
+        return 0;
+    };
+    if tid != target.settings.loop_tid {
+        return 0;
+    }
+    let Some(state) = loop_state(target.slot) else {
+        return 0;
+    };
+    stacks::resume(&target, state);
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let task_state = stacks::read_kernel::<u32>(task + u64::from(global!(SCHED_LAYOUT).state));
+    stacks::switched_out(
+        ctx.as_ptr(),
+        &target,
+        state,
+        task_state.is_some_and(|task_state| task_state == TASK_RUNNING),
+    );
     0
 }
 

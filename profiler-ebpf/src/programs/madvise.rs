@@ -4,7 +4,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::debug;
 use profiler_common::{Counter, EVENT_KIND_MADVISE, MadviseEvent};
 
-use super::{MADVISE_IN_FLIGHT, count, current_target, loop_state, now_ns, send};
+use super::{MADVISE_IN_FLIGHT, count, current_target, loop_state, now_ns, send, stacks};
 
 /// Offset of `size_t len_in` in `events/syscalls/sys_enter_madvise/format`.
 const ENTER_LEN_OFFSET: usize = 24;
@@ -53,7 +53,11 @@ pub fn madvise_return(ctx: TracePointContext) -> u32 {
     // SAFETY: offset of a field of the tracepoint's record (see the constant).
     let result = unsafe { ctx.read_at::<i64>(EXIT_RET_OFFSET) }.unwrap_or(0);
     let iteration_start_ns = match loop_state(target.slot) {
-        Some(state) if tid == target.settings.loop_tid => state.iteration_start_ns,
+        Some(state) if tid == target.settings.loop_tid => {
+            // Back from a wait inside the call: its return is accounted for first.
+            stacks::resume(&target, state);
+            state.iteration_start_ns
+        }
         _ => 0,
     };
     let event = MadviseEvent {

@@ -4,15 +4,24 @@
 //! one), and at most one per `fault_sample_interval_ns` per target sent with its stacks,
 //! standing for the faults of its kind since the previous sample. The cost is bounded whatever
 //! the fault rate; a healthy server in steady state takes no fault and sends nothing.
-//! BTF-typed tracepoints: every fault on the host runs them, and they skip the classic
-//! tracepoint's record (about 100 ns a fault).
-use aya_ebpf::{EbpfContext, macros::btf_tracepoint, programs::BtfTracePointContext};
+//!
+//! Those BTF-typed tracepoints run for every fault on the host, so they are attached only
+//! while a target is taking faults: a per-thread page-fault perf event on each of its threads
+//! (`thread_page_fault`, which no other thread pays for) asks for them, and userspace detaches
+//! them once the targets have been quiet a while. Where per-thread events cannot be used, the
+//! tracepoints stay attached.
+use aya_ebpf::{
+    EbpfContext,
+    macros::{btf_tracepoint, perf_event},
+    programs::{BtfTracePointContext, PerfEventContext},
+};
 use profiler_common::{
-    Counter, EVENT_KIND_PAGE_FAULT, FAULT_KIND_NEW_PAGE, FAULT_KIND_WRITE_PROTECT, StackEvent,
+    Counter, EVENT_KIND_FAULTING, EVENT_KIND_PAGE_FAULT, FAULT_KIND_NEW_PAGE,
+    FAULT_KIND_WRITE_PROTECT, FAULTING_EVENT_PERIOD_NS, FaultingEvent, StackEvent,
 };
 
 use super::{
-    FAULT_SAMPLING, count, current_target, entry, now_ns,
+    FAULT_PROGRAMS_ON, FAULT_SAMPLING, count, current_target, entry, now_ns, send,
     stacks::{UserRegs, capture_stacks},
 };
 
@@ -39,6 +48,39 @@ pub fn user_page_fault(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "page_fault_kernel")]
 pub fn kernel_page_fault(ctx: BtfTracePointContext) -> u32 {
     page_fault(&ctx);
+    0
+}
+
+/// A per-thread page-fault perf event on a thread of a target (inherited by the threads it
+/// starts): fires in the faulting thread, for no other thread of the host. While the fault
+/// programs are not attached, it counts the fault and asks userspace to attach them (one
+/// event per target per `FAULTING_EVENT_PERIOD_NS`); while they are, it leaves the fault to
+/// them. A forked child of the target inherits the event too, and is not a target.
+#[perf_event]
+pub fn thread_page_fault(_ctx: PerfEventContext) -> u32 {
+    let Some((target, tid)) = current_target() else {
+        return 0;
+    };
+    if FAULT_PROGRAMS_ON.get(0).is_some_and(|on| *on != 0) {
+        return 0;
+    }
+    count(target.slot, Counter::FaultsUnclassified);
+    let Some(sampling) = entry(&FAULT_SAMPLING, target.slot, 1, 0) else {
+        return 0;
+    };
+    let now_ns = now_ns();
+    if now_ns < sampling.next_faulting_ns {
+        return 0;
+    }
+    sampling.next_faulting_ns = now_ns + FAULTING_EVENT_PERIOD_NS;
+    let event = FaultingEvent {
+        kind: EVENT_KIND_FAULTING,
+        tid,
+        time_ns: now_ns,
+        pid: target.settings.pid,
+        _padding: 0,
+    };
+    send(&event, target.slot, Counter::FaultEventsLost);
     0
 }
 

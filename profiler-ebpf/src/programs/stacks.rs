@@ -5,16 +5,16 @@ use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid,
+        bpf_get_current_pid_tgid, bpf_get_current_task,
         generated::{
             bpf_get_current_task_btf, bpf_get_stack, bpf_get_task_stack, bpf_probe_read_kernel,
             bpf_probe_read_user, bpf_task_pt_regs,
         },
     },
     macros::perf_event,
+    maps::ring_buf::RingBufEntry,
     programs::{BtfTracePointContext, PerfEventContext},
 };
-use aya_log_ebpf::debug;
 use profiler_common::{
     Counter, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, KERNEL_STACK_DEPTH, LoopState, PAGE_BYTES,
     POLL_SYSCALLS, StackEvent, USER_STACK_BYTES,
@@ -85,6 +85,7 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     let Some(state) = loop_state(target.slot) else {
         return 0;
     };
+    resume(&target, state);
     let iteration_start_ns = state.iteration_start_ns;
     let now_ns = now_ns();
     if iteration_start_ns == 0
@@ -128,16 +129,29 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
 /// begins when it is back. Inside an iteration, remember when, and the stacks it left with
 /// (only the thread itself can read its user memory). A runnable thread's kernel stack is read
 /// only if its wait is reported (see [`switched_in`]): unwinding a kernel stack costs tens of
-/// microseconds here, and such switches are the frequent ones.
+/// microseconds here, and such switches are the frequent ones. With the lazy switch-in
+/// ([`SchedLayout`]), also the run-queue clock and run delay it left with, for [`resume`].
 #[inline(always)]
 pub(super) fn switched_out(
-    ctx: &BtfTracePointContext,
+    ctx: *mut core::ffi::c_void,
     target: &Target,
     state: &mut LoopState,
     runnable: bool,
 ) {
     if state.iteration_start_ns == 0 {
         return;
+    }
+    let layout = global!(SCHED_LAYOUT);
+    if layout.lazy_switch_in != 0 {
+        // SAFETY: a helper without arguments.
+        let task = unsafe { bpf_get_current_task() };
+        let rq = read_kernel::<u64>(task + u64::from(layout.task_cfs_rq))
+            .and_then(|cfs_rq| read_kernel::<u64>(cfs_rq + u64::from(layout.cfs_rq_rq)));
+        state.out_clock = rq
+            .and_then(|rq| read_kernel::<u64>(rq + u64::from(layout.rq_clock)))
+            .unwrap_or(0);
+        state.out_run_delay = read_kernel::<u64>(task + u64::from(layout.run_delay)).unwrap_or(0);
+        state.out_ns = now_ns();
     }
     let user_regs = UserRegs::of_current_task();
     // Blocked in an outermost poll: the loop is idle. A thread that is still runnable is not
@@ -154,7 +168,7 @@ pub(super) fn switched_out(
         stacks.kernel_frames = 0;
         capture_user_stack(stacks, &user_regs);
     } else {
-        capture_stacks(ctx.as_ptr(), stacks, &user_regs, target.slot);
+        capture_stacks(ctx, stacks, &user_regs, target.slot);
     }
     if state.switch_out_ns == 0 {
         loops_off_cpu_add(1);
@@ -164,19 +178,13 @@ pub(super) fn switched_out(
     state.preempted = u64::from(runnable);
 }
 
-/// The thread runs again: send its off-CPU and run-queue time with the stacks it left with, if
-/// the time is worth a record and the iteration is old enough to become a stall. A preempted
-/// thread's kernel stack is read now: it has not run since, so it is unchanged.
+/// The thread runs again (`sched_switch` shows it): send its off-CPU and run-queue time with
+/// the stacks it left with (see [`off_cpu_record`]). A preempted thread's kernel stack is read
+/// now: it has not run since, so it is unchanged.
 #[inline(always)]
 pub(super) fn switched_in(ctx: &BtfTracePointContext, target: &Target, state: &mut LoopState) {
     let now_ns = now_ns();
-    let out_ns = core::mem::replace(&mut state.switch_out_ns, 0);
-    loops_off_cpu_add(-1);
-    let slot = target.slot;
-    if state.iteration_start_ns == 0 {
-        count(slot, Counter::UnmatchedSwitchOuts);
-        return;
-    }
+    let out_ns = state.switch_out_ns;
     let (off_cpu_ns, runqueue_ns) = match (state.preempted != 0, state.wakeup_ns) {
         (true, _) => (0, now_ns.saturating_sub(out_ns)),
         // No wake-up seen: count it all as blocked.
@@ -186,37 +194,12 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, target: &Target, state: &m
             now_ns.saturating_sub(woken_ns),
         ),
     };
-    if off_cpu_ns + runqueue_ns < target.settings.min_block_ns {
-        count(slot, Counter::ShortBlocks);
-        return;
-    }
-    if now_ns.saturating_sub(state.iteration_start_ns) < target.settings.gate_ns {
-        count(slot, Counter::BlocksBeforeGate);
-        return;
-    }
-    let Some(stacks) = entry(&OFF_CPU_STACKS, slot, 1, 0) else {
+    let Some(mut reserved) = off_cpu_record(target, state, now_ns, off_cpu_ns, runqueue_ns) else {
         return;
     };
-    let Some(mut reserved) = super::reserve::<StackEvent>(slot, Counter::StackEventsLost) else {
-        return;
-    };
-    // SAFETY: copies one StackEvent from the map entry into a StackEvent-sized reservation.
-    let copied = unsafe {
-        bpf_probe_read_kernel(
-            reserved.as_mut_ptr().cast(),
-            size_of::<StackEvent>() as u32,
-            (stacks as *const StackEvent).cast(),
-        )
-    };
-    if copied != 0 {
-        reserved.discard(0);
-        count(slot, Counter::OffCpuRecordsUnread);
-        debug!(ctx, "cannot copy the off-CPU record: error {}", copied);
-        return;
-    }
-    // SAFETY: the reservation now holds an initialised StackEvent.
+    // SAFETY: the reservation holds an initialised StackEvent.
     let event = unsafe { &mut *reserved.as_mut_ptr() };
-    if state.preempted != 0 {
+    if event.preempted != 0 {
         // SAFETY: `next` of sched_switch is a trusted task pointer; the buffer is the event's
         // kernel_stack array and the size is its size.
         event.kernel_frames = frames(
@@ -228,18 +211,117 @@ pub(super) fn switched_in(ctx: &BtfTracePointContext, target: &Target, state: &m
                     0,
                 )
             },
-            slot,
+            target.slot,
         );
     }
+    reserved.submit(0);
+}
+
+/// With the lazy switch-in ([`SchedLayout`]): at the thread's first event since it came back
+/// to the CPU (a poll, a sample, its next switch-out, a madvise return), when that was and how
+/// its time off the CPU split: it arrived at `sched_info.last_arrival` on the run-queue clock,
+/// which ran `last_arrival - out_clock` since it left; of that, the growth of its run delay
+/// was spent waiting for a CPU. Back from an idle poll, its iteration began then; back inside
+/// an iteration, the time is reported as [`switched_in`] does (without the kernel stack of a
+/// preempted thread, which has run since).
+#[inline(always)]
+pub(super) fn resume(target: &Target, state: &mut LoopState) {
+    let layout = global!(SCHED_LAYOUT);
+    let out_ns = core::mem::replace(&mut state.out_ns, 0);
+    if layout.lazy_switch_in == 0 || out_ns == 0 {
+        return;
+    }
+    let now_ns = now_ns();
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let arrived_clock = read_kernel::<u64>(task + u64::from(layout.last_arrival)).unwrap_or(0);
+    let run_delay = read_kernel::<u64>(task + u64::from(layout.run_delay)).unwrap_or(0);
+    // A clock that did not move forward (unreadable, or another CPU's behind): the return was
+    // no later than now.
+    let away_ns = match arrived_clock.checked_sub(state.out_clock) {
+        Some(away) if state.out_clock != 0 && arrived_clock != 0 => away,
+        _ => now_ns.saturating_sub(out_ns),
+    };
+    let back_ns = out_ns.saturating_add(away_ns).min(now_ns);
+    let away_ns = back_ns - out_ns;
+    if state.blocked_in_poll != 0 {
+        // Back from a poll it blocked in: the loop had its events, an iteration began.
+        state.blocked_in_poll = 0;
+        state.iteration_start_ns = back_ns;
+        count(target.slot, Counter::BlockingPolls);
+        return;
+    }
+    if state.switch_out_ns == 0 {
+        return;
+    }
+    let runqueue_ns = run_delay.saturating_sub(state.out_run_delay).min(away_ns);
+    if let Some(reserved) =
+        off_cpu_record(target, state, back_ns, away_ns - runqueue_ns, runqueue_ns)
+    {
+        reserved.submit(0);
+    }
+}
+
+/// The record of the thread's time off the CPU, back at `back_ns` (`off_cpu_ns` blocked, then
+/// `runqueue_ns` waiting for a CPU), with the stacks it left with, reserved and filled but
+/// not submitted; `None` when it is not worth one (shorter than `min_block`, or in an iteration
+/// younger than the gate) or cannot be sent (counted). The thread is on the CPU from now on.
+#[inline(always)]
+fn off_cpu_record(
+    target: &Target,
+    state: &mut LoopState,
+    back_ns: u64,
+    off_cpu_ns: u64,
+    runqueue_ns: u64,
+) -> Option<RingBufEntry<StackEvent>> {
+    state.switch_out_ns = 0;
+    loops_off_cpu_add(-1);
+    let slot = target.slot;
+    if state.iteration_start_ns == 0 {
+        count(slot, Counter::UnmatchedSwitchOuts);
+        return None;
+    }
+    if off_cpu_ns + runqueue_ns < target.settings.min_block_ns {
+        count(slot, Counter::ShortBlocks);
+        return None;
+    }
+    if back_ns.saturating_sub(state.iteration_start_ns) < target.settings.gate_ns {
+        count(slot, Counter::BlocksBeforeGate);
+        return None;
+    }
+    let stacks = entry(&OFF_CPU_STACKS, slot, 1, 0)?;
+    let mut reserved = super::reserve::<StackEvent>(slot, Counter::StackEventsLost)?;
+    // SAFETY: copies one StackEvent from the map entry into a StackEvent-sized reservation.
+    let copied = unsafe {
+        bpf_probe_read_kernel(
+            reserved.as_mut_ptr().cast(),
+            size_of::<StackEvent>() as u32,
+            (stacks as *const StackEvent).cast(),
+        )
+    };
+    if copied != 0 {
+        reserved.discard(0);
+        count(slot, Counter::OffCpuRecordsUnread);
+        return None;
+    }
+    // SAFETY: the reservation now holds an initialised StackEvent.
+    let event = unsafe { &mut *reserved.as_mut_ptr() };
     event.kind = EVENT_KIND_OFF_CPU;
     event.tid = target.settings.loop_tid;
     event.pid = target.settings.pid;
-    event.time_ns = now_ns;
+    event.time_ns = back_ns;
     event.iteration_start_ns = state.iteration_start_ns;
     event.off_cpu_ns = off_cpu_ns;
     event.runqueue_ns = runqueue_ns;
     event.preempted = state.preempted as u32;
-    reserved.submit(0);
+    Some(reserved)
+}
+
+/// A `T` read from kernel memory at `address`, if it can be read.
+#[inline(always)]
+pub(super) fn read_kernel<T>(address: u64) -> Option<T> {
+    // SAFETY: a helper that fails instead of faulting.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(address as *const T) }.ok()
 }
 
 /// Fills the stack fields of `event`: kernel instruction pointers from the program's context,

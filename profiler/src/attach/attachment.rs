@@ -10,7 +10,7 @@ use std::{
 use crate::{
     config::ProbeTuning,
     error_chain::error_chain,
-    probes::{KernelMaps, ProbeError, Probes, Slot, TargetLinks},
+    probes::{KernelMaps, ProbeError, Probes, Slot, TargetLinks, TargetProbes},
     target::Target,
 };
 
@@ -71,12 +71,13 @@ impl Attachment {
             maps.add_target(slot, tuning.for_target(target.pid, target.main_tid))?;
             maps.set_listen_ports(slot, target.netns, &target.ports)?;
         }
-        let links = match probes.attach_target(
-            target.main_tid,
-            tuning.frequency_hz,
-            &target.exe,
-            target.pid,
-        ) {
+        let links = match probes.attach_target(TargetProbes {
+            pid: target.pid,
+            tid: target.main_tid,
+            exe: &target.exe,
+            frequency_hz: tuning.frequency_hz,
+            faults: tuning.fault_sample_interval_ns.is_some(),
+        }) {
             Ok(links) => links,
             Err(error) => {
                 let _ = maps.borrow_mut().remove_target(slot, target.pid);

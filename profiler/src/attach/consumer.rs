@@ -26,6 +26,7 @@ use crate::{
         Outputs,
         record::{Alert, Instance, RunLosses, StallCauses},
     },
+    probes::HostTax,
     stall::{RunningIteration, StallContext, StallPipeline},
     target::Target,
 };
@@ -52,6 +53,8 @@ pub struct Consumer {
     pub(super) losses: LossLedger,
     /// The interval now running (memory growth and census are per interval).
     pub(super) interval: Interval,
+    /// How the scheduler and fault programs are attached.
+    pub(super) host_tax: HostTax,
 }
 
 /// The parts a consumer starts with.
@@ -68,6 +71,7 @@ pub struct ConsumerParts {
     /// Whether page faults are traced.
     pub memory: bool,
     pub run_losses: Rc<Cell<RunLosses>>,
+    pub host_tax: HostTax,
 }
 
 impl Consumer {
@@ -93,6 +97,7 @@ impl Consumer {
             started: Instant::now(),
             losses: LossLedger::new(parts.run_losses),
             interval: Interval::new(),
+            host_tax: parts.host_tax,
         }
     }
 
@@ -107,6 +112,8 @@ impl Consumer {
             Event::ConnectionClosed(event) => self.accept.connection_closed(&event),
             Event::Accept(event) => self.handle_accept(&event),
             Event::Exec(_) => self.handle_exec()?,
+            // The run's, not the target's: see `Run::drain`.
+            Event::Faulting(_) => {}
         }
         Ok(())
     }

@@ -154,7 +154,9 @@ pub async fn watch(
                 consumer.sample_accept_queues();
                 Ok(())
             }),
-            _ = timers.accept_housekeeping.tick() => run.accept_housekeeping(events.get_mut()),
+            _ = timers.accept_housekeeping.tick() => run
+                .accept_housekeeping(events.get_mut())
+                .and_then(|()| run.release_quiet_fault_programs()),
             () = tick(&mut timers.discovery) => {
                 discovery::watch_new_servers(run);
                 Ok(())

@@ -75,6 +75,7 @@ impl Consumer {
                 .attachment
                 .as_ref()
                 .is_some_and(|attachment| attachment.nested_poll_tracking),
+            probes: self.host_tax.name().to_owned(),
         }
     }
 

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use profiler_common::Counter;
 
 use super::{
     attachment::{Attachment, SharedMaps},
@@ -22,14 +23,14 @@ use crate::{
     alert::{AlertRunner, Alerting},
     clock::WallClock,
     config::RunConfig,
-    events,
+    events::{self, Event},
     metrics::Metrics,
     output::{
         ConsoleSink, FoldedStacks, Outputs, PprofSink, SharedSinks, Sink, StackFilesSink,
         flamegraph_title,
         record::{Instance, RunLosses, StopReason},
     },
-    probes::{KernelLog, Probes, Slot},
+    probes::{FaultPrograms, KernelLog, Probes, Slot},
     stall::StallPipeline,
     symbolize::SharedBlazesym,
     target::Target,
@@ -62,6 +63,8 @@ pub struct Run {
     symbols: SharedBlazesym,
     /// The `--alert-exec` runner every target's alerts go to.
     alert_runner: Option<Rc<AlertRunner>>,
+    /// The page-fault programs, attached while a target takes faults.
+    fault_programs: FaultPrograms,
 }
 
 impl Run {
@@ -96,6 +99,7 @@ impl Run {
             samplers: NamespaceSamplers::default(),
             symbols: SharedBlazesym::default(),
             alert_runner,
+            fault_programs: FaultPrograms::default(),
         })
     }
 
@@ -149,6 +153,7 @@ impl Run {
             threshold: self.config.stall.threshold,
             memory: self.config.probes.fault_sample_interval_ns.is_some(),
             run_losses: Rc::clone(&self.losses),
+            host_tax: self.probes.host_tax,
         });
         let mut attached = consumer.attached_record();
         self.consumers.push(consumer);
@@ -189,6 +194,9 @@ impl Run {
     pub fn drain(&mut self, events: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         while let Some(record) = events.next() {
             match events::decode(&record) {
+                Ok(Event::Faulting(_)) => self
+                    .fault_programs
+                    .wanted(&mut self.probes, &mut self.maps.borrow_mut()),
                 Ok(event) => {
                     let pid = event.pid();
                     match self
@@ -228,6 +236,23 @@ impl Run {
         for (consumer, before_ns) in self.consumers.iter_mut().zip(before_ns) {
             consumer.report_overflows_before(before_ns)?;
         }
+        Ok(())
+    }
+
+    /// Detaches the page-fault programs once no target has taken a fault for a while.
+    pub fn release_quiet_fault_programs(&mut self) -> anyhow::Result<()> {
+        let mut faults = 0;
+        for consumer in &self.consumers {
+            for counter in [
+                Counter::NewPageFaults,
+                Counter::WriteProtectFaults,
+                Counter::FaultsUnclassified,
+            ] {
+                faults += consumer.binding.counter(counter)?;
+            }
+        }
+        self.fault_programs
+            .release_if_quiet(faults, &mut self.probes, &mut self.maps.borrow_mut());
         Ok(())
     }
 

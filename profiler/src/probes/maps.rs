@@ -4,9 +4,9 @@
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use profiler_common::{
     COUNTERS, Counter, FaultSampling, ITERATION_BUCKETS, ListenKey, LoopState, MAP_COUNTERS,
-    MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS,
-    MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS, MAP_TARGETS,
-    RunningLoop, StackEvent, TargetSettings,
+    MAP_FAULT_PROGRAMS_ON, MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX,
+    MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS,
+    MAP_TARGETS, RunningLoop, StackEvent, TargetSettings,
 };
 
 use super::{ProbeError, map_error};
@@ -30,6 +30,8 @@ pub struct KernelMaps {
     pub(super) max_targets: u32,
     /// Whether listening ports are keyed by network namespace (see [`Self::set_listen_ports`]).
     pub(super) namespaces_known: bool,
+    /// 1 while the page-fault programs are attached.
+    pub(super) fault_programs_on: Array<MapData, u64>,
 }
 
 impl KernelMaps {
@@ -202,6 +204,13 @@ impl KernelMaps {
             self.listen_ports.insert(key, slot, 0).map_err(&map_error)?;
         }
         Ok(())
+    }
+
+    /// Tells the per-thread fault events whether the page-fault programs are attached.
+    pub fn set_fault_programs_on(&mut self, on: bool) -> Result<(), ProbeError> {
+        self.fault_programs_on
+            .set(0, u64::from(on), 0)
+            .map_err(map_error(MAP_FAULT_PROGRAMS_ON))
     }
 
     /// A kernel-side counter of `slot`, summed over the CPUs.

@@ -1,6 +1,7 @@
 //! Loading the embedded eBPF object with the run's settings, attaching its programs to the
 //! target, and handing out the maps userspace reads ([`maps`]).
 mod maps;
+mod scheduling;
 
 use std::{num::NonZeroU32, path::Path};
 
@@ -12,16 +13,19 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
+        tp_btf::BtfTracePointLinkId,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
 pub use maps::{KernelMaps, Slot};
 use profiler_common::{
-    GLOBAL_NET_INUM_OFFSET, GLOBAL_SOCK_NET_OFFSET, GLOBAL_SOLE_PID, GLOBAL_SOLE_TID,
-    GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS, MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM,
-    MAP_ITERATION_MAX, MAP_LISTEN_PORTS, MAP_LOOP_STATE, MAP_LOOP_TASKS, MAP_OFF_CPU_STACKS,
-    MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS, MAP_TARGETS, PER_TARGET_MAPS,
+    GLOBAL_NET_INUM_OFFSET, GLOBAL_SCHED_LAYOUT, GLOBAL_SOCK_NET_OFFSET, GLOBAL_SOLE_PID,
+    GLOBAL_SOLE_TID, GLOBAL_USER_STACK_LIMIT, MAP_COUNTERS, MAP_EVENTS, MAP_FAULT_PROGRAMS_ON,
+    MAP_FAULT_SAMPLING, MAP_ITERATION_HISTOGRAM, MAP_ITERATION_MAX, MAP_LISTEN_PORTS,
+    MAP_LOOP_STATE, MAP_LOOP_TASKS, MAP_OFF_CPU_STACKS, MAP_RUNNING_LOOP, MAP_TARGET_SETTINGS,
+    MAP_TARGETS, PER_TARGET_MAPS,
 };
+pub use scheduling::{FaultPrograms, HostTax, ThreadLinks, sched_layout};
 
 use crate::{error_chain::error_chain, kernel_layout::KernelLayout};
 
@@ -111,6 +115,8 @@ pub struct ProbeSettings {
     /// programs then find it by comparison rather than through the maps (cheaper on every
     /// context switch and poll). `None` when the run may watch several.
     pub sole_target: Option<(u32, u32)>,
+    /// Host-wide scheduler and fault programs, even where per-thread events would do.
+    pub host_wide: bool,
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
@@ -170,9 +176,24 @@ fn socket_namespace_offsets() -> (u32, u32) {
     })
 }
 
+/// What the programs of one target attach to.
+pub struct TargetProbes<'a> {
+    pub pid: u32,
+    /// Its event-loop thread.
+    pub tid: u32,
+    /// Its executable (for the nested-poll markers).
+    pub exe: &'a Path,
+    /// The on-CPU sampling frequency.
+    pub frequency_hz: u64,
+    /// Whether its page faults are followed.
+    pub faults: bool,
+}
+
 /// One target's own program links; the rest of the programs serve every target.
 pub struct TargetLinks {
     sampler: PerfEventLinkId,
+    /// Its per-thread context-switch and page-fault events (none in host-wide mode).
+    threads: scheduling::ThreadLinks,
     /// The nested-poll markers, or why they could not be attached.
     pub nested_poll: Result<Vec<(&'static str, UProbeLinkId)>, ProbeError>,
 }
@@ -181,6 +202,8 @@ pub struct TargetLinks {
 pub struct Probes {
     ebpf: Ebpf,
     max_targets: u32,
+    /// How the scheduler and fault programs are attached, and so what the host pays.
+    pub host_tax: HostTax,
     /// Whether the connection tracer knows a socket's network namespace.
     namespaces_known: bool,
 }
@@ -199,6 +222,17 @@ impl Probes {
         };
         let (sole_pid, sole_tid) = settings.sole_target.unwrap_or((0, 0));
         let (sock_net_offset, net_inum_offset) = socket_namespace_offsets();
+        let (sched, per_thread_refused) = if settings.host_wide {
+            (Default::default(), Some("--probes host-wide".to_owned()))
+        } else {
+            sched_layout()
+        };
+        if let (Some(why), false) = (&per_thread_refused, settings.host_wide) {
+            log::warn!(
+                "{why}; every context switch and page fault on the host runs the scheduler and \
+                 fault programs instead of per-thread events"
+            );
+        }
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&btf))
@@ -206,6 +240,7 @@ impl Probes {
             .override_global(GLOBAL_SOLE_TID, &sole_tid, true)
             .override_global(GLOBAL_SOCK_NET_OFFSET, &sock_net_offset, true)
             .override_global(GLOBAL_NET_INUM_OFFSET, &net_inum_offset, true)
+            .override_global(GLOBAL_SCHED_LAYOUT, &sched, true)
             .override_global(GLOBAL_USER_STACK_LIMIT, &settings.user_stack_bytes, true)
             .override_global(GLOBAL_KERNEL_LOG_LEVEL, &kernel_log_level, true)
             .map_max_entries(MAP_EVENTS, settings.ring_buffer_bytes);
@@ -219,6 +254,11 @@ impl Probes {
             ebpf,
             max_targets: settings.max_targets,
             namespaces_known: sock_net_offset != 0,
+            host_tax: if per_thread_refused.is_none() {
+                HostTax::PerThread
+            } else {
+                HostTax::HostWide
+            },
         };
         for name in TRACEPOINT_PROGRAMS {
             probes.load_program::<TracePoint>(name, |program| program.load())?;
@@ -229,7 +269,13 @@ impl Probes {
         for (name, tracepoint) in SCHEDULER_PROGRAMS.into_iter().chain(MEMORY_PROGRAMS) {
             probes.load_program::<BtfTracePoint>(name, |program| program.load(tracepoint, &btf))?;
         }
-        probes.load_program::<PerfEvent>(SAMPLE_PROGRAM, |program| program.load())?;
+        for name in [
+            SAMPLE_PROGRAM,
+            scheduling::SWITCH_PROGRAM,
+            scheduling::FAULT_TRIGGER_PROGRAM,
+        ] {
+            probes.load_program::<PerfEvent>(name, |program| program.load())?;
+        }
         Ok(probes)
     }
 
@@ -280,9 +326,13 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the page-fault counters to `tp_btf/page_fault_{user,kernel}`.
+    /// Attaches the page-fault counters to `tp_btf/page_fault_{user,kernel}` for the whole
+    /// run in host-wide mode (per thread, they come on demand: [`FaultPrograms`]).
     pub fn attach_memory(&mut self) -> Result<(), ProbeError> {
-        self.attach_btf_tracepoints(&MEMORY_PROGRAMS)
+        if self.host_tax == HostTax::HostWide {
+            self.attach_btf_tracepoints(&MEMORY_PROGRAMS)?;
+        }
+        Ok(())
     }
 
     /// Attaches the connection tracers: handshakes completing on the listening ports,
@@ -294,49 +344,96 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the scheduler programs: `sched_switch` and `sched_wakeup` (blocking polls,
-    /// off-CPU and run-queue time) and `sched_process_exec` (the target running a new program).
+    /// Attaches the scheduler programs: `sched_process_exec` (the target running a new
+    /// program) and, in host-wide mode, `sched_switch` and `sched_wakeup` (blocking polls,
+    /// off-CPU and run-queue time; per thread, each target's events do it).
     pub fn attach_scheduler(&mut self) -> Result<(), ProbeError> {
-        self.attach_btf_tracepoints(&SCHEDULER_PROGRAMS)
+        let programs = match self.host_tax {
+            HostTax::HostWide => &SCHEDULER_PROGRAMS[..],
+            HostTax::PerThread => &SCHEDULER_PROGRAMS[2..],
+        };
+        self.attach_btf_tracepoints(programs)
     }
 
-    /// Attaches each `(program, kernel tracepoint)` as a BTF-typed tracepoint.
+    /// Attaches each `(program, kernel tracepoint)` as a BTF-typed tracepoint for the run.
     fn attach_btf_tracepoints(
         &mut self,
         programs: &[(&'static str, &'static str)],
     ) -> Result<(), ProbeError> {
+        self.attach_btf_links(programs).map(drop)
+    }
+
+    /// Attaches each `(program, kernel tracepoint)` as a BTF-typed tracepoint; returns the
+    /// links, to detach them ([`Self::detach_btf_links`]).
+    fn attach_btf_links(
+        &mut self,
+        programs: &[(&'static str, &'static str)],
+    ) -> Result<Vec<BtfTracePointLinkId>, ProbeError> {
+        let mut links = Vec::new();
         for &(program, tracepoint) in programs {
-            self.program::<BtfTracePoint>(program)?
-                .attach()
-                .map_err(|cause| ProbeError::Attach {
-                    program,
-                    what: format!("tp_btf/{tracepoint}"),
-                    cause,
-                })?;
+            let attached = self.program::<BtfTracePoint>(program)?.attach();
+            match attached {
+                Ok(link) => links.push(link),
+                Err(cause) => {
+                    self.detach_btf_links(programs, links);
+                    return Err(ProbeError::Attach {
+                        program,
+                        what: format!("tp_btf/{tracepoint}"),
+                        cause,
+                    });
+                }
+            }
         }
-        Ok(())
+        Ok(links)
+    }
+
+    /// Detaches the `links` of `programs` (in their order).
+    fn detach_btf_links(
+        &mut self,
+        programs: &[(&'static str, &'static str)],
+        links: Vec<BtfTracePointLinkId>,
+    ) {
+        for (&(program, _), link) in programs.iter().zip(links) {
+            if let Ok(attached) = self.program::<BtfTracePoint>(program)
+                && let Err(error) = attached.detach(link)
+            {
+                log::debug!("detaching {program}: {error}");
+            }
+        }
     }
 
     /// Attaches the programs of one target: the on-CPU sampler of its event-loop thread `tid`
     /// and, unless the function is missing, the nested-poll markers in `exe` (see
     /// [`Self::attach_nested_poll_markers`]; the error comes back in the links).
-    pub fn attach_target(
-        &mut self,
-        tid: u32,
-        frequency_hz: u64,
-        exe: &Path,
-        pid: u32,
-    ) -> Result<TargetLinks, ProbeError> {
+    pub fn attach_target(&mut self, target: TargetProbes<'_>) -> Result<TargetLinks, ProbeError> {
+        let TargetProbes {
+            pid,
+            tid,
+            exe,
+            frequency_hz,
+            faults,
+        } = target;
         let sampler = self.attach_sampler(tid, frequency_hz)?;
+        let threads = match self.attach_threads(pid, tid, faults) {
+            Ok(threads) => threads,
+            Err(error) => {
+                if let Ok(program) = self.program::<PerfEvent>(SAMPLE_PROGRAM) {
+                    let _ = program.detach(sampler);
+                }
+                return Err(error);
+            }
+        };
         let nested_poll = self.attach_nested_poll_markers(NESTED_POLL_FUNCTION, exe, pid);
         Ok(TargetLinks {
             sampler,
+            threads,
             nested_poll,
         })
     }
 
     /// Detaches the programs of one target (whose process may be gone: best effort).
     pub fn detach_target(&mut self, links: TargetLinks) {
+        self.detach_threads(links.threads);
         if let Ok(program) = self.program::<PerfEvent>(SAMPLE_PROGRAM)
             && let Err(error) = program.detach(links.sampler)
         {
@@ -448,6 +545,7 @@ impl Probes {
             listen_ports: self.take(MAP_LISTEN_PORTS)?,
             max_targets: self.max_targets,
             namespaces_known: self.namespaces_known,
+            fault_programs_on: self.take(MAP_FAULT_PROGRAMS_ON)?,
         })
     }
 

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::{BpfStats, PollLoop, program_stats};
+use super::{BpfStats, PollLoop, median, program_stats};
 
 /// How long a profiler gets to attach before its round is measured.
 const ATTACH_TIME: Duration = Duration::from_millis(2500);
@@ -105,10 +105,4 @@ fn poll_entry_stats(pid: u32) -> anyhow::Result<(u64, u64)> {
         .find(|(name, _)| name == "poll_entry")
         .map(|(_, stats)| stats)
         .context("the profiler has no poll_entry program")
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut values = values.to_vec();
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }

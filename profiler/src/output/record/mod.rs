@@ -63,6 +63,9 @@ pub struct Attached {
     pub ports: Vec<u16>,
     /// Whether polls from inside long commands (`processEventsWhileBlocked`) are recognised.
     pub nested_poll_tracking: bool,
+    /// How the scheduler and fault programs are attached: `per_thread` (the rest of the host
+    /// pays nothing per context switch) or `host_wide`.
+    pub probes: String,
 }
 
 impl Default for Attached {
@@ -76,6 +79,7 @@ impl Default for Attached {
             name: "redis-server".to_owned(),
             ports: Vec::new(),
             nested_poll_tracking: false,
+            probes: String::new(),
         }
     }
 }
