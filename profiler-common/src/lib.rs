@@ -467,6 +467,8 @@ pub const PAGE_BYTES: usize = 4096;
 /// One page of slack after the copy area: lets the verifier bound a page-sized copy at any
 /// offset below [`USER_STACK_BYTES`].
 const USER_STACK_BUFFER_BYTES: usize = USER_STACK_BYTES + PAGE_BYTES;
+/// Bytes of a request kept with a sample (`--clients exact`): a command's name comes first.
+pub const REQUEST_BYTES: usize = 64;
 
 /// One event-loop iteration at or above the threshold: from the moment a poll gave the loop
 /// its events (`start_ns`) to the next poll's entry (`end_ns`), both `CLOCK_MONOTONIC`
@@ -530,8 +532,12 @@ pub struct LoopState {
     pub out_ns: u64,
     pub out_clock: u64,
     pub out_run_delay: u64,
+    /// With `--clients exact`: the descriptor of the loop thread's last `read`, plus one (0:
+    /// none yet), and the buffer it read into.
+    pub read_fd: u64,
+    pub read_buffer: u64,
 }
-const _: () = assert!(core::mem::size_of::<LoopState>() == 96);
+const _: () = assert!(core::mem::size_of::<LoopState>() == 112);
 
 impl LoopState {
     /// When the iteration running now began; `None` while the loop idles in a poll (or before
@@ -606,13 +612,20 @@ pub struct StackEvent {
     pub faults: u64,
     /// Page fault: [`FAULT_KIND_NEW_PAGE`] or [`FAULT_KIND_WRITE_PROTECT`].
     pub fault_kind: u32,
+    /// With `--clients exact`, a sample of the event-loop thread: the descriptor of its last
+    /// `read` before it, plus one (0: none), ...
+    pub read_fd: u32,
+    /// ... and the first bytes of what that read received (valid: `request_len`).
+    pub request_len: u32,
     pub _padding: u32,
+    pub request: [u8; REQUEST_BYTES],
     /// Kernel instruction pointers, leaf first.
     pub kernel_stack: [u64; KERNEL_STACK_DEPTH],
     pub user_stack: [u8; USER_STACK_BUFFER_BYTES],
 }
 const _: () = assert!(
-    core::mem::size_of::<StackEvent>() == 104 + 8 * KERNEL_STACK_DEPTH + USER_STACK_BUFFER_BYTES
+    core::mem::size_of::<StackEvent>()
+        == 112 + REQUEST_BYTES + 8 * KERNEL_STACK_DEPTH + USER_STACK_BUFFER_BYTES
 );
 
 #[cfg(feature = "user")]

@@ -371,7 +371,7 @@ fn confine_this_thread(switches_user: bool) -> Result<(), caps::errors::CapsErro
 /// `REDIS_STALLPROF_*` variables (made on the event path, sent to the runner thread).
 struct ExecInput {
     json: Vec<u8>,
-    environment: [(&'static str, String); 6],
+    environment: [(&'static str, String); 7],
 }
 
 impl ExecInput {
@@ -400,6 +400,15 @@ impl ExecInput {
                         .instance
                         .port
                         .map(|port| port.to_string())
+                        .unwrap_or_default(),
+                ),
+                (
+                    "REDIS_STALLPROF_CLIENT",
+                    alert
+                        .stall
+                        .client
+                        .sender()
+                        .map(|sender| sender.addr.clone())
                         .unwrap_or_default(),
                 ),
             ],

@@ -37,6 +37,18 @@ pub enum StackRoot {
     Cause,
 }
 
+/// How a command stall's client is found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientsMode {
+    /// From the server's connections seen during the stall: the one whose request arrived
+    /// just before it (several listed when several are possible); costs nothing until a stall.
+    #[default]
+    Census,
+    /// From the event-loop thread's last read before the command (and the command's name as
+    /// typed): a program on every `read` system call of the host (see the README's Cost).
+    Exact,
+}
+
 /// How the scheduler and page-fault programs are attached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProbeMode {
@@ -174,6 +186,11 @@ pub struct AttachArgs {
     /// Size of the kernel-to-userspace ring buffer in KiB (a power of two).
     #[arg(long, default_value_t = 16384, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
+    /// How a command stall's client is found: `census` (costs nothing until a stall; several
+    /// candidates when several are possible) or `exact` (a program on every `read` system
+    /// call of the host).
+    #[arg(long, value_enum, default_value_t)]
+    pub clients: ClientsMode,
     /// How the scheduler and page-fault programs are attached (see the README's Cost).
     #[arg(long, value_enum, default_value_t)]
     pub probes: ProbeMode,

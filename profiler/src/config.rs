@@ -9,7 +9,7 @@ use profiler_common::TargetSettings;
 use crate::{
     alert::{AlertSettings, ExecSettings, find_program},
     attribute::{Rules, RulesError},
-    cli::{AttachArgs, OutputPath, ProbeMode, StackRoot},
+    cli::{AttachArgs, ClientsMode, OutputPath, ProbeMode, StackRoot},
     probes::ProbeSettings,
     stall::StallSettings,
     target::TargetSelector,
@@ -64,6 +64,8 @@ pub struct ProbeTuning {
     pub fault_sample_interval_ns: Option<u64>,
     /// Host-wide scheduler and fault programs even where per-thread events would do.
     pub host_wide: bool,
+    /// `--clients exact`: the event-loop thread's reads are followed.
+    pub exact_clients: bool,
 }
 
 impl ProbeTuning {
@@ -239,6 +241,7 @@ impl RunConfig {
                 fault_sample_interval_ns: (!args.no_memory)
                     .then(|| nanos(args.fault_sample_interval)),
                 host_wide: args.probes == ProbeMode::HostWide,
+                exact_clients: args.clients == ClientsMode::Exact,
             },
             stall: StallSettings {
                 threshold: args.threshold,

@@ -102,6 +102,11 @@ fn stack_event(bytes: &[u8]) -> Result<&StackEvent, DecodeError> {
             event.user_stack_len as usize,
             event.user_stack.len(),
         ),
+        (
+            "request bytes",
+            event.request_len as usize,
+            event.request.len(),
+        ),
     ];
     for (what, claimed, capacity) in checks {
         if claimed > capacity {

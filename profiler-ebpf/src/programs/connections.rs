@@ -10,7 +10,10 @@ use profiler_common::{
     EVENT_KIND_CONNECTION_CLOSED, ListenKey,
 };
 
-use super::{ACCEPT_IN_FLIGHT, LISTEN_PORTS, count, current_target, now_ns, send, settings};
+use super::{
+    ACCEPT_IN_FLIGHT, LISTEN_PORTS, count, current_loop_thread, current_target, loop_state, now_ns,
+    send, settings,
+};
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_ESTABLISHED: i32 = 1;
@@ -187,5 +190,30 @@ pub fn accept_return(ctx: TracePointContext) -> u32 {
         _padding: 0,
     };
     send(&event, target.slot, Counter::ConnectionEventsLost);
+    0
+}
+
+/// Offsets of `unsigned int fd` (8 bytes wide) and `char *buf` in
+/// `events/syscalls/sys_enter_read/format`.
+const READ_FD_OFFSET: usize = 16;
+const READ_BUFFER_OFFSET: usize = 24;
+
+/// `sys_enter_read`, attached with `--clients exact` only (it runs for every `read` of every
+/// process on the host): the event-loop thread's last read, so that the samples of a command
+/// tell whose request it was and what it said.
+#[tracepoint]
+pub fn read_entry(ctx: TracePointContext) -> u32 {
+    let Some(state) = current_loop_thread().and_then(|target| loop_state(target.slot)) else {
+        return 0;
+    };
+    // SAFETY: offsets of fields of the tracepoint's record (see the constants).
+    let (fd, buffer) = unsafe {
+        (
+            ctx.read_at::<u64>(READ_FD_OFFSET).unwrap_or(u64::MAX),
+            ctx.read_at::<u64>(READ_BUFFER_OFFSET).unwrap_or(0),
+        )
+    };
+    state.read_fd = fd.wrapping_add(1) & u64::from(u32::MAX);
+    state.read_buffer = buffer;
     0
 }

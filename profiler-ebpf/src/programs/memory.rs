@@ -153,6 +153,8 @@ fn page_fault(ctx: &BtfTracePointContext) {
     event.fault_address = address;
     event.faults = faults;
     event.fault_kind = kind;
+    event.read_fd = 0;
+    event.request_len = 0;
     capture_stacks(
         ctx.as_ptr(),
         event,

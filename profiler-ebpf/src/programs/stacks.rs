@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use profiler_common::{
     Counter, EVENT_KIND_OFF_CPU, EVENT_KIND_ON_CPU, KERNEL_STACK_DEPTH, LoopState, PAGE_BYTES,
-    POLL_SYSCALLS, StackEvent, USER_STACK_BYTES,
+    POLL_SYSCALLS, REQUEST_BYTES, StackEvent, USER_STACK_BYTES,
 };
 
 use super::{
@@ -120,6 +120,7 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     event.fault_address = 0;
     event.faults = 0;
     event.fault_kind = 0;
+    note_request(event, state);
     capture_stacks(ctx.as_ptr(), event, &user_regs, target.slot);
     reserved.submit(0);
     0
@@ -170,6 +171,7 @@ pub(super) fn switched_out(
     } else {
         capture_stacks(ctx, stacks, &user_regs, target.slot);
     }
+    note_request(stacks, state);
     if state.switch_out_ns == 0 {
         loops_off_cpu_add(1);
     }
@@ -315,6 +317,29 @@ fn off_cpu_record(
     event.runqueue_ns = runqueue_ns;
     event.preempted = state.preempted as u32;
     Some(reserved)
+}
+
+/// With `--clients exact`: the descriptor the event-loop thread last read from, and the first
+/// bytes it read (the request of the command it runs now, whose name comes first).
+#[inline(always)]
+fn note_request(event: &mut StackEvent, state: &LoopState) {
+    event.read_fd = state.read_fd as u32;
+    event.request_len = 0;
+    if state.read_fd == 0 || state.read_buffer == 0 {
+        return;
+    }
+    // SAFETY: user memory read by a helper that fails instead of faulting, into the event's
+    // own array of that size.
+    let copied = unsafe {
+        bpf_probe_read_user(
+            event.request.as_mut_ptr().cast(),
+            REQUEST_BYTES as u32,
+            state.read_buffer as *const core::ffi::c_void,
+        )
+    };
+    if copied == 0 {
+        event.request_len = REQUEST_BYTES as u32;
+    }
 }
 
 /// A `T` read from kernel memory at `address`, if it can be read.

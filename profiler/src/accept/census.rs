@@ -229,6 +229,8 @@ mod tests {
         ConnectionSample {
             inode,
             client: client.parse().unwrap(),
+            client_port: 40_000,
+            queued_bytes: 0,
             idle_ms: Some(idle_ms),
             received_bytes: Some(received),
         }

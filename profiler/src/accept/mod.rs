@@ -4,6 +4,7 @@
 //! `TcpExtListenOverflows` / `ListenDrops`, and the census of the client connections
 //! ([`census`]). [`AcceptWatch`] is all of it for one target.
 pub mod census;
+pub mod clients;
 pub mod connections;
 pub mod sampler;
 pub mod tracker;
@@ -13,6 +14,7 @@ use std::{collections::HashMap, fs};
 use profiler_common::{AcceptEvent, ConnectionEvent};
 
 pub use census::Census;
+pub use clients::{RunningSnapshot, SeenRead};
 pub use connections::{ConnectionTracker, client_address};
 pub use sampler::{AcceptError, NamespaceSamplers, QueueSampler};
 pub use tracker::AcceptTracker;
@@ -22,7 +24,9 @@ use crate::{
     metrics::InstanceMetrics,
     output::record::{
         AcceptOverflow, AcceptSummary, ConnectionCensus, ConnectionTotals, StallAccept,
+        StallClient, StallWaiters,
     },
+    stall::LastRead,
 };
 
 /// The watch on one target's accept queues.
@@ -37,6 +41,9 @@ pub struct AcceptWatch {
     clock: WallClock,
     /// Whether a sampling failure was reported already.
     sampling_failed: bool,
+    /// The server's connections seen while the current long iteration ran: the first dump
+    /// (for its sender) and the last (for who it held up).
+    running: Option<(RunningSnapshot, RunningSnapshot)>,
 }
 
 impl AcceptWatch {
@@ -58,6 +65,7 @@ impl AcceptWatch {
             namespace_counters_at_start: namespace_listen_counters(pid),
             clock,
             sampling_failed: false,
+            running: None,
         })
     }
 
@@ -130,6 +138,62 @@ impl AcceptWatch {
                 metrics.observe_accept_queue(port, queue, overflows);
             }
         }
+    }
+
+    /// Dumps the server's connections while the iteration that began at `iteration_start_ns`
+    /// runs past the gate (see [`clients`]), and names the descriptor `read_fd` the loop last
+    /// read from (`--clients exact`); a failure is reported once.
+    pub fn see_running_iteration(&mut self, iteration_start_ns: u64, read_fd: Option<u32>) {
+        // Before the dump: its idle times are counted from about now.
+        let taken_ns = monotonic_now_ns();
+        let connections = match self.sampler.connections() {
+            Ok(connections) => connections,
+            Err(error) => return self.report_sampling_failure(&error),
+        };
+        let named_before = self
+            .running
+            .as_ref()
+            .filter(|(first, _)| first.iteration_start_ns == iteration_start_ns)
+            .and_then(|(first, _)| first.read.clone());
+        let read = read_fd.map(|fd| match named_before {
+            Some(seen) if seen.fd == fd => seen,
+            _ => SeenRead::name(self.pid, fd, || connections.clone()),
+        });
+        let seen = RunningSnapshot {
+            iteration_start_ns,
+            taken_ns,
+            connections,
+            read,
+        };
+        match &mut self.running {
+            Some((first, last)) if first.iteration_start_ns == iteration_start_ns => *last = seen,
+            running => *running = Some((seen.clone(), seen)),
+        }
+    }
+
+    /// The clients of the stall from `start_ns` to `end_ns` whose origin is `origin`: who sent
+    /// its command (`last_read`: the loop's last read, with `--clients exact`), and who it held
+    /// up when it was last seen running.
+    pub fn stall_clients(
+        &mut self,
+        start_ns: u64,
+        end_ns: u64,
+        origin: &str,
+        last_read: Option<&LastRead>,
+    ) -> (StallClient, Option<StallWaiters>) {
+        let running = self
+            .running
+            .take()
+            .filter(|(first, _)| first.iteration_start_ns == start_ns);
+        let sampler = &mut self.sampler;
+        let client = clients::stall_client(
+            origin,
+            running.as_ref().map(|(first, _)| first),
+            last_read,
+            || sampler.connections().unwrap_or_default(),
+            self.pid,
+        );
+        (client, running.map(|(_, last)| last.waiters(end_ns)))
     }
 
     /// The accept queues during the stall from `start_ns` to `end_ns`, sampled up to its end;

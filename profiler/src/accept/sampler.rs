@@ -58,8 +58,11 @@ pub struct ListenerSample {
 pub struct ConnectionSample {
     /// The socket's inode (it names the connection while it lives).
     pub inode: u64,
-    /// The client's address.
+    /// The client's address and port.
     pub client: IpAddr,
+    pub client_port: u16,
+    /// Bytes received and not yet read by the server (`idiag_rqueue`).
+    pub queued_bytes: u32,
     /// Time since data was last received from the client (`tcpi_last_data_recv`), in ms.
     pub idle_ms: Option<u32>,
     /// Bytes received from the client so far (`tcpi_bytes_received`).
@@ -123,19 +126,24 @@ impl NamespaceSampler {
             .is_some_and(|(taken, _)| taken.elapsed() < DUMP_REUSE);
         if !fresh {
             let mut listeners = Vec::new();
-            self.dump(StateFlags::LISTEN, ExtensionFlags::SKMEMINFO, |response| {
-                let drops = response.nlas.iter().find_map(|nla| match nla {
-                    Nla::MemInfo(info) => Some(u64::from(info.drops)),
-                    _ => None,
-                });
-                listeners.push(ListenerSample {
-                    inode: u64::from(response.header.inode),
-                    port: response.header.socket_id.source_port,
-                    queue: response.header.recv_queue,
-                    limit: response.header.send_queue,
-                    drops: drops.unwrap_or(0),
-                });
-            })?;
+            self.dump(
+                StateFlags::LISTEN,
+                ExtensionFlags::SKMEMINFO,
+                ANY_PORT,
+                |response| {
+                    let drops = response.nlas.iter().find_map(|nla| match nla {
+                        Nla::MemInfo(info) => Some(u64::from(info.drops)),
+                        _ => None,
+                    });
+                    listeners.push(ListenerSample {
+                        inode: u64::from(response.header.inode),
+                        port: response.header.socket_id.source_port,
+                        queue: response.header.recv_queue,
+                        limit: response.header.send_queue,
+                        drops: drops.unwrap_or(0),
+                    });
+                },
+            )?;
             self.last = Some((Instant::now(), listeners));
         }
         Ok(self.last.as_ref().map_or(&[], |(_, listeners)| listeners))
@@ -146,9 +154,23 @@ impl NamespaceSampler {
     fn connections(&mut self, ports: &HashSet<u16>) -> Result<Vec<ConnectionSample>, AcceptError> {
         let mut connections = Vec::new();
         let states = StateFlags::ESTABLISHED | StateFlags::CLOSE_WAIT;
-        self.dump(states, ExtensionFlags::INFO, |response| {
+        for &port in ports {
+            self.connections_of_port(port, states.clone(), &mut connections)?;
+        }
+        Ok(connections)
+    }
+
+    /// Adds the namespace's connections of local `port` in `states` to `connections` (the
+    /// kernel leaves the host's other sockets out of the dump).
+    fn connections_of_port(
+        &mut self,
+        port: u16,
+        states: StateFlags,
+        connections: &mut Vec<ConnectionSample>,
+    ) -> Result<(), AcceptError> {
+        self.dump(states, ExtensionFlags::INFO, port, |response| {
             let id = &response.header.socket_id;
-            if !ports.contains(&id.source_port) {
+            if id.source_port != port {
                 return;
             }
             let info = response.nlas.iter().find_map(|nla| match nla {
@@ -158,30 +180,34 @@ impl NamespaceSampler {
             connections.push(ConnectionSample {
                 inode: u64::from(response.header.inode),
                 client: id.destination_address,
+                client_port: id.destination_port,
+                queued_bytes: response.header.recv_queue,
                 idle_ms: info.and_then(|info| tcp_info_field::<u32>(info, TCPI_LAST_DATA_RECV)),
                 received_bytes: info
                     .and_then(|info| tcp_info_field::<u64>(info, TCPI_BYTES_RECEIVED)),
             });
-        })?;
-        Ok(connections)
+        })
     }
 
-    /// Dumps the namespace's TCP sockets in `states` (IPv4, then IPv6) with `extensions`,
-    /// handing each to `each`.
+    /// Dumps the namespace's TCP sockets in `states` (IPv4, then IPv6) with `extensions` and
+    /// local port `local_port` ([`ANY_PORT`]: all), handing each to `each`.
     fn dump(
         &mut self,
         states: StateFlags,
         extensions: ExtensionFlags,
+        local_port: u16,
         mut each: impl FnMut(&InetResponse),
     ) -> Result<(), AcceptError> {
         for family in [AF_INET, AF_INET6] {
             let mut header = NetlinkHeader::default();
             header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-            let socket_id = if family == AF_INET {
+            let mut socket_id = if family == AF_INET {
                 SocketId::new_v4()
             } else {
                 SocketId::new_v6()
             };
+            // The kernel skips sockets of another local port when this is not zero.
+            socket_id.source_port = local_port;
             let request = InetRequest {
                 family,
                 protocol: IPPROTO_TCP,
@@ -211,6 +237,9 @@ impl NamespaceSampler {
         Ok(())
     }
 }
+
+/// A dump's local port that stands for every port.
+const ANY_PORT: u16 = 0;
 
 /// Offset of `__u32 tcpi_last_data_recv` (ms) in `struct tcp_info` (`include/uapi/linux/tcp.h`).
 const TCPI_LAST_DATA_RECV: usize = 52;

@@ -14,7 +14,7 @@ use super::{
     binding::{Binding, Interval, LossLedger},
 };
 use crate::{
-    accept::AcceptWatch,
+    accept::{AcceptWatch, clients},
     alert::Alerting,
     clock::monotonic_now_ns,
     events::Event,
@@ -55,6 +55,8 @@ pub struct Consumer {
     pub(super) interval: Interval,
     /// How the scheduler and fault programs are attached.
     pub(super) host_tax: HostTax,
+    /// Iterations this old are watched for the clients of the stall they may become.
+    pub(super) gate_ns: u64,
 }
 
 /// The parts a consumer starts with.
@@ -72,6 +74,7 @@ pub struct ConsumerParts {
     pub memory: bool,
     pub run_losses: Rc<Cell<RunLosses>>,
     pub host_tax: HostTax,
+    pub gate_ns: u64,
 }
 
 impl Consumer {
@@ -98,6 +101,7 @@ impl Consumer {
             losses: LossLedger::new(parts.run_losses),
             interval: Interval::new(),
             host_tax: parts.host_tax,
+            gate_ns: parts.gate_ns,
         }
     }
 
@@ -127,9 +131,24 @@ impl Consumer {
         let incomplete = self
             .losses
             .samples_lost_since_last_stall(&self.binding, &self.stalls.counts())?;
-        let mut stall = self
+        let (mut stall, last_read) = self
             .stalls
             .stall(event, StallContext { accept, incomplete });
+        let (client, waiting) = self.accept.stall_clients(
+            event.start_ns,
+            event.end_ns,
+            &stall.origin,
+            last_read.as_ref(),
+        );
+        if let Some(typed) = client
+            .command
+            .as_deref()
+            .and_then(|command| clients::narrowed_origin(&stall.origin, command))
+        {
+            stall.rename_origin(&typed);
+        }
+        stall.client = client;
+        stall.waiting = waiting;
         self.causes.add(&stall);
         self.interval.stalls += 1;
         self.outputs.stall(&mut stall)?;
@@ -201,9 +220,21 @@ impl Consumer {
         Ok(())
     }
 
-    /// Samples the accept queues.
-    pub fn sample_accept_queues(&mut self) {
+    /// Samples the accept queues, and the server's connections while an iteration runs past
+    /// the gate (for the clients of the stall it may become).
+    pub fn sample_accept_queues(&mut self) -> anyhow::Result<()> {
         self.accept.sample(self.metrics.as_ref());
+        let Some(slot) = self.binding.slot() else {
+            return Ok(());
+        };
+        let running = self.binding.maps.borrow().loop_state(slot)?;
+        if let Some(start_ns) = running.running_iteration_start_ns()
+            && monotonic_now_ns().saturating_sub(start_ns) >= self.gate_ns
+        {
+            let read_fd = running.read_fd.checked_sub(1).map(|fd| fd as u32);
+            self.accept.see_running_iteration(start_ns, read_fd);
+        }
+        Ok(())
     }
 
     /// Re-reads the listeners (telling the kernel their ports), and says before when drops

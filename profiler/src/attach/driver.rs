@@ -150,10 +150,7 @@ pub async fn watch(
             _ = timers.report.tick() => each(run, |consumer| consumer.report_interval(config.interval)),
             () = tick(&mut timers.alert_check) => each(run, |consumer| consumer.check_in_progress()),
             () = tick(&mut timers.metrics_refresh) => each(run, |consumer| consumer.refresh_histogram()),
-            _ = timers.queue_sample.tick() => each(run, |consumer| {
-                consumer.sample_accept_queues();
-                Ok(())
-            }),
+            _ = timers.queue_sample.tick() => each(run, |consumer| consumer.sample_accept_queues()),
             _ = timers.accept_housekeeping.tick() => run
                 .accept_housekeeping(events.get_mut())
                 .and_then(|()| run.release_quiet_fault_programs()),

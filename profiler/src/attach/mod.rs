@@ -56,6 +56,9 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<StopReason> {
     probes.attach_poll_tracepoints(&tracepoints)?;
     probes.attach_madvise()?;
     probes.attach_connections()?;
+    if config.probes.exact_clients {
+        probes.attach_read_tracker()?;
+    }
     if config.probes.fault_sample_interval_ns.is_some() {
         probes.attach_memory()?;
     }

@@ -83,7 +83,7 @@ impl Consumer {
     /// accept figures (before its maps go).
     pub fn flush_target(&mut self) -> anyhow::Result<()> {
         self.refresh_histogram()?;
-        self.sample_accept_queues();
+        self.sample_accept_queues()?;
         self.report_overflows_before(u64::MAX)?;
         log::info!(
             "{}: kernel counters: {}",

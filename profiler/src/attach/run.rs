@@ -154,6 +154,7 @@ impl Run {
             memory: self.config.probes.fault_sample_interval_ns.is_some(),
             run_losses: Rc::clone(&self.losses),
             host_tax: self.probes.host_tax,
+            gate_ns: self.config.probes.gate_ns,
         });
         let mut attached = consumer.attached_record();
         self.consumers.push(consumer);

@@ -39,6 +39,11 @@ fn stall_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// 1 .. 32768 clients, doubling.
+fn clients_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
 /// 1 us .. ~67 s, times four.
 fn madvise_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_001, 4.0, 14))
@@ -51,6 +56,7 @@ pub struct Metrics {
     iterations: Family<InstanceLabels, Histogram, MakeHistogram>,
     stalls_seconds: Family<InstanceLabels, Histogram, MakeHistogram>,
     stalls: Family<CauseLabels, Counter>,
+    clients_held_up: Family<InstanceLabels, Histogram, MakeHistogram>,
     madvise_bytes: Family<MadviseLabels, Counter>,
     madvise_seconds: Family<InstanceLabels, Histogram, MakeHistogram>,
     lost_events: Family<InstanceLabels, Counter>,
@@ -80,6 +86,7 @@ impl Metrics {
             iterations: Family::new_with_constructor(iteration_histogram),
             stalls_seconds: Family::new_with_constructor(stall_histogram),
             stalls: Family::default(),
+            clients_held_up: Family::new_with_constructor(clients_histogram),
             madvise_bytes: Family::default(),
             madvise_seconds: Family::new_with_constructor(madvise_histogram),
             lost_events: Family::default(),
@@ -127,6 +134,11 @@ impl Metrics {
             "stalls",
             "Stalls by what Redis was doing and where the time went",
             self.stalls.clone(),
+        );
+        registry.register(
+            "stall_clients_held_up",
+            "Client connections with requests waiting when a stall was last seen running, per stall",
+            self.clients_held_up.clone(),
         );
         registry.register(
             "madvise_bytes",
@@ -269,6 +281,7 @@ impl InstanceMetrics {
         let labels = &self.labels;
         metrics.iterations.remove(labels);
         metrics.stalls_seconds.remove(labels);
+        metrics.clients_held_up.remove(labels);
         metrics.madvise_seconds.remove(labels);
         metrics.lost_events.remove(labels);
         metrics.new_page_bytes.remove(labels);
@@ -325,6 +338,12 @@ impl InstanceMetrics {
             &mut series.stall_causes
         });
         self.metrics.stalls.get_or_create(&labels).inc();
+        if let Some(waiting) = &stall.waiting {
+            self.metrics
+                .clients_held_up
+                .get_or_create(&self.labels)
+                .observe(waiting.connections as f64);
+        }
     }
 
     /// The labels of a cause in the set `kind` picks (`other` past its bound).

@@ -120,8 +120,9 @@ pub struct ProbeSettings {
 }
 
 /// Programs loaded with [`Probes::load`], by name and kind.
-const TRACEPOINT_PROGRAMS: [&str; 6] = [
+const TRACEPOINT_PROGRAMS: [&str; 7] = [
     "poll_entry",
+    "read_entry",
     "madvise_entry",
     "madvise_return",
     "connection_state",
@@ -333,6 +334,12 @@ impl Probes {
             self.attach_btf_tracepoints(&MEMORY_PROGRAMS)?;
         }
         Ok(())
+    }
+
+    /// Attaches the read tracker of `--clients exact` to `syscalls:sys_enter_read` (it runs
+    /// for every `read` of the host).
+    pub fn attach_read_tracker(&mut self) -> Result<(), ProbeError> {
+        self.attach_tracepoint("read_entry", "syscalls", "sys_enter_read")
     }
 
     /// Attaches the connection tracers: handshakes completing on the listening ports,

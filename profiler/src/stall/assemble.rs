@@ -30,6 +30,53 @@ pub struct PendingSample {
     pub kernel: Vec<u64>,
     /// User lookup addresses, leaf first.
     pub user: Vec<u64>,
+    /// With `--clients exact`: the event-loop thread's last read before the sample.
+    pub last_read: Option<LastRead>,
+}
+
+/// The event-loop thread's last `read` before a sample: the descriptor, and the first bytes
+/// it received (the request of the command running now begins there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastRead {
+    pub fd: u32,
+    pub request: Vec<u8>,
+}
+
+impl LastRead {
+    /// The last read `event` carries, if any.
+    fn of(event: &StackEvent) -> Option<Self> {
+        let fd = event.read_fd.checked_sub(1)?;
+        let length = (event.request_len as usize).min(event.request.len());
+        Some(Self {
+            fd,
+            request: event.request[..length].to_vec(),
+        })
+    }
+
+    /// The read that most of `samples`' time carries (the command's client was read before
+    /// the command's samples; a cron's file read before the cron's few).
+    pub fn weightiest(samples: &[PendingSample]) -> Option<Self> {
+        let mut weights: Vec<(&LastRead, u64)> = Vec::new();
+        for sample in samples {
+            let Some(read) = sample.last_read.as_ref() else {
+                continue;
+            };
+            match weights.iter_mut().find(|(seen, _)| seen.fd == read.fd) {
+                Some((seen, weight)) => {
+                    *weight += sample.weight_ns;
+                    // The request as one sample could copy it, if the first could not.
+                    if seen.request.is_empty() {
+                        *seen = read;
+                    }
+                }
+                None => weights.push((read, sample.weight_ns)),
+            }
+        }
+        weights
+            .into_iter()
+            .max_by_key(|(_, weight)| *weight)
+            .map(|(read, _)| read.clone())
+    }
 }
 
 /// An event-loop madvise call waiting for its iteration to end.
@@ -261,6 +308,7 @@ impl StallAssembler {
                 weight_ns,
                 kernel: kernel.clone(),
                 user: user.clone(),
+                last_read: LastRead::of(event),
             })
             .collect()
     }

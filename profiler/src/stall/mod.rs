@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use profiler_common::{MadviseEvent, StackEvent, StallEvent};
 
-pub use assemble::{AssemblyCounts, RunningIteration, StallAssembler, UnresolvedStall};
+pub use assemble::{AssemblyCounts, LastRead, RunningIteration, StallAssembler, UnresolvedStall};
 pub use resolve::{StallContext, StallResolver, SymbolizeWork};
 
 use crate::{
@@ -97,11 +97,19 @@ impl StallPipeline {
         self.assembler.add_madvise(event);
     }
 
-    /// The finished stall of a stall event.
-    pub fn stall(&mut self, event: &StallEvent, context: StallContext) -> Stall {
+    /// The finished stall of a stall event, and the event-loop thread's last read its samples
+    /// carry (`--clients exact`).
+    pub fn stall(
+        &mut self,
+        event: &StallEvent,
+        context: StallContext,
+    ) -> (Stall, Option<LastRead>) {
         let unresolved = self.assembler.take_stall(event);
-        self.resolver
-            .resolve(unresolved, self.assembler.memory_map(), context)
+        let last_read = LastRead::weightiest(&unresolved.samples);
+        let stall = self
+            .resolver
+            .resolve(unresolved, self.assembler.memory_map(), context);
+        (stall, last_read)
     }
 
     /// The stall still running (see [`StallAssembler::in_progress`]).

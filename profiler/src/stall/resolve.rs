@@ -12,7 +12,7 @@ use crate::{
     attribute::{Attribution, Rules, UNKNOWN},
     clock::WallClock,
     memory_map::MemoryMap,
-    output::record::{BreakdownEntry, Instance, Stall, StallAccept, WeightedStack},
+    output::record::{BreakdownEntry, Instance, Stall, StallAccept, StallClient, WeightedStack},
     stack::{Frame, StackKind},
     symbolize::Symbolizer,
 };
@@ -155,6 +155,8 @@ impl StallResolver {
             accept: context.accept,
             incomplete: context.incomplete,
             poll_handed_off: stall.poll_handed_off,
+            client: StallClient::default(),
+            waiting: None,
         }
     }
 }

@@ -131,7 +131,9 @@ fn samples_of_the_stalled_iteration_make_its_times_and_named_stacks() {
     for _ in 0..5 {
         pipeline.add_stack(&stack_event(EVENT_KIND_ON_CPU, 1_000, &[], &DEBUG_ON_CPU));
     }
-    let stall = pipeline.stall(&stall_event(1_000, 300_001_000), StallContext::default());
+    let stall = pipeline
+        .stall(&stall_event(1_000, 300_001_000), StallContext::default())
+        .0;
     assert_eq!(stall.duration_us, 300_000);
     assert_eq!(
         (stall.on_cpu_us, stall.off_cpu_us, stall.runqueue_us),
@@ -190,7 +192,7 @@ fn the_context_of_a_stall_is_part_of_its_record() {
         }),
         incomplete: true,
     };
-    let stall = pipeline.stall(&stall_event(1_000, 20_000_000), context);
+    let stall = pipeline.stall(&stall_event(1_000, 20_000_000), context).0;
     assert!(stall.incomplete);
     assert_eq!(stall.accept.map(|accept| accept.overflows), Some(12));
     assert_eq!((stall.origin.as_str(), stall.samples), ("unknown", 0));
@@ -218,7 +220,9 @@ fn event_loop_madvise_calls_inside_the_stall_are_summed() {
     pipeline.add_madvise(&madvise_call(1_000, 64 << 20, 40_000_000));
     pipeline.add_madvise(&madvise_call(1_000, 64 << 20, 30_000_000));
     pipeline.add_madvise(&madvise_call(0, 1 << 30, 1)); // another thread
-    let stall = pipeline.stall(&stall_event(1_000, 100_000_000), StallContext::default());
+    let stall = pipeline
+        .stall(&stall_event(1_000, 100_000_000), StallContext::default())
+        .0;
     assert_eq!(
         stall.madvise,
         MadviseTotals {
@@ -237,7 +241,9 @@ fn madvise_calls_beyond_the_pending_limit_are_counted_as_not_kept() {
         pipeline.add_madvise(&madvise_call(1_000, 4096, 1_000));
     }
     assert_eq!(pipeline.counts().madvise_not_kept, 3);
-    let stall = pipeline.stall(&stall_event(1_000, 100_000_000), StallContext::default());
+    let stall = pipeline
+        .stall(&stall_event(1_000, 100_000_000), StallContext::default())
+        .0;
     assert_eq!(stall.madvise.calls, limit);
 }
 
@@ -246,9 +252,13 @@ fn samples_of_iterations_that_ended_below_the_threshold_are_dropped() {
     let mut pipeline = pipeline();
     pipeline.add_stack(&stack_event(EVENT_KIND_ON_CPU, 1_000, &[], &[]));
     pipeline.add_stack(&stack_event(EVENT_KIND_ON_CPU, 2_000, &[], &[]));
-    let stall = pipeline.stall(&stall_event(2_000, 20_000_000), StallContext::default());
+    let stall = pipeline
+        .stall(&stall_event(2_000, 20_000_000), StallContext::default())
+        .0;
     assert_eq!(stall.samples, 1);
-    let empty = pipeline.stall(&stall_event(3_000, 30_000_000), StallContext::default());
+    let empty = pipeline
+        .stall(&stall_event(3_000, 30_000_000), StallContext::default())
+        .0;
     assert_eq!((empty.samples, empty.stacks.len()), (0, 0));
 }
 
@@ -267,7 +277,9 @@ fn a_stall_in_progress_keeps_its_samples_for_the_final_one() {
     let so_far = pipeline.in_progress(running, Some(&blocked));
     assert_eq!((so_far.samples, so_far.off_cpu_us), (2, 150_000));
     assert_eq!(so_far.origin, "command:debug");
-    let last = pipeline.stall(&stall_event(1_000, 300_001_000), StallContext::default());
+    let last = pipeline
+        .stall(&stall_event(1_000, 300_001_000), StallContext::default())
+        .0;
     assert_eq!(
         last.samples, 1,
         "the blocked stacks were not kept: {last:?}"

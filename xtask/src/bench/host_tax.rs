@@ -39,6 +39,8 @@ struct Condition {
     binary: Option<PathBuf>,
     /// Servers watched besides the loop.
     servers: usize,
+    /// Further arguments of the profiler.
+    args: &'static [&'static str],
     figures: Vec<Figures>,
 }
 
@@ -61,17 +63,30 @@ pub fn run(root: &Path, other: Option<&Path>, rounds: usize) -> anyhow::Result<(
     }
     let mut poll_loop = PollLoop::start()?;
     let ours = stallprof_testkit::profiler_bin();
-    let mut conditions = vec![condition("no profiler", None, 0)];
+    let mut conditions = vec![condition("no profiler", None, 0, &[])];
     for (name, binary) in std::iter::once(("this build", ours.as_path()))
         .chain(other.into_iter().map(|binary| ("the other build", binary)))
     {
-        conditions.push(condition(&format!("{name}, 1 watched"), Some(binary), 0));
+        conditions.push(condition(
+            &format!("{name}, 1 watched"),
+            Some(binary),
+            0,
+            &[],
+        ));
         conditions.push(condition(
             &format!("{name}, 16 watched"),
             Some(binary),
             OTHER_SERVERS,
+            &[],
         ));
     }
+    // The one host-wide program a flag adds: `sys_enter_read`, on every read of the host.
+    conditions.push(condition(
+        "this build, 1 watched, `--clients exact`",
+        Some(ours.as_path()),
+        0,
+        &["--clients", "exact"],
+    ));
     for round in 0..rounds {
         for step in 0..conditions.len() {
             let index = (round + step) % conditions.len();
@@ -99,11 +114,17 @@ pub fn run(root: &Path, other: Option<&Path>, rounds: usize) -> anyhow::Result<(
     Ok(())
 }
 
-fn condition(label: &str, binary: Option<&Path>, servers: usize) -> Condition {
+fn condition(
+    label: &str,
+    binary: Option<&Path>,
+    servers: usize,
+    args: &'static [&'static str],
+) -> Condition {
     Condition {
         label: label.to_owned(),
         binary: binary.map(Path::to_owned),
         servers,
+        args,
         figures: Vec::new(),
     }
 }
@@ -119,6 +140,7 @@ fn measure(
             binary,
             poll_loop.child.id(),
             &servers[..condition.servers],
+            condition.args,
         )?),
         None => None,
     };
@@ -139,11 +161,18 @@ struct Attached {
 }
 
 impl Attached {
-    fn start(binary: &Path, poll_loop: u32, servers: &[RedisServer]) -> anyhow::Result<Self> {
+    fn start(
+        binary: &Path,
+        poll_loop: u32,
+        servers: &[RedisServer],
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let json = tempfile::NamedTempFile::new()?;
         let mut command = Command::new(binary);
         command
-            .args(["attach", "--force", "--interval", "600s", "--pid"])
+            .args(["attach", "--force", "--interval", "600s"])
+            .args(args)
+            .arg("--pid")
             .arg(poll_loop.to_string())
             .arg("--json")
             .arg(json.path());
@@ -209,18 +238,9 @@ type Column = (&'static str, fn(&Figures) -> f64);
 const SYSCALLS_PER_ROUND_TRIP: f64 = 4.0;
 
 /// The section's Markdown.
-fn render(
-    conditions: &[Condition],
-    other: Option<&Path>,
-    rounds: usize,
-    took: Duration,
-) -> String {
+fn render(conditions: &[Condition], other: Option<&Path>, rounds: usize, took: Duration) -> String {
     let fastest = |condition: &Condition, pick: fn(&Figures) -> f64| {
-        condition
-            .figures
-            .iter()
-            .map(pick)
-            .fold(f64::MAX, f64::min)
+        condition.figures.iter().map(pick).fold(f64::MAX, f64::min)
     };
     let columns: [Column; 4] = [
         ("`getppid` (ns)", |f| f.syscall),
@@ -238,7 +258,9 @@ fn render(
          noise only ever slows a run). \"1 watched\": the loop alone; \"16 watched\": the loop \
          and {OTHER_SERVERS} idle Redis servers on CPU 0. Each cell: ns, then the change against \
          no profiler. \"Per context switch\": the round trip's change less the toll of its four \
-         system calls (the `getppid` change), halved. The measurements took {:.0} s.\n\n",
+         system calls (the `getppid` change), halved; with `--clients exact`, whose program \
+         runs on every `read` of the host, the round trip's two reads pay it too. The \
+         measurements took {:.0} s.\n\n",
         other.map_or(String::new(), |other| format!(" {}", other.display())),
         super::today(),
         super::machine(),
@@ -267,9 +289,8 @@ fn render(
             }
         }
         let change = |pick: fn(&Figures) -> f64| fastest(condition, pick) - fastest(baseline, pick);
-        let per_switch = (change(|f| f.round_trip)
-            - SYSCALLS_PER_ROUND_TRIP * change(|f| f.syscall))
-            / 2.0;
+        let per_switch =
+            (change(|f| f.round_trip) - SYSCALLS_PER_ROUND_TRIP * change(|f| f.syscall)) / 2.0;
         if std::ptr::eq(condition, baseline) {
             text += " |\n";
         } else {

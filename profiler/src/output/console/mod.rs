@@ -42,6 +42,34 @@ impl ConsoleSink {
     }
 }
 
+/// `, from 127.0.0.2:40312 (keys)` or `, from one of 3 clients`, then `; 312 clients waiting
+/// (4 MiB, the longest 1.2s)`: a stall's clients for people (nothing of what is not known).
+fn clients_text(stall: &Stall) -> String {
+    let client = &stall.client;
+    let mut text = match (client.sender(), client.possible_senders(), &client.command) {
+        (Some(sender), _, _) => format!(", from {}", sender.addr),
+        (None, 0, None) => String::new(),
+        (None, 0, Some(_)) => ", from an unnamed client".to_owned(),
+        (None, candidates, _) => format!(", from one of {candidates} clients"),
+    };
+    if let Some(command) = &client.command {
+        text += &format!(" ({command})");
+    }
+    if let Some(waiting) = stall
+        .waiting
+        .as_ref()
+        .filter(|waiting| waiting.connections > 0)
+    {
+        text += &format!(
+            "; {} clients waiting ({}, the longest {})",
+            waiting.connections,
+            human_bytes(waiting.bytes),
+            human_duration_ns(waiting.longest_wait_us * 1_000)
+        );
+    }
+    text
+}
+
 impl Sink for ConsoleSink {
     fn attached(&mut self, attached: &Attached) -> io::Result<()> {
         let ports: Vec<String> = attached.ports.iter().map(u16::to_string).collect();
@@ -91,6 +119,7 @@ impl Sink for ConsoleSink {
                 line += &format!(", most from {} ({})", top.addr, top.connections);
             }
         }
+        line += &clients_text(stall);
         if stall.incomplete {
             line += " [incomplete: samples were lost]";
         }

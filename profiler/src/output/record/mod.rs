@@ -135,6 +135,110 @@ pub struct Stall {
     /// the loop turned without blocking, its wrappers' time waiting for its io threads.
     #[serde(default)]
     pub poll_handed_off: bool,
+    /// Who sent the command the stall ran (see [`StallClient`]).
+    #[serde(default)]
+    pub client: StallClient,
+    /// The clients the stall held up, when its server's connections were seen while it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<StallWaiters>,
+}
+
+impl Stall {
+    /// Renames the stall's origin `typed` (the command its client typed, where its stacks
+    /// could not tell it from others sharing their code), in its breakdown and stacks too.
+    pub fn rename_origin(&mut self, typed: &str) {
+        let before = std::mem::replace(&mut self.origin, typed.to_owned());
+        for entry in &mut self.breakdown {
+            if entry.origin == before {
+                entry.origin = typed.to_owned();
+            }
+        }
+        for stack in &mut self.stacks {
+            if stack.origin == before {
+                stack.origin = typed.to_owned();
+            }
+        }
+    }
+}
+
+/// Who sent the command a stall ran.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StallClient {
+    /// How it is known.
+    pub source: ClientSource,
+    /// The sender, or every client it may be when several are possible (then the record says
+    /// so: it never makes a guess look certain).
+    pub candidates: Vec<ClientPeer>,
+    /// Further possible senders, left out of `candidates` (it lists 8 at most).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub others: u64,
+    /// The command's name as the client typed it (`exact` only; never keys or values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+}
+
+impl StallClient {
+    /// The sender, when there is exactly one candidate.
+    pub fn sender(&self) -> Option<&ClientPeer> {
+        match (self.candidates.as_slice(), self.others) {
+            ([only], 0) => Some(only),
+            _ => None,
+        }
+    }
+
+    /// How many clients may have sent the command.
+    pub fn possible_senders(&self) -> u64 {
+        self.candidates.len() as u64 + self.others
+    }
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
+}
+
+/// How the sender of a stall's command is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientSource {
+    /// The connection the event-loop thread read the command from (`--clients exact`).
+    Exact,
+    /// The connections whose data had just arrived, all read, when the iteration began.
+    Census,
+    /// The stall ran no command (cron, expiry, ...): it has no sender.
+    #[serde(rename = "none")]
+    NoCommand,
+    /// A command's stall, with nothing seen to tell whose (and a record written before
+    /// senders were recorded).
+    #[default]
+    Unknown,
+}
+
+/// One client connection: `ip:port` (IPv6 in brackets) or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientPeer {
+    pub addr: String,
+}
+
+/// The clients a stall held up: the connections with requests waiting in their receive queues
+/// when the stall was last seen running.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StallWaiters {
+    pub connections: u64,
+    /// Bytes waiting in their receive queues.
+    pub bytes: u64,
+    /// The longest any of them had waited when the stall ended, at least: since its last data
+    /// arrived.
+    pub longest_wait_us: u64,
+    /// The client addresses with most connections waiting.
+    pub top: Vec<WaitingClients>,
+}
+
+/// The waiting connections of one client address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingClients {
+    pub addr: String,
+    pub connections: u64,
+    pub bytes: u64,
 }
 
 fn unknown() -> String {
@@ -270,6 +374,8 @@ impl Stall {
             accept: None,
             incomplete: false,
             poll_handed_off: false,
+            client: StallClient::default(),
+            waiting: None,
         }
     }
 }
@@ -298,6 +404,7 @@ mod tests {
         let mut recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
         // Fields added since, read as their defaults.
         recorded["poll_handed_off"] = false.into();
+        recorded["client"] = serde_json::json!({"source": "unknown", "candidates": []});
         recorded["instance"] = serde_json::json!({"pid": 0, "port": null, "name": ""});
         assert_eq!(written, recorded);
     }
