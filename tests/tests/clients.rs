@@ -281,3 +281,33 @@ fn a_sender_over_ipv6_or_a_unix_socket_is_named_by_its_address_or_path() {
         assert_eq!(senders(stalls[1]), expected_unix, "{mode}: {}", stalls[1]);
     }
 }
+
+#[test]
+fn hvals_typed_names_the_stall_its_stacks_share_with_hgetall_and_hkeys() {
+    let redis = RedisServer::start(&[]);
+    redis.cli(&[
+        "EVAL",
+        "for i = 1, 300000 do redis.call('HSET', 'big', 'field:' .. i, i) end",
+        "0",
+    ]);
+    for mode in ["census", "exact"] {
+        let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "--clients", mode]);
+        let mut client = redis.client();
+        let _: Vec<String> = redis::cmd("HVALS").arg("big").query(&mut client).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        let run = profiler.stop();
+        let stalls = run.of_type("stall");
+        let hash_stalls: Vec<&&Value> = stalls
+            .iter()
+            .filter(|stall| stall["origin"].as_str().unwrap().starts_with("command:h"))
+            .collect();
+        assert!(!hash_stalls.is_empty(), "{mode}: {stalls:?}");
+        let expected = match mode {
+            "exact" => "command:hvals",
+            _ => "command:hgetall|hkeys|hvals",
+        };
+        for stall in hash_stalls {
+            assert_eq!(stall["origin"], expected, "{mode}: {stall}");
+        }
+    }
+}
