@@ -87,13 +87,16 @@ fn a_cpu_bound_command_is_sampled_on_cpu_and_unwinds_to_main() {
     let stall = the_stall(&run.of_type("stall"));
     let duration_us = number(&stall["duration_us"]);
     let on_cpu_us = number(&stall["on_cpu_us"]);
+    // On a loaded machine part of it waits for a CPU: CPU-bound all the same.
+    let runqueue_us = number(&stall["runqueue_us"]);
     assert!(
         duration_us >= 200_000,
         "KEYS over 3 million keys takes a while: {duration_us} us"
     );
     assert!(
-        on_cpu_us * 10 >= duration_us * 8,
-        "on-CPU samples cover {on_cpu_us} us of {duration_us} us"
+        (on_cpu_us + runqueue_us) * 10 >= duration_us * 8,
+        "on-CPU samples cover {on_cpu_us} us and the run queue {runqueue_us} us of \
+         {duration_us} us"
     );
 
     let stacks: Vec<&Value> = stall["stacks"]
