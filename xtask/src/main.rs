@@ -12,37 +12,15 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod builds;
 mod demo;
+mod ebpf;
+mod install_check;
 mod ping_pong;
 mod poll_loop;
+mod setup;
 mod soak;
 mod unrelated;
 
-/// Debian packages: LLVM 22 for bpf-linker, Redis for the tests and the demo, iproute2 for
-/// network namespaces, util-linux for unshare/setpriv, curl to scrape the metrics in tests,
-/// perf for the benchmark's comparison, systemd for `systemd-analyze verify` of the example
-/// unit, golang-go for `go tool pprof`.
-const APT_PACKAGES: [&str; 14] = [
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-    "redis-server",
-    "redis-tools",
-    "iproute2",
-    "util-linux",
-    "curl",
-    "linux-perf",
-    // Building the Redis of a source distribution, for the attribution matrix.
-    "make",
-    "gcc",
-    "systemd",
-    // `go tool pprof`, to read back the --pprof output in a test.
-    "golang-go",
-];
-/// The target of the static binary `cargo xtask dist` builds.
-const DIST_TARGET: &str = "x86_64-unknown-linux-musl";
-/// The bpf-linker release that builds against LLVM 22 (see PLATFORM.md).
-const BPF_LINKER_VERSION: &str = "0.13.0";
+use setup::{DIST_TARGET, Purpose, setup};
 
 /// Set-up, demo, test and benchmark tasks for redis-stallprof; each installs what is missing
 /// first.
@@ -55,9 +33,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker, the extra Redis
-    /// and Valkey builds; mount tracefs.
-    Setup,
+    /// Install what a task needs and is missing: `demo` (Redis), `dev` (and what rebuilds the
+    /// kernel programs: nightly rust-src, LLVM, bpf-linker) or `test` (all of it, and what the
+    /// tests check outputs with, the matrix's extra Redis and Valkey builds, cargo-deb).
+    Setup {
+        #[arg(long = "for", value_enum, default_value = "test")]
+        purpose: Purpose,
+    },
     /// Build, start a throwaway redis-server, make it stall, profile it, write the report.
     Demo,
     /// Build and run every test (unit and integration, against real redis-servers).
@@ -94,6 +76,16 @@ enum Task {
     MemoryCost,
     /// Build the static binary (x86_64 musl, the eBPF object embedded) into target/dist/.
     Dist,
+    /// Install the profiler with `cargo install --path profiler` using stable Rust alone (no
+    /// nightly, LLVM or bpf-linker) and check the installed binary names a stall.
+    InstallCheck,
+    /// Compile the kernel programs (nightly, bpf-linker) into the committed object
+    /// profiler-ebpf/redis-stallprof.bpf.o; with --check, fail unless it is current.
+    BuildEbpf {
+        /// Compile aside and compare with the committed object instead of replacing it.
+        #[arg(long)]
+        check: bool,
+    },
     /// Profile a server under a long storm of stalls and check that memory stays bounded.
     Soak {
         /// How long, in minutes.
@@ -129,54 +121,69 @@ fn main() -> ExitCode {
 
 fn run_task(task: Task) -> anyhow::Result<()> {
     match task {
-        Task::Setup => setup(),
+        Task::Setup { purpose } => setup(purpose),
         Task::Demo => {
-            setup()?;
-            build()?;
+            setup(Purpose::Demo)?;
+            build_profiler()?;
             demo::run(&workspace_root().join("stallprof-demo"))
         }
         Task::Test => {
-            setup()?;
+            setup(Purpose::Test)?;
+            let root = workspace_root();
+            ebpf::check(&root)?;
             build()?;
             dist()?;
-            test()
+            test()?;
+            install_check::run_check(&root)
+        }
+        Task::InstallCheck => {
+            setup(Purpose::Demo)?;
+            install_check::run_check(&workspace_root())
+        }
+        Task::BuildEbpf { check } => {
+            setup(Purpose::Dev)?;
+            if check {
+                ebpf::check(&workspace_root())
+            } else {
+                ebpf::build(&workspace_root())
+            }
         }
         Task::Dist => {
-            setup()?;
+            setup(Purpose::Demo)?;
             dist().map(|path| eprintln!("xtask: static binary at {}", path.display()))
         }
         Task::Bench => {
-            setup()?;
+            setup(Purpose::Test)?;
             build()?;
             bench::run(&workspace_root())
         }
         Task::ComparePoll { other, rounds } => {
-            setup()?;
+            setup(Purpose::Test)?;
             build()?;
             bench::compare::run(&other, rounds)
         }
         Task::HostTax { other, rounds } => {
-            setup()?;
+            setup(Purpose::Test)?;
             build()?;
             bench::host_tax::run(&workspace_root(), other.as_deref(), rounds)
         }
         Task::SwitchCost => {
-            setup()?;
+            setup(Purpose::Test)?;
             build()?;
             bench::switches::measure().map(drop)
         }
         Task::KernelSide => {
-            setup()?;
+            setup(Purpose::Test)?;
             build()?;
             bench::print_kernel_side()
         }
         Task::MemoryCost => {
-            setup()?;
+            setup(Purpose::Test)?;
             build()?;
             bench::memory::measure().map(drop)
         }
         Task::Soak { minutes } => {
-            setup()?;
+            setup(Purpose::Demo)?;
             build()?;
             soak::run(minutes)
         }
@@ -212,97 +219,26 @@ fn stdout_of(command: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-/// Installs what is missing: Debian packages, nightly `rust-src`, bpf-linker, the extra server
-/// builds; mounts tracefs.
-fn setup() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .into_iter()
-        .filter(|package| {
-            !stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
-                .contains("install ok installed")
-        })
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("xtask: installing {}", missing.join(" "));
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-
-    let installed = stdout_of(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]));
-    if !installed
-        .lines()
-        .any(|component| component.starts_with("rust-src"))
-    {
-        eprintln!("xtask: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    }
-
-    if !stdout_of(Command::new("bpf-linker").arg("--version")).contains(BPF_LINKER_VERSION) {
-        eprintln!(
-            "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)"
-        );
-        let path = format!(
-            "/usr/lib/llvm-22/bin:{}",
-            std::env::var("PATH").unwrap_or_default()
-        );
-        run(Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-            ])
-            .args(["--no-default-features", "--features", "llvm-22"])
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .env("PATH", path))?;
-    }
-
-    builds::fetch();
-
-    let tracefs = Path::new("/sys/kernel/tracing");
-    if std::fs::read_dir(tracefs)
-        .map(|mut entries| entries.next().is_none())
-        .unwrap_or(true)
-    {
-        eprintln!("xtask: mounting tracefs at {}", tracefs.display());
-        run(Command::new("mount")
-            .args(["-t", "tracefs", "nodev"])
-            .arg(tracefs))?;
-    }
-    Ok(())
-}
-
-/// `cargo build --release` at the root: the eBPF object and the profiler.
+/// `cargo build --release` at the root: the profiler (its kernel programs the committed
+/// object) and the tasks.
 fn build() -> anyhow::Result<()> {
     run(Command::new("cargo")
         .args(["build", "--release", "--quiet"])
         .current_dir(workspace_root()))
 }
 
+/// The profiler alone, in release mode (what the demo runs).
+fn build_profiler() -> anyhow::Result<()> {
+    eprintln!("xtask: building redis-stallprof (release; a few minutes the first time)");
+    run(Command::new("cargo")
+        .args(["build", "--release", "--quiet", "-p", "redis-stallprof"])
+        .current_dir(workspace_root()))
+}
+
 /// Builds the static binary for [`DIST_TARGET`] (adding the target to the toolchain if it is
 /// missing) and copies it to `target/dist/`, which it returns.
 fn dist() -> anyhow::Result<PathBuf> {
-    let installed = stdout_of(Command::new("rustup").args(["target", "list", "--installed"]));
-    if !installed.lines().any(|target| target.trim() == DIST_TARGET) {
-        eprintln!("xtask: adding the {DIST_TARGET} target");
-        run(Command::new("rustup").args(["target", "add", DIST_TARGET]))?;
-    }
+    setup::dist_target()?;
     let root = workspace_root();
     run(Command::new("cargo")
         .args(["build", "--release", "--quiet", "-p", "redis-stallprof"])
@@ -329,7 +265,7 @@ fn test() -> anyhow::Result<()> {
             "test",
             "--release",
             "-p",
-            "profiler-common",
+            "redis-stallprof-common",
             "-p",
             "redis-stallprof",
             "-p",
