@@ -115,8 +115,21 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     add_small_sets(&mut redis.client(), 200_000);
     thread::sleep(Duration::from_millis(2_500));
     drop(pool);
-    eprintln!("demo: Redis's own view (LATENCY LATEST: event, time, latest ms, max ms):");
-    eprintln!("{}", redis.cli(&["LATENCY", "LATEST"]).trim_end());
+    let latest = redis.cli(&["LATENCY", "LATEST"]);
+    let fields: Vec<&str> = latest.lines().collect();
+    let events: Vec<String> = fields
+        .chunks(4)
+        .filter_map(|event| match event {
+            [name, _, latest, max, ..] => {
+                Some(format!("{name} (latest {latest} ms, max {max} ms)"))
+            }
+            _ => None,
+        })
+        .collect();
+    eprintln!(
+        "demo: Redis's own view, LATENCY LATEST: {} (no origin, no stack, no cron)",
+        events.join(", ")
+    );
     eprintln!("demo: stopping the profiler with Ctrl-C (SIGINT)");
     let run = profiler.stop();
     anyhow::ensure!(

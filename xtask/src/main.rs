@@ -123,8 +123,10 @@ fn run_task(task: Task) -> anyhow::Result<()> {
     match task {
         Task::Setup { purpose } => setup(purpose),
         Task::Demo => {
+            // The build needs the CPUs, the set-up the network: both at once.
+            let build = spawn_profiler_build()?;
             setup(Purpose::Demo)?;
-            build_profiler()?;
+            finish_build(build)?;
             demo::run(&workspace_root().join("stallprof-demo"))
         }
         Task::Test => {
@@ -227,12 +229,28 @@ fn build() -> anyhow::Result<()> {
         .current_dir(workspace_root()))
 }
 
-/// The profiler alone, in release mode (what the demo runs).
-fn build_profiler() -> anyhow::Result<()> {
-    eprintln!("xtask: building redis-stallprof (release; a few minutes the first time)");
-    run(Command::new("cargo")
+/// Starts building the profiler alone, in release mode (what the demo runs).
+fn spawn_profiler_build() -> anyhow::Result<std::process::Child> {
+    eprintln!("xtask: building redis-stallprof (release; two minutes the first time)");
+    Command::new("cargo")
         .args(["build", "--release", "--quiet", "-p", "redis-stallprof"])
-        .current_dir(workspace_root()))
+        .current_dir(workspace_root())
+        .spawn()
+        .context("cannot run cargo build")
+}
+
+/// Waits for the build `spawn_profiler_build` started.
+fn finish_build(mut build: std::process::Child) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let status = build.wait()?;
+    if !status.success() {
+        bail!("cargo build --release -p redis-stallprof failed: {status}");
+    }
+    eprintln!(
+        "xtask: redis-stallprof built ({:.0} s after the set-up)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Builds the static binary for [`DIST_TARGET`] (adding the target to the toolchain if it is
