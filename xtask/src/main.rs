@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod builds;
+mod deb;
 mod demo;
 mod ebpf;
 mod install_check;
@@ -76,6 +77,10 @@ enum Task {
     MemoryCost,
     /// Build the static binary (x86_64 musl, the eBPF object embedded) into target/dist/.
     Dist,
+    /// Build the Debian package (cargo-deb) into target/deb/.
+    Deb,
+    /// Write the generated docs: the CLI reference, the man pages, the shell completions.
+    Docs,
     /// Install the profiler with `cargo install --path profiler` using stable Rust alone (no
     /// nightly, LLVM or bpf-linker) and check the installed binary names a stall.
     InstallCheck,
@@ -134,10 +139,25 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             let root = workspace_root();
             ebpf::check(&root)?;
             build()?;
-            dist()?;
-            test()?;
+            let package = deb::build(&root)?;
+            test(&package)?;
             install_check::run_check(&root)
         }
+        Task::Deb => {
+            setup(Purpose::Test)?;
+            deb::run_task(&workspace_root())
+        }
+        Task::Docs => run(Command::new("cargo")
+            .args([
+                "test",
+                "--quiet",
+                "-p",
+                "redis-stallprof",
+                "--test",
+                "generated_docs",
+            ])
+            .env("REDIS_STALLPROF_WRITE_DOCS", "1")
+            .current_dir(workspace_root())),
         Task::InstallCheck => {
             setup(Purpose::Demo)?;
             install_check::run_check(&workspace_root())
@@ -274,8 +294,9 @@ fn dist() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-/// Every test: unit tests, then the integration tests against real redis-servers.
-fn test() -> anyhow::Result<()> {
+/// Every test: unit tests, then the integration tests against real redis-servers (the static
+/// binary's and the Debian `package`'s among them).
+fn test(package: &Path) -> anyhow::Result<()> {
     let root = workspace_root();
     let binary = root.join("target/release/redis-stallprof");
     run(Command::new("cargo")
@@ -294,5 +315,6 @@ fn test() -> anyhow::Result<()> {
         .env(
             "REDIS_STALLPROF_DIST_BIN",
             root.join("target/dist/redis-stallprof"),
-        ))
+        )
+        .env("REDIS_STALLPROF_DEB", package))
 }
