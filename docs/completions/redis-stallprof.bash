@@ -61,7 +61,7 @@ _redis__stallprof() {
             return 0
             ;;
         redis__subcmd__stallprof__subcmd__attach)
-            opts="-v -h --pid --port --all --no-wait --force --follow --threshold --interval --duration --json --folded --flamegraph --pprof --stack-root --freq --gate --min-block --stack-bytes --alert --alert-exec --alert-timeout --alert-user --alert-max-per-minute --queue-interval --fault-sample-interval --no-memory --memory-folded --memory-flamegraph --metrics --rules --ring-buffer-kib --clients --probes --max-targets --verbose --help"
+            opts="-v -h --pid --port --all --no-wait --force --follow --threshold --interval --duration --json --folded --flamegraph --pprof --html --stack-root --freq --gate --min-block --stack-bytes --alert --alert-exec --alert-timeout --alert-user --alert-max-per-minute --queue-interval --fault-sample-interval --no-memory --memory-folded --memory-flamegraph --metrics --rules --ring-buffer-kib --clients --probes --max-targets --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -100,6 +100,10 @@ _redis__stallprof() {
                     return 0
                     ;;
                 --pprof)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --html)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -275,7 +279,7 @@ _redis__stallprof() {
             return 0
             ;;
         redis__subcmd__stallprof__subcmd__report)
-            opts="-v -h --folded --flamegraph --pprof --stack-root --verbose --help"
+            opts="-v -h --folded --flamegraph --pprof --html --stack-root --verbose --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -290,6 +294,10 @@ _redis__stallprof() {
                     return 0
                     ;;
                 --pprof)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --html)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

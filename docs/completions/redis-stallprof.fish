@@ -40,6 +40,7 @@ complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand attach" 
 complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand attach" -l folded -d 'Write the stalls\' stacks as folded lines (flamegraph input, weights in us) at exit' -r -F
 complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand attach" -l flamegraph -d 'Write the stalls\' stacks as a flamegraph SVG at exit' -r -F
 complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand attach" -l pprof -d 'Write the stalls\' stacks as a gzipped pprof profile at exit (go tool pprof, Pyroscope, Parca)' -r -F
+complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand attach" -l html -d 'Write the HTML report to PATH at exit (see `report --html`)' -r -F
 complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand attach" -l stack-root -d 'Root the folded stacks and the flamegraph at the stack\'s kind, or at its stall\'s origin (and mechanism) first' -r -f -a "kind\t'The stack\'s kind: `[on-cpu]`, `[off-cpu]` or `[runqueue]`'
 origin\t'The stall\'s origin, then the kind'
 cause\t'The stall\'s origin and mechanism, then the kind'"
@@ -76,6 +77,7 @@ complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand doctor" 
 complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand report" -l folded -d 'Write the folded stacks to PATH (default: stdout)' -r -F
 complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand report" -l flamegraph -d 'Write a flamegraph SVG to PATH' -r -F
 complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand report" -l pprof -d 'Write a gzipped pprof profile to PATH' -r -F
+complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand report" -l html -d 'Write the HTML report to PATH: one self-contained page (timeline, causes with advice, the heaviest stalls\' flamegraphs, memory, connections, overflows, lost events)' -r -F
 complete -c redis-stallprof -n "__fish_redis_stallprof_using_subcommand report" -l stack-root -d 'Root the folded stacks and the flamegraph at the stack\'s kind, or at its stall\'s origin (and mechanism) first' -r -f -a "kind\t'The stack\'s kind: `[on-cpu]`, `[off-cpu]` or `[runqueue]`'
 origin\t'The stall\'s origin, then the kind'
 cause\t'The stall\'s origin and mechanism, then the kind'"

@@ -75,6 +75,10 @@ pub struct ReportArgs {
     /// Write a gzipped pprof profile to PATH.
     #[arg(long, value_name = "PATH")]
     pub pprof: Option<PathBuf>,
+    /// Write the HTML report to PATH: one self-contained page (timeline, causes with advice,
+    /// the heaviest stalls' flamegraphs, memory, connections, overflows, lost events).
+    #[arg(long, value_name = "PATH")]
+    pub html: Option<PathBuf>,
     /// Root the folded stacks and the flamegraph at the stack's kind, or at its stall's origin
     /// (and mechanism) first.
     #[arg(long, value_enum, default_value_t)]
@@ -125,6 +129,9 @@ pub struct AttachArgs {
     /// Parca).
     #[arg(long, value_name = "PATH")]
     pub pprof: Option<PathBuf>,
+    /// Write the HTML report to PATH at exit (see `report --html`).
+    #[arg(long, value_name = "PATH")]
+    pub html: Option<PathBuf>,
     /// Root the folded stacks and the flamegraph at the stack's kind, or at its stall's origin
     /// (and mechanism) first.
     #[arg(long, value_enum, default_value_t)]

@@ -101,6 +101,8 @@ pub struct OutputPaths {
     pub folded: Option<PathBuf>,
     pub flamegraph: Option<PathBuf>,
     pub pprof: Option<PathBuf>,
+    /// The HTML report, written at each summary.
+    pub html: Option<PathBuf>,
     pub stack_root: StackRoot,
     /// The memory growth's stacks: folded lines and a flamegraph.
     pub memory_folded: Option<PathBuf>,
@@ -253,6 +255,7 @@ impl RunConfig {
                 folded: args.folded.clone(),
                 flamegraph: args.flamegraph.clone(),
                 pprof: args.pprof.clone(),
+                html: args.html.clone(),
                 stack_root: args.stack_root,
                 memory_folded: args.memory_folded.clone(),
                 memory_flamegraph: args.memory_flamegraph.clone(),

@@ -1,7 +1,7 @@
 //! `redis-stallprof report FILE.jsonl`: a recorded run -> every record on the console as
 //! `attach` showed it (stalls, alerts, accept-queue overflows, memory growth, the connection
-//! census, summaries), and its folded stacks, flamegraph and pprof profile, built the way the
-//! live run built them.
+//! census, summaries), and its folded stacks, flamegraph, pprof profile and HTML report, built
+//! the way the live run built them.
 //!
 //! A recording is input like any other: whatever its bytes, reading it ends in one clear error
 //! naming the line, never a panic, and no line is read past [`MAX_RECORD_BYTES`].
@@ -17,8 +17,12 @@ use serde_json::Value;
 use crate::{
     cli::{ReportArgs, StackRoot},
     output::{
-        ConsoleSink, FoldedStacks, PprofProfile, Sink, create_output_file, flamegraph_title,
-        record::{AcceptOverflow, Alert, Attached, ConnectionCensus, MemoryReport, Stall, Summary},
+        ConsoleSink, FoldedStacks, HtmlSink, PprofProfile, Sink, create_output_file,
+        flamegraph_title,
+        record::{
+            AcceptOverflow, Alert, Attached, ConnectionCensus, IntervalReport, MemoryReport, Stall,
+            Summary,
+        },
     },
 };
 
@@ -33,17 +37,19 @@ enum Record {
     Stall(Box<Stall>),
     Alert(Box<Alert>),
     AcceptOverflow(AcceptOverflow),
+    Interval(IntervalReport),
     Memory(Box<MemoryReport>),
     Connections(ConnectionCensus),
     Summary(Box<Summary>),
 }
 
 /// The `"type"` values [`Record`] reads; others are skipped (a newer version's).
-const KNOWN_TYPES: [&str; 7] = [
+const KNOWN_TYPES: [&str; 8] = [
     "attached",
     "stall",
     "alert",
     "accept_overflow",
+    "interval",
     "memory",
     "connections",
     "summary",
@@ -60,7 +66,18 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
     let path = args.file.display().to_string();
     let file = File::open(&args.file).with_context(|| format!("cannot read `{path}`"))?;
     let mut console = ConsoleSink::default();
-    let rendered = render(BufReader::new(file), &path, args.stack_root, &mut console)?;
+    let mut html = args
+        .html
+        .as_deref()
+        .map(|path| {
+            HtmlSink::create(path).with_context(|| format!("cannot write `{}`", path.display()))
+        })
+        .transpose()?;
+    let mut sinks: Vec<&mut dyn Sink> = vec![&mut console];
+    if let Some(html) = &mut html {
+        sinks.push(html);
+    }
+    let rendered = render(BufReader::new(file), &path, args.stack_root, &mut sinks)?;
     match &args.folded {
         Some(path) => {
             let file = create_output_file(path)
@@ -97,13 +114,13 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads the recording `reader` (called `path` in errors), each record to `console` and the
-/// stalls' stacks into what is returned.
+/// Reads the recording `reader` (called `path` in errors), each record to `sinks` (the console,
+/// the HTML report) and the stalls' stacks into what is returned.
 fn render(
     mut reader: impl BufRead,
     path: &str,
     stack_root: StackRoot,
-    console: &mut dyn Sink,
+    sinks: &mut [&mut dyn Sink],
 ) -> anyhow::Result<Rendered> {
     let mut rendered = Rendered {
         folded: FoldedStacks::new(stack_root),
@@ -142,29 +159,32 @@ fn render(
         let record: Record = serde_json::from_value(value)
             .map_err(|error| one_line(&error))
             .with_context(|| format!("{}: not a valid `{kind}` record", at()))?;
-        show(record, console, &mut rendered)
-            .with_context(|| "cannot write to stderr".to_owned())?;
+        for sink in sinks.iter_mut() {
+            show(&record, &mut **sink, &mut rendered)
+                .with_context(|| format!("cannot write to {}", sink.describe()))?;
+        }
+        if let Record::Stall(stall) = &record {
+            rendered.folded.add_stall(stall);
+            rendered.pprof.add_stall(stall);
+        }
     }
     Ok(rendered)
 }
 
-/// Shows `record` on `console`, and adds a stall's stacks to `rendered`.
-fn show(record: Record, console: &mut dyn Sink, rendered: &mut Rendered) -> io::Result<()> {
+/// Shows `record` to `sink`, and takes the flamegraph's title from an `attached` record.
+fn show(record: &Record, sink: &mut dyn Sink, rendered: &mut Rendered) -> io::Result<()> {
     match record {
         Record::Attached(attached) => {
             rendered.title = Some(flamegraph_title(&attached.name, attached.pid));
-            console.attached(&attached)
+            sink.attached(attached)
         }
-        Record::Stall(stall) => {
-            rendered.folded.add_stall(&stall);
-            rendered.pprof.add_stall(&stall);
-            console.stall(&stall)
-        }
-        Record::Alert(alert) => console.alert(&alert),
-        Record::AcceptOverflow(overflow) => console.accept_overflow(&overflow),
-        Record::Memory(report) => console.memory(&report),
-        Record::Connections(census) => console.connections(&census),
-        Record::Summary(summary) => console.summary(&summary),
+        Record::Stall(stall) => sink.stall(stall),
+        Record::Alert(alert) => sink.alert(alert),
+        Record::AcceptOverflow(overflow) => sink.accept_overflow(overflow),
+        Record::Interval(report) => sink.interval(report),
+        Record::Memory(report) => sink.memory(report),
+        Record::Connections(census) => sink.connections(census),
+        Record::Summary(summary) => sink.summary(summary),
     }
 }
 
@@ -216,7 +236,13 @@ mod tests {
     #[test]
     fn every_kind_of_record_is_shown_and_the_stalls_stacks_are_folded() {
         let mut shown = Shown::default();
-        let rendered = render(RECORDING.as_bytes(), "r", StackRoot::Kind, &mut shown).unwrap();
+        let rendered = render(
+            RECORDING.as_bytes(),
+            "r",
+            StackRoot::Kind,
+            &mut [&mut shown],
+        )
+        .unwrap();
         for kind in ["attached", "stall", "memory", "connections", "summary"] {
             assert!(shown.0.contains(&kind), "{kind} in {:?}", shown.0);
         }
@@ -228,9 +254,14 @@ mod tests {
     fn an_overlong_line_is_refused_without_reading_it_whole() {
         let mut long = vec![b'{'; MAX_RECORD_BYTES + 10];
         long.push(b'\n');
-        let error = render(&long[..], "r", StackRoot::Kind, &mut Shown::default())
-            .err()
-            .unwrap();
+        let error = render(
+            &long[..],
+            "r",
+            StackRoot::Kind,
+            &mut [&mut Shown::default()],
+        )
+        .err()
+        .unwrap();
         assert_eq!(
             format!("{error:#}"),
             format!(
@@ -317,7 +348,7 @@ mod tests {
             for mutation in &mutations {
                 apply(&mut bytes, mutation);
             }
-            if let Err(error) = render(&bytes[..], "r", StackRoot::Cause, &mut Shown::default()) {
+            if let Err(error) = render(&bytes[..], "r", StackRoot::Cause, &mut [&mut Shown::default()]) {
                 let text = format!("{error:#}");
                 prop_assert!(text.starts_with("`r` line "), "{}", text);
                 prop_assert!(!text.contains('\n'), "{}", text);

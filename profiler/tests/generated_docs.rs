@@ -1,5 +1,6 @@
 //! The CLI reference (`docs/reference/cli.md`), the man pages (`docs/man/`) and the shell
-//! completions (`docs/completions/`) are generated from the command line's clap definitions.
+//! completions (`docs/completions/`) are generated from the command line's clap definitions,
+//! the attribution's vocabulary (`docs/reference/vocabulary.md`) from its TOML.
 //! This test fails when a committed one is not what they generate now; `cargo xtask docs`
 //! (this test with `REDIS_STALLPROF_WRITE_DOCS=1`) writes them.
 use std::{
@@ -9,7 +10,7 @@ use std::{
 
 use clap::CommandFactory as _;
 use clap_complete::Shell;
-use redis_stallprof::cli::Cli;
+use redis_stallprof::{attribute::vocabulary::Vocabulary, cli::Cli};
 
 const BINARY: &str = "redis-stallprof";
 
@@ -21,6 +22,10 @@ fn generated() -> Vec<(PathBuf, Vec<u8>)> {
         clap_markdown::help_markdown::<Cli>()
     );
     files.push((PathBuf::from("reference/cli.md"), reference.into_bytes()));
+    files.push((
+        PathBuf::from("reference/vocabulary.md"),
+        Vocabulary::builtin().markdown().into_bytes(),
+    ));
 
     let command = Cli::command();
     let mut pages = vec![(BINARY.to_owned(), command.clone())];

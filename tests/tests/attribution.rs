@@ -72,7 +72,16 @@ fn a_cpu_bound_command_is_its_command_on_the_cpu() {
     redis.cli(&["KEYS", "no-such-key-*"]);
     thread::sleep(Duration::from_millis(100));
     let stall = only_stall(&profiler.stop());
-    assert_eq!(diagnosis(&stall), ("command:keys", "cpu"), "{stall}");
+    assert_eq!(
+        running_diagnosis(&stall),
+        ("command:keys", "cpu"),
+        "{stall}"
+    );
+    let us = |field: &str| number(&stall[field]);
+    assert!(
+        (us("on_cpu_us") + us("runqueue_us")) * 10 >= us("duration_us") * 8,
+        "running or waiting for a CPU, never blocked: {stall}"
+    );
 }
 
 #[test]

@@ -303,6 +303,8 @@ fn test(package: &Path) -> anyhow::Result<()> {
         .args([
             "test",
             "--release",
+            // Every failure, not only the first test binary's.
+            "--no-fail-fast",
             "-p",
             "redis-stallprof-common",
             "-p",

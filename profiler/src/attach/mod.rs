@@ -24,7 +24,7 @@ use crate::{
     kernel,
     metrics::{self, Metrics},
     output::{
-        ConsoleSink, FoldedStacks, JsonSink, MemoryStacksSink, SharedSinks, Sink,
+        ConsoleSink, FoldedStacks, HtmlSink, JsonSink, MemoryStacksSink, SharedSinks, Sink,
         record::StopReason,
     },
     privileges,
@@ -162,6 +162,11 @@ fn open_sinks(paths: &OutputPaths, names_instances: bool) -> anyhow::Result<Vec<
             names_instances,
         )
         .context("cannot write the memory stack files")?;
+        sinks.push(Box::new(sink));
+    }
+    if let Some(path) = &paths.html {
+        let sink = HtmlSink::create(path)
+            .with_context(|| format!("cannot write the HTML report `{}`", path.display()))?;
         sinks.push(Box::new(sink));
     }
     Ok(sinks)

@@ -49,13 +49,12 @@ impl Consumer {
     pub fn report_interval(&mut self, interval: Duration) -> anyhow::Result<()> {
         self.refresh_histogram()?;
         let lost = self.lost_events()?.total();
-        let mut report = IntervalReport {
-            instance: Default::default(),
-            seconds: interval.as_secs_f64(),
-            stats: self.histogram.take_interval(),
-            stalls: self.interval.take(),
-            lost_events: self.losses.since_last_report(lost),
-        };
+        let mut report = IntervalReport::new(
+            interval.as_secs_f64(),
+            self.histogram.take_interval(),
+            self.interval.take(),
+            self.losses.since_last_report(lost),
+        );
         self.outputs.interval(&mut report)?;
         self.report_memory_and_connections(interval.as_secs_f64())
     }

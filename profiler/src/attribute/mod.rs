@@ -6,6 +6,7 @@
 //! module of unnamed user code.
 mod glob;
 mod rules_file;
+pub mod vocabulary;
 
 pub use rules_file::{DEFAULT_RULES, RulesError};
 

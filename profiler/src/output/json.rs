@@ -6,7 +6,10 @@ use serde::Serialize;
 
 use super::{
     Sink,
-    record::{AcceptOverflow, Alert, Attached, ConnectionCensus, MemoryReport, Stall, Summary},
+    record::{
+        AcceptOverflow, Alert, Attached, ConnectionCensus, IntervalReport, MemoryReport, Stall,
+        Summary,
+    },
 };
 use crate::cli::OutputPath;
 
@@ -17,6 +20,7 @@ enum Record<'a> {
     Stall(&'a Stall),
     Alert(&'a Alert),
     AcceptOverflow(&'a AcceptOverflow),
+    Interval(&'a IntervalReport),
     Memory(&'a MemoryReport),
     Connections(&'a ConnectionCensus),
     Summary(&'a Summary),
@@ -55,6 +59,10 @@ impl Sink for JsonSink {
 
     fn stall(&mut self, stall: &Stall) -> io::Result<()> {
         self.write(&Record::Stall(stall))
+    }
+
+    fn interval(&mut self, report: &IntervalReport) -> io::Result<()> {
+        self.write(&Record::Interval(report))
     }
 
     fn memory(&mut self, report: &MemoryReport) -> io::Result<()> {

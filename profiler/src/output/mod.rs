@@ -1,6 +1,6 @@
 //! Outputs: the records a run produces ([`record`], the JSON schema) and the sinks that write
 //! them (console lines on stderr, JSON lines to a file or stdout, folded stacks, a flamegraph
-//! and a pprof profile at exit, and the memory growth's stacks). Every sink sees every record,
+//! and a pprof profile at exit, the memory growth's stacks, and the HTML report). Every sink sees every record,
 //! in order; only outputs give frames their text ([`frame_text`]).
 use std::{
     cell::RefCell,
@@ -13,6 +13,7 @@ use std::{
 
 mod console;
 pub mod frame_text;
+mod html;
 mod json;
 mod memory_stacks;
 mod pprof;
@@ -20,6 +21,7 @@ pub mod record;
 mod stacks;
 
 pub use console::ConsoleSink;
+pub use html::{HtmlReport, HtmlSink};
 pub use json::JsonSink;
 pub use memory_stacks::MemoryStacksSink;
 pub use pprof::{PprofProfile, PprofSink};

@@ -5,7 +5,7 @@ mod summary_lines;
 use std::io::{self, IsTerminal, Write};
 
 use super::{
-    Sink, frame_text, human_bytes, human_change, human_duration_ns,
+    Sink, frame_text, human_bytes, human_change, human_duration_ns, human_duration_us,
     record::{
         AcceptOverflow, Alert, AlertState, Attached, ClientCensus, ConnectionCensus, Instance,
         IntervalReport, MemoryGrowth, MemoryReport, Stall, Summary,
@@ -64,7 +64,7 @@ fn clients_text(stall: &Stall) -> String {
             "; {} clients waiting ({}, the longest {})",
             waiting.connections,
             human_bytes(waiting.bytes),
-            human_duration_ns(waiting.longest_wait_us * 1_000)
+            human_duration_us(waiting.longest_wait_us)
         );
     }
     text
@@ -83,7 +83,7 @@ impl Sink for ConsoleSink {
             "redis-stallprof: attached to {} pid {} ({ports}); stall threshold {}",
             attached.name,
             attached.pid,
-            human_duration_ns(attached.threshold_us * 1_000),
+            human_duration_us(attached.threshold_us),
         )
     }
 
@@ -182,17 +182,16 @@ impl Sink for ConsoleSink {
     }
 
     fn interval(&mut self, report: &IntervalReport) -> io::Result<()> {
-        let stats = &report.stats;
         writeln!(
             io::stderr(),
             "{}{} iterations/s {:.0}  p50 {}  p99 {}  p99.9 {}  max {}  stalls {}  lost {}",
             self.prefix(&report.instance),
-            rfc3339_micros(std::time::SystemTime::now()),
-            stats.iterations as f64 / report.seconds.max(1e-9),
-            human_duration_ns(stats.p50_ns),
-            human_duration_ns(stats.p99_ns),
-            human_duration_ns(stats.p999_ns),
-            human_duration_ns(stats.max_ns),
+            rfc3339_micros(report.time),
+            report.iterations as f64 / report.seconds.max(1e-9),
+            human_duration_us(report.p50_us),
+            human_duration_us(report.p99_us),
+            human_duration_us(report.p999_us),
+            human_duration_us(report.max_us),
             report.stalls,
             report.lost_events,
         )

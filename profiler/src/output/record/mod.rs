@@ -341,14 +341,47 @@ pub struct Alert {
     pub stall: Stall,
 }
 
-/// One `--interval` period (console only).
-#[derive(Debug, Clone)]
+/// One `--interval` period of a target's event loop (JSON `interval`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IntervalReport {
+    #[serde(default)]
     pub instance: Instance,
+    /// The interval's end.
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
     pub seconds: f64,
-    pub stats: crate::histogram::IterationStats,
+    /// Iterations that ended in the interval, and their percentiles (bucket midpoints) and
+    /// maximum (exact), in us.
+    pub iterations: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
     pub stalls: u64,
     pub lost_events: u64,
+}
+
+impl IntervalReport {
+    /// The report of an interval of `seconds` that ends now.
+    pub fn new(
+        seconds: f64,
+        stats: crate::histogram::IterationStats,
+        stalls: u64,
+        lost_events: u64,
+    ) -> Self {
+        Self {
+            instance: Instance::default(),
+            time: SystemTime::now(),
+            seconds,
+            iterations: stats.iterations,
+            p50_us: stats.p50_ns / 1_000,
+            p99_us: stats.p99_ns / 1_000,
+            p999_us: stats.p999_ns / 1_000,
+            max_us: stats.max_ns / 1_000,
+            stalls,
+            lost_events,
+        }
+    }
 }
 
 #[cfg(test)]
