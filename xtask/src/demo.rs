@@ -43,6 +43,7 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     let folded = out_dir.join("stalls.folded");
     let flamegraph = out_dir.join("stalls.svg");
     let memory_flamegraph = out_dir.join("memory.svg");
+    let html = out_dir.join("report.html");
     let redis = RedisServer::start(&[
         // Clients from 127.0.0.2 (the pool below) are not 127.0.0.1.
         "--protected-mode",
@@ -62,7 +63,10 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
     let pid = redis.pid().to_string();
     let (folded_arg, flamegraph_arg) = (folded.to_string_lossy(), flamegraph.to_string_lossy());
     let memory_flamegraph_arg = memory_flamegraph.to_string_lossy();
+    let html_arg = html.to_string_lossy();
     let args = [
+        "--html",
+        &html_arg,
         "--memory-flamegraph",
         &memory_flamegraph_arg,
         "--pid",
@@ -207,5 +211,9 @@ pub fn run(out_dir: &Path) -> anyhow::Result<()> {
         memory_flamegraph.display()
     );
     eprintln!("demo: outputs are in {}", out_dir.display());
+    eprintln!(
+        "demo: the HTML report (one page, opens from disk): {}",
+        html.display()
+    );
     Ok(())
 }

@@ -45,7 +45,7 @@ enum Task {
     Demo,
     /// Build and run every test (unit and integration, against real redis-servers).
     Test,
-    /// Measure the profiler's cost and speed and write BENCHMARKS.md.
+    /// Measure the profiler's cost and speed and write docs/BENCHMARKS.md.
     Bench,
     /// Compare the added cost per poll of another build of the profiler with this one's, side
     /// by side in alternation.
@@ -58,7 +58,7 @@ enum Task {
     },
     /// Measure what the profiler costs processes it does not watch (system call, page fault,
     /// context switch) and its watched loop's poll, side by side in alternation with no
-    /// profiler and with OTHER (another build's binary) when given; writes BENCHMARKS.md's
+    /// profiler and with OTHER (another build's binary) when given; writes docs/BENCHMARKS.md's
     /// "Host tax".
     HostTax {
         /// Another build's `redis-stallprof` binary to compare with.

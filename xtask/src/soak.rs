@@ -2,8 +2,8 @@
 //! One Redis serves `redis-benchmark` load while another client makes it stall in turn by
 //! sleeping, by scanning keys on the CPU and by purging memory; clients connect to it from
 //! ever new addresses; and short-lived servers start, stall and end all through the run (every
-//! 5 s). Every output of the profiler is on (JSON, folded stacks, flamegraph, pprof, metrics,
-//! alerts). Every 30 s it prints the profiler's resident memory; at the end it checks that the
+//! 5 s). Every output of the profiler is on (JSON, folded stacks, flamegraph, pprof, the HTML
+//! report, metrics, alerts), kept in `target/soak/`. Every 30 s it prints the profiler's resident memory; at the end it checks that the
 //! memory stayed bounded (no growth over the second half of the run beyond a small margin) and
 //! that the metrics name only the servers still running.
 use std::{
@@ -28,8 +28,10 @@ const GROWTH_MARGIN_KIB: u64 = 8 * 1024;
 pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
     let length = Duration::from_secs(60 * minutes.unwrap_or(DEFAULT_MINUTES));
     let redis = RedisServer::start(&[]);
-    let outputs = tempfile::tempdir()?;
-    let path = |name: &str| outputs.path().join(name).to_string_lossy().into_owned();
+    let outputs = crate::workspace_root().join("target/soak");
+    let _ = fs::remove_dir_all(&outputs);
+    fs::create_dir_all(&outputs)?;
+    let path = |name: &str| outputs.join(name).to_string_lossy().into_owned();
     let metrics_port = free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let pid = redis.pid().to_string();
@@ -42,6 +44,8 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
             &path("stalls.folded"),
             "--flamegraph",
             &path("stalls.svg"),
+            "--html",
+            &path("report.html"),
             "--metrics",
             &metrics,
             "--alert",
@@ -49,7 +53,7 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
             "--interval",
             "60s",
         ],
-        &outputs.path().join("stalls.jsonl"),
+        &outputs.join("stalls.jsonl"),
     );
     eprintln!(
         "soak: {} minutes, redis-server pid {pid}, profiler pid {}",
@@ -108,7 +112,7 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
                 "soak: {:>4} s  profiler RSS {:.1} MiB  JSON {:.1} MiB  commands {round}",
                 started.elapsed().as_secs(),
                 resident as f64 / 1024.0,
-                fs::metadata(outputs.path().join("stalls.jsonl")).map_or(0, |m| m.len()) as f64
+                fs::metadata(outputs.join("stalls.jsonl")).map_or(0, |m| m.len()) as f64
                     / (1024.0 * 1024.0)
             );
             next_report += REPORT_PERIOD;
@@ -172,6 +176,14 @@ pub fn run(minutes: Option<u64>) -> anyhow::Result<()> {
         bail!("the profiler's memory grew over the second half of the soak");
     }
     eprintln!("soak: memory bounded");
+    let size =
+        |name: &str| fs::metadata(outputs.join(name)).map_or(0, |m| m.len()) as f64 / 1048576.0;
+    eprintln!(
+        "soak: outputs in {}: JSON {:.1} MiB, HTML report {:.1} MiB",
+        outputs.display(),
+        size("stalls.jsonl"),
+        size("report.html")
+    );
     Ok(())
 }
 

@@ -245,6 +245,21 @@ fn open_output_file(path: &Path, options: &mut OpenOptions) -> io::Result<File> 
         })
 }
 
+/// `312 clients waiting (4 MiB, the longest 1.2s)`: the clients a stall held up, for people.
+fn waiting_text(waiting: &record::StallWaiters) -> String {
+    let clients = if waiting.connections == 1 {
+        "client"
+    } else {
+        "clients"
+    };
+    format!(
+        "{} {clients} waiting ({}, the longest {})",
+        waiting.connections,
+        human_bytes(waiting.bytes),
+        human_duration_us(waiting.longest_wait_us)
+    )
+}
+
 /// `812us`, `12.3ms`, `1.43s`: a duration for people.
 pub fn human_duration_ns(ns: u64) -> String {
     match ns {

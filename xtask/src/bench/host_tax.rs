@@ -8,7 +8,7 @@
 //! rotates from round to round. This VM's noise is one-sided (a figure is only ever slowed
 //! down), so each figure is the fastest over the rounds; the pipe round trip makes four
 //! system calls besides its two context switches, so the cost per context switch is given
-//! with the system calls' toll taken out. Written to BENCHMARKS.md ("Host tax").
+//! with the system calls' toll taken out. Written to docs/BENCHMARKS.md ("Host tax").
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -107,7 +107,7 @@ pub fn run(root: &Path, other: Option<&Path>, rounds: usize) -> anyhow::Result<(
     }
     let section = render(&conditions, other, rounds, started.elapsed());
     println!("{section}");
-    let path = root.join("BENCHMARKS.md");
+    let path = root.join("docs/BENCHMARKS.md");
     let existing = fs::read_to_string(&path).unwrap_or_default();
     fs::write(&path, with_section(&existing, &section))?;
     eprintln!("host-tax: written to {}", path.display());

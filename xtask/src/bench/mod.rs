@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: what the profiler costs Redis and how fast it reacts, measured on this
-//! machine and written to BENCHMARKS.md with the commands and the figures:
+//! machine and written to docs/BENCHMARKS.md with the commands and the figures:
 //! 0. the full added cost per poll (a zero-timeout `epoll_wait` loop with and without the
 //!    probes), what watching idle servers adds to every context switch of the host (module
 //!    `switches`), and the kernel programs' own run time under load
@@ -40,7 +40,7 @@ use stallprof_testkit::{Profiler, RedisServer};
 pub fn run(root: &Path) -> anyhow::Result<()> {
     let report = render::markdown(&measure()?);
     // The host-tax section is `cargo xtask host-tax`'s: kept as it is.
-    let path = root.join("BENCHMARKS.md");
+    let path = root.join("docs/BENCHMARKS.md");
     let existing = fs::read_to_string(&path).unwrap_or_default();
     let report = match existing.find(host_tax::SECTION) {
         Some(start) => {
@@ -54,7 +54,10 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     };
     fs::write(&path, &report)?;
     eprintln!("{report}");
-    eprintln!("bench: written to {}", root.join("BENCHMARKS.md").display());
+    eprintln!(
+        "bench: written to {}",
+        root.join("docs/BENCHMARKS.md").display()
+    );
     Ok(())
 }
 

@@ -60,12 +60,7 @@ fn clients_text(stall: &Stall) -> String {
         .as_ref()
         .filter(|waiting| waiting.connections > 0)
     {
-        text += &format!(
-            "; {} clients waiting ({}, the longest {})",
-            waiting.connections,
-            human_bytes(waiting.bytes),
-            human_duration_us(waiting.longest_wait_us)
-        );
+        text += &format!("; {}", super::waiting_text(waiting));
     }
     text
 }

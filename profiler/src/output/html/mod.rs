@@ -10,7 +10,7 @@
 //! a recording holds is bounded here: [`MAX_MARKS`] stalls on the timeline, [`MAX_POINTS`]
 //! points per series, [`MAX_DETAILED`] flamegraphs, so a long run makes a page of a few MiB.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs::File,
     io::{self, BufWriter, Write as _},
     path::{Path, PathBuf},
@@ -23,7 +23,7 @@ use serde::Serialize;
 use super::{
     FoldedStacks, Sink, create_output_file, human_bytes, human_duration_us,
     record::{
-        AcceptOverflow, Attached, ConnectionCensus, IntervalReport, MemoryReport, Stall,
+        AcceptOverflow, Attached, ConnectionCensus, Instance, IntervalReport, MemoryReport, Stall,
         StallCauses, Summary,
     },
 };
@@ -55,7 +55,8 @@ fn epoch_seconds(time: SystemTime) -> f64 {
 /// What the page shows, as its script reads it.
 #[derive(Debug, Default, Serialize)]
 struct ReportData {
-    instances: BTreeMap<String, InstanceView>,
+    /// Most stalls first.
+    instances: Vec<InstanceView>,
     intervals: Vec<IntervalPoint>,
     stalls: Vec<StallMark>,
     details: Vec<StallDetail>,
@@ -71,6 +72,8 @@ struct ReportData {
 
 #[derive(Debug, Default, Clone, Serialize)]
 struct InstanceView {
+    /// `redis-server:6379 pid 1234`.
+    label: String,
     name: String,
     attached: Option<f64>,
     threshold_us: u64,
@@ -203,6 +206,12 @@ struct LeftOut {
 /// The report being gathered from a run's records.
 pub struct HtmlReport {
     data: ReportData,
+    /// Each server's view, by pid.
+    instances: BTreeMap<u32, InstanceView>,
+    /// Each server's label (with its port once known), by pid; and every label a record gave
+    /// it before, to name all its records alike.
+    labels: HashMap<u32, String>,
+    aliases: HashMap<String, u32>,
     causes: StallCauses,
     /// The heaviest stalls so far (at most [`MAX_DETAILED`]) with their mark's id.
     heaviest: Vec<(usize, Stall)>,
@@ -214,6 +223,9 @@ impl Default for HtmlReport {
     fn default() -> Self {
         Self {
             data: ReportData::default(),
+            instances: BTreeMap::new(),
+            labels: HashMap::new(),
+            aliases: HashMap::new(),
             causes: StallCauses::default(),
             heaviest: Vec::new(),
             clients: BoundedMap::new(MAX_CLIENT_ADDRESSES),
@@ -232,12 +244,25 @@ fn push_bounded<T>(points: &mut Vec<T>, item: T, left_out: &mut u64) {
 }
 
 impl HtmlReport {
-    fn instance(&mut self, key: &str) -> &mut InstanceView {
-        self.data.instances.entry(key.to_owned()).or_default()
+    /// The label of `instance`, remembered: a server's port may be known only later.
+    fn label(&mut self, instance: &Instance) -> String {
+        let label = instance.to_string();
+        if instance.port.is_some() || !self.labels.contains_key(&instance.pid) {
+            self.labels.insert(instance.pid, label.clone());
+        }
+        if self.aliases.len() < MAX_POINTS {
+            self.aliases.insert(label.clone(), instance.pid);
+        }
+        label
+    }
+
+    fn instance(&mut self, instance: &Instance) -> &mut InstanceView {
+        self.label(instance);
+        self.instances.entry(instance.pid).or_default()
     }
 
     pub fn add_attached(&mut self, attached: &Attached) {
-        let view = self.instance(&attached.instance.to_string());
+        let view = self.instance(&attached.instance);
         view.name = attached.name.clone();
         view.attached = Some(epoch_seconds(attached.time));
         view.threshold_us = attached.threshold_us;
@@ -249,7 +274,9 @@ impl HtmlReport {
         self.stalls_seen += 1;
         self.causes.add(stall);
         if self.data.stalls.len() < MAX_MARKS {
-            self.data.stalls.push(mark(id, stall));
+            let mut mark = mark(id, stall);
+            mark.instance = self.label(&stall.instance);
+            self.data.stalls.push(mark);
         } else {
             self.data.left_out.stalls += 1;
         }
@@ -268,7 +295,7 @@ impl HtmlReport {
         }
         if let Some(accept) = stall.accept.as_ref().filter(|accept| accept.overflows > 0) {
             let row = OverflowRow {
-                instance: stall.instance.to_string(),
+                instance: self.label(&stall.instance),
                 t: epoch_seconds(stall.start),
                 port: stall.instance.port,
                 overflows: accept.overflows,
@@ -286,7 +313,7 @@ impl HtmlReport {
 
     pub fn add_interval(&mut self, report: &IntervalReport) {
         let point = IntervalPoint {
-            instance: report.instance.to_string(),
+            instance: self.label(&report.instance),
             t: epoch_seconds(report.time),
             iterations: report.iterations,
             p99_us: report.p99_us,
@@ -306,7 +333,7 @@ impl HtmlReport {
             *growth.entry(entry.origin.clone()).or_insert(0u64) += entry.bytes;
         }
         let point = MemoryPoint {
-            instance: report.instance.to_string(),
+            instance: self.label(&report.instance),
             t: epoch_seconds(report.time),
             resident_bytes: report.growth.resident_bytes,
             growth,
@@ -316,7 +343,7 @@ impl HtmlReport {
 
     pub fn add_connections(&mut self, census: &ConnectionCensus) {
         let point = CensusPoint {
-            instance: census.instance.to_string(),
+            instance: self.label(&census.instance),
             t: epoch_seconds(census.time),
             established: census.established,
             opened: census.opened,
@@ -334,7 +361,7 @@ impl HtmlReport {
 
     pub fn add_overflow(&mut self, overflow: &AcceptOverflow) {
         let row = OverflowRow {
-            instance: overflow.instance.to_string(),
+            instance: self.label(&overflow.instance),
             t: epoch_seconds(overflow.time),
             port: Some(overflow.port),
             overflows: overflow.overflows,
@@ -350,7 +377,7 @@ impl HtmlReport {
     }
 
     pub fn add_summary(&mut self, summary: &Summary) {
-        let key = summary.instance.to_string();
+        let key = self.label(&summary.instance);
         let lost: Vec<LostRow> = summary
             .lost
             .described()
@@ -363,7 +390,7 @@ impl HtmlReport {
             .collect();
         self.data.lost.retain(|row| row.instance != key);
         self.data.lost.extend(lost);
-        self.instance(&key).summary = Some(SummaryView {
+        self.instance(&summary.instance).summary = Some(SummaryView {
             iterations: summary.iterations,
             stalls: summary.stalls,
             p50_us: summary.p50_us,
@@ -371,7 +398,10 @@ impl HtmlReport {
             p999_us: summary.p999_us,
             max_us: summary.max_us,
             duration_s: summary.duration_s,
-            stopped: format!("{:?}", summary.stopped).to_lowercase(),
+            stopped: serde_json::to_value(summary.stopped)
+                .ok()
+                .and_then(|value| value.as_str().map(str::to_owned))
+                .unwrap_or_default(),
             lost_events: summary.lost_events,
         });
         for (count, meaning) in [
@@ -400,6 +430,7 @@ impl HtmlReport {
     /// The page's data as it stands: the causes with their advice, the heaviest stalls'
     /// flamegraphs, the busiest clients.
     fn data(&mut self) -> io::Result<&ReportData> {
+        self.name_instances();
         let vocabulary = Vocabulary::builtin();
         self.data.causes = self
             .causes
@@ -449,6 +480,41 @@ impl HtmlReport {
         Ok(&self.data)
     }
 
+    /// Names every record of a server by its last label, and lists the servers, most stalls
+    /// first.
+    fn name_instances(&mut self) {
+        let latest = |label: &mut String| {
+            if let Some(pid) = self.aliases.get(label.as_str()) {
+                if let Some(newest) = self.labels.get(pid) {
+                    label.clone_from(newest);
+                }
+            }
+        };
+        let data = &mut self.data;
+        data.intervals
+            .iter_mut()
+            .for_each(|p| latest(&mut p.instance));
+        data.stalls.iter_mut().for_each(|p| latest(&mut p.instance));
+        data.memory.iter_mut().for_each(|p| latest(&mut p.instance));
+        data.census.iter_mut().for_each(|p| latest(&mut p.instance));
+        data.overflows
+            .iter_mut()
+            .for_each(|p| latest(&mut p.instance));
+        data.lost.iter_mut().for_each(|p| latest(&mut p.instance));
+        let mut instances: Vec<InstanceView> = self
+            .instances
+            .iter()
+            .map(|(pid, view)| InstanceView {
+                label: self.labels.get(pid).cloned().unwrap_or_default(),
+                ..view.clone()
+            })
+            .collect();
+        instances.sort_by_key(|view| {
+            std::cmp::Reverse(view.summary.as_ref().map_or(0, |summary| summary.stalls))
+        });
+        data.instances = instances;
+    }
+
     /// Writes the page.
     pub fn write(&mut self, writer: impl io::Write) -> io::Result<()> {
         let data = serde_json::to_string(self.data()?).map_err(io::Error::other)?;
@@ -480,12 +546,7 @@ fn mark(id: usize, stall: &Stall) -> StallMark {
         _ => String::new(),
     };
     let waiting = match &stall.waiting {
-        Some(waiting) if waiting.connections > 0 => format!(
-            "{} clients waiting, {}, the longest {}",
-            waiting.connections,
-            human_bytes(waiting.bytes),
-            human_duration_us(waiting.longest_wait_us)
-        ),
+        Some(waiting) if waiting.connections > 0 => super::waiting_text(waiting),
         Some(_) => "no client waiting".to_owned(),
         None => String::new(),
     };
@@ -691,6 +752,24 @@ mod tests {
                 .unwrap()
                 .iter()
                 .any(|stall| stall["origin"] == "</script><script>alert(1)</script>")
+        );
+    }
+
+    #[test]
+    fn a_server_whose_port_is_known_later_is_one_server() {
+        let recording = RECORDING.replacen("\"port\":7001", "\"port\":null", 1);
+        assert_ne!(recording, RECORDING);
+        let data = data_of(&page_of(&recording));
+        let instances = data["instances"].as_array().unwrap();
+        assert_eq!(instances.len(), 1, "{instances:?}");
+        assert_eq!(instances[0]["label"], "redis-server:7001 pid 1816");
+        assert_eq!(instances[0]["summary"]["stopped"], "duration");
+        assert!(
+            data["stalls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|stall| stall["instance"] == "redis-server:7001 pid 1816")
         );
     }
 

@@ -56,7 +56,7 @@
 
   // Times: seconds since the run's first record.
   const times = [];
-  Object.values(data.instances).forEach(i => {
+  data.instances.forEach(i => {
     if (i.attached === null) return;
     times.push(i.attached);
     if (i.summary) times.push(i.attached + i.summary.duration_s);
@@ -87,17 +87,30 @@
     return span;
   }
 
-  // Run.
-  const names = Object.keys(data.instances);
-  document.getElementById("subtitle").textContent = (names.length ? names.join(", ") : "no instance") +
+  // Run: the servers, most stalls first; past the first ten, behind a disclosure.
+  const names = data.instances.map(i => i.label);
+  const SHOWN_SERVERS = 10;
+  document.getElementById("subtitle").textContent =
+    (names.length === 0 ? "no server" : names.length <= 3 ? names.join(", ") : names.length + " servers") +
     (times.length ? " \u00b7 from " + wallClock(start) : "");
-  table("instances", ["instance", "threshold", "iterations", "stalls", "p50", "p99", "p99.9", "max", "ran", "ended", "lost events"],
-    names.map(name => {
-      const i = data.instances[name], s = i.summary;
-      return [name, duration(i.threshold_us), s ? s.iterations : "", s ? s.stalls : "",
-        s ? duration(s.p50_us) : "", s ? duration(s.p99_us) : "", s ? duration(s.p999_us) : "",
-        s ? duration(s.max_us) : "", s ? s.duration_s.toFixed(1) + " s" : "running", s ? s.stopped : "", s ? s.lost_events : ""];
-    }), [false, true, true, true, true, true, true, true, true, false, true]);
+  const serverHeaders = ["server", "threshold", "iterations", "stalls", "p50", "p99", "p99.9", "max", "ran", "ended", "lost events"];
+  const serverNumeric = [false, true, true, true, true, true, true, true, true, false, true];
+  const serverRow = i => {
+    const s = i.summary;
+    return [i.label, duration(i.threshold_us), s ? s.iterations : "", s ? s.stalls : "",
+      s ? duration(s.p50_us) : "", s ? duration(s.p99_us) : "", s ? duration(s.p999_us) : "",
+      s ? duration(s.max_us) : "", s ? s.duration_s.toFixed(1) + " s" : "running", s ? s.stopped.replaceAll("_", " ") : "", s ? s.lost_events : ""];
+  };
+  const servers = table("instances", serverHeaders, data.instances.slice(0, SHOWN_SERVERS).map(serverRow), serverNumeric);
+  if (servers && data.instances.length > SHOWN_SERVERS) {
+    const more = el("details");
+    more.appendChild(el("summary", (data.instances.length - SHOWN_SERVERS) + " more servers"));
+    const rest = el("table");
+    rest.id = "more-instances";
+    more.appendChild(rest);
+    servers.after(more);
+    table("more-instances", serverHeaders, data.instances.slice(SHOWN_SERVERS).map(serverRow), serverNumeric);
+  }
   const leftOut = [];
   if (data.left_out.stalls) leftOut.push(data.left_out.stalls + " stalls past the first " + data.stalls.length + " are not drawn (the causes table counts them)");
   if (data.left_out.points) leftOut.push(data.left_out.points + " points of long series are not drawn");
@@ -120,11 +133,18 @@
     plugins: { legend: { position: "bottom" } },
   };
 
-  // Timeline.
+  // Timeline: the interval lines of the (at most three) servers with most stalls.
+  const LINED_SERVERS = 3;
+  const lined = new Set(names.slice(0, LINED_SERVERS));
   const byInstance = {};
-  data.intervals.forEach(p => (byInstance[p.instance] = byInstance[p.instance] || []).push(p));
+  data.intervals.filter(p => lined.has(p.instance))
+    .forEach(p => (byInstance[p.instance] = byInstance[p.instance] || []).push(p));
   const datasets = [];
   const several = names.length > 1;
+  if (names.length > LINED_SERVERS) {
+    document.querySelector("#timeline-section .note").textContent +=
+      " The lines are those of the " + LINED_SERVERS + " servers with most stalls; the marks are every server's.";
+  }
   Object.entries(byInstance).forEach(([name, points]) => {
     const suffix = several ? " (" + name + ")" : "";
     datasets.push({ type: "line", label: "p99 per interval" + suffix, borderColor: "#8a92a3", backgroundColor: "#8a92a3",
