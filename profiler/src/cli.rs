@@ -45,7 +45,7 @@ pub enum ClientsMode {
     #[default]
     Census,
     /// From the event-loop thread's last read before the command (and the command's name as
-    /// typed): a program on every `read` system call of the host (see the README's Cost).
+    /// typed): a program on every `read` system call of the host (see Cost in docs/guide.md).
     Exact,
 }
 
@@ -198,7 +198,7 @@ pub struct AttachArgs {
     /// call of the host).
     #[arg(long, value_enum, default_value_t)]
     pub clients: ClientsMode,
-    /// How the scheduler and page-fault programs are attached (see the README's Cost).
+    /// How the scheduler and page-fault programs are attached (see Cost in docs/guide.md).
     #[arg(long, value_enum, default_value_t)]
     pub probes: ProbeMode,
     /// Targets the kernel's maps have room for (each costs about 22 KiB of kernel memory).

@@ -119,7 +119,7 @@ impl ModuleFile {
         }
         // SAFETY: a private read-only mapping of a regular file. If its owner truncated it
         // while it is read, the access would fault (SIGBUS), as in every tool that maps ELF
-        // files (blazesym, perf); see the README's Security section.
+        // files (blazesym, perf); see the guide's Security section (docs/guide.md).
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|cause| ModuleFileError::Map { path, cause })?;
         Ok(Self { map })

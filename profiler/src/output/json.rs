@@ -1,5 +1,5 @@
-//! JSON lines: one object per record with a `"type"` field (schema in the README). Each line is
-//! flushed as it is written, so a reader sees `attached` as soon as the probes are live.
+//! JSON lines: one object per record with a `"type"` field (`docs/reference/json.md`). Each
+//! line is flushed as it is written, so a reader sees `attached` as soon as the probes are live.
 use std::io::{self, BufWriter, Write};
 
 use serde::Serialize;

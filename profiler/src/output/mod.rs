@@ -1,7 +1,7 @@
 //! Outputs: the records a run produces ([`record`], the JSON schema) and the sinks that write
 //! them (console lines on stderr, JSON lines to a file or stdout, folded stacks, a flamegraph
-//! and a pprof profile at exit, the memory growth's stacks, and the HTML report). Every sink sees every record,
-//! in order; only outputs give frames their text ([`frame_text`]).
+//! and a pprof profile at exit, the memory growth's stacks, and the HTML report). Every sink
+//! sees every record, in order; only outputs give frames their text ([`frame_text`]).
 use std::{
     cell::RefCell,
     fs::{File, OpenOptions},

@@ -35,6 +35,8 @@ pub const MAX_MARKS: usize = 10_000;
 pub const MAX_POINTS: usize = 20_000;
 /// The heaviest stalls shown with their details and flamegraphs.
 pub const MAX_DETAILED: usize = 24;
+/// Servers listed (an `--all` run through servers that come and go); later ones are counted.
+const MAX_SERVERS: usize = 4096;
 /// Client addresses whose opens and closes are summed over the run.
 const MAX_CLIENT_ADDRESSES: usize = 1_000;
 /// Client addresses listed, most connections opened and closed first.
@@ -198,6 +200,7 @@ struct LostRow {
 
 #[derive(Debug, Default, Serialize)]
 struct LeftOut {
+    servers: u64,
     stalls: u64,
     points: u64,
     client_addresses: u64,
@@ -247,7 +250,8 @@ impl HtmlReport {
     /// The label of `instance`, remembered: a server's port may be known only later.
     fn label(&mut self, instance: &Instance) -> String {
         let label = instance.to_string();
-        if instance.port.is_some() || !self.labels.contains_key(&instance.pid) {
+        let known = self.labels.contains_key(&instance.pid);
+        if (known && instance.port.is_some()) || (!known && self.labels.len() < MAX_SERVERS) {
             self.labels.insert(instance.pid, label.clone());
         }
         if self.aliases.len() < MAX_POINTS {
@@ -256,13 +260,20 @@ impl HtmlReport {
         label
     }
 
-    fn instance(&mut self, instance: &Instance) -> &mut InstanceView {
+    /// The view of `instance`, unless [`MAX_SERVERS`] others are listed (then it is counted).
+    fn instance(&mut self, instance: &Instance) -> Option<&mut InstanceView> {
         self.label(instance);
-        self.instances.entry(instance.pid).or_default()
+        if self.instances.len() >= MAX_SERVERS && !self.instances.contains_key(&instance.pid) {
+            self.data.left_out.servers += 1;
+            return None;
+        }
+        Some(self.instances.entry(instance.pid).or_default())
     }
 
     pub fn add_attached(&mut self, attached: &Attached) {
-        let view = self.instance(&attached.instance);
+        let Some(view) = self.instance(&attached.instance) else {
+            return;
+        };
         view.name = attached.name.clone();
         view.attached = Some(epoch_seconds(attached.time));
         view.threshold_us = attached.threshold_us;
@@ -390,7 +401,7 @@ impl HtmlReport {
             .collect();
         self.data.lost.retain(|row| row.instance != key);
         self.data.lost.extend(lost);
-        self.instance(&summary.instance).summary = Some(SummaryView {
+        let view = SummaryView {
             iterations: summary.iterations,
             stalls: summary.stalls,
             p50_us: summary.p50_us,
@@ -403,7 +414,10 @@ impl HtmlReport {
                 .and_then(|value| value.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             lost_events: summary.lost_events,
-        });
+        };
+        if let Some(instance) = self.instance(&summary.instance) {
+            instance.summary = Some(view);
+        }
         for (count, meaning) in [
             (
                 summary.run_lost.undecodable,
@@ -484,10 +498,12 @@ impl HtmlReport {
     /// first.
     fn name_instances(&mut self) {
         let latest = |label: &mut String| {
-            if let Some(pid) = self.aliases.get(label.as_str()) {
-                if let Some(newest) = self.labels.get(pid) {
-                    label.clone_from(newest);
-                }
+            if let Some(newest) = self
+                .aliases
+                .get(label.as_str())
+                .and_then(|pid| self.labels.get(pid))
+            {
+                label.clone_from(newest);
             }
         };
         let data = &mut self.data;

@@ -112,6 +112,7 @@
     table("more-instances", serverHeaders, data.instances.slice(SHOWN_SERVERS).map(serverRow), serverNumeric);
   }
   const leftOut = [];
+  if (data.left_out.servers) leftOut.push(data.left_out.servers + " records of servers past the report's " + data.instances.length + " are not listed here");
   if (data.left_out.stalls) leftOut.push(data.left_out.stalls + " stalls past the first " + data.stalls.length + " are not drawn (the causes table counts them)");
   if (data.left_out.points) leftOut.push(data.left_out.points + " points of long series are not drawn");
   if (data.left_out.client_addresses) leftOut.push(data.left_out.client_addresses + " census updates went to addresses past the report's limit");

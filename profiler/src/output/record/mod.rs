@@ -1,7 +1,8 @@
-//! Every record a run writes (the JSON schema in the README) and `report` reads back: the
-//! `attached` record, stalls with their stacks, alerts, accept-queue overflows outside stalls,
-//! memory growth ([`memory`]), the connection census ([`connections`]), and the [`summary`].
-//! Fields added later are `#[serde(default)]`, so older recordings read.
+//! Every record a run writes and `report` reads back (`docs/reference/json.md`, and its JSON
+//! Schema): the `attached` record, stalls with their stacks, alerts, accept-queue overflows
+//! outside stalls, interval lines, memory growth ([`memory`]), the connection census
+//! ([`connections`]), and the [`summary`]. Fields added later are `#[serde(default)]`, so older
+//! recordings read.
 mod connections;
 mod memory;
 mod summary;
