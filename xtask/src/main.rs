@@ -144,7 +144,7 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             install_check::run_check(&root)
         }
         Task::Deb => {
-            setup(Purpose::Test)?;
+            setup::package_tools()?;
             deb::run_task(&workspace_root())
         }
         Task::Docs => run(Command::new("cargo")

@@ -90,6 +90,11 @@ pub fn dist_target() -> anyhow::Result<()> {
     install(vec![musl_step()])
 }
 
+/// What `cargo xtask deb` needs besides: the static binary's target and cargo-deb.
+pub fn package_tools() -> anyhow::Result<()> {
+    install(vec![musl_step(), cargo_deb_step()])
+}
+
 /// Runs each of `steps` that is not done yet, one line each.
 fn install(steps: Vec<Step>) -> anyhow::Result<()> {
     let count = steps.len();
