@@ -167,6 +167,8 @@ fn the_html_report_shows_a_runs_stalls_and_charts_and_loads_nothing() {
         &json,
     );
     thread::sleep(Duration::from_millis(1_200));
+    // Memory growth while attached, for the memory chart.
+    redis.cli(&["DEBUG", "POPULATE", "100000", "grown"]);
     redis.cli(&["KEYS", "nomatch*"]);
     redis.cli(&["DEBUG", "SLEEP", "0.2"]);
     thread::sleep(Duration::from_millis(1_500));
