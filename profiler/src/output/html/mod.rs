@@ -531,24 +531,57 @@ impl HtmlReport {
         data.instances = instances;
     }
 
-    /// Writes the page.
+    /// Writes the page, streamed: the template's parts in turn, the data serialized straight
+    /// into the writer. The flamegraphs are made for this write and not kept.
     pub fn write(&mut self, writer: impl io::Write) -> io::Result<()> {
-        let data = serde_json::to_string(self.data()?).map_err(io::Error::other)?;
-        // In a <script> element nothing may close it: every `<` (only ever inside a JSON string)
-        // is written as its escape.
-        let data = data.replace('<', "\\u003c");
-        let page = TEMPLATE
-            .replacen("/*STYLE*/", STYLE, 1)
-            .replacen(
-                "/*CHART_JS*/",
-                &CHART_JS.replace("</script", "<\\/script"),
-                1,
-            )
-            .replacen("/*SCRIPT*/", SCRIPT, 1)
-            .replacen("{{DATA}}", &data, 1);
         let mut writer = BufWriter::new(writer);
-        writer.write_all(page.as_bytes())?;
+        let mut rest = TEMPLATE;
+        for (placeholder, part) in [
+            ("/*STYLE*/", Part::Text(STYLE)),
+            ("{{DATA}}", Part::Data),
+            ("/*CHART_JS*/", Part::Text(CHART_JS)),
+            ("/*SCRIPT*/", Part::Text(SCRIPT)),
+        ] {
+            let (before, after) = rest
+                .split_once(placeholder)
+                .ok_or_else(|| io::Error::other(format!("the template lacks {placeholder}")))?;
+            writer.write_all(before.as_bytes())?;
+            match part {
+                Part::Text(text) => writer.write_all(text.as_bytes())?,
+                Part::Data => serde_json::to_writer(EscapeLessThan(&mut writer), self.data()?)
+                    .map_err(io::Error::other)?,
+            }
+            rest = after;
+        }
+        writer.write_all(rest.as_bytes())?;
+        self.data.details = Vec::new();
         writer.flush()
+    }
+}
+
+/// What takes a placeholder's place in the template.
+enum Part {
+    Text(&'static str),
+    Data,
+}
+
+/// Writes JSON with every `<` (only ever inside a JSON string) as its escape, so that nothing
+/// in the data can close the `<script>` element that holds it.
+struct EscapeLessThan<W>(W);
+
+impl<W: io::Write> io::Write for EscapeLessThan<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for (index, chunk) in buf.split(|&byte| byte == b'<').enumerate() {
+            if index > 0 {
+                self.0.write_all(b"\\u003c")?;
+            }
+            self.0.write_all(chunk)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -753,6 +786,8 @@ mod tests {
         assert_eq!(data["memory"].as_array().unwrap().len(), 1);
         assert_eq!(data["census"].as_array().unwrap().len(), 1);
         assert!(page.contains("Chart.js v4.6.1"));
+        // The vendored script cannot close its own element.
+        assert!(!CHART_JS.contains("</script"));
         assert!(page.contains("default-src 'none'"));
     }
 
