@@ -7,6 +7,7 @@ use std::{
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -85,12 +86,25 @@ pub fn scrape_metrics(port: u16) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-/// A TCP port nobody listens on right now.
+/// A TCP port nobody listens on right now, below the kernel's ephemeral range: an outgoing
+/// connection (the tests make thousands) never takes it between this check and the server's
+/// bind, as it could take a port the kernel handed out as free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind a free port")
-        .port()
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_low.max(10_001));
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 16);
+    let span = u64::from(high - low);
+    (0..span)
+        .map(|_| low + ((seed + NEXT.fetch_add(7919, Ordering::Relaxed)) % span) as u16)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
 
 /// A network namespace of the test's own (`ip netns`), with loopback up; deleted when dropped.
