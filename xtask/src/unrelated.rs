@@ -20,11 +20,17 @@ pub fn syscalls(calls: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One write to each of N fresh anonymous pages.
+/// One write to each of N fresh anonymous pages; prints the nanoseconds per fault.
 pub fn faults(pages: u64) -> anyhow::Result<()> {
+    println!("{:.1}", fault_ns(pages as usize)?);
+    Ok(())
+}
+
+/// Nanoseconds per page fault of one write to each of `pages` fresh anonymous pages.
+pub fn fault_ns(pages: usize) -> anyhow::Result<f64> {
     // SAFETY: sysconf reads a constant.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let length = page * pages as usize;
+    let length = page * pages;
     // SAFETY: a new private anonymous mapping, written within its length, then unmapped.
     unsafe {
         let memory = libc::mmap(
@@ -45,7 +51,6 @@ pub fn faults(pages: u64) -> anyhow::Result<()> {
         }
         let ns = start.elapsed().as_nanos() as f64 / pages.max(1) as f64;
         libc::munmap(memory, length);
-        println!("{ns:.1}");
+        Ok(ns)
     }
-    Ok(())
 }

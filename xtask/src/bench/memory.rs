@@ -42,7 +42,7 @@ pub struct MemoryCost {
 pub fn measure() -> anyhow::Result<MemoryCost> {
     let redis = RedisServer::start(&[]);
     super::pin(redis.pid(), 0)?;
-    let (unrelated_alone_ns, unrelated_with_ns) = unrelated_faults(&redis);
+    let (unrelated_alone_ns, unrelated_with_ns) = unrelated_faults(&redis)?;
     let profiler = Profiler::attach(&["--pid", &redis.pid().to_string(), "--interval", "60s"]);
     // Only now: the accounting adds clock reads to every run.
     let stats = BpfStats::enable()?;
@@ -100,20 +100,20 @@ const ALTERNATIONS: usize = 5;
 
 /// ns per page fault of this process (not Redis) alone and with `attach` watching `redis`:
 /// the medians of [`ALTERNATIONS`] side-by-side measurements (the machine drifts).
-fn unrelated_faults(redis: &RedisServer) -> (f64, f64) {
+fn unrelated_faults(redis: &RedisServer) -> anyhow::Result<(f64, f64)> {
     let mut alone = Vec::new();
     let mut with = Vec::new();
     for _ in 0..ALTERNATIONS {
-        alone.push(unrelated_fault_ns());
+        alone.push(unrelated_fault_ns()?);
         let profiler = Profiler::attach(&["--pid", &redis.pid().to_string()]);
-        with.push(unrelated_fault_ns());
+        with.push(unrelated_fault_ns()?);
         profiler.stop();
     }
     let median = |values: &mut Vec<f64>| {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    (median(&mut alone), median(&mut with))
+    Ok((median(&mut alone), median(&mut with)))
 }
 
 /// (runs, ns) of the fault programs of the profiler `pid`.
@@ -128,31 +128,8 @@ fn fault_programs(pid: u32) -> anyhow::Result<(u64, u64)> {
 
 /// The fastest ns per page fault of this process (not Redis) writing to fresh anonymous
 /// pages, over [`UNRELATED_ROUNDS`] rounds of [`UNRELATED_PAGES`].
-fn unrelated_fault_ns() -> f64 {
-    const PAGE: usize = 4096;
-    let length = UNRELATED_PAGES * PAGE;
-    let mut fastest = f64::MAX;
-    for _ in 0..UNRELATED_ROUNDS {
-        // SAFETY: a private anonymous mapping of our own, written within its length and
-        // unmapped before the next round.
-        unsafe {
-            let memory = libc::mmap(
-                std::ptr::null_mut(),
-                length,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert_ne!(memory, libc::MAP_FAILED, "mmap");
-            let bytes = memory.cast::<u8>();
-            let started = Instant::now();
-            for page in 0..UNRELATED_PAGES {
-                bytes.add(page * PAGE).write_volatile(1);
-            }
-            fastest = fastest.min(started.elapsed().as_nanos() as f64 / UNRELATED_PAGES as f64);
-            libc::munmap(memory, length);
-        }
-    }
-    fastest
+fn unrelated_fault_ns() -> anyhow::Result<f64> {
+    (0..UNRELATED_ROUNDS).try_fold(f64::MAX, |fastest, _| {
+        Ok(fastest.min(crate::unrelated::fault_ns(UNRELATED_PAGES)?))
+    })
 }
